@@ -1,0 +1,291 @@
+"""Teacher side of the task mapper: turn one task's training features into shareable task anchors.
+
+A *task anchor* is the small summary of a task's training data that lets any other device
+recognise inputs of that task without a task oracle (paper, section 4):
+
+* GMMC: ``k`` diagonal Gaussians fitted to the task's features (``fit_gmmc``).
+* Mahalanobis: class means plus ``m`` randomly chosen exemplar *features* per class
+  (``fit_mahalanobis``); students pool all received exemplars into one tied covariance.
+
+Anchors live in a transformed feature space (``transform_features``): pooled post-ReLU CNN
+activations are skewed and their norms vary a lot between domains, and a square root plus
+L2 normalisation makes them much closer to Gaussian.  Teacher and student must apply the
+same transform, so its name travels in ``TaskKnowledge.meta.feature_transform``.
+
+Each anchor also comes with an open-set threshold (``calibrate_thresholds``): a low
+percentile of the task's own held-out scores, which students use to say "unknown" for
+inputs that fit no stored task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.mixture import GaussianMixture
+
+from .knowledge import GmmcAnchor, MahalanobisAnchor
+
+FEATURE_TRANSFORMS: tuple[str, ...] = ("raw", "sqrt", "l2", "sqrt_l2")
+"""Names accepted by ``transform_features`` (and by ``TaskMeta.feature_transform``)."""
+
+DEFAULT_TRANSFORM = "sqrt_l2"
+
+#: Threshold percentile: 1 means 99 % of the task's own held-out features score above it.
+DEFAULT_THRESHOLD_PERCENTILE = 1.0
+
+
+class AnchorError(ValueError):
+    """Features or labels that cannot give a task anchor (empty, wrong shape, non-finite)."""
+
+
+# ---------------------------------------------------------------------------- transforms
+def transform_features(x: np.ndarray, kind: str) -> np.ndarray:
+    """Map raw pooled backbone features into the space anchors live in.
+
+    ``raw``: unchanged.  ``sqrt``: signed square root (``sign(x) * sqrt(|x|)``), which
+    tames the heavy right tail of ReLU activations.  ``l2``: divide each row by its L2 norm,
+    which removes per-domain brightness/contrast scale.  ``sqrt_l2``: both, in that order.
+    Returns a new float32 array; the input is never modified.
+    """
+    if kind not in FEATURE_TRANSFORMS:
+        raise AnchorError(f"unknown feature transform {kind!r}; choose one of {FEATURE_TRANSFORMS}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise AnchorError(f"features must be a 2-D [N, D] array, got shape {x.shape}")
+    if kind in ("sqrt", "sqrt_l2"):
+        x = np.sign(x) * np.sqrt(np.abs(x))
+    else:
+        x = x.copy()
+    if kind in ("l2", "sqrt_l2"):
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x /= np.maximum(norms, 1e-12)
+    return x
+
+
+def _check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise AnchorError(f"{what} must be a non-empty [N, D] array, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise AnchorError(f"{what} hold NaN or inf values; check the feature extractor")
+    return x
+
+
+# ---------------------------------------------------------------------------- GMMC
+def fit_gmmc(
+    features: np.ndarray,
+    k: int = 25,
+    seed: int = 0,
+    *,
+    var_floor: float = 0.1,
+    labels: np.ndarray | None = None,
+    max_iter: int = 100,
+) -> GmmcAnchor:
+    """Fit ``k`` diagonal Gaussians to one task's (already transformed) features.
+
+    ``var_floor`` is relative: every variance gets ``var_floor * mean_d(Var[x_d])`` added
+    (scikit-learn's ``reg_covar``, applied inside EM).  It keeps clusters of near-duplicate
+    images from collapsing to needle-sharp Gaussians that overfit the teacher's samples,
+    and it is scaled by the task's own spread so it means the same in every feature space.
+
+    With ``labels`` the components are split over classes in proportion to class size
+    (at least one per class, so a task with more than ``k`` classes gets one per class),
+    which keeps small classes from being absorbed by large ones.
+
+    With fewer than ``2 * k`` samples ``k`` shrinks to ``N // 2`` (at least 1); a single
+    sample gives one component at that sample with the floor variance.
+    """
+    x = _check_features(features)
+    if k < 1:
+        raise AnchorError(f"k must be >= 1, got {k}")
+    if var_floor <= 0:
+        raise AnchorError(f"var_floor must be > 0, got {var_floor}")
+    floor = _absolute_floor(x, var_floor)
+    if labels is None:
+        means, variances, weights = _fit_diag_mixture(x, k, seed, floor, max_iter)
+    else:
+        y = _check_labels(labels, x.shape[0])
+        classes, counts = np.unique(y, return_counts=True)
+        per_class = np.maximum(1, np.round(k * counts / counts.sum()).astype(int))
+        parts = [
+            _fit_diag_mixture(x[y == c], int(kc), seed + int(i), floor, max_iter)
+            for i, (c, kc) in enumerate(zip(classes, per_class))
+        ]
+        means = np.concatenate([p[0] for p in parts])
+        variances = np.concatenate([p[1] for p in parts])
+        weights = np.concatenate([p[2] * (n / counts.sum()) for p, n in zip(parts, counts)])
+    weights = weights / weights.sum()
+    return GmmcAnchor(
+        means=means.astype(np.float32),
+        variances=variances.astype(np.float32),
+        weights=weights.astype(np.float32),
+    )
+
+
+def _absolute_floor(x: np.ndarray, var_floor: float) -> float:
+    """``var_floor`` times the task's mean per-dimension variance (tiny fallback for constant data)."""
+    spread = float(np.mean(np.var(x.astype(np.float64), axis=0))) if x.shape[0] > 1 else 0.0
+    if spread <= 0:
+        spread = float(np.mean(x.astype(np.float64) ** 2)) or 1.0
+    return var_floor * spread
+
+
+def _fit_diag_mixture(
+    x: np.ndarray, k: int, seed: int, floor: float, max_iter: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    k_eff = max(1, min(k, n // 2))
+    if k_eff == 1 or n < 2:
+        mean = x.mean(axis=0, keepdims=True)
+        var = (x.var(axis=0, keepdims=True) if n > 1 else np.zeros_like(mean)) + floor
+        return mean, var, np.ones(1)
+    gm = GaussianMixture(
+        n_components=k_eff,
+        covariance_type="diag",
+        reg_covar=floor,
+        max_iter=max_iter,
+        random_state=seed,
+        init_params="kmeans",
+    )
+    gm.fit(x.astype(np.float64))
+    return gm.means_, gm.covariances_, gm.weights_
+
+
+# ---------------------------------------------------------------------------- Mahalanobis
+def fit_mahalanobis(
+    features: np.ndarray,
+    labels: np.ndarray,
+    m: int = 5,
+    seed: int = 0,
+    *,
+    num_classes: int | None = None,
+) -> MahalanobisAnchor:
+    """Class means from all training features plus ``m`` exemplar features per class.
+
+    Exemplars are drawn uniformly without replacement (seeded); a class with fewer than
+    ``m`` samples contributes all of them.  Labels must be ``0 .. C-1``; every class needs
+    at least one sample (``num_classes`` lets the caller insist on C).
+    """
+    x = _check_features(features)
+    y = _check_labels(labels, x.shape[0])
+    if m < 1:
+        raise AnchorError(f"m must be >= 1, got {m}")
+    c = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    if y.max() >= c:
+        raise AnchorError(f"label {int(y.max())} out of range for {c} classes")
+    rng = np.random.default_rng(seed)
+    means = np.zeros((c, x.shape[1]), dtype=np.float64)
+    picked_x, picked_y = [], []
+    for cls in range(c):
+        idx = np.flatnonzero(y == cls)
+        if idx.size == 0:
+            raise AnchorError(f"class {cls} has no training features; every class needs at least one")
+        means[cls] = x[idx].astype(np.float64).mean(axis=0)
+        chosen = rng.choice(idx, size=min(m, idx.size), replace=False)
+        picked_x.append(x[np.sort(chosen)])
+        picked_y.append(np.full(chosen.size, cls))
+    return MahalanobisAnchor(
+        class_means=means.astype(np.float32),
+        exemplars=np.concatenate(picked_x).astype(np.float32),
+        exemplar_labels=np.concatenate(picked_y).astype(np.float32),
+    )
+
+
+def _check_labels(labels: np.ndarray, n: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise AnchorError(f"labels must have shape ({n},), got {y.shape}")
+    if y.size and (np.any(y < 0) or np.any(y != np.round(y))):
+        raise AnchorError("labels must be non-negative integers (class indices)")
+    return y.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- everything for one task
+@dataclass
+class TaskAnchors:
+    """What a teacher adds to its ``TaskKnowledge``: anchors, thresholds and the transform used."""
+
+    feature_transform: str
+    gmmc: GmmcAnchor | None = None
+    maha: MahalanobisAnchor | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+def calibrate_thresholds(
+    anchors: TaskAnchors, held_out: np.ndarray, labels: np.ndarray | None = None,
+    percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
+) -> dict[str, float]:
+    """Open-set thresholds: the ``percentile``-th percentile of the task's own held-out scores.
+
+    ``held_out`` are transformed features the anchors were *not* fitted on (training scores
+    are optimistic).  The GMMC score is the task's mixture log-likelihood, which depends on
+    the task's anchor alone, so a student computes exactly the same number.  The Mahalanobis
+    score needs the tied covariance, which only the student knows; the teacher uses the
+    shrinkage covariance of its own exemplars (the student's estimator on this task alone),
+    and students may re-calibrate (see ``MahalanobisMapper``).
+    """
+    from .mapper import gmmc_task_loglik, mahalanobis_task_score  # scoring lives with the student
+
+    x = _check_features(held_out, "held-out features")
+    out: dict[str, float] = {}
+    if anchors.gmmc is not None:
+        out["gmmc"] = float(np.percentile(gmmc_task_loglik(anchors.gmmc, x), percentile))
+    if anchors.maha is not None:
+        out["maha"] = float(np.percentile(mahalanobis_task_score(anchors.maha, x), percentile))
+    return out
+
+
+def fit_task_anchors(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    transform: str = DEFAULT_TRANSFORM,
+    kinds: tuple[str, ...] = ("gmmc", "maha"),
+    k: int = 25,
+    m: int = 5,
+    seed: int = 0,
+    var_floor: float = 0.1,
+    gmmc_per_class: bool = False,
+    calibration_fraction: float = 0.2,
+    percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
+) -> TaskAnchors:
+    """Transform raw features, fit the requested anchors and calibrate their thresholds.
+
+    Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out (anchors fitted
+    on the rest); the anchors that are returned are then refitted on *all* features.
+    """
+    unknown = set(kinds) - {"gmmc", "maha"}
+    if unknown or not kinds:
+        raise AnchorError(f"kinds must be a non-empty subset of ('gmmc', 'maha'), got {kinds}")
+    x = transform_features(_check_features(features), transform)
+    y = _check_labels(labels, x.shape[0])
+
+    def fit(xs: np.ndarray, ys: np.ndarray) -> TaskAnchors:
+        return TaskAnchors(
+            feature_transform=transform,
+            gmmc=fit_gmmc(xs, k, seed, var_floor=var_floor, labels=ys if gmmc_per_class else None)
+            if "gmmc" in kinds else None,
+            maha=fit_mahalanobis(xs, ys, m, seed, num_classes=int(y.max()) + 1) if "maha" in kinds else None,
+        )
+
+    fit_idx, cal_idx = _calibration_split(y, calibration_fraction, seed)
+    if cal_idx.size:
+        thresholds = calibrate_thresholds(fit(x[fit_idx], y[fit_idx]), x[cal_idx], y[cal_idx], percentile)
+    else:  # too little data to hold any out: fall back to (optimistic) training scores
+        thresholds = calibrate_thresholds(fit(x, y), x, y, percentile)
+    final = fit(x, y)
+    final.thresholds = thresholds
+    return final
+
+
+def _calibration_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split that leaves every class at least one fitting sample."""
+    rng = np.random.default_rng(seed + 7919)
+    fit_idx, cal_idx = [], []
+    for cls in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        n_cal = min(int(round(fraction * idx.size)), idx.size - 1)
+        cal_idx.append(idx[:n_cal])
+        fit_idx.append(idx[n_cal:])
+    return np.sort(np.concatenate(fit_idx)), np.sort(np.concatenate(cal_idx))

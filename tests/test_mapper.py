@@ -1,0 +1,276 @@
+"""Task anchors (teacher) and task mappers (student): correctness against naive references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from sklearn.covariance import ledoit_wolf, oas
+
+from skill_edge.runtime.anchors import (
+    AnchorError,
+    fit_gmmc,
+    fit_mahalanobis,
+    fit_task_anchors,
+    transform_features,
+)
+from skill_edge.runtime.knowledge import GmmcAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.mapper import (
+    GmmcMapper,
+    MahalanobisMapper,
+    MapperError,
+    ScatterStats,
+    build_mapper,
+)
+
+D = 24
+
+
+def make_task(rng: np.random.Generator, n_classes: int, n: int, shift: float) -> tuple[np.ndarray, ...]:
+    """Post-ReLU-like features: class clusters around a task-specific offset, clipped at 0."""
+    base = rng.normal(0.0, shift, D)
+    centers = base + rng.normal(0.0, 1.0, (n_classes, D))
+    y = np.arange(n) % n_classes
+    x = np.maximum(centers[y] + rng.normal(0.0, 0.7, (n, D)), 0.0)
+    yt = np.arange(n // 3) % n_classes
+    xt = np.maximum(centers[yt] + rng.normal(0.0, 0.7, (yt.size, D)), 0.0)
+    return x.astype(np.float32), y, xt.astype(np.float32), yt
+
+
+def knowledge_for(name: str, x: np.ndarray, y: np.ndarray, transform: str, k: int = 6,
+                  seed: int = 0) -> TaskKnowledge:
+    anchors = fit_task_anchors(x, y, transform=transform, k=k, m=5, seed=seed)
+    c = int(y.max()) + 1
+    return TaskKnowledge(
+        task=name, labels=[f"c{i}" for i in range(c)],
+        head_weight=np.zeros((c, x.shape[1]), np.float32), head_bias=np.zeros(c, np.float32),
+        meta=TaskMeta(feature_transform=transform, n_train=x.shape[0]),
+        gmmc=anchors.gmmc, maha=anchors.maha, thresholds=anchors.thresholds,
+    ).validate()
+
+
+@pytest.fixture(scope="module")
+def tasks() -> dict[str, tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(42)
+    return {f"task{i}": make_task(rng, n_classes=2 + i % 3, n=300, shift=3.0) for i in range(5)}
+
+
+@pytest.fixture(scope="module", params=["raw", "sqrt_l2"])
+def bank(request, tasks) -> tuple[str, list[TaskKnowledge]]:
+    transform = request.param
+    return transform, [knowledge_for(n, x, y, transform, seed=i) for i, (n, (x, y, _, _)) in enumerate(tasks.items())]
+
+
+# ---------------------------------------------------------------------------- transforms
+def test_transforms_shape_norm_and_names():
+    x = np.abs(np.random.default_rng(0).normal(size=(10, 8))).astype(np.float32) * 5
+    np.testing.assert_array_equal(transform_features(x, "raw"), x)
+    np.testing.assert_allclose(transform_features(x, "sqrt") ** 2, x, rtol=1e-5)
+    for kind in ("l2", "sqrt_l2"):
+        np.testing.assert_allclose(np.linalg.norm(transform_features(x, kind), axis=1), 1.0, rtol=1e-5)
+    zero = np.zeros((2, 8), np.float32)  # an all-zero row must not turn into NaN
+    assert np.all(np.isfinite(transform_features(zero, "sqrt_l2")))
+    with pytest.raises(AnchorError, match="unknown feature transform"):
+        transform_features(x, "pca")
+
+
+# ---------------------------------------------------------------------------- fitting
+def test_fit_gmmc_shapes_weights_and_floor(tasks):
+    x = transform_features(tasks["task0"][0], "sqrt_l2")
+    g = fit_gmmc(x, k=7, seed=0, var_floor=0.05)
+    assert g.means.shape == (7, D) and g.variances.shape == (7, D) and g.weights.shape == (7,)
+    assert g.means.dtype == np.float32
+    assert abs(float(g.weights.sum()) - 1.0) < 1e-5
+    floor = 0.05 * np.var(x.astype(np.float64), axis=0).mean()
+    assert g.variances.min() >= floor * 0.999
+    # same seed, same anchor
+    np.testing.assert_array_equal(fit_gmmc(x, k=7, seed=0, var_floor=0.05).means, g.means)
+
+
+def test_fit_gmmc_small_n_shrinks_k():
+    rng = np.random.default_rng(1)
+    assert fit_gmmc(rng.normal(size=(7, 5)), k=25).k == 3
+    one = fit_gmmc(np.ones((1, 5), np.float32), k=25)
+    assert one.k == 1 and np.all(one.variances > 0)
+    np.testing.assert_allclose(one.means[0], 1.0)
+    with pytest.raises(AnchorError):
+        fit_gmmc(np.zeros((0, 5)), k=3)
+    with pytest.raises(AnchorError, match="NaN"):
+        fit_gmmc(np.full((4, 5), np.nan), k=2)
+
+
+def test_fit_gmmc_per_class_covers_every_class():
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(30), 10)
+    x = rng.normal(size=(300, 6)) + y[:, None]
+    g = fit_gmmc(x, k=10, labels=y)
+    assert g.k >= 30  # more classes than k: one component each at least
+    assert abs(float(g.weights.sum()) - 1.0) < 1e-5
+
+
+def test_fit_mahalanobis_means_and_seeded_exemplars():
+    rng = np.random.default_rng(3)
+    y = np.concatenate([np.zeros(50), np.ones(50), np.full(3, 2)]).astype(int)
+    x = (rng.normal(size=(y.size, 4)) + y[:, None]).astype(np.float32)
+    a = fit_mahalanobis(x, y, m=5, seed=9)
+    for c in range(3):
+        np.testing.assert_allclose(a.class_means[c], x[y == c].mean(axis=0), rtol=1e-5, atol=1e-6)
+    counts = np.bincount(a.exemplar_labels.astype(int))
+    assert counts.tolist() == [5, 5, 3]  # class 2 has only 3 samples: all of them
+    for e, lab in zip(a.exemplars, a.exemplar_labels.astype(int)):  # exemplars are real samples of their class
+        assert np.any(np.all(x[y == lab] == e, axis=1))
+    np.testing.assert_array_equal(fit_mahalanobis(x, y, m=5, seed=9).exemplars, a.exemplars)
+    assert not np.array_equal(fit_mahalanobis(x, y, m=5, seed=10).exemplars, a.exemplars)
+    with pytest.raises(AnchorError, match="class 1 has no"):
+        fit_mahalanobis(x[y != 1], np.where(y[y != 1] == 2, 2, 0), num_classes=3)
+
+
+def test_thresholds_hold_out_most_own_test_data(tasks):
+    x, y, xt, _ = tasks["task1"]
+    a = fit_task_anchors(x, y, transform="sqrt_l2", k=6, percentile=1.0)
+    assert set(a.thresholds) == {"gmmc", "maha"} and a.feature_transform == "sqrt_l2"
+    from skill_edge.runtime.mapper import gmmc_task_loglik
+
+    own = gmmc_task_loglik(a.gmmc, transform_features(xt, "sqrt_l2"))
+    assert np.mean(own < a.thresholds["gmmc"]) < 0.08  # ~1 % expected, small-sample slack
+
+
+# ---------------------------------------------------------------------------- vectorised == naive
+def naive_gmmc(anchors: list[GmmcAnchor], x: np.ndarray, reduce: str) -> np.ndarray:
+    out = np.zeros((x.shape[0], len(anchors)))
+    for t, a in enumerate(anchors):
+        comp = np.stack([
+            np.log(a.weights[j]) + multivariate_normal(a.means[j].astype(np.float64),
+                                                       np.diag(a.variances[j].astype(np.float64))).logpdf(x)
+            for j in range(a.k)
+        ], axis=1)
+        out[:, t] = logsumexp(comp, axis=1) if reduce == "logsumexp" else comp.max(axis=1)
+    return out
+
+
+@pytest.mark.parametrize("reduce", ["logsumexp", "max"])
+@pytest.mark.parametrize("block_elements", [1 << 24, 64])  # 64: forces one small block per task
+def test_gmmc_scores_equal_naive_loop(tasks, reduce, block_elements):
+    anchors = [fit_gmmc(transform_features(x, "sqrt_l2"), k=3 + i, seed=i)  # uneven k: reduceat path
+               for i, (x, *_) in enumerate(tasks.values())]
+    xt = transform_features(np.concatenate([v[2][:20] for v in tasks.values()]), "sqrt_l2")
+    mapper = GmmcMapper([f"t{i}" for i in range(5)], anchors, reduce=reduce, block_elements=block_elements)
+    sel, lse = mapper.task_scores(xt)
+    ref = naive_gmmc(anchors, xt.astype(np.float64), reduce)
+    np.testing.assert_allclose(sel, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(lse, naive_gmmc(anchors, xt.astype(np.float64), "logsumexp"), rtol=1e-4,
+                               atol=1e-4 * np.abs(ref).max())
+
+
+def test_mahalanobis_scores_equal_naive_loop(bank):
+    transform, knowledge = bank
+    mapper = MahalanobisMapper.from_knowledge(knowledge)
+    rng = np.random.default_rng(5)
+    x = transform_features(np.abs(rng.normal(0, 2, (30, D))), transform)
+    # naive: pooled exemplars centred by class means -> sklearn Ledoit-Wolf -> distance per class
+    centred = np.concatenate([k.maha.exemplars - k.maha.class_means[k.maha.exemplar_labels.astype(int)]
+                              for k in knowledge]).astype(np.float64)
+    prec = np.linalg.inv(ledoit_wolf(centred, assume_centered=True)[0])
+    ref = np.zeros((30, len(knowledge)))
+    for t, k in enumerate(knowledge):
+        diffs = x[:, None, :].astype(np.float64) - k.maha.class_means[None].astype(np.float64)
+        d2 = np.einsum("ncd,de,nce->nc", diffs, prec, diffs)
+        ref[:, t] = (-0.5 * d2).max(axis=1)
+    sel, _ = mapper.task_scores(x)
+    np.testing.assert_allclose(sel, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    small = MahalanobisMapper.from_knowledge(knowledge, block_elements=30)  # one task per block
+    np.testing.assert_allclose(small.task_scores(x)[0], sel, rtol=1e-6)
+
+
+def test_scatter_stats_match_sklearn_shrinkage():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(120, 30)) * rng.uniform(0.1, 3.0, 30)
+    stats = ScatterStats.empty(30)
+    for part in np.array_split(x, 4):  # streaming, as packets arrive
+        stats.add(part)
+    for method, ref in (("ledoit_wolf", ledoit_wolf), ("oas", oas)):
+        cov, shrink = stats.shrunk(method)
+        ref_cov, ref_shrink = ref(x, assume_centered=True)
+        np.testing.assert_allclose(cov, ref_cov, rtol=1e-9, atol=1e-12)
+        assert shrink == pytest.approx(ref_shrink, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- behaviour
+@pytest.mark.parametrize("kind", ["gmmc", "maha"])
+def test_mapper_picks_the_right_task(tasks, bank, kind):
+    _, knowledge = bank
+    mapper = build_mapper(kind, knowledge)
+    for t, (name, (_, _, xt, _)) in enumerate(tasks.items()):
+        res = mapper.predict(xt)
+        assert res.task_names[t] == name
+        assert np.mean(res.task_index == t) >= 0.98, (kind, name)
+        assert res.scores.shape == (xt.shape[0], 5)
+        assert np.all((res.confidence > 0.2) & (res.confidence <= 1.0 + 1e-6))
+        assert np.mean(res.unknown) < 0.1  # own test data is mostly "known"
+        assert res.tasks[0] in res.task_names
+
+
+@pytest.mark.parametrize("kind", ["gmmc", "maha"])
+def test_far_away_inputs_are_unknown(tasks, kind):
+    knowledge = [knowledge_for(n, x, y, "raw") for n, (x, y, _, _) in tasks.items()]
+    mapper = build_mapper(kind, knowledge)
+    far = np.abs(np.random.default_rng(7).normal(40.0, 5.0, (50, D))).astype(np.float32)
+    assert mapper.predict(far).unknown.all()
+
+
+def test_confidence_is_task_posterior(bank):
+    _, knowledge = bank
+    mapper = GmmcMapper.from_knowledge(knowledge)
+    res = mapper.predict(np.abs(np.random.default_rng(8).normal(1, 1, (10, D))))
+    s = res.scores.astype(np.float64)
+    p = np.exp(s - logsumexp(s, axis=1, keepdims=True))
+    np.testing.assert_allclose(res.confidence, p.max(axis=1), rtol=1e-5)
+
+
+def test_transform_mismatch_refused(tasks):
+    (n0, (x0, y0, _, _)), (n1, (x1, y1, _, _)) = list(tasks.items())[:2]
+    mixed = [knowledge_for(n0, x0, y0, "raw"), knowledge_for(n1, x1, y1, "sqrt_l2")]
+    for kind in ("gmmc", "maha"):
+        with pytest.raises(MapperError, match="different feature spaces"):
+            build_mapper(kind, mixed)
+
+
+def test_bad_inputs_are_refused(bank):
+    _, knowledge = bank
+    with pytest.raises(MapperError, match="duplicate task names"):
+        GmmcMapper.from_knowledge([knowledge[0], knowledge[0]])
+    no_gmmc = TaskKnowledge.from_parts(knowledge[0].metadata(),
+                                       {k: v for k, v in knowledge[0].tensors().items() if not k.startswith("gmmc")})
+    with pytest.raises(MapperError, match="no GMMC anchor"):
+        GmmcMapper.from_knowledge([no_gmmc, knowledge[1]])
+    mapper = MahalanobisMapper.from_knowledge(knowledge)
+    with pytest.raises(MapperError, match=r"features must be \[N, 24\]"):
+        mapper.predict(np.zeros((3, D + 1)))
+    with pytest.raises(MapperError, match="NaN"):
+        mapper.predict(np.full((3, D), np.nan))
+    with pytest.raises(MapperError, match="unknown mapper kind"):
+        build_mapper("knn", knowledge)
+
+
+def test_round_trip_through_parts_scores_identically(bank):
+    """Anchors survive the bank/packet representation (metadata + float32 tensors)."""
+    _, knowledge = bank
+    again = [TaskKnowledge.from_parts(k.metadata(), k.tensors()) for k in knowledge]
+    x = np.abs(np.random.default_rng(9).normal(1, 1, (16, D)))
+    for kind in ("gmmc", "maha"):
+        a, b = build_mapper(kind, knowledge).predict(x), build_mapper(kind, again).predict(x)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_mapper_memory_is_linear_in_tasks():
+    rng = np.random.default_rng(10)
+
+    def anchors(n: int) -> list[GmmcAnchor]:
+        return [GmmcAnchor(rng.normal(size=(4, 16)).astype(np.float32), np.ones((4, 16), np.float32),
+                           np.full(4, 0.25, np.float32)) for _ in range(n)]
+
+    small = GmmcMapper([f"t{i}" for i in range(10)], anchors(10)).nbytes()
+    large = GmmcMapper([f"t{i}" for i in range(40)], anchors(40)).nbytes()
+    per_task = (large - small) / 30
+    assert per_task == pytest.approx(4 * (2 * 16 + 1) * 4 + 8 + 8, rel=0.01)  # coef + const + count + threshold
