@@ -1,0 +1,43 @@
+"""Moving knowledge packets between devices: a shared folder, or an MQTT broker.
+
+``open_transport("dir:/mnt/usb/skill", fleet)`` or ``open_transport("mqtt://host:1883", fleet)``
+returns a :class:`Transport`; see ``base`` for the interface, ``directory`` and ``mqtt`` for the
+two implementations and their on-disk / on-broker layouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import ReceivedPacket, Transport, TransportAuthError, TransportError, check_name
+from .directory import DirectoryTransport, packet_path, write_atomically
+
+
+def open_transport(spec: str, fleet: str, *, state_dir: str | Path | None = None, **mqtt_options: object) -> Transport:
+    """Open the transport named by ``spec``: ``dir:PATH`` (or a plain path) or ``mqtt[s]://host:port``.
+
+    ``state_dir`` lets the directory transport remember what it already delivered between runs;
+    ``mqtt_options`` are :class:`~.mqtt.MqttConfig` fields (chunk_size, username, tls_ca, ...).
+    """
+    if spec.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
+        from .mqtt import MqttConfig, MqttTransport  # paho is only imported when MQTT is used
+
+        return MqttTransport(MqttConfig.from_url(spec, fleet, **mqtt_options))
+    if "://" in spec:
+        raise ValueError(f"unknown transport {spec!r}; use dir:PATH or mqtt://host:port")
+    path = Path(spec[4:] if spec.startswith("dir:") else spec).expanduser()
+    state = Path(state_dir) / f"dir-transport-{fleet}.json" if state_dir is not None else None
+    return DirectoryTransport(path, fleet, state_file=state)
+
+
+__all__ = [
+    "DirectoryTransport",
+    "ReceivedPacket",
+    "Transport",
+    "TransportAuthError",
+    "TransportError",
+    "check_name",
+    "open_transport",
+    "packet_path",
+    "write_atomically",
+]

@@ -1,0 +1,113 @@
+"""What every packet transport offers: publish opaque packet bytes, poll for new ones, close.
+
+A transport moves *bytes*.  It never decodes or verifies a packet: that is the receiver's job
+(``runtime.receive``), so a transport can be swapped (shared folder, USB stick, MQTT broker)
+without touching the trust logic.  The addressing it carries (fleet, task, agent, seq) comes
+from file names or topics and is only a *hint* for routing and logging; the signed packet
+header is the truth.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+class TransportError(RuntimeError):
+    """A transport could not do what was asked (unreachable broker, unwritable folder, ...)."""
+
+
+class TransportAuthError(TransportError):
+    """The other side refused our credentials (bad username/password, certificate, ACL)."""
+
+
+# One path segment / one topic level: no separators, no MQTT wildcards, no hidden or relative names.
+_NAME = re.compile(r"^[A-Za-z0-9_.:@=-]{1,128}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is safe as one folder name and one MQTT topic level, else raise."""
+    if not isinstance(value, str) or not _NAME.match(value) or value.startswith("."):
+        raise ValueError(
+            f"{kind} {value!r} cannot be used in a path or topic: use 1-128 characters from "
+            "A-Z a-z 0-9 _ . : @ = - and do not start with '.'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ReceivedPacket:
+    """One packet as it came off a transport, with the (untrusted) address it came under."""
+
+    data: bytes
+    fleet: str
+    task: str
+    agent_id: str
+    seq: int
+    origin: str  # where it came from, for logs: a file path or an MQTT topic
+
+
+class Transport(ABC):
+    """Publish packet bytes to a fleet and poll for packets other devices published.
+
+    Implementations remember what they have already delivered (and what they published
+    themselves), so ``poll`` only returns packets that are new to this transport object.
+    """
+
+    #: monotonic time of the last incoming activity (a packet, a chunk); drives ``drain``.
+    last_activity: float = 0.0
+    closed: bool = False
+
+    @abstractmethod
+    def publish(self, packet_bytes: bytes, *, fleet: str, task: str, agent_id: str, seq: int) -> None:
+        """Make ``packet_bytes`` available to every device of ``fleet``; return once it is durable."""
+
+    @abstractmethod
+    def poll(self, timeout: float = 0.0) -> list[ReceivedPacket]:
+        """Return packets that arrived since the last call, waiting up to ``timeout`` s for at least one."""
+
+    def pending(self) -> int:
+        """Transfers started but not complete (e.g. chunked packets still missing chunks)."""
+        return 0
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and files; the transport cannot be used afterwards."""
+
+    # ------------------------------------------------------------------ helpers built on poll
+    def drain(self, idle: float = 1.0, timeout: float = 30.0) -> Iterator[ReceivedPacket]:
+        """Yield packets until nothing new arrived for ``idle`` s (or ``timeout`` s passed).
+
+        A transfer still in progress (``pending() > 0``) keeps the drain going as long as its
+        pieces keep arriving, so a large chunked packet is not cut off by a short idle window.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            got = self.poll(timeout=min(idle, remaining))
+            yield from got
+            if got:
+                continue
+            quiet_for = time.monotonic() - self.last_activity
+            if quiet_for >= idle:
+                return
+
+    def packets(self, timeout: float | None = None) -> Iterator[ReceivedPacket]:
+        """Yield packets as they arrive, for ``timeout`` s (``None``: until ``close``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.closed:
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            yield from self.poll(timeout=min(1.0, remaining))
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

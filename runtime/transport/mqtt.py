@@ -1,0 +1,598 @@
+"""Packets through an MQTT broker (Mosquitto), with retained messages, chunking and reconnects.
+
+Topic layout (``<root>`` defaults to ``skill``)::
+
+    <root>/<fleet>/tasks/<task>/<agent_id>      retained, QoS 1: the latest packet of that agent
+                                                for that task, or a manifest pointing to chunks
+    <root>/<fleet>/chunks/<sha256>/<i>          retained, QoS 1: chunk i (0-based) of the packet
+                                                whose sha256 is <sha256>
+
+The MQTT 5 content type of a task message says what it carries:
+
+* ``application/vnd.skill-edge.packet`` (or no content type, e.g. ``mosquitto_pub -r -f x.skp``):
+  the packet bytes themselves;
+* ``application/vnd.skill-edge.manifest+json``: ``{"format", "sha256", "size", "chunk_size",
+  "chunks", "seq"}`` for a packet larger than ``chunk_size``.
+
+Why this shape: retained messages make the broker the fleet's memory, so a device that joins
+late gets every task's latest packet just by subscribing to ``<root>/<fleet>/tasks/+/+``.
+Chunks are published (and acknowledged) *before* their manifest, so a manifest always points
+at chunks the broker already holds.  A receiver keeps the chunks it has across reconnects and,
+after a reconnect, subscribes only to the chunk topics it still lacks (the broker re-sends
+those retained chunks), then checks size and sha256 before handing the packet on.
+
+Reconnects: paho's network thread reconnects with exponential backoff
+(``reconnect_delay_set(min, max)``); the first connection uses the same backoff in our own
+loop.  After every reconnect the transport re-subscribes and re-publishes its own retained
+messages, so a broker that restarted without persistence is refilled by its devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import queue
+import re
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .base import ReceivedPacket, Transport, TransportAuthError, TransportError, check_name
+
+log = logging.getLogger(__name__)
+
+PACKET_CONTENT_TYPE = "application/vnd.skill-edge.packet"
+MANIFEST_CONTENT_TYPE = "application/vnd.skill-edge.manifest+json"
+MANIFEST_FORMAT = "skill-edge-manifest/1"
+QOS = 1
+# CONNACK reason codes that retrying will not fix: MQTT 5 (134 bad user name or password,
+# 135 not authorized, 138 banned, 140 bad auth method) and MQTT 3.1.1 (4, 5).
+_AUTH_REFUSALS = {134, 135, 138, 140, 4, 5}
+# Above this many missing chunks a resume subscribes to the chunk wildcard instead of each topic.
+_MAX_RESUME_TOPICS = 512
+
+
+@dataclass
+class MqttConfig:
+    """Everything needed to reach the broker and lay out topics; see ``from_url``."""
+
+    fleet: str
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_root: str = "skill"
+    chunk_size: int = 256 * 1024
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_id: str | None = None
+    keepalive: int = 30
+    reconnect_min_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    connect_timeout: float = 15.0
+    publish_timeout: float = 60.0
+    max_packet_bytes: int = 256 * 1024 * 1024
+    republish_on_reconnect: bool = True
+    stall_rerequest: float = 3.0  # s without a new chunk before asking again for the missing ones
+
+    def __post_init__(self) -> None:
+        check_name("fleet", self.fleet)
+        check_name("topic root", self.topic_root)
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 byte, got {self.chunk_size}")
+        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
+            raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a TLS client certificate needs both --tls-cert and --tls-key")
+        self.tls = self.tls or any(p is not None for p in (self.tls_ca, self.tls_cert, self.tls_key))
+
+    @classmethod
+    def from_url(cls, url: str, fleet: str, **options: object) -> "MqttConfig":
+        """``mqtt://[user[:password]@]host[:port]`` (1883) or ``mqtts://...`` (TLS, 8883).
+
+        Keyword ``options`` override what the URL says (e.g. ``username=`` from a CLI flag);
+        options given as ``None`` are ignored.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError(f"not an MQTT URL: {url!r}; expected mqtt://host:port or mqtts://host:port")
+        tls = parts.scheme in ("mqtts", "ssl")
+        cfg: dict[str, object] = {
+            "fleet": fleet,
+            "host": parts.hostname,
+            "port": parts.port or (8883 if tls else 1883),
+            "tls": tls,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
+        cfg.update({k: v for k, v in options.items() if v is not None})
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            if cfg.get(key) is not None:
+                cfg[key] = Path(cfg[key])  # type: ignore[arg-type]
+        return cls(**cfg)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ topics
+    def packet_topic(self, fleet: str, task: str, agent_id: str) -> str:
+        return f"{self.topic_root}/{fleet}/tasks/{task}/{agent_id}"
+
+    def chunk_topic(self, fleet: str, sha256: str, index: int) -> str:
+        return f"{self.topic_root}/{fleet}/chunks/{sha256}/{index}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Announces a packet sent as retained chunks: enough to reassemble and verify it."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: int
+    seq: int
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": MANIFEST_FORMAT, "sha256": self.sha256, "size": self.size,
+                           "chunk_size": self.chunk_size, "chunks": self.chunks, "seq": self.seq}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, max_size: int) -> "Manifest":
+        try:
+            d = json.loads(raw)
+            if d.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"unknown manifest format {d.get('format')!r}")
+            m = cls(sha256=str(d["sha256"]), size=int(d["size"]), chunk_size=int(d["chunk_size"]),
+                    chunks=int(d["chunks"]), seq=int(d["seq"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"bad chunk manifest: {exc}") from exc
+        if not re.fullmatch(r"[0-9a-f]{64}", m.sha256):
+            raise ValueError("bad chunk manifest: sha256 is not 64 lowercase hex digits")
+        if not 0 < m.size <= max_size:
+            raise ValueError(f"bad chunk manifest: size {m.size} outside 1..{max_size}")
+        if m.chunk_size < 1 or m.chunks != math.ceil(m.size / m.chunk_size):
+            raise ValueError("bad chunk manifest: chunk count does not match size / chunk_size")
+        return m
+
+    def chunk_length(self, index: int) -> int:
+        return self.chunk_size if index < self.chunks - 1 else self.size - self.chunk_size * (self.chunks - 1)
+
+
+@dataclass
+class _Assembly:
+    """A chunked packet being put back together; survives reconnects."""
+
+    manifest: Manifest
+    fleet: str
+    task: str
+    agent_id: str
+    origin: str
+    parts: dict[int, bytes] = field(default_factory=dict)
+    subscribed: set[str] = field(default_factory=set)  # chunk topic filters we asked the broker for
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.manifest.chunks) if i not in self.parts]
+
+
+@dataclass
+class _OwnMessage:
+    """A retained message this device published; kept to re-publish after a reconnect."""
+
+    payload: bytes
+    properties: Properties | None
+    info: mqtt.MQTTMessageInfo | None = None  # None: not handed to paho yet (we were offline)
+
+
+@dataclass
+class MqttStats:
+    packets_in: int = 0  # complete packets handed to poll()
+    chunks_in: int = 0  # chunk messages stored
+    chunks_ignored: int = 0  # chunk messages we already had, or for no pending packet
+    corrupt: int = 0  # manifests / chunks / packets that failed a check
+    connects: int = 0
+    disconnects: int = 0
+    republished: int = 0
+    failed_attempts: list[float] = field(default_factory=list)  # monotonic times of failed reconnects
+
+
+class MqttTransport(Transport):
+    """Publish and receive packets of one fleet through an MQTT 5 broker (see module docstring)."""
+
+    def __init__(self, config: MqttConfig) -> None:
+        self.config = config
+        self.stats = MqttStats()
+        self._inbox: queue.Queue[ReceivedPacket] = queue.Queue()
+        self._rx_lock = threading.RLock()  # guards _seen and _assemblies (network thread + callers)
+        self._seen: set[str] = set()  # sha256 of packets delivered or published by us
+        self._assemblies: dict[str, _Assembly] = {}
+        self._tx_lock = threading.RLock()  # guards _own
+        self._own: dict[str, _OwnMessage] = {}  # topic -> our retained message
+        self._acks = threading.Condition()  # notified on every PUBACK / (re)connect
+        self._refused: dict[int, ReasonCode] = {}  # mid -> PUBACK failure reason
+        self._connected = threading.Event()
+        self._connack: ReasonCode | None = None
+        self._connack_event = threading.Event()
+        self._client = self._make_client()
+        self._connect()
+
+    # ------------------------------------------------------------------ connection
+    def _make_client(self) -> mqtt.Client:
+        c = self.config
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=c.client_id or f"skill-edge-{c.fleet}-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv5,
+        )
+        if c.username is not None:
+            client.username_pw_set(c.username, c.password)
+        if c.tls:
+            try:
+                client.tls_set(
+                    ca_certs=str(c.tls_ca) if c.tls_ca else None,
+                    certfile=str(c.tls_cert) if c.tls_cert else None,
+                    keyfile=str(c.tls_key) if c.tls_key else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"cannot load TLS files (ca={c.tls_ca}, cert={c.tls_cert}, "
+                                     f"key={c.tls_key}): {exc}") from exc
+        client.reconnect_delay_set(c.reconnect_min_delay, c.reconnect_max_delay)  # type: ignore[arg-type]
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    @property
+    def where(self) -> str:
+        return f"{'mqtts' if self.config.tls else 'mqtt'}://{self.config.host}:{self.config.port}"
+
+    def _connect(self) -> None:
+        """First connection: retry with exponential backoff until ``connect_timeout``; fail clearly."""
+        c = self.config
+        deadline = time.monotonic() + c.connect_timeout
+        delay = c.reconnect_min_delay
+        while True:
+            try:
+                self._client.connect(c.host, c.port, keepalive=c.keepalive, clean_start=True)
+                break
+            except ssl.SSLError as exc:
+                raise TransportError(f"TLS handshake with {self.where} failed: {exc}; check --tls-ca "
+                                     "(the CA that signed the broker certificate) and the host name") from exc
+            except OSError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(f"cannot reach MQTT broker at {self.where} within "
+                                         f"{c.connect_timeout:g} s: {exc}") from exc
+                log.info("broker %s not reachable (%s); retrying in %.1f s", self.where, exc, delay)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, c.reconnect_max_delay)
+        self._client.loop_start()
+        if not self._connack_event.wait(max(0.0, deadline - time.monotonic()) + 5.0):
+            self._shutdown()
+            raise TransportError(f"MQTT broker at {self.where} accepted TCP but sent no CONNACK "
+                                 f"within {c.connect_timeout:g} s")
+        if self._connack is not None and self._connack.is_failure:
+            self._shutdown()
+            reason = f"broker {self.where} refused the connection: {self._connack}"
+            if self._connack.value in _AUTH_REFUSALS:
+                raise TransportAuthError(f"{reason}; check --username/--password (and the broker's "
+                                         "password_file / ACL)")
+            raise TransportError(reason)
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
+                    reason_code: ReasonCode, properties: object) -> None:
+        try:
+            self._handle_connack(reason_code)
+        except Exception:  # noqa: BLE001 - never let an exception stop paho's network thread
+            log.exception("error while handling CONNACK from %s", self.where)
+
+    def _handle_connack(self, reason_code: ReasonCode) -> None:
+        first = not self._connack_event.is_set()
+        self._connack = reason_code
+        self._connack_event.set()
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.where, reason_code)
+            return
+        self.stats.connects += 1
+        self._subscribe_all()
+        self._connected.set()
+        self._send_own(republish=not first and self.config.republish_on_reconnect)
+        with self._acks:
+            self._acks.notify_all()
+        if not first:
+            log.info("reconnected to %s", self.where)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                       reason_code: ReasonCode, properties: object) -> None:
+        self._connected.clear()
+        if not self.closed:
+            self.stats.disconnects += 1
+            log.warning("lost connection to %s (%s); reconnecting with backoff", self.where, reason_code)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self.stats.failed_attempts.append(time.monotonic())
+
+    def _subscribe_all(self) -> None:
+        """(Re)subscribe to every task topic of the fleet and to the chunks still missing."""
+        c = self.config
+        topics = [(f"{c.topic_root}/{c.fleet}/tasks/+/+", QOS)]
+        with self._rx_lock:
+            for sha, asm in self._assemblies.items():
+                topics += self._chunk_subscriptions(sha, asm)
+        for i in range(0, len(topics), 64):  # keep each SUBSCRIBE packet small
+            self._client.subscribe(topics[i:i + 64])
+
+    def _chunk_subscriptions(self, sha: str, asm: _Assembly) -> list[tuple[str, int]]:
+        """Resume: ask only for the chunks we lack (the broker re-sends their retained copies)."""
+        missing = asm.missing()
+        if not asm.parts or len(missing) > _MAX_RESUME_TOPICS:
+            filters = [f"{self.config.topic_root}/{asm.fleet}/chunks/{sha}/+"]
+        else:
+            filters = [self.config.chunk_topic(asm.fleet, sha, i) for i in missing]
+        asm.subscribed.update(filters)
+        return [(f, QOS) for f in filters]
+
+    # ------------------------------------------------------------------ publish
+    def publish(self, packet_bytes: bytes, *, fleet: str, task: str, agent_id: str, seq: int) -> None:
+        """Publish retained (chunks first, then the manifest) and wait for the broker's PUBACKs."""
+        self._check_open()
+        for kind, value in (("fleet", fleet), ("task", task), ("agent_id", agent_id)):
+            check_name(kind, value)
+        data = bytes(packet_bytes)
+        if not data:
+            raise ValueError("refusing to publish an empty packet (it would delete the retained one)")
+        if len(data) > self.config.max_packet_bytes:
+            raise ValueError(f"packet of {len(data)} bytes is over max_packet_bytes={self.config.max_packet_bytes}")
+        sha = hashlib.sha256(data).hexdigest()
+        with self._rx_lock:
+            self._seen.add(sha)  # never deliver our own packet back to ourselves
+        topic = self.config.packet_topic(fleet, task, agent_id)
+        deadline = time.monotonic() + self.config.publish_timeout
+        cs = self.config.chunk_size
+        previous = self._own.get(topic)
+        if len(data) <= cs:
+            self._put_own({topic: (data, _properties(PACKET_CONTENT_TYPE, seq))})
+            self._wait_acked([topic], deadline)
+        else:
+            manifest = Manifest(sha, len(data), cs, math.ceil(len(data) / cs), int(seq))
+            chunks = {self.config.chunk_topic(fleet, sha, i): (data[i * cs:(i + 1) * cs], None)
+                      for i in range(manifest.chunks)}
+            self._put_own(chunks)
+            self._wait_acked(list(chunks), deadline)
+            self._put_own({topic: (manifest.to_json(), _properties(MANIFEST_CONTENT_TYPE, seq))})
+            self._wait_acked([topic], deadline)
+        if previous is not None:
+            self._retire_chunks(fleet, previous, keep=sha)
+
+    def _put_own(self, messages: dict[str, tuple[bytes, Properties | None]]) -> None:
+        with self._tx_lock:
+            for topic, (payload, props) in messages.items():
+                self._own[topic] = _OwnMessage(payload, props)
+        if self._connected.is_set():
+            self._send_own(republish=False, only=list(messages))
+
+    def _send_own(self, *, republish: bool, only: list[str] | None = None) -> None:
+        """Hand our retained messages to paho: unsent ones always, acknowledged ones if ``republish``.
+
+        Chunks go before manifests so a manifest never points at chunks the broker lacks.
+        """
+        with self._tx_lock:
+            topics = only if only is not None else sorted(self._own, key=lambda t: "/tasks/" in t)
+            for topic in topics:
+                own = self._own.get(topic)
+                if own is None:
+                    continue
+                unsent = own.info is None or own.info.rc != mqtt.MQTT_ERR_SUCCESS
+                if not (unsent or (republish and self._is_acked(own.info))):
+                    continue  # in flight: paho re-sends unacknowledged QoS 1 messages itself
+                own.info = self._client.publish(topic, own.payload, qos=QOS, retain=True,
+                                                properties=own.properties)
+                if not unsent:
+                    self.stats.republished += 1
+
+    @staticmethod
+    def _is_acked(info: mqtt.MQTTMessageInfo | None) -> bool:
+        return info is not None and info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published()
+
+    def _wait_acked(self, topics: list[str], deadline: float) -> None:
+        pending = list(topics)
+        while pending:
+            with self._tx_lock:
+                infos = {t: self._own[t].info for t in pending if t in self._own}
+            with self._acks:
+                refused = [self._refused.pop(i.mid) for i in infos.values() if i is not None and i.mid in self._refused]
+            if refused:
+                raise TransportAuthError(f"broker {self.where} refused a publish: {refused[0]}; check the "
+                                         "broker ACL for this user")
+            pending = [t for t, info in infos.items() if not self._is_acked(info)]
+            if not pending:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                state = "connected" if self._connected.is_set() else "disconnected"
+                raise TransportError(f"broker {self.where} did not acknowledge {len(pending)} message(s) "
+                                     f"within {self.config.publish_timeout:g} s ({state}), e.g. {pending[0]}")
+            with self._acks:
+                self._acks.wait(min(0.05, remaining))
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason_code: ReasonCode, properties: object) -> None:
+        # Called by paho while it holds its outgoing-message lock: take no other lock here.
+        with self._acks:
+            if reason_code.is_failure:
+                self._refused[mid] = reason_code
+            self._acks.notify_all()
+
+    def _retire_chunks(self, fleet: str, previous: _OwnMessage, keep: str) -> None:
+        """Delete the retained chunks of the packet this topic carried before (now superseded)."""
+        if previous.properties is None or getattr(previous.properties, "ContentType", "") != MANIFEST_CONTENT_TYPE:
+            return
+        try:
+            old = Manifest.from_json(previous.payload, self.config.max_packet_bytes)
+        except ValueError:
+            return
+        if old.sha256 == keep:
+            return
+        with self._tx_lock:
+            for i in range(old.chunks):
+                t = self.config.chunk_topic(fleet, old.sha256, i)
+                self._own.pop(t, None)
+                self._client.publish(t, b"", qos=QOS, retain=True)  # empty retained = delete
+
+    # ------------------------------------------------------------------ receive
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        # An exception escaping a callback would stop paho's network thread: log everything here.
+        self.last_activity = time.monotonic()
+        if not msg.payload:
+            return  # a deleted retained message
+        levels = msg.topic.split("/")
+        try:
+            if len(levels) == 5 and levels[2] == "tasks":
+                self._on_task_message(levels[1], levels[3], levels[4], msg)
+            elif len(levels) == 5 and levels[2] == "chunks":
+                self._on_chunk(levels[3], int(levels[4]), msg)
+        except ValueError as exc:
+            self.stats.corrupt += 1
+            log.warning("ignoring bad message on %s: %s", msg.topic, exc)
+        except Exception:  # noqa: BLE001 - keep the network thread alive, but say what broke
+            self.stats.corrupt += 1
+            log.exception("error while handling a message on %s", msg.topic)
+
+    def _on_task_message(self, fleet: str, task: str, agent_id: str, msg: mqtt.MQTTMessage) -> None:
+        content_type = getattr(msg.properties, "ContentType", PACKET_CONTENT_TYPE) if msg.properties else PACKET_CONTENT_TYPE
+        seq = _seq_of(msg.properties)
+        if content_type == MANIFEST_CONTENT_TYPE:
+            manifest = Manifest.from_json(msg.payload, self.config.max_packet_bytes)
+            with self._rx_lock:
+                if manifest.sha256 in self._seen or manifest.sha256 in self._assemblies:
+                    return
+                asm = _Assembly(manifest, fleet, task, agent_id, msg.topic)
+                self._assemblies[manifest.sha256] = asm
+                subs = self._chunk_subscriptions(manifest.sha256, asm)
+            self._client.subscribe(subs)
+            return
+        if content_type != PACKET_CONTENT_TYPE:
+            raise ValueError(f"unknown content type {content_type!r}")
+        sha = hashlib.sha256(msg.payload).hexdigest()
+        self._deliver(sha, ReceivedPacket(bytes(msg.payload), fleet, task, agent_id, seq, msg.topic))
+
+    def _on_chunk(self, sha: str, index: int, msg: mqtt.MQTTMessage) -> None:
+        with self._rx_lock:
+            asm = self._assemblies.get(sha)
+            if asm is None or index in asm.parts:
+                self.stats.chunks_ignored += 1
+                return
+            m = asm.manifest
+            if not 0 <= index < m.chunks or len(msg.payload) != m.chunk_length(index):
+                raise ValueError(f"chunk {index} of {sha[:12]} has {len(msg.payload)} bytes, "
+                                 f"expected {m.chunk_length(index) if index < m.chunks else 'no chunk'}")
+            asm.parts[index] = bytes(msg.payload)
+            asm.last_progress = time.monotonic()
+            self.stats.chunks_in += 1
+            if len(asm.parts) < m.chunks:
+                return
+            del self._assemblies[sha]
+        self._client.unsubscribe(sorted(asm.subscribed))
+        data = b"".join(asm.parts[i] for i in range(m.chunks))
+        got = hashlib.sha256(data).hexdigest()
+        if len(data) != m.size or got != sha:
+            raise ValueError(f"reassembled packet has {len(data)} bytes and sha256 {got[:12]}, manifest says "
+                             f"{m.size} bytes and {sha[:12]}; dropped")
+        self._deliver(sha, ReceivedPacket(data, asm.fleet, asm.task, asm.agent_id, m.seq, asm.origin))
+
+    def _deliver(self, sha: str, packet: ReceivedPacket) -> None:
+        with self._rx_lock:
+            if sha in self._seen:
+                return
+            self._seen.add(sha)
+        self.stats.packets_in += 1
+        self._inbox.put(packet)
+
+    def poll(self, timeout: float = 0.0) -> list[ReceivedPacket]:
+        self._check_open()
+        self._rerequest_stalled()
+        out: list[ReceivedPacket] = []
+        try:
+            out.append(self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait())
+            while True:
+                out.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def _rerequest_stalled(self) -> None:
+        """Ask again for chunks of a transfer that stopped moving (e.g. the broker dropped some
+        of a long burst of retained messages because its per-client queue was full)."""
+        if not self._connected.is_set():
+            return
+        now = time.monotonic()
+        subs: list[tuple[str, int]] = []
+        with self._rx_lock:
+            for sha, asm in self._assemblies.items():
+                if now - asm.last_progress > self.config.stall_rerequest:
+                    asm.last_progress = now
+                    subs += self._chunk_subscriptions(sha, asm)
+        for i in range(0, len(subs), 64):
+            self._client.subscribe(subs[i:i + 64])
+
+    def pending(self) -> int:
+        with self._rx_lock:
+            return len(self._assemblies)
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """sha256 -> (chunks held, chunks total) for every chunked packet still being assembled."""
+        with self._rx_lock:
+            return {sha: (len(a.parts), a.manifest.chunks) for sha, a in self._assemblies.items()}
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.closed = True
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TransportError("MQTT transport is closed")
+
+
+def _properties(content_type: str, seq: int) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = content_type
+    props.UserProperty = [("seq", str(int(seq)))]
+    return props
+
+
+def _seq_of(properties: Properties | None) -> int:
+    for key, value in getattr(properties, "UserProperty", None) or []:
+        if key == "seq" and value.isdigit():
+            return int(value)
+    return -1

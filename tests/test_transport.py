@@ -1,0 +1,110 @@
+"""Directory / outbox transport: atomic files in <root>/<fleet>/<task>/<agent>-<seq>.skp."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from skill_edge.runtime.transport import DirectoryTransport, TransportError, packet_path
+from skill_edge.runtime.transport.base import check_name
+
+
+def test_round_trip_between_two_devices(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    a = DirectoryTransport(share, "lab")
+    b = DirectoryTransport(share, "lab")
+    pkt1, pkt2 = os.urandom(5000), os.urandom(70_000)
+    a.publish(pkt1, fleet="lab", task="digits", agent_id="dev-a", seq=1)
+    a.publish(pkt2, fleet="lab", task="birds", agent_id="dev-a", seq=4)
+
+    assert (share / "lab" / "digits" / "dev-a-1.skp").read_bytes() == pkt1
+    assert not [p for p in (share / "lab").rglob("*") if p.name.startswith(".")], "temp files left behind"
+    assert a.poll() == [], "a device must not receive its own packets back"
+
+    got = {p.task: p for p in b.poll(timeout=1.0)}
+    assert set(got) == {"digits", "birds"}
+    assert got["digits"].data == pkt1 and got["birds"].data == pkt2
+    assert (got["birds"].agent_id, got["birds"].seq, got["birds"].fleet) == ("dev-a", 4, "lab")
+    assert b.poll() == [], "each file is delivered once"
+
+    b.publish(b"reply", fleet="lab", task="digits", agent_id="dev-b", seq=2)
+    (back,) = a.poll(timeout=1.0)
+    assert (back.data, back.agent_id) == (b"reply", "dev-b")
+    a.close()
+    b.close()
+    with pytest.raises(TransportError):
+        a.poll()
+
+
+def test_other_fleets_are_invisible(tmp_path: Path) -> None:
+    a = DirectoryTransport(tmp_path, "fleet-1")
+    b = DirectoryTransport(tmp_path, "fleet-2")
+    a.publish(b"x" * 10, fleet="fleet-1", task="t", agent_id="a", seq=0)
+    assert b.poll(timeout=0.3) == []
+
+
+def test_partial_and_temp_files_are_tolerated(tmp_path: Path) -> None:
+    rx = DirectoryTransport(tmp_path, "lab", scan_interval=0.05)
+    task_dir = tmp_path / "lab" / "t"
+    task_dir.mkdir(parents=True)
+    (task_dir / ".dev-a-1.skp.123.tmp").write_bytes(b"half")  # an atomic writer's temp file
+    (task_dir / "dev-a-1.skp.tmp").write_bytes(b"half")
+    (task_dir / "dev-a-2.skp").write_bytes(b"")  # just created by a non-atomic copy
+    (task_dir / "notes.skp").write_bytes(b"not a packet name")
+    assert rx.poll(timeout=0.2) == []
+
+    # A non-atomic copy (cp onto a USB stick) that is still growing: whatever was read early is
+    # delivered (the receiver rejects it as a bad packet), and the finished file is delivered again.
+    full = os.urandom(4096)
+    target = task_dir / "dev-a-2.skp"
+    target.write_bytes(full[:1000])
+    (first,) = rx.poll(timeout=1.0)
+    assert first.data == full[:1000]
+    target.write_bytes(full)
+    os.utime(target, ns=(1, 1))  # make sure the signature changes even on coarse-mtime file systems
+    (second,) = rx.poll(timeout=1.0)
+    assert second.data == full and second.seq == 2
+
+
+def test_state_file_remembers_delivered_files(tmp_path: Path) -> None:
+    share, state = tmp_path / "share", tmp_path / "state" / "seen.json"
+    DirectoryTransport(share, "lab").publish(b"p1", fleet="lab", task="t", agent_id="a", seq=1)
+    first = DirectoryTransport(share, "lab", state_file=state)
+    assert [p.data for p in first.poll()] == [b"p1"]
+    first.close()
+
+    second = DirectoryTransport(share, "lab", state_file=state)
+    assert second.poll() == [], "a later run must not re-deliver what an earlier run delivered"
+    DirectoryTransport(share, "lab").publish(b"p2-new", fleet="lab", task="t", agent_id="a", seq=1)
+    assert [p.data for p in second.poll(timeout=1.0)] == [b"p2-new"], "a rewritten file is new"
+
+    state.write_text("{not json")
+    assert [p.data for p in DirectoryTransport(share, "lab", state_file=state).poll()] == [b"p2-new"]
+
+
+def test_republish_same_name_replaces_atomically(tmp_path: Path) -> None:
+    t = DirectoryTransport(tmp_path, "lab")
+    t.publish(b"old", fleet="lab", task="t", agent_id="a", seq=3)
+    t.publish(b"newer", fleet="lab", task="t", agent_id="a", seq=3)
+    assert packet_path(tmp_path, "lab", "t", "a", 3).read_bytes() == b"newer"
+    assert sorted(p.name for p in (tmp_path / "lab" / "t").iterdir()) == ["a-3.skp"]
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "+", "#", ".hidden", "x" * 129, "sp ace"])
+def test_unsafe_names_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match="cannot be used in a path or topic"):
+        check_name("task", bad)
+    t = DirectoryTransport(tmp_path, "lab")
+    with pytest.raises(ValueError):
+        t.publish(b"x", fleet="lab", task=bad, agent_id="a", seq=0)
+    with pytest.raises(ValueError):
+        t.publish(b"x", fleet="lab", task="t", agent_id=bad, seq=0)
+
+
+def test_drain_stops_when_quiet(tmp_path: Path) -> None:
+    t = DirectoryTransport(tmp_path, "lab", scan_interval=0.02)
+    DirectoryTransport(tmp_path, "lab").publish(b"abc", fleet="lab", task="t", agent_id="a", seq=0)
+    got = list(t.drain(idle=0.2, timeout=5))
+    assert [p.data for p in got] == [b"abc"]
