@@ -1,0 +1,167 @@
+"""Mapper-hijack defence: crafted anchors from a 'trusted' sender must be refused on receipt."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sklearn.cluster import KMeans
+
+from skill_edge.runtime.anchors import fit_gmmc, fit_mahalanobis, transform_features
+from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
+from skill_edge.runtime.mapper import build_mapper
+from skill_edge.runtime.plausibility import PlausibilityCheck
+
+from test_mapper import D, knowledge_for, make_task
+
+TRANSFORM = "sqrt_l2"
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Five known tasks in the bank, a sixth legitimate newcomer, and the device's own features."""
+    rng = np.random.default_rng(11)
+    # shift 1.5: tasks overlap a little, like real sibling tasks do
+    tasks = {f"task{i}": make_task(rng, n_classes=2 + i % 3, n=300, shift=1.5) for i in range(6)}
+    knowledge = {n: knowledge_for(n, x, y, TRANSFORM, seed=i) for i, (n, (x, y, _, _)) in enumerate(tasks.items())}
+    existing = [knowledge[f"task{i}"] for i in range(5)]
+    own = {"task0": tasks["task0"][0][:150], "task1": tasks["task1"][0][:150]}  # it learned task0, task1
+    pooled = np.concatenate([transform_features(tasks[f"task{i}"][0], TRANSFORM) for i in range(5)])
+    return tasks, knowledge, existing, own, pooled
+
+
+def disguised(template: TaskKnowledge, name: str, gmmc=None, maha=None) -> TaskKnowledge:
+    return dataclasses.replace(template, task=name, gmmc=gmmc, maha=maha).validate()
+
+
+def hijacks(world) -> dict[str, TaskKnowledge]:
+    """Anchors a trusted-but-hostile sender could craft, each disguised as a new task.
+
+    The sender has received the victim's packet, so it knows the victim's anchors.
+    """
+    tasks, knowledge, existing, _, pooled = world
+    victim = knowledge["task0"]
+    centre = pooled.mean(axis=0)
+    total_var = pooled.var(axis=0)
+    rng = np.random.default_rng(12)
+    c, k = victim.num_classes, 3
+    g, m = victim.gmmc, victim.maha
+    attacker_x = transform_features(tasks["task0"][0][150:], TRANSFORM)  # the device keeps [:150]
+    parts = KMeans(40, n_init=1, random_state=0).fit_predict(attacker_x)
+    fine_means = TaskKnowledge(
+        task="fine", labels=[f"c{i}" for i in range(40)], head_weight=np.zeros((40, D), np.float32),
+        head_bias=np.zeros(40, np.float32), meta=dataclasses.replace(victim.meta),
+        maha=fit_mahalanobis(attacker_x, parts, m=5, seed=5), thresholds={"maha": -100.0},
+    ).validate()
+    return {
+        # one broad Gaussian over everything, variances far beyond any seen
+        "huge_variance": disguised(victim, "huge", gmmc=GmmcAnchor(
+            np.tile(centre, (k, 1)), np.full((k, D), 1e3, np.float32), np.full(k, 1 / k, np.float32))),
+        # needle-sharp Gaussians at the centre of all data
+        "needle_centre": disguised(victim, "needle", gmmc=GmmcAnchor(
+            np.tile(centre, (k, 1)), np.tile(total_var * 1e-4, (k, 1)).astype(np.float32),
+            np.full(k, 1 / k, np.float32))),
+        # the victim's own anchor, re-weighted so every component wins
+        "boosted_weights": disguised(victim, "boost", gmmc=dataclasses.replace(g, weights=g.weights * 1e6)),
+        # an over-fitted mixture of the victim's kind of data (a public dataset anyone can fetch)
+        "overfit_copy": disguised(victim, "copy", gmmc=fit_gmmc(attacker_x, k=60, var_floor=1e-3, seed=5)),
+        # Mahalanobis: class means at the data centre, exemplars scattered wildly (poisons the tied covariance)
+        "maha_poison": disguised(victim, "poison", maha=MahalanobisAnchor(
+            np.tile(centre, (c, 1)).astype(np.float32),
+            (centre + rng.normal(0, 3.0, (5 * c, D))).astype(np.float32),
+            np.repeat(np.arange(c), 5).astype(np.float32))),
+        # Mahalanobis: many fine "class" means over the victim's kind of data
+        "maha_fine_means": fine_means,
+    }
+
+
+def test_legitimate_newcomer_is_accepted(world):
+    _, knowledge, existing, own, _ = world
+    ok, reason = PlausibilityCheck(own, existing).check(knowledge["task5"])
+    assert ok, reason
+    assert reason.startswith("ok:")
+
+
+def test_update_of_an_existing_task_is_not_counted_as_capture(world):
+    tasks, knowledge, existing, own, _ = world
+    x, y, _, _ = tasks["task0"]
+    refit = knowledge_for("task0", x, y, TRANSFORM, seed=99)  # same task, re-learned elsewhere
+    ok, reason = PlausibilityCheck(own, existing).check(refit)
+    assert ok, reason
+
+
+@pytest.mark.parametrize("name", ["huge_variance", "needle_centre", "boosted_weights", "overfit_copy",
+                                  "maha_poison", "maha_fine_means"])
+def test_hijack_is_refused(world, name):
+    _, _, existing, own, _ = world
+    bad = hijacks(world)[name]
+    ok, reason = PlausibilityCheck(own, existing).check(bad)
+    assert not ok, f"{name} slipped through: {reason}"
+    assert reason and not reason.startswith("ok")
+
+
+def test_capturing_hijacks_would_really_capture_without_the_check(world):
+    """The capture test refuses what would otherwise steal the victim's test inputs."""
+    tasks, _, existing, own, _ = world
+    victim_test = tasks["task0"][2]
+    h = hijacks(world)
+    for name, kind in (("boosted_weights", "gmmc"), ("overfit_copy", "gmmc"), ("maha_fine_means", "maha")):
+        mapper = build_mapper(kind, existing + [h[name]])
+        captured = np.mean(mapper.predict(victim_test).task_index == len(existing))
+        assert captured > 0.5, (name, captured)
+        assert not PlausibilityCheck(own, existing).check(h[name])[0]
+
+
+def test_capture_report_numbers(world):
+    _, knowledge, existing, own, _ = world
+    check = PlausibilityCheck(own, existing)
+    legit = {r.kind: r for r in check.capture(knowledge["task5"])}
+    bad = {r.kind: r for r in check.capture(hijacks(world)["overfit_copy"])}
+    assert set(legit) == {"gmmc", "maha"}
+    assert legit["gmmc"].worst[1] < 0.2
+    assert bad["gmmc"].worst[0] == "task0" and bad["gmmc"].worst[1] > 0.5
+
+
+def test_device_without_own_features_uses_stored_anchors(world):
+    """No raw features: exemplars and component means of the bank still expose a copy attack."""
+    _, knowledge, existing, _, _ = world
+    check = PlausibilityCheck({}, existing)
+    assert check.check(knowledge["task5"])[0]
+    ok, reason = check.check(hijacks(world)["maha_fine_means"])
+    assert not ok and "would take" in reason
+
+
+def test_gmmc_capture_limit_is_what_refuses_an_in_scale_duplicate(world):
+    """A well-fitted duplicate of the victim's data passes the scale test; only capture can tell.
+
+    Such a duplicate takes roughly a third of the victim's inputs, like an honest re-learned
+    copy under a new name would; a stricter ``max_capture`` refuses it, the legitimate
+    newcomer (which takes ~0 %) still passes.
+    """
+    tasks, knowledge, existing, own, _ = world
+    dup = disguised(knowledge["task0"], "dup", gmmc=fit_gmmc(
+        transform_features(tasks["task0"][0][150:], TRANSFORM), k=60, var_floor=0.05, seed=5))
+    strict = PlausibilityCheck(own, existing, max_capture=0.25)
+    ok, reason = strict.check(dup)
+    assert not ok and "gmmc anchor would take" in reason and "'task0'" in reason
+    assert strict.check(knowledge["task5"])[0]
+    assert PlausibilityCheck(own, existing).check(dup)[0]  # default 50 % tolerates a duplicate
+
+
+def test_wrong_space_and_size_are_refused(world):
+    tasks, knowledge, existing, own, _ = world
+    x, y, _, _ = tasks["task5"]
+    raw = knowledge_for("task5", x, y, "raw")
+    ok, reason = PlausibilityCheck(own, existing).check(raw)
+    assert not ok and "feature transform" in reason
+    with pytest.raises(ValueError, match="feature size"):
+        PlausibilityCheck({"task0": np.zeros((3, D + 1))}, existing)
+
+
+def test_non_finite_threshold_is_refused(world):
+    _, knowledge, existing, own, _ = world
+    k = dataclasses.replace(knowledge["task5"], thresholds={"gmmc": float("-inf")})
+    ok, reason = PlausibilityCheck(own, existing)(k)
+    assert not ok and "threshold" in reason
