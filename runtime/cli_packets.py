@@ -1,0 +1,163 @@
+"""``skill-edge keys ...`` and ``skill-edge packet inspect``: manage who this device trusts, look inside packets.
+
+Wire into the root command with::
+
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(packet_app, name="packet")
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skill_edge.runtime.codec import format_size
+from skill_edge.runtime.keys import (
+    HOME_ENV,
+    KeyStoreError,
+    TrustStore,
+    init_device_key,
+    key_dir,
+    load_device_key,
+    load_public_key,
+    skill_edge_home,
+)
+from skill_edge.runtime.packet import PacketCodec, PacketError, check_signature, parse_frame, read_packet_file
+
+keys_app = typer.Typer(help="This device's signing key and the trust store of peers' public keys.",
+                       no_args_is_help=True)
+packet_app = typer.Typer(help="Look inside knowledge packets.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+HomeOption = typer.Option(None, "--home", envvar=HOME_ENV, show_envvar=True,
+                          help="skill-edge home (keys/ and trust/ live here); default ~/.skill-edge")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@keys_app.command("init")
+def keys_init(home: Path | None = HomeOption,
+              force: bool = typer.Option(False, "--force", help="replace an existing device key"),
+              trust_self: bool = typer.Option(True, "--trust-self/--no-trust-self",
+                                              help="also add this device's public key to its trust store as 'self'")) -> None:
+    """Create this device's Ed25519 signing key (private key PEM, mode 0600)."""
+    try:
+        key = init_device_key(home, force=force)
+        if trust_self:
+            TrustStore.at_home(home).add("self", key.public_key, overwrite=True)
+    except KeyStoreError as exc:
+        _fail(str(exc))
+    kd = key_dir(home)
+    console.print(f"device key [bold]{key.key_id}[/] written to {kd / 'device.pem'}")
+    console.print(f"share the public key with peers: {kd / 'device.pub'}  (they run: skill-edge keys add NAME FILE)")
+
+
+@keys_app.command("add")
+def keys_add(name: str = typer.Argument(..., help="a label for the peer, e.g. its agent id"),
+             public_key: Path = typer.Argument(..., exists=True, dir_okay=False, help="the peer's device.pub"),
+             home: Path | None = HomeOption,
+             replace_existing: bool = typer.Option(False, "--replace", help="overwrite a key of the same name")) -> None:
+    """Trust packets signed by this public key."""
+    try:
+        with open(public_key, "rb") as f:
+            pub = load_public_key(f.read(16384), source=str(public_key))
+        tk = TrustStore.at_home(home).add(name, pub, overwrite=replace_existing)
+    except KeyStoreError as exc:
+        _fail(str(exc))
+    console.print(f"trusted [bold]{tk.name}[/] (key {tk.key_id})")
+
+
+@keys_app.command("ls")
+def keys_ls(home: Path | None = HomeOption) -> None:
+    """List this device's key and every trusted key."""
+    try:
+        dev = load_device_key(home)
+        console.print(f"device key: [bold]{dev.key_id}[/] ({key_dir(home) / 'device.pem'})")
+    except KeyStoreError as exc:
+        console.print(f"device key: none ({exc})")
+    try:
+        keys = TrustStore.at_home(home).keys()
+    except KeyStoreError as exc:
+        _fail(str(exc))
+    table = Table(title=f"trust store {TrustStore.at_home(home).directory}")
+    table.add_column("name")
+    table.add_column("key id")
+    table.add_column("file")
+    for k in keys:
+        table.add_row(k.name, k.key_id, str(k.path))
+    console.print(table if keys else "trust store is empty: this device accepts no packets")
+
+
+@keys_app.command("rm")
+def keys_rm(name: str = typer.Argument(..., help="name or key id of the trusted key"),
+            home: Path | None = HomeOption) -> None:
+    """Stop trusting a key (packets it signs are rejected from now on)."""
+    try:
+        k = TrustStore.at_home(home).remove(name)
+    except KeyStoreError as exc:
+        _fail(str(exc))
+    console.print(f"removed [bold]{k.name}[/] (key {k.key_id})")
+
+
+@packet_app.command("inspect")
+def packet_inspect(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+                   home: Path | None = HomeOption) -> None:
+    """Show everything in a packet and whether its signature verifies against the trust store.
+
+    Exits 1 when the packet is malformed, unsigned, signed by an unknown key or modified after signing.
+    """
+    try:
+        packet = read_packet_file(str(file), PacketCodec())
+    except PacketError as exc:
+        _fail(f"{file}: {exc.reason}")
+    except OSError as exc:
+        _fail(f"{file}: {exc}")
+    p = packet
+    k = p.knowledge
+    head = Table(title=f"{file.name}: skill-edge packet v{p.version}, {p.raw_size} bytes ({format_size(p.raw_size)})",
+                 show_header=False)
+    head.add_column("field", style="bold")
+    head.add_column("value")
+    created = dt.datetime.fromtimestamp(p.created, dt.timezone.utc).isoformat(timespec="seconds")
+    rows = [
+        ("task", p.task), ("labels", f"{len(p.labels)}: {', '.join(p.labels[:12])}{' ...' if len(p.labels) > 12 else ''}"),
+        ("agent", p.agent_id), ("seq", str(p.seq)), ("created", created),
+        ("ROM fingerprint", p.rom_fingerprint), ("BB layout hash", p.bb_layout_hash or "(no BB)"),
+        ("feature transform", k.meta.feature_transform), ("n_train", str(k.meta.n_train)),
+        ("metrics", ", ".join(f"{a}={b:.4g}" for a, b in k.meta.metrics.items()) or "-"),
+        ("thresholds", ", ".join(f"{a}={b:.4g}" for a, b in k.thresholds.items()) or "-"),
+        ("plan", p.plan.step + ("" if not p.plan.lossless else " (lossless)")),
+        ("GMMC components", f"{p.plan.gmmc_k} of {p.plan.gmmc_k_original}" if p.plan.gmmc_k else "-"),
+        ("exemplars/class", f"{p.plan.exemplars_per_class} of {p.plan.exemplars_per_class_original}"
+         if p.plan.exemplars_per_class is not None else "-"),
+        ("sizes", f"metadata {p.metadata_bytes} B, payload {p.payload_bytes} B on the wire"
+                  + (f" (zstd of {p.payload_raw_bytes} B)" if p.compressed else " (not compressed)")),
+        ("sha256", p.sha256),
+    ]
+    for a, b in rows:
+        head.add_row(a, b)
+    console.print(head)
+    tensors = Table(title="tensors")
+    for col in ("name", "encoding", "wire dtype", "shape", "bytes"):
+        tensors.add_column(col)
+    for t in p.wire_tensors:
+        enc = p.plan.tensors.get(t.name, "(side data)")
+        tensors.add_row(t.name, enc, t.dtype, "x".join(map(str, t.shape)), str(t.nbytes))
+    console.print(tensors)
+
+    signer = p.signer or "nobody (unsigned)"
+    try:
+        trusted = check_signature(parse_frame(file.read_bytes()), TrustStore.at_home(home))
+    except (PacketError, KeyStoreError) as exc:
+        console.print(f"signer: {signer}")
+        _fail(f"{file}: {exc}")
+    console.print(f"signer: {signer} = trusted key [bold]{trusted.name}[/]; [green]signature verifies[/] "
+                  f"(trust store {skill_edge_home(home) / 'trust'})")

@@ -1,0 +1,432 @@
+"""How a ``TaskKnowledge`` is squeezed into a byte budget: per-tensor encodings and the plan ladder.
+
+A packet's payload is not always the float32 tensors: a device with a small radio budget
+sends a cheaper *plan*.  The ladder below lists plans in order of increasing loss; the
+packet codec (runtime/packet.py) walks it and keeps the first plan whose real, signed,
+compressed packet fits.  Every decision is recorded in ``meta.encoding`` so a receiver
+knows exactly what it got.
+
+Encodings of one tensor (``x`` is the float32 original, ``x'`` what the receiver restores):
+
+* ``f32``      exact.
+* ``f16``      IEEE half: ``|x' - x| <= max(2**-11 * |x|, 2**-25)`` for ``|x| <= 65504``.
+* ``f16_log``  half precision of ``log(x)`` (variances, which are > 0 and span decades):
+               ``|log x' - log x| <= max(2**-11 * |log x|, 2**-25)``.
+* ``i8r``      symmetric int8 with one float32 scale per row (rows of 2-D tensors; blocks of
+               ``I8_BLOCK`` values for 1-D tensors): ``s = max|row| / 127``, ``q = round(x / s)``,
+               so ``|x' - x| <= s / 2 = max|row| / 254`` (plus float32 rounding).
+* ``i8r_log``  int8 of ``log(x)`` with a per-row scale *and* centre (log-variances sit far
+               from zero, so a symmetric code would waste half its range):
+               ``|log x' - log x| <= (max - min of the row's log x) / 508``.
+
+Beyond precision the ladder also *reduces* the task: GMMC components are merged pairwise
+(moment matching, cheapest pair by Runnalls' weighted KL bound, so mass and spread are
+kept rather than dropped) and Mahalanobis exemplars are thinned per class.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
+
+I8_BLOCK = 64  # a 1-D tensor is quantised in blocks of this many values, each with its own scale
+
+ENCODINGS = ("f32", "f16", "f16_log", "i8r", "i8r_log")
+# which encodings each tensor may use; log encodings only for strictly positive tensors
+ALLOWED_ENCODINGS: dict[str, tuple[str, ...]] = {
+    "head.weight": ("f32", "f16", "i8r"),
+    "head.bias": ("f32",),
+    "bb": ("f32", "f16", "i8r"),
+    "gmmc.means": ("f32", "f16", "i8r"),
+    "gmmc.variances": ("f32", "f16_log", "i8r_log"),
+    "gmmc.weights": ("f32",),
+    "maha.class_means": ("f32", "f16", "i8r"),
+    "maha.exemplars": ("f32", "f16", "i8r"),
+    "maha.exemplar_labels": ("f32",),
+}
+KNOWN_TENSORS = frozenset(ALLOWED_ENCODINGS)
+# the rank every knowledge tensor must have (checked before TaskKnowledge sees it)
+TENSOR_NDIM = {"head.weight": 2, "head.bias": 1, "bb": 1, "gmmc.means": 2, "gmmc.variances": 2,
+               "gmmc.weights": 1, "maha.class_means": 2, "maha.exemplars": 2, "maha.exemplar_labels": 1}
+# wire dtype (safetensors name) of the main tensor per encoding; side tensors are always F32
+WIRE_DTYPE = {"f32": "F32", "f16": "F16", "f16_log": "F16", "i8r": "I8", "i8r_log": "I8"}
+SCALE_SUFFIX = ".scale"
+OFFSET_SUFFIX = ".offset"
+PLAN_FORMAT = 1
+
+
+class PlanError(ValueError):
+    """An encoding plan that is malformed or does not fit the tensors it describes."""
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class EncodingPlan:
+    """Everything a receiver needs to know about how a packet's tensors were encoded."""
+
+    step: str  # ladder step name, e.g. "fp32", "int8", "int8+gmmc_k=12"
+    tensors: dict[str, str]  # knowledge tensor name -> encoding (one of ENCODINGS)
+    compression: str = "none"  # "zstd" or "none": how the safetensors payload is wrapped
+    gmmc_k: int | None = None  # GMMC components sent (None: no GMMC)
+    gmmc_k_original: int | None = None  # components the sender had before merging
+    exemplars_per_class: int | None = None  # Mahalanobis exemplars per class sent (None: no maha)
+    exemplars_per_class_original: int | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return (all(e == "f32" for e in self.tensors.values())
+                and self.gmmc_k == self.gmmc_k_original
+                and self.exemplars_per_class == self.exemplars_per_class_original)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "step": self.step, "tensors": dict(sorted(self.tensors.items())),
+                "compression": self.compression, "gmmc_k": self.gmmc_k,
+                "gmmc_k_original": self.gmmc_k_original, "exemplars_per_class": self.exemplars_per_class,
+                "exemplars_per_class_original": self.exemplars_per_class_original}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "EncodingPlan":
+        """Parse an *untrusted* plan; raises ``PlanError`` naming the first bad field."""
+        if not isinstance(d, dict):
+            raise PlanError(f"encoding plan must be a JSON object, got {type(d).__name__}")
+        expected = {"format", "step", "tensors", "compression", "gmmc_k", "gmmc_k_original",
+                    "exemplars_per_class", "exemplars_per_class_original"}
+        if set(d) != expected:
+            raise PlanError(f"encoding plan fields {sorted(d)} != expected {sorted(expected)}")
+        if d["format"] != PLAN_FORMAT or isinstance(d["format"], bool):
+            raise PlanError(f"encoding plan format {d['format']!r} unsupported (this build reads {PLAN_FORMAT})")
+        if not isinstance(d["step"], str) or not 0 < len(d["step"]) <= 100:
+            raise PlanError("encoding plan step must be a short string")
+        if d["compression"] not in ("zstd", "none"):
+            raise PlanError(f"encoding plan compression {d['compression']!r} is not 'zstd' or 'none'")
+        tensors = d["tensors"]
+        if not isinstance(tensors, dict) or not tensors:
+            raise PlanError("encoding plan 'tensors' must be a non-empty object")
+        for name, enc in tensors.items():
+            if name not in ALLOWED_ENCODINGS:
+                raise PlanError(f"encoding plan names tensor {name!r}, which is not part of a task record")
+            if enc not in ALLOWED_ENCODINGS[name]:
+                raise PlanError(f"encoding {enc!r} is not allowed for {name} (allowed: {ALLOWED_ENCODINGS[name]})")
+        counts = {}
+        for key in ("gmmc_k", "gmmc_k_original", "exemplars_per_class", "exemplars_per_class_original"):
+            v = d[key]
+            least = 1 if key.startswith("gmmc") else 0  # a Mahalanobis anchor may carry no exemplars
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not least <= v <= 1_000_000):
+                raise PlanError(f"encoding plan {key} must be null or an integer >= {least}, got {v!r}")
+            counts[key] = v
+        has_gmmc = "gmmc.means" in tensors
+        has_maha = "maha.exemplars" in tensors
+        if (counts["gmmc_k"] is None) == has_gmmc or (counts["gmmc_k_original"] is None) == has_gmmc:
+            raise PlanError("encoding plan gmmc_k fields do not match whether GMMC tensors are sent")
+        if (counts["exemplars_per_class"] is None) == has_maha or \
+                (counts["exemplars_per_class_original"] is None) == has_maha:
+            raise PlanError("encoding plan exemplar fields do not match whether Mahalanobis tensors are sent")
+        if has_gmmc and counts["gmmc_k"] > counts["gmmc_k_original"]:
+            raise PlanError("encoding plan claims more GMMC components than the original had")
+        if has_maha and counts["exemplars_per_class"] > counts["exemplars_per_class_original"]:
+            raise PlanError("encoding plan claims more exemplars per class than the original had")
+        return cls(step=d["step"], tensors=dict(tensors), compression=d["compression"], **counts)
+
+    def wire_names(self) -> dict[str, str]:
+        """Every safetensors entry this plan produces -> its safetensors dtype."""
+        out: dict[str, str] = {}
+        for name, enc in self.tensors.items():
+            out[name] = WIRE_DTYPE[enc]
+            if enc in ("i8r", "i8r_log"):
+                out[name + SCALE_SUFFIX] = "F32"
+            if enc == "i8r_log":
+                out[name + OFFSET_SUFFIX] = "F32"
+        return out
+
+
+# ---------------------------------------------------------------------------- one tensor
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """View a tensor as quantisation rows: 2-D rows as they are, 1-D in blocks of I8_BLOCK (zero-padded)."""
+    if x.ndim == 2:
+        return x
+    n = x.shape[0]
+    pad = (-n) % I8_BLOCK
+    return np.concatenate([x, np.zeros(pad, x.dtype)]).reshape(-1, I8_BLOCK)
+
+
+def n_quant_rows(shape: tuple[int, ...]) -> int:
+    """How many scales an i8r tensor of this shape carries."""
+    return shape[0] if len(shape) == 2 else -(-shape[0] // I8_BLOCK)
+
+
+def _dequant_rows(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    rows = _rows(q.astype(np.float32))
+    out = rows * scale[:, None]
+    if offset is not None:
+        out = out + offset[:, None]
+    return out.reshape(-1)[: q.size].reshape(q.shape).astype(np.float32) if q.ndim == 1 else out
+
+
+def encode_tensor(x: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    """float32 tensor -> the wire arrays for one encoding (main tensor first, then side tensors)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if encoding == "f32":
+        return {"": x}
+    if encoding == "f16":
+        if np.any(np.abs(x) > np.finfo(np.float16).max):
+            raise PlanError("values beyond the float16 range")
+        return {"": x.astype(np.float16)}
+    if encoding in ("f16_log", "i8r_log") and np.any(x <= 0):
+        raise PlanError("log encoding needs strictly positive values")
+    if encoding == "f16_log":
+        return {"": np.log(x).astype(np.float16)}
+    if encoding == "i8r":
+        rows = _rows(x)
+        scale = (np.abs(rows).max(axis=1) / 127.0).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0)[:, None]
+        q = np.clip(np.rint(rows / safe), -127, 127).astype(np.int8)
+        return {"": q.reshape(-1)[: x.size].reshape(x.shape), SCALE_SUFFIX: scale}
+    if encoding == "i8r_log":
+        if x.ndim != 2:
+            raise PlanError("i8r_log is only defined for 2-D tensors")
+        rows = np.log(x)
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        offset = ((hi + lo) / 2).astype(np.float32)
+        scale = ((hi - lo) / 254.0).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0)[:, None]
+        q = np.clip(np.rint((rows - offset[:, None]) / safe), -127, 127).astype(np.int8)
+        return {"": q, SCALE_SUFFIX: scale, OFFSET_SUFFIX: offset}
+    raise PlanError(f"unknown encoding {encoding!r}")
+
+
+def decode_tensor(parts: dict[str, np.ndarray], encoding: str) -> np.ndarray:
+    """Inverse of ``encode_tensor``: wire arrays (keys "", ".scale", ".offset") -> float32."""
+    main = parts[""]
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are rejected by validation
+        if encoding in ("f32", "f16"):
+            return main.astype(np.float32)
+        if encoding == "f16_log":
+            return np.exp(main.astype(np.float32))
+        if encoding == "i8r":
+            return _dequant_rows(main, parts[SCALE_SUFFIX])
+        if encoding == "i8r_log":
+            return np.exp(_dequant_rows(main, parts[SCALE_SUFFIX], parts[OFFSET_SUFFIX])).astype(np.float32)
+    raise PlanError(f"unknown encoding {encoding!r}")
+
+
+# ---------------------------------------------------------------------------- reductions
+
+
+def merge_gmmc(anchor: GmmcAnchor, k: int) -> GmmcAnchor:
+    """Reduce a diagonal GMM to ``k`` components by greedy pairwise moment-matched merges.
+
+    The pair merged next is the one with the smallest Runnalls cost
+    ``B(i,j) = 0.5 * [(wi+wj) log|S_ij| - wi log|S_i| - wj log|S_j|]`` (an upper bound on the KL
+    divergence the merge adds; it weighs both the components' mass and how far apart they are).
+    Merged: ``w = wi + wj``, ``mu = (wi mu_i + wj mu_j) / w``, ``var = E[x^2] - mu^2`` written in its
+    cancellation-free form ``(wi var_i + wj var_j) / w + wi wj / w^2 (mu_i - mu_j)^2``.
+    """
+    if not 1 <= k <= anchor.k:
+        raise PlanError(f"cannot merge {anchor.k} GMMC components into {k}")
+    return merge_path(anchor, k)[k]
+
+
+def _moment_match(wi: float, mi: np.ndarray, vi: np.ndarray, wj: float, mj: np.ndarray,
+                  vj: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    w = wi + wj
+    a, b = (wi / w, wj / w) if w > 0 else (0.5, 0.5)
+    return w, a * mi + b * mj, a * vi + b * vj + a * b * (mi - mj) ** 2
+
+
+def merge_path(anchor: GmmcAnchor, k_min: int = 1) -> dict[int, GmmcAnchor]:
+    """Every mixture on the greedy merge path from ``anchor.k`` down to ``k_min`` components.
+
+    Greedy merging is nested (the k-1 mixture is the k mixture with one more merge), so the
+    budget planner computes the path once and reads each rung from it.
+    """
+    means = [m.astype(np.float64) for m in anchor.means]
+    var = [v.astype(np.float64) for v in anchor.variances]
+    w = [float(x) for x in anchor.weights]
+    logdet = [float(np.log(v).sum()) for v in var]
+    alive = list(range(len(w)))
+
+    def cost(i: int, j: int) -> float:
+        wm, _, vm = _moment_match(w[i], means[i], var[i], w[j], means[j], var[j])
+        return 0.5 * (wm * float(np.log(vm).sum()) - w[i] * logdet[i] - w[j] * logdet[j])
+
+    costs = {(i, j): cost(i, j) for a, i in enumerate(alive) for j in alive[a + 1:]}
+
+    def snapshot() -> GmmcAnchor:
+        return GmmcAnchor(np.array([means[i] for i in alive], np.float32),
+                          np.array([var[i] for i in alive], np.float32),
+                          np.array([w[i] for i in alive], np.float32))
+
+    path = {len(alive): snapshot()}
+    while len(alive) > k_min:
+        i, j = min(costs, key=costs.__getitem__)
+        wm, mm, vm = _moment_match(w[i], means[i], var[i], w[j], means[j], var[j])
+        new = len(w)
+        w.append(wm), means.append(mm), var.append(vm), logdet.append(float(np.log(vm).sum()))
+        alive = [x for x in alive if x not in (i, j)]
+        costs = {p: c for p, c in costs.items() if i not in p and j not in p}
+        costs.update({(x, new): cost(x, new) for x in alive})
+        alive.append(new)
+        path[len(alive)] = snapshot()
+    return path
+
+
+def exemplars_per_class(anchor: MahalanobisAnchor, num_classes: int) -> int:
+    """The largest per-class exemplar count (the ladder thins every class to at most this - 1, ...)."""
+    if anchor.exemplar_labels.size == 0:
+        return 0
+    counts = np.bincount(anchor.exemplar_labels.astype(np.int64), minlength=num_classes)
+    return int(counts.max())
+
+
+def thin_exemplars(anchor: MahalanobisAnchor, m: int) -> MahalanobisAnchor:
+    """Keep the first ``m`` exemplars of every class (senders store them in random order)."""
+    labels = anchor.exemplar_labels.astype(np.int64)
+    keep = np.zeros(labels.shape, bool)
+    seen: dict[int, int] = {}
+    for idx, c in enumerate(labels):
+        if seen.get(int(c), 0) < m:
+            keep[idx] = True
+            seen[int(c)] = seen.get(int(c), 0) + 1
+    return MahalanobisAnchor(anchor.class_means, anchor.exemplars[keep], anchor.exemplar_labels[keep])
+
+
+# ---------------------------------------------------------------------------- the ladder
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One rung of the ladder before it is tied to a particular task."""
+
+    name: str
+    enc: dict[str, str] = field(default_factory=dict)
+
+
+_FP32 = {n: "f32" for n in ALLOWED_ENCODINGS}
+_FP16 = _FP32 | {"head.weight": "f16", "bb": "f16", "gmmc.means": "f16", "gmmc.variances": "f16_log",
+                 "maha.class_means": "f16", "maha.exemplars": "f16"}
+_INT8 = _FP16 | {"head.weight": "i8r", "gmmc.means": "i8r", "gmmc.variances": "i8r_log",
+                 "maha.class_means": "i8r", "maha.exemplars": "i8r"}
+_INT8_BB = _INT8 | {"bb": "i8r"}
+
+
+def plan_ladder(knowledge: TaskKnowledge, compression: str = "none") -> list[EncodingPlan]:
+    """Every plan for this task, least lossy first.
+
+    fp32 -> fp16 -> int8 (head, GMMC means/log-variances, Mahalanobis means/exemplars; BB stays
+    fp16) -> merge GMMC components K-1, K-2, ..., 1 -> int8 BB -> exemplars per class m-1, ..., 1.
+    Steps that do not apply to this task (no BB, no GMMC, ...) are left out.
+    """
+    present = set(knowledge.tensors())
+    k0 = knowledge.gmmc.k if knowledge.gmmc is not None else None
+    m0 = exemplars_per_class(knowledge.maha, knowledge.num_classes) if knowledge.maha is not None else None
+
+    def plan(name: str, enc: dict[str, str], k: int | None = k0, m: int | None = m0) -> EncodingPlan:
+        tensors = {n: _fallback(knowledge, n, enc[n]) for n in sorted(present)}
+        return EncodingPlan(step=name, tensors=tensors, compression=compression, gmmc_k=k, gmmc_k_original=k0,
+                            exemplars_per_class=m, exemplars_per_class_original=m0)
+
+    ladder = [plan("fp32", _FP32), plan("fp16", _FP16), plan("int8", _INT8)]
+    k = k0
+    if k0 is not None:
+        for k in range(k0 - 1, 0, -1):
+            ladder.append(plan(f"int8+gmmc_k={k}", _INT8, k=k))
+    kk = f"+gmmc_k={k}" if k0 is not None and k != k0 else ""
+    if "bb" in present:
+        ladder.append(plan(f"int8{kk}+bb_int8", _INT8_BB, k=k))
+    if m0 is not None and m0 > 1:
+        for m in range(m0 - 1, 0, -1):
+            ladder.append(plan(f"int8{kk}{'+bb_int8' if 'bb' in present else ''}+exemplars={m}",
+                               _INT8_BB, k=k, m=m))
+    # drop rungs identical to their predecessor (e.g. fp16 == int8 for a task with only a head bias)
+    out: list[EncodingPlan] = []
+    for p in ladder:
+        if not out or _key(out[-1]) != _key(p):
+            out.append(p)
+    return out
+
+
+def _key(p: EncodingPlan) -> tuple:
+    return (tuple(sorted(p.tensors.items())), p.gmmc_k, p.exemplars_per_class)
+
+
+def _fallback(knowledge: TaskKnowledge, name: str, enc: str) -> str:
+    """float16 cannot hold |x| > 65504: such a tensor stays float32 in the fp16 rung."""
+    if enc == "f16" and np.any(np.abs(knowledge.tensors()[name]) > np.finfo(np.float16).max):
+        return "f32"
+    return enc
+
+
+def apply_plan(knowledge: TaskKnowledge, plan: EncodingPlan,
+               gmmc_path: dict[int, GmmcAnchor] | None = None) -> tuple[TaskKnowledge, dict[str, np.ndarray]]:
+    """The (possibly reduced) knowledge a plan sends, and its wire tensors for safetensors.
+
+    ``gmmc_path`` (from ``merge_path``) saves re-merging when many plans of one task are tried.
+    """
+    reduced = knowledge
+    if knowledge.gmmc is not None and plan.gmmc_k is not None and plan.gmmc_k < knowledge.gmmc.k:
+        merged = gmmc_path.get(plan.gmmc_k) if gmmc_path else None
+        reduced = replace(reduced, gmmc=merged if merged is not None else merge_gmmc(knowledge.gmmc, plan.gmmc_k))
+    if knowledge.maha is not None and plan.exemplars_per_class is not None and \
+            plan.exemplars_per_class < (plan.exemplars_per_class_original or 0):
+        reduced = replace(reduced, maha=thin_exemplars(knowledge.maha, plan.exemplars_per_class))
+    wire: dict[str, np.ndarray] = {}
+    for name, arr in reduced.tensors().items():
+        for suffix, part in encode_tensor(arr, plan.tensors[name]).items():
+            wire[name + suffix] = part
+    return reduced, wire
+
+
+def restore_tensors(wire: dict[str, np.ndarray], plan: EncodingPlan) -> dict[str, np.ndarray]:
+    """Wire tensors (already checked against ``plan.wire_names()``) -> float32 knowledge tensors."""
+    out = {}
+    for name, enc in plan.tensors.items():
+        parts = {"": wire[name]}
+        for suffix in (SCALE_SUFFIX, OFFSET_SUFFIX):
+            if name + suffix in wire:
+                parts[suffix] = wire[name + suffix]
+        out[name] = decode_tensor(parts, enc)
+    return out
+
+
+# ---------------------------------------------------------------------------- sizes
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_size(text: str | int) -> int:
+    """'64KB' -> 64000, '1.5MB' -> 1500000, '64KiB' -> 65536, '900' -> 900.
+
+    KB/MB/GB are decimal (1000), KiB/MiB/GiB binary (1024), as in IEC 80000-13; case-insensitive.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"size must be positive, got {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}: use a number with an optional unit "
+                         f"B, KB, MB, GB (x1000) or KiB, MiB, GiB (x1024), e.g. '64KB' or '1.5MiB'")
+    n = int(round(float(m.group(1)) * _UNITS[unit]))
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return n
+
+
+def format_size(n: int) -> str:
+    """Bytes in the same decimal units ``parse_size`` reads."""
+    for unit, f in (("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} B"

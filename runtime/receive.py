@@ -1,0 +1,189 @@
+"""Receive-side acceptance policy: which packets may teach this device.
+
+A packet is accepted only if, in this order:
+
+1. it parses (``PacketCodec.decode``), is signed, its signer is in the trust store and the
+   signature verifies (checked before anything inside the packet is interpreted);
+2. its ROM fingerprint is this device's: knowledge learned on another backbone is meaningless here;
+3. it is new: the same bytes accepted before are a no-op ("duplicate"); an older sequence number
+   than one already accepted for the same (agent, task) is a rollback and rejected (as TUF does
+   for metadata versions); the same sequence number with different bytes is an equivocating
+   sender and rejected too;
+4. the optional ``plausibility`` check (hijack detection) passes, else it is "quarantined".
+
+The (agent, task) -> newest sequence number state lives in one small JSON file, rewritten
+atomically (tmp + fsync + rename) under a lock, so a crash or a second process never
+loses or corrupts it.  The bank is not touched here: pass ``on_accept`` to store the
+knowledge; the state is only committed after it returns, so a failed store is retried
+the next time the packet arrives instead of being swallowed as a duplicate.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from skill_edge.runtime.keys import TrustStore
+from skill_edge.runtime.knowledge import TaskKnowledge
+from skill_edge.runtime.packet import MAX_PACKET_BYTES, Packet, PacketCodec, PacketError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "receive_state.json"
+STATE_VERSION = 1
+REMEMBERED_DIGESTS = 16  # per (agent, task): how many accepted packets are still recognised as duplicates
+
+Status = Literal["accepted", "duplicate", "rejected", "quarantined"]
+Plausibility = Callable[[TaskKnowledge], tuple[bool, str]]
+
+
+class ReceiveStateError(RuntimeError):
+    """The state file is unreadable; it is never silently reset, since that would re-open rollbacks."""
+
+
+@dataclass(frozen=True)
+class ReceiveResult:
+    status: Status
+    reason: str
+    packet: Packet | None = None  # None when the bytes did not even decode
+    code: str = ""  # PacketError code or policy code ("rollback", "wrong-rom", ...)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+
+@dataclass
+class StreamState:
+    """What has been accepted for one (agent, task)."""
+
+    seq: int
+    digests: list[str]  # sha256 of accepted packets, newest last
+
+
+class ReceiveState:
+    """The (agent, task) -> newest accepted sequence number file, in ``directory``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / STATE_FILE
+
+    @contextmanager
+    def locked(self) -> Iterator[dict[tuple[str, str], StreamState]]:
+        """Read-modify-write under an exclusive lock; changes to the yielded dict are saved on exit."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / (STATE_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                streams = self.load()
+                before = json.dumps(self._to_json(streams), sort_keys=True)
+                yield streams
+                if json.dumps(self._to_json(streams), sort_keys=True) != before:
+                    self._save(streams)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def load(self) -> dict[tuple[str, str], StreamState]:
+        if not self.path.exists():
+            return {}
+        try:
+            raw = json.loads(self.path.read_text())
+            if raw.get("version") != STATE_VERSION:
+                raise ValueError(f"version {raw.get('version')!r}, expected {STATE_VERSION}")
+            return {(s["agent"], s["task"]): StreamState(int(s["seq"]), [str(d) for d in s["digests"]])
+                    for s in raw["streams"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ReceiveStateError(
+                f"receive state {self.path} is unreadable ({type(exc).__name__}: {exc}); fix or restore it. "
+                f"Deleting it forgets every accepted sequence number and so re-allows rollbacks") from exc
+
+    @staticmethod
+    def _to_json(streams: dict[tuple[str, str], StreamState]) -> dict:
+        return {"version": STATE_VERSION,
+                "streams": [{"agent": a, "task": t, "seq": s.seq, "digests": s.digests}
+                            for (a, t), s in sorted(streams.items())]}
+
+    def _save(self, streams: dict[tuple[str, str], StreamState]) -> None:
+        data = json.dumps(self._to_json(streams), indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def latest(self, agent_id: str, task: str) -> int | None:
+        s = self.load().get((agent_id, task))
+        return s.seq if s else None
+
+
+class PacketReceiver:
+    """Applies the acceptance policy above to incoming packet bytes."""
+
+    def __init__(self, trust: TrustStore, rom_fingerprint: str, state: ReceiveState | str | Path,
+                 plausibility: Plausibility | None = None, codec: PacketCodec | None = None) -> None:
+        self.trust = trust
+        self.rom_fingerprint = rom_fingerprint
+        self.state = state if isinstance(state, ReceiveState) else ReceiveState(state)
+        self.plausibility = plausibility
+        self.codec = codec or PacketCodec()
+
+    def receive(self, data: bytes, on_accept: Callable[[Packet, bytes], None] | None = None) -> ReceiveResult:
+        """Decide what to do with one packet.  ``on_accept(packet, data)`` (e.g. storing into the bank)
+        runs before the acceptance is recorded; if it raises, nothing is recorded and the error propagates."""
+        if len(data) > MAX_PACKET_BYTES:
+            return self._reject(f"oversized: {len(data)} bytes, the limit is {MAX_PACKET_BYTES}", "oversized")
+        try:
+            packet = self.codec.decode(data, trust=self.trust)
+        except PacketError as exc:
+            return self._reject(exc.reason, exc.code)
+        who = f"task {packet.task!r} seq {packet.seq} from agent {packet.agent_id!r} (signed by {packet.verified_by})"
+        if packet.rom_fingerprint != self.rom_fingerprint:
+            return self._reject(f"{who}: learned on ROM {packet.rom_fingerprint[:16]}..., this device runs "
+                                f"{self.rom_fingerprint[:16]}...; its features would not match", "wrong-rom", packet)
+        with self.state.locked() as streams:
+            stream = streams.get((packet.agent_id, packet.task))
+            if stream is not None:
+                if packet.sha256 in stream.digests:
+                    log.info("duplicate %s: already accepted", who)
+                    return ReceiveResult("duplicate", f"{who}: already accepted", packet, "duplicate")
+                if packet.seq < stream.seq:
+                    return self._reject(f"{who}: rollback, seq {stream.seq} was already accepted for this "
+                                        f"agent and task", "rollback", packet)
+                if packet.seq == stream.seq:
+                    return self._reject(f"{who}: a different packet with the same seq was already accepted "
+                                        f"(the sender must increase seq for every new version)", "equivocation",
+                                        packet)
+            if self.plausibility is not None:
+                ok, why = self.plausibility(packet.knowledge)
+                if not ok:
+                    log.warning("quarantined %s: %s", who, why)
+                    return ReceiveResult("quarantined", f"{who}: {why}", packet, "implausible")
+            if on_accept is not None:
+                on_accept(packet, data)
+            digests = (stream.digests if stream else []) + [packet.sha256]
+            streams[(packet.agent_id, packet.task)] = StreamState(packet.seq, digests[-REMEMBERED_DIGESTS:])
+        log.info("accepted %s", who)
+        return ReceiveResult("accepted", f"{who}: accepted", packet, "accepted")
+
+    @staticmethod
+    def _reject(reason: str, code: str, packet: Packet | None = None) -> ReceiveResult:
+        log.warning("rejected packet: %s", reason)
+        return ReceiveResult("rejected", reason, packet, code)
