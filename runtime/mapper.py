@@ -30,8 +30,10 @@ from .knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
 
 LOG_2PI = float(np.log(2 * np.pi))
 
-#: Largest ``batch x components`` score block computed at once (float32 elements, 64 MiB).
+#: Largest ``batch x rows`` score block computed at once (float32 elements, 64 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
+#: Most rows (components or classes) in one block of whole tasks.
+DEFAULT_BLOCK_ROWS = 1 << 16
 
 
 class MapperError(ValueError):
@@ -61,26 +63,6 @@ def _softmax_max(scores: np.ndarray) -> np.ndarray:
     return 1.0 / np.exp(s).sum(axis=1)
 
 
-def _segment_starts(counts: Sequence[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)
-
-
-def _segment_max(s: np.ndarray, starts: np.ndarray, uniform: int | None) -> np.ndarray:
-    if uniform:
-        return s.reshape(s.shape[0], -1, uniform).max(axis=2)
-    return np.maximum.reduceat(s, starts, axis=1)
-
-
-def _segment_logsumexp(s: np.ndarray, starts: np.ndarray, counts: np.ndarray, uniform: int | None) -> np.ndarray:
-    if uniform:
-        s3 = s.reshape(s.shape[0], -1, uniform)
-        mx = s3.max(axis=2, keepdims=True)
-        return (np.log(np.exp(s3 - mx).sum(axis=2, keepdims=True)) + mx)[..., 0]
-    mx = np.maximum.reduceat(s, starts, axis=1)
-    total = np.add.reduceat(np.exp(s - np.repeat(mx, counts, axis=1)), starts, axis=1)
-    return np.log(total) + mx
-
-
 def _common_transform(knowledge: Sequence[TaskKnowledge]) -> str:
     kinds = {k.meta.feature_transform for k in knowledge}
     if len(kinds) != 1:
@@ -98,14 +80,83 @@ def _common_transform(knowledge: Sequence[TaskKnowledge]) -> str:
 def _check_names(names: Sequence[str]) -> None:
     if not names:
         raise MapperError("a mapper needs at least one task")
-    dupes = sorted({n for n in names if list(names).count(n) > 1})
-    if dupes:
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dupes = sorted({n for n in names if n in seen or seen.add(n)})
         raise MapperError(f"duplicate task names {dupes}; keep one record per task")
 
 
 def _thresholds(knowledge: Sequence[TaskKnowledge], kind: str) -> np.ndarray:
     """Per-task open-set thresholds; a task without one never reports unknown (-inf)."""
     return np.array([k.thresholds.get(kind, -np.inf) for k in knowledge], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Block:
+    t0: int  # first task
+    t1: int  # one past the last task
+    r0: int  # first row
+    r1: int  # one past the last row
+    k: int | None  # rows per task when the block is stored component-major, else None
+
+
+class TaskLayout:
+    """Where each task's rows (GMMC components, Mahalanobis classes) sit in one stacked matrix.
+
+    Tasks are grouped into blocks of whole tasks (at most ``block_rows`` rows each, so the
+    per-batch score block stays bounded however many tasks there are).  In a block whose
+    tasks all have the same row count ``k`` the rows are stored component-major (row 0 of
+    every task, then row 1 of every task, ...): the per-task max/logsumexp then runs over
+    ``k`` contiguous ``[N, tasks]`` slices, which numpy does many times faster than a reduction
+    over a short trailing axis.  Other blocks are task-major and reduced with ``reduceat``.
+    Row ``j`` of task ``t`` is at ``first_row[t] + j * stride[t]``.
+    """
+
+    def __init__(self, counts: Sequence[int], block_rows: int) -> None:
+        self.counts = np.asarray(counts, dtype=np.intp)
+        if np.any(self.counts < 1):
+            raise MapperError("every task needs at least one component/class")
+        self.first_row = np.empty(len(self.counts), dtype=np.intp)
+        self.stride = np.ones(len(self.counts), dtype=np.intp)
+        self.blocks: list[_Block] = []
+        t0 = r0 = 0
+        while t0 < len(self.counts):
+            t1, rows = t0, 0
+            while t1 < len(self.counts) and (t1 == t0 or rows + self.counts[t1] <= block_rows):
+                rows += int(self.counts[t1])
+                t1 += 1
+            c = self.counts[t0:t1]
+            k = int(c[0]) if np.all(c == c[0]) else None
+            if k is not None:
+                self.first_row[t0:t1] = r0 + np.arange(t1 - t0)
+                self.stride[t0:t1] = t1 - t0
+            else:
+                self.first_row[t0:t1] = r0 + np.concatenate([[0], np.cumsum(c)[:-1]])
+            self.blocks.append(_Block(t0, t1, r0, r0 + rows, k))
+            t0, r0 = t1, r0 + rows
+        self.rows = r0
+
+    def positions(self, t: int) -> np.ndarray:
+        return self.first_row[t] + np.arange(self.counts[t]) * self.stride[t]
+
+    def reduce(self, s: np.ndarray, b: _Block, how: str) -> np.ndarray:
+        """Per-task max or logsumexp of a block's scores ``s`` [N, rows] -> [N, tasks]; ``s`` is clobbered."""
+        if b.k is not None:
+            s3 = s.reshape(s.shape[0], b.k, b.t1 - b.t0)
+            mx = s3.max(axis=1)
+            if how == "max":
+                return mx
+            s3 -= mx[:, None, :]
+            np.exp(s3, out=s3)
+            return np.log(s3.sum(axis=1)) + mx
+        counts = self.counts[b.t0:b.t1]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)
+        mx = np.maximum.reduceat(s, starts, axis=1)
+        if how == "max":
+            return mx
+        s -= np.repeat(mx, counts, axis=1)
+        np.exp(s, out=s)
+        return np.log(np.add.reduceat(s, starts, axis=1)) + mx
 
 
 class TaskMapper:
@@ -116,16 +167,44 @@ class TaskMapper:
     feature_transform: str
     thresholds: np.ndarray  # [T]
     feature_dim: int
+    layout: TaskLayout
+    block_elements: int
 
-    def task_scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(selection scores [N, T], open-set scores [N, T]) for already transformed features."""
+    def _block_scores(self, x: np.ndarray, b: _Block) -> np.ndarray:
+        """Row scores [N, b.r1 - b.r0] of one block for prepared inputs."""
         raise NotImplementedError
+
+    def _prepare_batch(self, x: np.ndarray) -> np.ndarray:
+        """Per-batch work shared by all blocks (e.g. whitening); identity by default."""
+        return x
+
+    def _reduce_how(self) -> str:
+        return "max"
+
+    def task_scores(self, x: np.ndarray) -> np.ndarray:
+        """Per-task selection scores [N, T] for already *transformed* features (higher = more likely)."""
+        x = np.asarray(x, dtype=np.float32)
+        p = self._prepare_batch(x)
+        out = np.empty((x.shape[0], len(self.task_names)), dtype=np.float32)
+        for b in self.layout.blocks:
+            rows = max(1, self.block_elements // max(b.r1 - b.r0, 1))  # bound the [N, rows] block
+            for i in range(0, x.shape[0], rows):
+                out[i:i + rows, b.t0:b.t1] = self.layout.reduce(self._block_scores(p[i:i + rows], b), b,
+                                                                 self._reduce_how())
+        return out
+
+    def open_set_scores(self, x: np.ndarray, task_index: np.ndarray, selection: np.ndarray) -> np.ndarray:
+        """The calibrated score of the chosen task per input (what thresholds compare against)."""
+        return selection[np.arange(len(task_index)), task_index]
 
     def nbytes(self) -> int:
         """Bytes held by the mapper's arrays (what a device must keep in RAM)."""
-        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+        arrays = [v for v in vars(self).values() if isinstance(v, np.ndarray)]
+        arrays += [self.layout.counts, self.layout.first_row, self.layout.stride]
+        return sum(a.nbytes for a in arrays)
 
     def prepare(self, features: np.ndarray) -> np.ndarray:
+        """Validate raw features [N, D] (or [D]) and move them into the anchors' space."""
         x = np.asarray(features, dtype=np.float32)
         if x.ndim == 1:
             x = x[None]
@@ -137,10 +216,10 @@ class TaskMapper:
 
     def predict(self, features: np.ndarray) -> MapperResult:
         """Choose a task for each row of raw ``features`` [N, D]."""
-        sel, openset = self.task_scores(self.prepare(features))
+        x = self.prepare(features)
+        sel = self.task_scores(x)
         best = sel.argmax(axis=1)
-        rows = np.arange(sel.shape[0])
-        unknown = openset[rows, best] < self.thresholds[best]
+        unknown = self.open_set_scores(x, best, sel) < self.thresholds[best]
         return MapperResult(
             task_index=best,
             task_names=list(self.task_names),
@@ -158,8 +237,12 @@ class GmmcMapper(TaskMapper):
     """All tasks' diagonal Gaussians stacked into one ``[M, 2D]`` matrix; one matmul per block.
 
     The quadratic is expanded around a shared centre (the mean of all component means), which
-    keeps float32 cancellation small: without it ``x**2/var`` and ``mu**2/var`` are huge
+    keeps float32 cancellation small: without it ``x**2/var`` and ``mu**2/var`` are large
     numbers whose difference is the answer.
+
+    ``reduce`` picks how a task's components make its selection score: ``logsumexp`` (the
+    task's mixture log-likelihood) or ``max`` (its best component, the paper's rule).  The
+    open-set test always uses the mixture log-likelihood, which is what teachers calibrate.
     """
 
     kind = "gmmc"
@@ -172,6 +255,7 @@ class GmmcMapper(TaskMapper):
         feature_transform: str = "raw",
         thresholds: np.ndarray | None = None,
         reduce: Literal["logsumexp", "max"] = "logsumexp",
+        block_rows: int = DEFAULT_BLOCK_ROWS,
         block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     ) -> None:
         _check_names(names)
@@ -184,33 +268,28 @@ class GmmcMapper(TaskMapper):
             raise MapperError(f"GMMC anchors have different feature sizes {sorted(dims)}")
         self.task_names = list(names)
         self.feature_transform = feature_transform
-        self.feature_dim = dims.pop()
+        self.feature_dim = d = dims.pop()
         self.reduce = reduce
         self.block_elements = int(block_elements)
-        counts = np.array([a.k for a in anchors], dtype=np.intp)
-        self.counts = counts
         self.thresholds = (np.full(len(names), -np.inf) if thresholds is None
                            else np.asarray(thresholds, dtype=np.float64))
-        m, d = int(counts.sum()), self.feature_dim
+        self.layout = TaskLayout([a.k for a in anchors], block_rows)
         self.center = np.mean([a.means.astype(np.float64).mean(axis=0) for a in anchors], axis=0).astype(np.float32)
-        # A = [-0.5/var, mu/var] row per component, filled task by task to keep peak memory at one copy.
-        self.coef = np.empty((m, 2 * d), dtype=np.float32)
-        self.const = np.empty(m, dtype=np.float32)
-        row = 0
-        for a in anchors:
+        # row m: [-0.5/var, mu/var] and const log w - 0.5 (sum mu^2/var + sum log var + D log 2 pi),
+        # written task by task so peak memory is one copy of the stacked matrix.
+        self.coef = np.empty((self.layout.rows, 2 * d), dtype=np.float32)
+        self.const = np.empty(self.layout.rows, dtype=np.float32)
+        for t, a in enumerate(anchors):
             var = a.variances.astype(np.float64)
             if not np.all(np.isfinite(var)) or np.any(var <= 0):
-                raise MapperError("GMMC variances must be finite and positive")
+                raise MapperError(f"GMMC variances of task {names[t]!r} must be finite and positive")
             mu = a.means.astype(np.float64) - self.center
-            w = np.maximum(a.weights.astype(np.float64), 1e-300)
             inv = 1.0 / var
-            self.coef[row:row + a.k, :d] = -0.5 * inv
-            self.coef[row:row + a.k, d:] = mu * inv
-            self.const[row:row + a.k] = (np.log(w) - 0.5 * ((mu * mu * inv).sum(axis=1)
-                                                            + np.log(var).sum(axis=1) + d * LOG_2PI))
-            row += a.k
-        # Blocks of whole tasks, each holding at most block_elements / batch components.
-        self.uniform_k = int(counts[0]) if np.all(counts == counts[0]) else None
+            rows = self.layout.positions(t)
+            self.coef[rows, :d] = -0.5 * inv
+            self.coef[rows, d:] = mu * inv
+            self.const[rows] = (np.log(np.maximum(a.weights.astype(np.float64), 1e-300))
+                                - 0.5 * ((mu * mu * inv).sum(axis=1) + np.log(var).sum(axis=1) + d * LOG_2PI))
 
     @classmethod
     def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs) -> "GmmcMapper":
@@ -225,44 +304,36 @@ class GmmcMapper(TaskMapper):
                    feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, "gmmc"),
                    **kwargs)
 
-    def _blocks(self, n: int) -> list[tuple[int, int, int, int]]:
-        """(first task, last task, first row, last row) blocks bounded by ``block_elements``."""
-        per_block = max(1, self.block_elements // max(n, 1))
-        out, t0, r0 = [], 0, 0
-        ends = np.cumsum(self.counts)
-        while t0 < len(self.counts):
-            t1 = int(np.searchsorted(ends, r0 + per_block, side="right"))
-            t1 = max(t1, t0 + 1)
-            out.append((t0, t1, r0, int(ends[t1 - 1])))
-            t0, r0 = t1, int(ends[t1 - 1])
+    def _prepare_batch(self, x: np.ndarray) -> np.ndarray:
+        xc = x - self.center
+        return np.concatenate([xc * xc, xc], axis=1)
+
+    def _block_scores(self, design: np.ndarray, b: _Block) -> np.ndarray:
+        s = design @ self.coef[b.r0:b.r1].T
+        s += self.const[b.r0:b.r1]
+        return s
+
+    def _reduce_how(self) -> str:
+        return self.reduce
+
+    def open_set_scores(self, x: np.ndarray, task_index: np.ndarray, selection: np.ndarray) -> np.ndarray:
+        if self.reduce == "logsumexp":
+            return super().open_set_scores(x, task_index, selection)
+        # max selection: the chosen task's mixture log-likelihood, from its own rows only
+        design = self._prepare_batch(x)
+        out = np.empty(len(task_index), dtype=np.float64)
+        for t in np.unique(task_index):
+            sel = task_index == t
+            rows = self.layout.positions(int(t))
+            s = design[sel] @ self.coef[rows].T + self.const[rows]
+            mx = s.max(axis=1, keepdims=True)
+            out[sel] = (np.log(np.exp(s - mx).sum(axis=1)) + mx[:, 0])
         return out
-
-    def component_loglik(self, x: np.ndarray) -> np.ndarray:
-        """log(w_m N(x | mu_m, var_m)) for every component, [N, M] (transformed features)."""
-        xc = x - self.center
-        return np.concatenate([xc * xc, xc], axis=1) @ self.coef.T + self.const
-
-    def task_scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xc = x - self.center
-        design = np.concatenate([xc * xc, xc], axis=1)
-        n, t = x.shape[0], len(self.counts)
-        lse = np.empty((n, t), dtype=np.float32)
-        best = np.empty((n, t), dtype=np.float32) if self.reduce == "max" else lse
-        for t0, t1, r0, r1 in self._blocks(n):
-            s = design @ self.coef[r0:r1].T
-            s += self.const[r0:r1]
-            counts = self.counts[t0:t1]
-            starts = _segment_starts(counts)
-            lse[:, t0:t1] = _segment_logsumexp(s, starts, counts, self.uniform_k)
-            if self.reduce == "max":
-                best[:, t0:t1] = _segment_max(s, starts, self.uniform_k)
-        return best, lse
 
 
 def gmmc_task_loglik(anchor: GmmcAnchor, x: np.ndarray) -> np.ndarray:
     """log p(x | task) under one task's mixture, for transformed features [N, D] -> [N]."""
-    _, lse = GmmcMapper(["task"], [anchor]).task_scores(np.asarray(x, dtype=np.float32))
-    return lse[:, 0].astype(np.float64)
+    return GmmcMapper(["task"], [anchor]).task_scores(np.asarray(x, dtype=np.float32))[:, 0].astype(np.float64)
 
 
 # ---------------------------------------------------------------------------- tied covariance
@@ -327,8 +398,9 @@ class MahalanobisMapper(TaskMapper):
     """Class means of all tasks under one shrunk tied covariance; task score = its best class.
 
     Per-class score is the Gaussian log-likelihood up to a constant shared by all classes,
-    ``-0.5 * (x - mu_c)^T S^-1 (x - mu_c)``, so the softmax over tasks is a posterior and
-    scores are comparable with the teacher's threshold scale.
+    ``-0.5 * (x - mu_c)^T S^-1 (x - mu_c)``, so the softmax over tasks is a posterior.  The
+    input is whitened once per batch (``z = (x - centre) @ W`` with ``W W^T = S^-1``) and the
+    class means are stored whitened, so scoring every class is one matrix product.
     """
 
     kind = "maha"
@@ -342,6 +414,7 @@ class MahalanobisMapper(TaskMapper):
         thresholds: np.ndarray | None = None,
         shrinkage: Literal["ledoit_wolf", "oas"] = "ledoit_wolf",
         covariance: np.ndarray | None = None,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
         block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     ) -> None:
         _check_names(names)
@@ -356,7 +429,7 @@ class MahalanobisMapper(TaskMapper):
         self.block_elements = int(block_elements)
         self.thresholds = (np.full(len(names), -np.inf) if thresholds is None
                            else np.asarray(thresholds, dtype=np.float64))
-        self.counts = np.array([a.class_means.shape[0] for a in anchors], dtype=np.intp)
+        self.layout = TaskLayout([a.class_means.shape[0] for a in anchors], block_rows)
         if covariance is None:
             covariance, self.shrinkage = exemplar_scatter(anchors).shrunk(shrinkage)
         else:
@@ -368,16 +441,17 @@ class MahalanobisMapper(TaskMapper):
             chol = np.linalg.cholesky(covariance)
         except np.linalg.LinAlgError as exc:
             raise MapperError("tied covariance is not positive definite; use a shrinkage estimator") from exc
-        # whiten: z = (x - center) @ W with W W^T = S^-1;  W = inv(L)^T
-        w = np.linalg.solve(chol, np.eye(d)).T
-        self.center = np.mean(
-            np.concatenate([a.class_means for a in anchors]).astype(np.float64), axis=0
-        ).astype(np.float32)
+        w = np.linalg.solve(chol, np.eye(d)).T  # W = inv(L)^T, so W W^T = inv(S)
         self.whiten = w.astype(np.float32)  # [D, D]
-        zc = (np.concatenate([a.class_means for a in anchors]).astype(np.float64) - self.center) @ w
-        self.means_t = np.ascontiguousarray(zc.T.astype(np.float32))  # [D, C]
-        self.half_sq_norm = (0.5 * (zc * zc).sum(axis=1)).astype(np.float32)  # [C]
-        self.uniform_c = int(self.counts[0]) if np.all(self.counts == self.counts[0]) else None
+        self.center = np.mean([a.class_means.astype(np.float64).mean(axis=0) for a in anchors],
+                              axis=0).astype(np.float32)
+        self.means_w = np.empty((self.layout.rows, d), dtype=np.float32)  # whitened class means
+        self.half_sq_norm = np.empty(self.layout.rows, dtype=np.float32)
+        for t, a in enumerate(anchors):
+            z = (a.class_means.astype(np.float64) - self.center) @ w
+            rows = self.layout.positions(t)
+            self.means_w[rows] = z
+            self.half_sq_norm[rows] = 0.5 * (z * z).sum(axis=1)
 
     @classmethod
     def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs) -> "MahalanobisMapper":
@@ -392,35 +466,27 @@ class MahalanobisMapper(TaskMapper):
                    feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, "maha"),
                    **kwargs)
 
-    def class_scores(self, x: np.ndarray) -> np.ndarray:
-        """-0.5 * squared Mahalanobis distance to every class mean, [N, C] (transformed features)."""
+    def _prepare_batch(self, x: np.ndarray) -> np.ndarray:
         z = (x - self.center) @ self.whiten
-        return z @ self.means_t - self.half_sq_norm - 0.5 * (z * z).sum(axis=1, keepdims=True)
+        return np.concatenate([z, 0.5 * (z * z).sum(axis=1, keepdims=True)], axis=1)
 
-    def task_scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = (x - self.center) @ self.whiten
-        half_z2 = 0.5 * (z * z).sum(axis=1, keepdims=True)
-        n, t = x.shape[0], len(self.counts)
-        out = np.empty((n, t), dtype=np.float32)
-        per_block = max(1, self.block_elements // max(n, 1))
-        ends = np.cumsum(self.counts)
-        t0 = 0
-        while t0 < t:
-            r0 = int(ends[t0 - 1]) if t0 else 0
-            t1 = max(int(np.searchsorted(ends, r0 + per_block, side="right")), t0 + 1)
-            r1 = int(ends[t1 - 1])
-            s = z @ self.means_t[:, r0:r1]
-            s -= self.half_sq_norm[r0:r1]
-            s -= half_z2
-            out[:, t0:t1] = _segment_max(s, _segment_starts(self.counts[t0:t1]), self.uniform_c)
-            t0 = t1
-        return out, out
+    def _block_scores(self, zz: np.ndarray, b: _Block) -> np.ndarray:
+        s = zz[:, :-1] @ self.means_w[b.r0:b.r1].T
+        s -= self.half_sq_norm[b.r0:b.r1]
+        s -= zz[:, -1:]
+        return s
+
+    def class_scores(self, x: np.ndarray) -> np.ndarray:
+        """-0.5 * squared Mahalanobis distance to every class, [N, C] in task order (transformed features)."""
+        zz = self._prepare_batch(np.asarray(x, dtype=np.float32))
+        s = zz[:, :-1] @ self.means_w.T - self.half_sq_norm - zz[:, -1:]
+        order = np.concatenate([self.layout.positions(t) for t in range(len(self.task_names))])
+        return s[:, order]
 
 
 def mahalanobis_task_score(anchor: MahalanobisAnchor, x: np.ndarray) -> np.ndarray:
     """Teacher's view of one task's Mahalanobis score (covariance from its own exemplars), [N]."""
-    _, s = MahalanobisMapper(["task"], [anchor]).task_scores(np.asarray(x, dtype=np.float32))
-    return s[:, 0].astype(np.float64)
+    return MahalanobisMapper(["task"], [anchor]).task_scores(np.asarray(x, dtype=np.float32))[:, 0].astype(np.float64)
 
 
 def build_mapper(kind: Literal["gmmc", "maha"], knowledge: Sequence[TaskKnowledge], **kwargs) -> TaskMapper:

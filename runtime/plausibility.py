@@ -197,10 +197,10 @@ class PlausibilityCheck:
         old = GmmcMapper.from_knowledge(others) if others else None
         new = GmmcMapper([k.task], [k.gmmc])
         for task, x in self._labelled_points(k.task):
-            newcomer = new.task_scores(x)[0][:, 0]
+            newcomer = new.task_scores(x)[:, 0]
             if old is None:
                 continue
-            sel = old.task_scores(x)[0]
+            sel = old.task_scores(x)
             best = sel.max(axis=1)
             correct = sel.argmax(axis=1) == known[task] if task in known else np.ones(len(x), bool)
             rep.moved[task] = float(np.mean(correct & (newcomer > best)))
@@ -219,8 +219,8 @@ class PlausibilityCheck:
         new = MahalanobisMapper.from_knowledge(others + [k], covariance=stats.shrunk()[0])
         known = {o.task: i for i, o in enumerate(others)}
         for task, x in self._labelled_points(k.task):
-            before = old.task_scores(x)[0].argmax(axis=1)
-            after = new.task_scores(x)[0].argmax(axis=1)
+            before = old.task_scores(x).argmax(axis=1)
+            after = new.task_scores(x).argmax(axis=1)
             correct = before == known[task] if task in known else np.ones(len(x), bool)
             rep.moved[task] = float(np.mean(correct & (after != before)))
         return rep

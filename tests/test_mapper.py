@@ -150,17 +150,23 @@ def naive_gmmc(anchors: list[GmmcAnchor], x: np.ndarray, reduce: str) -> np.ndar
 
 
 @pytest.mark.parametrize("reduce", ["logsumexp", "max"])
-@pytest.mark.parametrize("block_elements", [1 << 24, 64])  # 64: forces one small block per task
-def test_gmmc_scores_equal_naive_loop(tasks, reduce, block_elements):
-    anchors = [fit_gmmc(transform_features(x, "sqrt_l2"), k=3 + i, seed=i)  # uneven k: reduceat path
+@pytest.mark.parametrize("uneven", [False, True])  # equal k: component-major blocks; uneven: reduceat
+@pytest.mark.parametrize("block_rows,block_elements", [(1 << 16, 1 << 24), (8, 64)])  # small: many blocks
+def test_gmmc_scores_equal_naive_loop(tasks, reduce, uneven, block_rows, block_elements):
+    anchors = [fit_gmmc(transform_features(x, "sqrt_l2"), k=3 + i if uneven else 4, seed=i)
                for i, (x, *_) in enumerate(tasks.values())]
     xt = transform_features(np.concatenate([v[2][:20] for v in tasks.values()]), "sqrt_l2")
-    mapper = GmmcMapper([f"t{i}" for i in range(5)], anchors, reduce=reduce, block_elements=block_elements)
-    sel, lse = mapper.task_scores(xt)
+    mapper = GmmcMapper([f"t{i}" for i in range(5)], anchors, reduce=reduce, block_rows=block_rows,
+                        block_elements=block_elements)
+    assert len(mapper.layout.blocks) == (1 if block_rows > 100 else 4 if uneven else 3)
+    sel = mapper.task_scores(xt)
     ref = naive_gmmc(anchors, xt.astype(np.float64), reduce)
-    np.testing.assert_allclose(sel, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    np.testing.assert_allclose(lse, naive_gmmc(anchors, xt.astype(np.float64), "logsumexp"), rtol=1e-4,
-                               atol=1e-4 * np.abs(ref).max())
+    tol = 1e-4 * np.abs(ref).max()
+    np.testing.assert_allclose(sel, ref, rtol=1e-4, atol=tol)
+    # the open-set score is always the chosen task's mixture log-likelihood
+    best = sel.argmax(axis=1)
+    lse = naive_gmmc(anchors, xt.astype(np.float64), "logsumexp")[np.arange(len(best)), best]
+    np.testing.assert_allclose(mapper.open_set_scores(xt, best, sel), lse, rtol=1e-4, atol=tol)
 
 
 def test_mahalanobis_scores_equal_naive_loop(bank):
@@ -177,10 +183,15 @@ def test_mahalanobis_scores_equal_naive_loop(bank):
         diffs = x[:, None, :].astype(np.float64) - k.maha.class_means[None].astype(np.float64)
         d2 = np.einsum("ncd,de,nce->nc", diffs, prec, diffs)
         ref[:, t] = (-0.5 * d2).max(axis=1)
-    sel, _ = mapper.task_scores(x)
+    sel = mapper.task_scores(x)
     np.testing.assert_allclose(sel, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    small = MahalanobisMapper.from_knowledge(knowledge, block_elements=30)  # one task per block
-    np.testing.assert_allclose(small.task_scores(x)[0], sel, rtol=1e-6)
+    small = MahalanobisMapper.from_knowledge(knowledge, block_rows=3, block_elements=20)  # many blocks
+    assert len(small.layout.blocks) > 1
+    np.testing.assert_allclose(small.task_scores(x), sel, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # class_scores is in task order: task t's best class is its task score
+    cls = mapper.class_scores(x)
+    ends = np.cumsum([k.num_classes for k in knowledge])
+    np.testing.assert_allclose(np.maximum.reduceat(cls, np.r_[0, ends[:-1]], axis=1), sel, rtol=1e-5)
 
 
 def test_scatter_stats_match_sklearn_shrinkage():
@@ -273,4 +284,5 @@ def test_mapper_memory_is_linear_in_tasks():
     small = GmmcMapper([f"t{i}" for i in range(10)], anchors(10)).nbytes()
     large = GmmcMapper([f"t{i}" for i in range(40)], anchors(40)).nbytes()
     per_task = (large - small) / 30
-    assert per_task == pytest.approx(4 * (2 * 16 + 1) * 4 + 8 + 8, rel=0.01)  # coef + const + count + threshold
+    # coef + const rows, plus threshold, count, first row and stride per task
+    assert per_task == pytest.approx(4 * (2 * 16 + 1) * 4 + 4 * 8, rel=0.01)
