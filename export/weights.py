@@ -93,7 +93,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _fit_to_model(sd: dict[str, torch.Tensor], model: torch.nn.Module, spec: BackboneSpec, origin: str) -> dict:
     """Normalise key layouts, then insist on a strict, shape-exact match."""
     if spec.timm_arch.startswith("tf_efficientnet_lite") and any(k.startswith("_blocks.") for k in sd):
-        sd = _lukemelas_to_timm(sd, model)
+        try:
+            sd = _lukemelas_to_timm(sd, model)
+        except WeightsError as exc:
+            raise WeightsError(f"weights from {origin} do not fit backbone {spec.name!r}: {exc} (wrong backbone?)") from exc
     want = model.state_dict()
     missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in want]

@@ -1,0 +1,66 @@
+"""Per-task feature cache (safetensors), so heads and anchors can be refit without the backbone.
+
+A cache entry is keyed by the ROM fingerprint and the exact file list (path, size, mtime),
+so a changed image or a different ROM never returns stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .rom_engine import Extraction
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.root = Path(root) / fingerprint[:16]
+        self.fingerprint = fingerprint
+
+    def key(self, paths: Sequence[Path | str], *, with_trunk: bool = False) -> str:
+        h = hashlib.sha256(self.fingerprint.encode())
+        h.update(b"trunk" if with_trunk else b"feat")
+        for p in paths:
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> Extraction | None:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            t = load_file(str(path))
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                meta = json.loads(f.read(n)).get("__metadata__", {})
+        except (SafetensorError, OSError, ValueError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is just recomputed
+            return None
+        failed = [tuple(x) for x in json.loads(meta.get("failed", "[]"))]
+        return Extraction(t["features"], t["index"].astype(np.int64), failed, t.get("trunk_acts"),
+                          float(meta.get("seconds", 0)))
+
+    def save(self, key: str, ex: Extraction) -> Path:
+        from safetensors.numpy import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": np.ascontiguousarray(ex.features, np.float32), "index": ex.index.astype(np.int64)}
+        if ex.trunk_acts is not None:
+            tensors["trunk_acts"] = np.ascontiguousarray(ex.trunk_acts, np.float32)
+        path = self._path(key)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"failed": json.dumps(ex.failed), "seconds": str(ex.seconds)})
+        os.replace(tmp, path)
+        return path

