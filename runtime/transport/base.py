@@ -69,6 +69,9 @@ class Transport(ABC):
     def poll(self, timeout: float = 0.0) -> list[ReceivedPacket]:
         """Return packets that arrived since the last call, waiting up to ``timeout`` s for at least one."""
 
+    def forget(self, packet: ReceivedPacket) -> None:
+        """Deliver ``packet`` again when it next shows up (e.g. storing it failed: nothing is lost)."""
+
     def pending(self) -> int:
         """Transfers started but not complete (e.g. chunked packets still missing chunks)."""
         return 0

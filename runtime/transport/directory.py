@@ -82,11 +82,14 @@ class DirectoryTransport(Transport):
         state_file: str | Path | None = None,
         scan_interval: float = 0.2,
         max_packet_bytes: int = 256 * 1024 * 1024,
+        retry_delay: float = 30.0,
     ) -> None:
         self.root = Path(root)
         self.fleet = check_name("fleet", fleet)
         self.scan_interval = scan_interval
         self.max_packet_bytes = max_packet_bytes
+        self.retry_delay = retry_delay
+        self._retry_at: dict[str, float] = {}  # forgotten files: not before this monotonic time
         self.state_file = Path(state_file) if state_file else None
         self._seen: dict[str, FileSignature] = self._load_state()
         self._warned: set[str] = set()
@@ -133,6 +136,10 @@ class DirectoryTransport(Transport):
                 self._warn_once(path, "name is not <agent>-<seq>.skp; ignored")
                 continue
             key = self._key(path)
+            if key in self._retry_at:
+                if time.monotonic() < self._retry_at[key]:
+                    continue
+                del self._retry_at[key]
             try:
                 before = _signature(path.stat())
                 if self._seen.get(key) == before:
@@ -155,6 +162,16 @@ class DirectoryTransport(Transport):
             out.append(ReceivedPacket(data=data, fleet=self.fleet, task=path.parent.name,
                                       agent_id=m["agent"], seq=int(m["seq"]), origin=str(path)))
         return out
+
+    def forget(self, packet: ReceivedPacket) -> None:
+        """Deliver this file again, ``retry_delay`` s from now (so a lasting failure does not spin)."""
+        try:
+            key = self._key(Path(packet.origin))
+        except ValueError:
+            return  # not a file of this transport
+        self._seen.pop(key, None)
+        self._retry_at[key] = time.monotonic() + self.retry_delay
+        self._save_state()
 
     # ------------------------------------------------------------------ bookkeeping
     def close(self) -> None:

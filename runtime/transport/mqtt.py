@@ -549,6 +549,12 @@ class MqttTransport(Transport):
         for i in range(0, len(subs), 64):
             self._client.subscribe(subs[i:i + 64])
 
+    def forget(self, packet: ReceivedPacket) -> None:
+        """Deliver it again when the broker next sends it (its retained copy arrives on every
+        (re)subscription, i.e. at the latest on the next run)."""
+        with self._rx_lock:
+            self._seen.discard(hashlib.sha256(packet.data).hexdigest())
+
     def pending(self) -> int:
         with self._rx_lock:
             return len(self._assemblies)

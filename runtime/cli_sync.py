@@ -1,0 +1,215 @@
+"""``skill-edge sync``: publish this device's outbox and take in the fleet's packets.
+
+One-shot (default): publish every packet in the outbox, receive until the transport has been
+quiet for ``--idle`` seconds, print what happened, exit.  ``--watch``: keep going, with a live
+table of what arrived, what was accepted and what was rejected; Ctrl-C stops.
+
+Where things live (``--home``/``--keys``, default ``$SKILL_EDGE_HOME`` or ``~/.skill-edge``)::
+
+    trust/      public keys this device accepts packets from (``skill-edge keys add``)
+    bank/       the knowledge bank (``--bank``)
+    outbox/     packets to publish; moved to outbox/sent/ once the transport holds them
+    sync/       receive state (newest seq per agent and task) and the folder transport's memory
+
+Exit status: 0 when everything went through, 1 when something could not be published or
+stored (it stays queued and is retried next time) or the transport failed.
+
+Wire into the root command with ``app.command("sync")(sync_command)``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from skill_edge.runtime.bank import BankError, KnowledgeBank
+from skill_edge.runtime.codec import format_size, parse_size
+from skill_edge.runtime.keys import HOME_ENV, KeyStoreError, TrustStore, skill_edge_home
+from skill_edge.runtime.receive import PacketReceiver
+from skill_edge.runtime.sync import BankPlausibility, SyncEvent, SyncService, SyncStats
+from skill_edge.runtime.transport import TransportError, open_transport
+
+app = typer.Typer(help="Share knowledge packets with the fleet.", no_args_is_help=False)
+console = Console()
+err = Console(stderr=True)
+
+STYLE = {"published": "cyan", "accepted": "green", "duplicate": "dim", "rejected": "red",
+         "quarantined": "yellow", "own": "dim", "error": "bold red"}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def resolve_rom_fingerprint(rom: Path | None, fingerprint: str | None, bank: KnowledgeBank) -> str:
+    """``--rom-fingerprint``, else the fingerprint in ``--rom``'s manifest, else the one every bank task shares."""
+    if fingerprint:
+        return fingerprint
+    if rom is not None:
+        from skill_edge.export.manifest import RomError, RomManifest
+
+        try:
+            return RomManifest.read(rom).fingerprint
+        except RomError as exc:
+            _fail(str(exc))
+    fps = {k.meta.rom_fingerprint for k in bank.load_all()}
+    if len(fps) == 1:
+        return fps.pop()
+    _fail("cannot tell which ROM this device runs: pass --rom ROM_DIR (or --rom-fingerprint HEX)"
+          + (f"; the bank mixes {len(fps)} ROM fingerprints" if fps else "; the bank is empty"))
+    raise AssertionError  # unreachable
+
+
+def sync_command(
+    transport: str = typer.Option(..., "--transport", "-t", envvar="SKILL_EDGE_TRANSPORT", show_envvar=True,
+                                  help="dir:PATH (shared folder, USB stick) or mqtt://host[:port] / mqtts://..."),
+    fleet: str = typer.Option("default", "--fleet", envvar="SKILL_EDGE_FLEET", show_envvar=True,
+                              help="fleet name: devices only exchange packets within one fleet"),
+    watch: bool = typer.Option(False, "--watch", help="keep running with a live view (Ctrl-C stops)"),
+    chunk_size: str = typer.Option("256KiB", "--chunk-size", help="MQTT: packets larger than this go as chunks"),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", exists=True, dir_okay=False,
+                                       help="MQTT: CA certificate that signed the broker's certificate"),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", exists=True, dir_okay=False,
+                                         help="MQTT: this device's client certificate"),
+    tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False,
+                                        help="MQTT: the client certificate's private key"),
+    username: str | None = typer.Option(None, "--username", envvar="SKILL_EDGE_MQTT_USERNAME"),
+    password: str | None = typer.Option(None, "--password", envvar="SKILL_EDGE_MQTT_PASSWORD",
+                                        help="MQTT password (prefer the env var: argv is visible to others)"),
+    bank_dir: Path | None = typer.Option(None, "--bank", help="knowledge bank (default HOME/bank)"),
+    home: Path | None = typer.Option(None, "--keys", "--home", envvar=HOME_ENV, show_envvar=True,
+                                     help="skill-edge home holding trust/ (and keys/); default ~/.skill-edge"),
+    trust_dir: Path | None = typer.Option(None, "--trust", help="trust store folder (default HOME/trust)"),
+    outbox: Path | None = typer.Option(None, "--outbox", help="packets to publish (default HOME/outbox)"),
+    state_dir: Path | None = typer.Option(None, "--state", help="sync state folder (default HOME/sync)"),
+    rom: Path | None = typer.Option(None, "--rom", help="this device's ROM folder (for its fingerprint)"),
+    rom_fingerprint: str | None = typer.Option(None, "--rom-fingerprint", help="the ROM fingerprint, if no --rom"),
+    publish_bank_of: str | None = typer.Option(None, "--publish-bank-of", metavar="AGENT_ID",
+                                               help="also publish the stored packets of bank tasks learned by "
+                                                    "this agent id"),
+    plausibility: bool = typer.Option(True, "--plausibility/--no-plausibility",
+                                      help="quarantine anchors that would hijack the bank's tasks"),
+    idle: float = typer.Option(2.0, "--idle", help="one-shot: stop after this many quiet seconds"),
+    timeout: float = typer.Option(300.0, "--timeout", help="one-shot: stop receiving after this many seconds"),
+    connect_timeout: float = typer.Option(15.0, "--connect-timeout", help="MQTT: give up connecting after this"),
+) -> None:
+    """Publish this device's outbox and store what the fleet sends (one-shot, or --watch)."""
+    home_dir = skill_edge_home(home)
+    bank_dir = bank_dir or home_dir / "bank"
+    trust_dir = trust_dir or home_dir / "trust"
+    outbox = outbox or home_dir / "outbox"
+    state_dir = state_dir or home_dir / "sync"
+    try:
+        chunk = parse_size(chunk_size)
+        bank = KnowledgeBank(bank_dir)
+        trust = TrustStore(trust_dir)
+        if not trust.keys():
+            err.print(f"[yellow]warning:[/] trust store {trust_dir} is empty: every packet will be rejected "
+                      "(add peers with: skill-edge keys add NAME FILE)")
+        fingerprint = resolve_rom_fingerprint(rom, rom_fingerprint, bank)
+        check = BankPlausibility(bank) if plausibility else None
+        receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check)
+        mqtt_options = dict(chunk_size=chunk, username=username, password=password, tls_ca=tls_ca,
+                            tls_cert=tls_cert, tls_key=tls_key, connect_timeout=connect_timeout)
+        tx = open_transport(transport, fleet, state_dir=state_dir, **mqtt_options)
+    except (ValueError, KeyStoreError, BankError, TransportError, OSError) as exc:
+        _fail(str(exc))
+    view = WatchView(fleet, transport) if watch else None
+    service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox,
+                          on_event=view.add if view else _print_event)
+    stop = threading.Event()
+    try:
+        if publish_bank_of:
+            service.publish_bank(publish_bank_of)
+        if view is None:
+            service.sync_once(idle=idle, timeout=timeout)
+        else:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            view.run(service, stop)
+    except KeyboardInterrupt:
+        pass
+    except (TransportError, BankError) as exc:
+        tx.close()
+        _fail(str(exc))
+    tx.close()
+    console.print(_stats_line(service.stats, transport, fleet))
+    raise typer.Exit(1 if service.stats.errors else 0)
+
+
+app.command("sync")(sync_command)
+
+
+def _print_event(e: SyncEvent) -> None:
+    style = STYLE.get(e.kind, "")
+    seq = "?" if e.seq < 0 else str(e.seq)
+    console.print(Text.assemble((f"{e.kind:<11}", style), f" {e.task}/{e.agent_id} seq {seq} "
+                                f"({format_size(e.size)})", (f"  {e.reason}" if e.kind != "published" else "", "dim")),
+                  soft_wrap=True)
+
+
+def _stats_line(s: SyncStats, transport: str, fleet: str) -> str:
+    return (f"sync {fleet} via {transport}: published {s.published}, arrived {s.arrived}, "
+            f"accepted [green]{s.accepted}[/], duplicate {s.duplicate}, rejected [red]{s.rejected}[/], "
+            f"quarantined [yellow]{s.quarantined}[/], own {s.own}, errors {s.errors}")
+
+
+class WatchView:
+    """A live table of the latest events plus running counts; plain lines when not on a terminal."""
+
+    def __init__(self, fleet: str, transport: str, rows: int = 20) -> None:
+        self.fleet = fleet
+        self.transport = transport
+        self.recent: deque[SyncEvent] = deque(maxlen=rows)
+        self.live: Live | None = None
+        self.service: SyncService | None = None
+
+    def add(self, event: SyncEvent) -> None:
+        self.recent.append(event)
+        if self.live is not None:
+            self.live.update(self.render())
+        else:
+            _print_event(event)
+
+    def render(self) -> Group:
+        table = Table(title=f"skill-edge sync: fleet {self.fleet!r} via {self.transport} (Ctrl-C to stop)",
+                      expand=True)
+        for col in ("time", "event", "task", "agent", "seq", "size", "reason"):
+            table.add_column(col, overflow="fold" if col == "reason" else "ellipsis")
+        for e in self.recent:
+            table.add_row(time.strftime("%H:%M:%S", time.localtime(e.at)), Text(e.kind, STYLE.get(e.kind, "")),
+                          e.task, e.agent_id, "?" if e.seq < 0 else str(e.seq), format_size(e.size),
+                          "" if e.kind == "published" else e.reason)
+        stats = self.service.stats if self.service else SyncStats()
+        return Group(table, Text.from_markup(_stats_line(stats, self.transport, self.fleet)))
+
+    def run(self, service: SyncService, stop: threading.Event) -> None:
+        self.service = service
+        if not console.is_terminal:
+            console.print(f"watching fleet {self.fleet!r} via {self.transport}; Ctrl-C stops")
+            service.run(stop)
+            return
+        with Live(self.render(), console=console, refresh_per_second=4, transient=False) as live:
+            self.live = live
+            try:
+                service.run(stop)
+            finally:
+                self.live = None
+
+
+if __name__ == "__main__":
+    import logging
+    import os
+
+    logging.basicConfig(level=os.environ.get("SKILL_EDGE_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    app()

@@ -1,0 +1,247 @@
+"""Keep a device's bank in step with its fleet: publish its own packets, take in everyone else's.
+
+``SyncService`` glues three parts that know nothing of each other:
+
+* a ``Transport`` (shared folder or MQTT broker) that moves opaque packet bytes;
+* a ``PacketReceiver`` that decides, per packet, "accepted" / "duplicate" / "rejected" /
+  "quarantined" (signature, ROM, rollback, plausibility);
+* the ``KnowledgeBank`` that stores what was accepted (atomically, via the receiver's
+  ``on_accept`` hook, so the receiver only records a packet as seen once it is stored).
+
+Outgoing packets come from an *outbox* folder: any ``*.skp`` file put there is published
+and, once the transport holds it durably, moved to ``outbox/sent/``.  The device's own
+packets that come back from the transport (their sha256 is in ``sent/`` or was published by
+this service) are skipped instead of being re-stored over the device's own records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from skill_edge.runtime.bank import BankError, KnowledgeBank
+from skill_edge.runtime.knowledge import TaskKnowledge
+from skill_edge.runtime.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
+from skill_edge.runtime.receive import PacketReceiver, ReceiveStateError
+from skill_edge.runtime.transport import ReceivedPacket, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["published", "accepted", "duplicate", "rejected", "quarantined", "own", "error"]
+SENT_DIR = "sent"
+
+
+@dataclass(frozen=True)
+class SyncEvent:
+    """One thing that happened to one packet; what the live view and the logs show."""
+
+    kind: EventKind
+    task: str
+    agent_id: str
+    seq: int
+    size: int
+    reason: str = ""
+    origin: str = ""
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class SyncStats:
+    published: int = 0
+    arrived: int = 0  # packets the transport delivered (own ones included)
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    quarantined: int = 0
+    own: int = 0  # our own packets coming back: skipped
+    errors: int = 0  # could not publish or store; the packet is retried later
+
+    def count(self, kind: EventKind) -> None:
+        attr = {"error": "errors"}.get(kind, kind)
+        setattr(self, attr, getattr(self, attr) + 1)
+
+
+class SyncService:
+    """Publish the outbox and store what the fleet sends, through any ``Transport``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        bank: KnowledgeBank,
+        receiver: PacketReceiver,
+        *,
+        fleet: str,
+        outbox: str | Path | None = None,
+        on_event: Callable[[SyncEvent], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.bank = bank
+        self.receiver = receiver
+        self.fleet = fleet
+        self.outbox = Path(outbox) if outbox is not None else None
+        self.on_event = on_event
+        self.stats = SyncStats()
+        self.events: list[SyncEvent] = []
+        self._own: set[str] = set()  # sha256 of packets this device published
+        self._codec = PacketCodec()
+        if self.outbox is not None:
+            (self.outbox / SENT_DIR).mkdir(parents=True, exist_ok=True)
+            for f in (self.outbox / SENT_DIR).glob("*.skp"):
+                self._own.add(_sha256_file(f))
+
+    # ------------------------------------------------------------------ outgoing
+    def publish(self, data: bytes, origin: str = "") -> SyncEvent:
+        """Publish one packet, addressed by its own (signed) header; raises on a bad packet or transport."""
+        try:
+            packet = self._codec.decode(data)  # header only matters here; peers verify the signature
+        except PacketError as exc:
+            raise PacketError(f"refusing to publish {origin or 'packet'}: {exc.reason}", exc.code) from None
+        self.transport.publish(data, fleet=self.fleet, task=packet.task, agent_id=packet.agent_id, seq=packet.seq)
+        self._own.add(packet.sha256)
+        return self._emit(SyncEvent("published", packet.task, packet.agent_id, packet.seq, len(data),
+                                    "published", origin))
+
+    def publish_outbox(self) -> list[SyncEvent]:
+        """Publish every ``*.skp`` in the outbox, moving each to ``outbox/sent/`` once it is durable.
+
+        A file that is not a valid packet, or that the transport cannot take right now, stays
+        in the outbox (reported as an "error" event) and is tried again on the next call.
+        """
+        if self.outbox is None:
+            return []
+        out = []
+        for path in sorted(self.outbox.glob("*.skp")):
+            try:
+                data = _read_packet_file(path)
+                event = self.publish(data, origin=str(path))
+            except (OSError, PacketError, TransportError, ValueError) as exc:
+                out.append(self._emit(SyncEvent("error", path.stem, "", -1, 0, f"cannot publish: {exc}",
+                                                str(path))))
+                continue
+            os.replace(path, self.outbox / SENT_DIR / path.name)
+            out.append(event)
+        return out
+
+    def publish_bank(self, agent_id: str) -> list[SyncEvent]:
+        """Publish the stored packet of every bank task this device (``agent_id``) learned."""
+        out = []
+        for entry in self.bank.entries():
+            if entry.agent != agent_id or not entry.has_packet:
+                continue
+            data = self.bank.packet_bytes(entry.task)
+            if data is not None:
+                out.append(self.publish(data, origin=f"bank:{entry.task}"))
+        return out
+
+    # ------------------------------------------------------------------ incoming
+    def handle(self, incoming: ReceivedPacket) -> SyncEvent:
+        """Run one arrived packet through the receiver and store / quarantine / log it."""
+        data = incoming.data
+        where = dict(task=incoming.task, agent_id=incoming.agent_id, seq=incoming.seq, size=len(data),
+                     origin=incoming.origin)
+        self.stats.arrived += 1
+        if hashlib.sha256(data).hexdigest() in self._own:
+            return self._emit(SyncEvent("own", reason="this device's own packet", **where))
+
+        def store(packet, raw: bytes) -> None:
+            self.bank.put(packet.knowledge, packet_bytes=raw)
+
+        try:
+            result = self.receiver.receive(data, on_accept=store)
+        except (BankError, ReceiveStateError, OSError) as exc:
+            self.transport.forget(incoming)  # not stored, not recorded: take it again later
+            return self._emit(SyncEvent("error", reason=f"could not store: {exc}", **where))
+        except Exception as exc:  # noqa: BLE001 - e.g. a failing plausibility check: one packet must not stop sync
+            log.exception("receiving a packet from %s failed", incoming.origin)
+            self.transport.forget(incoming)
+            return self._emit(SyncEvent("error", reason=f"receive failed: {type(exc).__name__}: {exc}", **where))
+        if result.packet is not None:  # the signed header is the truth, not the topic / file name
+            p = result.packet
+            where.update(task=p.task, agent_id=p.agent_id, seq=p.seq)
+        if result.status == "quarantined":
+            try:
+                self.bank.quarantine(result.packet.knowledge if result.packet else None, result.reason,
+                                     packet_bytes=data)
+            except (BankError, OSError) as exc:
+                self.transport.forget(incoming)
+                return self._emit(SyncEvent("error", reason=f"could not quarantine ({result.reason}): {exc}",
+                                            **where))
+        elif result.status == "rejected":
+            log.warning("rejected packet from %s: %s", incoming.origin, result.reason)
+        return self._emit(SyncEvent(result.status, reason=result.reason, **where))
+
+    def receive_available(self, timeout: float = 0.0) -> list[SyncEvent]:
+        """Handle whatever the transport has now (waiting up to ``timeout`` s for something)."""
+        return [self.handle(p) for p in self.transport.poll(timeout)]
+
+    def drain(self, idle: float = 1.0, timeout: float = 60.0) -> list[SyncEvent]:
+        """Handle packets until the transport has been quiet for ``idle`` s (or ``timeout`` passed)."""
+        return [self.handle(p) for p in self.transport.drain(idle=idle, timeout=timeout)]
+
+    # ------------------------------------------------------------------ modes
+    def sync_once(self, idle: float = 1.0, timeout: float = 60.0) -> SyncStats:
+        """Publish the outbox, take in everything the fleet has, return the counts."""
+        self.publish_outbox()
+        self.drain(idle=idle, timeout=timeout)
+        return self.stats
+
+    def run(self, stop: threading.Event, poll: float = 1.0) -> SyncStats:
+        """Keep syncing until ``stop`` is set: new outbox files are published, arrivals handled."""
+        while not stop.is_set():
+            self.publish_outbox()
+            self.receive_available(timeout=poll)
+        return self.stats
+
+    def _emit(self, event: SyncEvent) -> SyncEvent:
+        self.stats.count(event.kind)
+        self.events.append(event)
+        if len(self.events) > 1000:
+            del self.events[:-500]
+        level = logging.WARNING if event.kind in ("rejected", "quarantined", "error") else logging.INFO
+        log.log(level, "%s %s/%s seq %s (%d bytes): %s", event.kind, event.task, event.agent_id, event.seq,
+                event.size, event.reason)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+
+class BankPlausibility:
+    """A ``PlausibilityCheck`` against the bank's current tasks, rebuilt whenever the bank changes.
+
+    The receiver asks it about every new packet; after an accept the bank holds one more task,
+    so the next check must test against that too.
+    """
+
+    def __init__(self, bank: KnowledgeBank, reference_features: dict | None = None) -> None:
+        self.bank = bank
+        self.reference_features = reference_features or {}
+        self._key: tuple = ()
+        self._check: Callable[[TaskKnowledge], tuple[bool, str]] | None = None
+
+    def __call__(self, knowledge: TaskKnowledge) -> tuple[bool, str]:
+        from skill_edge.runtime.plausibility import PlausibilityCheck
+
+        key = (knowledge.task, *((e.task, e.content_hash) for e in self.bank.entries()))
+        if self._check is None or key != self._key:
+            existing: Sequence[TaskKnowledge] = [k for k in self.bank.load_all() if k.task != knowledge.task]
+            self._check = PlausibilityCheck(self.reference_features, existing)
+            self._key = key
+        return self._check(knowledge)
+
+
+def _read_packet_file(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_PACKET_BYTES:
+        raise ValueError(f"{path} is {size} bytes, over the {MAX_PACKET_BYTES}-byte packet limit")
+    return path.read_bytes()
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
