@@ -51,7 +51,6 @@ from skill_edge.runtime.packet import (
     MAX_META_BYTES,
     MAX_PACKET_BYTES,
     MAX_PAYLOAD_BYTES,
-    TRAILER_BYTES,
     Packet,
     PacketCodec,
     PacketError,
@@ -129,7 +128,16 @@ INTERESTING_U32 = (0, 1, 7, 8, 19, 20, 71, 72, 73, 255, 256, 65535, 65536, MAX_M
 
 @st.composite
 def raw_mutation(draw: st.DrawFn, original: bytes, other: bytes) -> bytes:
-    """One byte-level mutation of ``original`` (``other`` supplies splice material)."""
+    """One to three stacked byte-level mutations of ``original`` (``other`` supplies splice material)."""
+    b = original
+    for _ in range(draw(st.integers(1, 3))):
+        if b:
+            b = draw(_one_raw_mutation(b, other))
+    return b
+
+
+@st.composite
+def _one_raw_mutation(draw: st.DrawFn, original: bytes, other: bytes) -> bytes:
     b = bytearray(original)
     n = len(b)
     op = draw(st.sampled_from(RAW_OPS))
@@ -154,12 +162,12 @@ def raw_mutation(draw: st.DrawFn, original: bytes, other: bytes) -> bytes:
         else:
             span = draw(st.integers(1, 256))
             b[pos:pos + span] = other[j:j + span]
-    elif op == "header_length":
+    elif op == "header_length" and n >= HEADER_BYTES:
         off = draw(st.sampled_from((8, 12, 16)))
         old = struct.unpack_from("<I", b, off)[0]
         new = draw(st.sampled_from(INTERESTING_U32) | st.integers(-16, 16).map(lambda d: (old + d) % 2**32))
         struct.pack_into("<I", b, off, new)
-    elif op == "tensor_header_length":
+    elif op == "tensor_header_length" and n >= HEADER_BYTES:
         m_len = struct.unpack_from("<I", b, 8)[0]
         off = HEADER_BYTES + m_len
         if off + 8 <= n:
@@ -167,7 +175,7 @@ def raw_mutation(draw: st.DrawFn, original: bytes, other: bytes) -> bytes:
             new = draw(st.sampled_from((0, 1, 2, 2**32, 2**63, 2**64 - 1)) |
                        st.integers(-16, 16).map(lambda d: (old + d) % 2**64))
             struct.pack_into("<Q", b, off, new)
-    elif op == "digit":
+    elif op == "digit" and n >= HEADER_BYTES:
         digits = [i for i, c in enumerate(b[:HEADER_BYTES + struct.unpack_from("<I", b, 8)[0]])
                   if 0x30 <= c <= 0x39 and i >= HEADER_BYTES]
         if digits:
@@ -213,11 +221,15 @@ def inner_mutation(draw: st.DrawFn, section: bytes) -> bytes:
     return bytes(b)
 
 
-def reframe(original: bytes, key: DeviceKey, metadata: bytes | None = None, raw_payload: bytes | None = None) -> bytes:
-    """Rebuild a packet around replaced sections with correct lengths and a fresh signature."""
+def reframe(original: bytes, key: DeviceKey, metadata: bytes | None = None, raw_payload: bytes | None = None,
+            wire_payload: bytes | None = None) -> bytes:
+    """Rebuild a packet around replaced sections with correct lengths and a fresh signature
+    (``wire_payload`` replaces the payload as sent, e.g. a corrupted zstd frame, keeping the declared raw size)."""
     f = parse_frame(original)
     meta = f.metadata if metadata is None else metadata
-    if raw_payload is None:
+    if wire_payload is not None:
+        payload, raw_len = wire_payload, f.payload_raw_len
+    elif raw_payload is None:
         payload, raw_len = f.payload, f.payload_raw_len
     else:
         raw_len = len(raw_payload)
@@ -296,21 +308,28 @@ def check_resigned(corpus: Corpus, mutant: bytes, out: Outcomes) -> None:
     out.by_kind["resigned:decoded"] += 1
 
 
+@st.composite
+def resigned_mutation(draw: st.DrawFn, corpus: Corpus) -> bytes:
+    """A corpus packet with its metadata, its safetensors bytes or its wire payload mutated, then re-signed."""
+    original = draw(st.sampled_from(corpus.packets))
+    section = draw(st.sampled_from(("metadata", "safetensors", "wire_payload")))
+    if section == "metadata":
+        return reframe(original, corpus.key, metadata=draw(inner_mutation(parse_frame(original).metadata)))
+    if section == "safetensors":
+        return reframe(original, corpus.key, raw_payload=draw(inner_mutation(raw_payload_of(original))))
+    return reframe(original, corpus.key, wire_payload=draw(inner_mutation(parse_frame(original).payload)))
+
+
 def case_strategy(corpus: Corpus) -> st.SearchStrategy:
     """(kind, original, mutant) triples: 3 raw cases for every re-signed one."""
-    idx = st.integers(0, len(corpus.packets) - 1)
 
     @st.composite
     def case(draw: st.DrawFn) -> tuple[str, bytes, bytes]:
-        original = corpus.packets[draw(idx)]
         if draw(st.integers(0, 3)) > 0:
-            other = corpus.packets[draw(idx)]
+            original = draw(st.sampled_from(corpus.packets))
+            other = draw(st.sampled_from(corpus.packets))
             return "raw", original, draw(raw_mutation(original, other))
-        if draw(st.booleans()):
-            meta = parse_frame(original).metadata
-            return "resigned", original, reframe(original, corpus.key, metadata=draw(inner_mutation(meta)))
-        raw = raw_payload_of(original)
-        return "resigned", original, reframe(original, corpus.key, raw_payload=draw(inner_mutation(raw)))
+        return "resigned", b"", draw(resigned_mutation(corpus))
 
     return case()
 
@@ -359,7 +378,7 @@ def main() -> int:
     result = {
         "cases": out.cases, "crashes": out.crashes, "accepted_mutants": out.accepted_mutants,
         "seconds": round(seconds, 1), "machine": machine(),
-        "command": "nice -n 19 python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python " + " ".join(sys.argv),
         "identical_mutants_skipped": out.identical, "by_kind": dict(out.by_kind),
         "rejection_codes": dict(out.rejection_codes.most_common()), "failure_examples": out.examples,
     }

@@ -24,9 +24,15 @@ from skill_edge.runtime.keys import (
     key_dir,
     load_device_key,
     load_public_key,
-    skill_edge_home,
 )
-from skill_edge.runtime.packet import PacketCodec, PacketError, check_signature, parse_frame, read_packet_file
+from skill_edge.runtime.packet import (
+    MAX_PACKET_BYTES,
+    Packet,
+    PacketCodec,
+    PacketError,
+    check_signature,
+    parse_frame,
+)
 
 keys_app = typer.Typer(help="This device's signing key and the trust store of peers' public keys.",
                        no_args_is_help=True)
@@ -115,26 +121,50 @@ def packet_inspect(file: Path = typer.Argument(..., exists=True, dir_okay=False)
     Exits 1 when the packet is malformed, unsigned, signed by an unknown key or modified after signing.
     """
     try:
-        packet = read_packet_file(str(file), PacketCodec())
+        if file.stat().st_size > MAX_PACKET_BYTES:
+            raise PacketError(f"oversized: {file.stat().st_size} bytes, the limit is {MAX_PACKET_BYTES}", "oversized")
+        data = file.read_bytes()
+        frame = parse_frame(data)
     except PacketError as exc:
         _fail(f"{file}: {exc.reason}")
     except OSError as exc:
         _fail(f"{file}: {exc}")
-    p = packet
+    # the signature first: if the bytes were modified, that is the finding, whatever else is broken
+    signer = frame.key_id.hex() if frame.key_id is not None else "nobody (unsigned)"
+    try:
+        trusted = check_signature(frame, TrustStore.at_home(home))
+        signature = f"signer: {signer} = trusted key [bold]{trusted.name}[/]; [green]signature verifies[/]"
+        signature_problem = None
+    except (PacketError, KeyStoreError) as exc:
+        signature = f"signer: {signer}; [red]{exc}[/]"
+        signature_problem = str(exc)
+    try:
+        packet = PacketCodec().decode(data)
+    except PacketError as exc:
+        console.print(signature)
+        _fail(f"{file}: {signature_problem or exc.reason}" + (f" (and: {exc.reason})" if signature_problem else ""))
+    _show(file, packet)
+    console.print(signature)
+    if signature_problem:
+        _fail(f"{file}: {signature_problem}")
+
+
+def _show(file: Path, p: Packet) -> None:
     k = p.knowledge
     head = Table(title=f"{file.name}: skill-edge packet v{p.version}, {p.raw_size} bytes ({format_size(p.raw_size)})",
                  show_header=False)
     head.add_column("field", style="bold")
     head.add_column("value")
     created = dt.datetime.fromtimestamp(p.created, dt.timezone.utc).isoformat(timespec="seconds")
+    labels = ", ".join(p.labels[:12]) + (" ..." if len(p.labels) > 12 else "")
     rows = [
-        ("task", p.task), ("labels", f"{len(p.labels)}: {', '.join(p.labels[:12])}{' ...' if len(p.labels) > 12 else ''}"),
+        ("task", p.task), ("labels", f"{len(p.labels)}: {labels}"),
         ("agent", p.agent_id), ("seq", str(p.seq)), ("created", created),
         ("ROM fingerprint", p.rom_fingerprint), ("BB layout hash", p.bb_layout_hash or "(no BB)"),
         ("feature transform", k.meta.feature_transform), ("n_train", str(k.meta.n_train)),
         ("metrics", ", ".join(f"{a}={b:.4g}" for a, b in k.meta.metrics.items()) or "-"),
         ("thresholds", ", ".join(f"{a}={b:.4g}" for a, b in k.thresholds.items()) or "-"),
-        ("plan", p.plan.step + ("" if not p.plan.lossless else " (lossless)")),
+        ("plan", p.plan.step + (" (lossless)" if p.plan.lossless else "")),
         ("GMMC components", f"{p.plan.gmmc_k} of {p.plan.gmmc_k_original}" if p.plan.gmmc_k else "-"),
         ("exemplars/class", f"{p.plan.exemplars_per_class} of {p.plan.exemplars_per_class_original}"
          if p.plan.exemplars_per_class is not None else "-"),
@@ -152,12 +182,3 @@ def packet_inspect(file: Path = typer.Argument(..., exists=True, dir_okay=False)
         enc = p.plan.tensors.get(t.name, "(side data)")
         tensors.add_row(t.name, enc, t.dtype, "x".join(map(str, t.shape)), str(t.nbytes))
     console.print(tensors)
-
-    signer = p.signer or "nobody (unsigned)"
-    try:
-        trusted = check_signature(parse_frame(file.read_bytes()), TrustStore.at_home(home))
-    except (PacketError, KeyStoreError) as exc:
-        console.print(f"signer: {signer}")
-        _fail(f"{file}: {exc}")
-    console.print(f"signer: {signer} = trusted key [bold]{trusted.name}[/]; [green]signature verifies[/] "
-                  f"(trust store {skill_edge_home(home) / 'trust'})")

@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from skill_edge.runtime.codec import (
-    SCALE_SUFFIX,
     TENSOR_NDIM,
     EncodingPlan,
     PlanError,
@@ -461,13 +461,16 @@ class PacketCodec:
         """The ladder of plans ``encode`` considers for this task, least lossy first."""
         return plan_ladder(knowledge)
 
-    def encode(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan | str | None = None) -> bytes:
+    def encode(self, knowledge: TaskKnowledge, key: DeviceKey | Ed25519PrivateKey | None,
+               plan: EncodingPlan | str | None = None) -> bytes:
         """Signed packet bytes (unsigned when ``key`` is None: receivers reject those).
 
         With ``plan`` (an ``EncodingPlan`` or a ladder step name) exactly that plan is used and the
         budget is not applied; otherwise the first ladder step whose real packet fits the budget.
         """
         knowledge.validate()
+        if isinstance(key, Ed25519PrivateKey):
+            key = DeviceKey(key)
         if plan is not None:
             if isinstance(plan, str):
                 by_name = {p.step: p for p in self.plans(knowledge)}
@@ -503,6 +506,7 @@ class PacketCodec:
         reduced, wire = apply_plan(knowledge, plan, gmmc_path)
         md = reduced.metadata()
         md["meta"]["encoding"] = plan.to_dict()
+        md["meta"]["source"] = ""  # local provenance (e.g. a training folder) is not broadcast; receivers set their own
         try:
             meta_bytes = json.dumps(md, sort_keys=True, separators=(",", ":"), allow_nan=False,
                                     ensure_ascii=False).encode("utf-8")
@@ -581,14 +585,3 @@ def _check_bb_layout(k: TaskKnowledge, code: str) -> None:
     if (k.bb is not None) != bool(k.meta.bb_layout_hash):
         raise PacketError("beneficial biases and meta.bb_layout_hash must come together: a receiver cannot "
                           "apply BB without knowing the tail layout they were learned for", code)
-
-
-def read_packet_file(path: str, codec: PacketCodec | None = None, trust: TrustStore | None = None) -> Packet:
-    """Decode a packet file, refusing files larger than MAX_PACKET_BYTES before reading them."""
-    import os
-
-    size = os.path.getsize(path)
-    if size > MAX_PACKET_BYTES:
-        raise PacketError(f"oversized: {path} is {size} bytes, the limit is {MAX_PACKET_BYTES}", "oversized")
-    with open(path, "rb") as f:
-        return (codec or PacketCodec()).decode(f.read(), trust=trust)

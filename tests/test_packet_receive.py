@@ -1,0 +1,193 @@
+"""Receive-side acceptance policy: trust, ROM fingerprint, replay, rollback, plausibility, state file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skill_edge.runtime.keys import DeviceKey, TrustStore
+from skill_edge.runtime.knowledge import TaskKnowledge
+from skill_edge.runtime.packet import PacketCodec
+from skill_edge.runtime.receive import STATE_FILE, PacketReceiver, ReceiveState, ReceiveStateError
+
+
+
+def load_fuzz_harness():
+    """benchmarks/fuzz_packets.py holds the random-task factory (shared with tests/test_packet.py)."""
+    name = "skill_edge_bench_fuzz_packets"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_packets.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+fuzz = load_fuzz_harness()
+ROM = fuzz.ROM_FINGERPRINT
+
+
+@pytest.fixture()
+def key() -> DeviceKey:
+    return DeviceKey.generate()
+
+
+@pytest.fixture()
+def trust(key, tmp_path) -> TrustStore:
+    t = TrustStore(tmp_path / "trust")
+    t.add("peer", key.public_key)
+    return t
+
+
+@pytest.fixture()
+def receiver(trust, tmp_path) -> PacketReceiver:
+    return PacketReceiver(trust, ROM, tmp_path / "state")
+
+
+def version(seq: int, agent: str = "agent-a", task: str = "task-a", seed: int = 0) -> TaskKnowledge:
+    return fuzz.random_knowledge(np.random.default_rng(seed + seq), d=32, c=3, k=3, m=2, bb=40, agent=agent,
+                                 task=task, seq=seq)
+
+
+def test_accepts_a_trusted_packet_and_records_it(receiver, key, tmp_path):
+    data = PacketCodec().encode(version(1), key)
+    stored = []
+    r = receiver.receive(data, on_accept=lambda p, raw: stored.append((p, raw)))
+    assert r.status == "accepted" and r.accepted and r.packet.seq == 1
+    assert len(stored) == 1 and stored[0][1] == data and stored[0][0].knowledge.task == "task-a"
+    state = json.loads((tmp_path / "state" / STATE_FILE).read_text())
+    assert state["streams"] == [{"agent": "agent-a", "task": "task-a", "seq": 1, "digests": [r.packet.sha256]}]
+
+
+def test_same_packet_twice_is_a_duplicate_no_op(receiver, key, tmp_path):
+    data = PacketCodec().encode(version(1), key)
+    assert receiver.receive(data).status == "accepted"
+    before = (tmp_path / "state" / STATE_FILE).read_bytes()
+    calls = []
+    r = receiver.receive(data, on_accept=lambda p, raw: calls.append(p))
+    assert r.status == "duplicate" and "already accepted" in r.reason
+    assert calls == [] and (tmp_path / "state" / STATE_FILE).read_bytes() == before
+
+
+def test_rollback_to_an_older_seq_is_rejected(receiver, key, caplog):
+    old, new = PacketCodec().encode(version(1), key), PacketCodec().encode(version(2), key)
+    assert receiver.receive(new).status == "accepted"
+    with caplog.at_level(logging.WARNING, logger="skill_edge.runtime.receive"):
+        r = receiver.receive(old)
+    assert r.status == "rejected" and r.code == "rollback" and "seq 2 was already accepted" in r.reason
+    assert "rollback" in caplog.text  # the reason is logged
+    assert receiver.state.latest("agent-a", "task-a") == 2
+
+
+def test_newer_versions_are_accepted_and_old_accepted_ones_stay_duplicates(receiver, key):
+    p1, p2, p3 = (PacketCodec().encode(version(s), key) for s in (1, 2, 5))
+    assert [receiver.receive(p).status for p in (p1, p2, p3)] == ["accepted"] * 3
+    assert receiver.receive(p1).status == "duplicate"  # an old echo we did accept once: no-op, not an attack
+    assert receiver.state.latest("agent-a", "task-a") == 5
+
+
+def test_same_seq_with_different_content_is_rejected(receiver, key):
+    a = version(1)
+    b = replace(a, head_bias=a.head_bias + 1.0)
+    assert receiver.receive(PacketCodec().encode(a, key)).status == "accepted"
+    r = receiver.receive(PacketCodec().encode(b, key))
+    assert r.status == "rejected" and r.code == "equivocation"
+    # the same knowledge re-encoded with another plan is also different bytes at the same seq
+    assert receiver.receive(PacketCodec().encode(a, key, plan="int8")).code == "equivocation"
+
+
+def test_streams_are_per_agent_and_task(receiver, key):
+    assert receiver.receive(PacketCodec().encode(version(5), key)).status == "accepted"
+    assert receiver.receive(PacketCodec().encode(version(1, agent="agent-b"), key)).status == "accepted"
+    assert receiver.receive(PacketCodec().encode(version(1, task="task-b"), key)).status == "accepted"
+
+
+def test_unknown_signer_and_unsigned_are_rejected(receiver):
+    r = receiver.receive(PacketCodec().encode(version(1), DeviceKey.generate()))
+    assert r.status == "rejected" and r.code == "unknown-signer" and r.packet is None
+    r = receiver.receive(PacketCodec().encode(version(1), None))
+    assert r.status == "rejected" and r.code == "unsigned"
+    assert receiver.state.latest("agent-a", "task-a") is None
+
+
+def test_removing_a_key_from_the_trust_store_takes_effect_immediately(receiver, trust, key):
+    trust.remove("peer")
+    assert receiver.receive(PacketCodec().encode(version(1), key)).code == "unknown-signer"
+
+
+def test_wrong_rom_fingerprint_is_rejected(trust, key, tmp_path):
+    rx = PacketReceiver(trust, "0" * 64, tmp_path / "state")
+    r = rx.receive(PacketCodec().encode(version(1), key))
+    assert r.status == "rejected" and r.code == "wrong-rom" and "this device runs 0000" in r.reason
+
+
+def test_tampered_packet_is_rejected(receiver, key):
+    data = bytearray(PacketCodec().encode(version(1), key))
+    data[100] ^= 0x20
+    r = receiver.receive(bytes(data))
+    assert r.status == "rejected" and r.code == "bad-signature"
+
+
+def test_garbage_is_rejected_not_raised(receiver):
+    for junk in (b"", b"SKPK", os.urandom(5000)):
+        assert receiver.receive(junk).status == "rejected"
+
+
+def head_norm_plausibility(limit: float):
+    """A real (if simple) hijack check: a head whose weights are far larger than usual is suspicious."""
+    def check(k: TaskKnowledge) -> tuple[bool, str]:
+        norm = float(np.linalg.norm(k.head_weight))
+        return (norm <= limit, f"head weight norm {norm:.1f} exceeds {limit}")
+    return check
+
+
+def test_implausible_knowledge_is_quarantined_and_not_recorded(trust, key, tmp_path):
+    rx = PacketReceiver(trust, ROM, tmp_path / "state", plausibility=head_norm_plausibility(10.0))
+    good = version(1)
+    evil = replace(version(2), head_weight=version(2).head_weight * 1000)
+    assert rx.receive(PacketCodec().encode(good, key)).status == "accepted"
+    r = rx.receive(PacketCodec().encode(evil, key), on_accept=lambda p, raw: pytest.fail("stored a hijack"))
+    assert r.status == "quarantined" and "exceeds 10.0" in r.reason and r.packet.seq == 2
+    assert rx.state.latest("agent-a", "task-a") == 1
+
+
+def test_failed_store_is_not_recorded_so_the_packet_is_taken_again(receiver, key):
+    data = PacketCodec().encode(version(1), key)
+
+    def broken_store(packet, raw):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        receiver.receive(data, on_accept=broken_store)
+    assert receiver.state.latest("agent-a", "task-a") is None
+    assert receiver.receive(data).status == "accepted"
+
+
+def test_state_survives_a_new_receiver(trust, key, tmp_path):
+    PacketReceiver(trust, ROM, tmp_path / "s").receive(PacketCodec().encode(version(3), key))
+    r = PacketReceiver(trust, ROM, ReceiveState(tmp_path / "s")).receive(PacketCodec().encode(version(2), key))
+    assert r.code == "rollback"
+
+
+def test_corrupt_state_is_an_error_not_a_silent_reset(receiver, key, tmp_path):
+    receiver.receive(PacketCodec().encode(version(1), key))
+    (tmp_path / "state" / STATE_FILE).write_text("{not json")
+    with pytest.raises(ReceiveStateError, match="re-allows rollbacks"):
+        receiver.receive(PacketCodec().encode(version(2), key))
+
+
+def test_state_file_is_replaced_atomically(receiver, key, tmp_path):
+    receiver.receive(PacketCodec().encode(version(1), key))
+    receiver.receive(PacketCodec().encode(version(2), key))
+    leftovers = [p.name for p in (tmp_path / "state").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["streams"][0]["seq"] == 2
