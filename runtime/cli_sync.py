@@ -142,7 +142,8 @@ def sync_command(
         tx.close()
         _fail(str(exc))
     tx.close()
-    console.print(_stats_line(service.stats, transport, fleet))
+    if view is None or not view.used_live:  # the live view's last frame already shows the counts
+        console.print(_stats_line(service.stats, transport, fleet))
     raise typer.Exit(1 if service.stats.errors else 0)
 
 
@@ -171,6 +172,7 @@ class WatchView:
         self.transport = transport
         self.recent: deque[SyncEvent] = deque(maxlen=rows)
         self.live: Live | None = None
+        self.used_live = False
         self.service: SyncService | None = None
 
     def add(self, event: SyncEvent) -> None:
@@ -200,6 +202,7 @@ class WatchView:
             return
         with Live(self.render(), console=console, refresh_per_second=4, transient=False) as live:
             self.live = live
+            self.used_live = True
             try:
                 service.run(stop)
             finally:

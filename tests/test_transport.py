@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from skill_edge.runtime.transport import DirectoryTransport, TransportError, packet_path
-from skill_edge.runtime.transport.base import check_name
+from skill_edge.runtime.transport.base import check_name, decode_segment, encode_segment
 
 
 def test_round_trip_between_two_devices(tmp_path: Path) -> None:
@@ -93,14 +93,32 @@ def test_republish_same_name_replaces_atomically(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "+", "#", ".hidden", "x" * 129, "sp ace"])
-def test_unsafe_names_are_refused(tmp_path: Path, bad: str) -> None:
+def test_unsafe_fleet_names_are_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError, match="cannot be used in a path or topic"):
-        check_name("task", bad)
+        check_name("fleet", bad)
+    with pytest.raises(ValueError):
+        DirectoryTransport(tmp_path, bad)
+    with pytest.raises(ValueError):
+        DirectoryTransport(tmp_path, "lab").publish(b"x", fleet=bad, task="t", agent_id="a", seq=0)
+
+
+@pytest.mark.parametrize("name", ["traffic signs", "a/b", "../up", "..", ".hidden", "+", "#", "x-1-2", "Vögel", "50%"])
+def test_any_task_or_agent_name_round_trips_inside_the_layout(tmp_path: Path, name: str) -> None:
+    share = tmp_path / "share"
+    DirectoryTransport(share, "lab").publish(b"data", fleet="lab", task=name, agent_id=name, seq=3)
+    (p,) = DirectoryTransport(share, "lab").poll()
+    assert (p.task, p.agent_id, p.seq, p.data) == (name, name, 3, b"data")
+    files = [f for f in share.rglob("*") if f.is_file()]
+    assert len(files) == 1 and files[0].parent.parent == share / "lab", "the name cannot escape its folder"
+    assert not files[0].parent.name.startswith(".") and not files[0].name.startswith(".")
+    assert encode_segment("task", name) == files[0].parent.name and decode_segment(files[0].parent.name) == name
+
+
+def test_empty_or_huge_names_are_refused(tmp_path: Path) -> None:
     t = DirectoryTransport(tmp_path, "lab")
-    with pytest.raises(ValueError):
-        t.publish(b"x", fleet="lab", task=bad, agent_id="a", seq=0)
-    with pytest.raises(ValueError):
-        t.publish(b"x", fleet="lab", task="t", agent_id=bad, seq=0)
+    for kwargs in ({"task": ""}, {"agent_id": ""}, {"task": "x" * 201}, {"agent_id": "/" * 70}):
+        with pytest.raises(ValueError, match="non-empty|too long"):
+            t.publish(b"x", fleet="lab", **{"task": "t", "agent_id": "a", **kwargs}, seq=0)
 
 
 def test_drain_stops_when_quiet(tmp_path: Path) -> None:

@@ -89,6 +89,19 @@ def test_live_and_late_joiner_get_latest_retained_packets(mosquitto: MosquittoBr
         t.close()
 
 
+def test_names_with_topic_characters_are_encoded(mosquitto: MosquittoBroker) -> None:
+    fleet = fleet_name()
+    pub = connect(mosquitto, fleet)
+    pub.publish(b"p1", fleet=fleet, task="traffic signs/#1", agent_id="dev +", seq=1)
+    assert pub.config.packet_topic(fleet, "traffic signs/#1", "dev +") == \
+        f"skill/{fleet}/tasks/traffic%20signs%2F%231/dev%20%2B"
+    rx = connect(mosquitto, fleet)
+    (p,) = list(rx.drain(idle=0.5, timeout=10))
+    assert (p.task, p.agent_id, p.data) == ("traffic signs/#1", "dev +", b"p1")
+    pub.close()
+    rx.close()
+
+
 def test_packet_from_plain_mosquitto_pub_is_received(mosquitto: MosquittoBroker) -> None:
     """Operators can inject a packet file by hand: no content type means 'packet bytes'."""
     fleet = fleet_name()

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import ReceivedPacket, Transport, TransportAuthError, TransportError, check_name
+from .base import (
+    ReceivedPacket,
+    Transport,
+    TransportAuthError,
+    TransportError,
+    check_name,
+    decode_segment,
+    encode_segment,
+)
 from .directory import DirectoryTransport, packet_path, write_atomically
 
 
@@ -37,6 +45,8 @@ __all__ = [
     "TransportAuthError",
     "TransportError",
     "check_name",
+    "decode_segment",
+    "encode_segment",
     "open_transport",
     "packet_path",
     "write_atomically",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from urllib.parse import quote, unquote
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,13 +39,35 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+MAX_SEGMENT = 200
+
+
+def encode_segment(kind: str, value: str) -> str:
+    """Task names and agent ids as one folder name / topic level: anything outside
+    ``A-Z a-z 0-9 _ . : @ = - ~`` is percent-encoded (so "traffic signs" -> "traffic%20signs",
+    and ``/ + #`` can never change the layout); ``decode_segment`` is the inverse."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{kind} must be a non-empty string, got {value!r}")
+    enc = quote(value, safe="_.:@=-")
+    if enc.startswith("."):
+        enc = "%2E" + enc[1:]  # no hidden files, no '.' / '..'
+    if len(enc) > MAX_SEGMENT:
+        raise ValueError(f"{kind} {value[:40]!r}... is too long for a path or topic ({len(enc)} > {MAX_SEGMENT} "
+                         "characters once encoded)")
+    return enc
+
+
+def decode_segment(segment: str) -> str:
+    return unquote(segment)
+
+
 @dataclass(frozen=True)
 class ReceivedPacket:
     """One packet as it came off a transport, with the (untrusted) address it came under."""
 
     data: bytes
     fleet: str
-    task: str
+    task: str  # decoded (``encode_segment`` undone)
     agent_id: str
     seq: int
     origin: str  # where it came from, for logs: a file path or an MQTT topic

@@ -1,6 +1,7 @@
 """Packets as files in a shared folder: the embedded default (NFS/SMB share, USB stick, rsync target).
 
-Layout: ``<root>/<fleet>/<task>/<agent_id>-<seq>.skp``.  A writer never leaves a half-written
+Layout: ``<root>/<fleet>/<task>/<agent_id>-<seq>.skp`` (task and agent id percent-encoded where
+they hold characters unsafe in file names, see ``base.encode_segment``).  A writer never leaves a half-written
 ``.skp`` behind: it writes a hidden temp file in the same folder, fsyncs it, renames it into
 place and fsyncs the folder.  A reader still tolerates files copied in by other tools (``cp``
 onto a stick): a file whose size or mtime changes while it is read is skipped and read again
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .base import ReceivedPacket, Transport, TransportError, check_name
+from .base import ReceivedPacket, Transport, TransportError, check_name, decode_segment, encode_segment
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,10 @@ FileSignature = tuple[int, int]  # (size, mtime_ns): changes whenever the file i
 def packet_path(root: Path, fleet: str, task: str, agent_id: str, seq: int) -> Path:
     """Where the packet of ``agent_id`` for ``task`` (version ``seq``) lives under ``root``."""
     check_name("fleet", fleet)
-    check_name("task", task)
-    check_name("agent_id", agent_id)
     if seq < 0:
         raise ValueError(f"seq must be >= 0, got {seq}")
-    return Path(root) / fleet / task / f"{agent_id}-{int(seq)}{PACKET_SUFFIX}"
+    return (Path(root) / fleet / encode_segment("task", task)
+            / f"{encode_segment('agent_id', agent_id)}-{int(seq)}{PACKET_SUFFIX}")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -159,8 +159,8 @@ class DirectoryTransport(Transport):
             if after != before or len(data) != after[0]:
                 continue  # still being written: read it on a later scan
             self._seen[key] = after
-            out.append(ReceivedPacket(data=data, fleet=self.fleet, task=path.parent.name,
-                                      agent_id=m["agent"], seq=int(m["seq"]), origin=str(path)))
+            out.append(ReceivedPacket(data=data, fleet=self.fleet, task=decode_segment(path.parent.name),
+                                      agent_id=decode_segment(m["agent"]), seq=int(m["seq"]), origin=str(path)))
         return out
 
     def forget(self, packet: ReceivedPacket) -> None:

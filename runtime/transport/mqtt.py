@@ -7,6 +7,9 @@ Topic layout (``<root>`` defaults to ``skill``)::
     <root>/<fleet>/chunks/<sha256>/<i>          retained, QoS 1: chunk i (0-based) of the packet
                                                 whose sha256 is <sha256>
 
+Task names and agent ids are percent-encoded where they hold characters outside
+``A-Z a-z 0-9 _ . : @ = - ~`` (``base.encode_segment``), so ``/ + #`` can never break the layout.
+
 The MQTT 5 content type of a task message says what it carries:
 
 * ``application/vnd.skill-edge.packet`` (or no content type, e.g. ``mosquitto_pub -r -f x.skp``):
@@ -48,7 +51,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .base import ReceivedPacket, Transport, TransportAuthError, TransportError, check_name
+from .base import (
+    ReceivedPacket,
+    Transport,
+    TransportAuthError,
+    TransportError,
+    check_name,
+    decode_segment,
+    encode_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +137,9 @@ class MqttConfig:
 
     # ------------------------------------------------------------------ topics
     def packet_topic(self, fleet: str, task: str, agent_id: str) -> str:
-        return f"{self.topic_root}/{fleet}/tasks/{task}/{agent_id}"
+        check_name("fleet", fleet)
+        return (f"{self.topic_root}/{fleet}/tasks/{encode_segment('task', task)}/"
+                f"{encode_segment('agent_id', agent_id)}")
 
     def chunk_topic(self, fleet: str, sha256: str, index: int) -> str:
         return f"{self.topic_root}/{fleet}/chunks/{sha256}/{index}"
@@ -350,8 +363,7 @@ class MqttTransport(Transport):
     def publish(self, packet_bytes: bytes, *, fleet: str, task: str, agent_id: str, seq: int) -> None:
         """Publish retained (chunks first, then the manifest) and wait for the broker's PUBACKs."""
         self._check_open()
-        for kind, value in (("fleet", fleet), ("task", task), ("agent_id", agent_id)):
-            check_name(kind, value)
+        topic = self.config.packet_topic(fleet, task, agent_id)  # checks / encodes the names
         data = bytes(packet_bytes)
         if not data:
             raise ValueError("refusing to publish an empty packet (it would delete the retained one)")
@@ -360,7 +372,6 @@ class MqttTransport(Transport):
         sha = hashlib.sha256(data).hexdigest()
         with self._rx_lock:
             self._seen.add(sha)  # never deliver our own packet back to ourselves
-        topic = self.config.packet_topic(fleet, task, agent_id)
         deadline = time.monotonic() + self.config.publish_timeout
         cs = self.config.chunk_size
         previous = self._own.get(topic)
@@ -462,7 +473,7 @@ class MqttTransport(Transport):
         levels = msg.topic.split("/")
         try:
             if len(levels) == 5 and levels[2] == "tasks":
-                self._on_task_message(levels[1], levels[3], levels[4], msg)
+                self._on_task_message(levels[1], decode_segment(levels[3]), decode_segment(levels[4]), msg)
             elif len(levels) == 5 and levels[2] == "chunks":
                 self._on_chunk(levels[3], int(levels[4]), msg)
         except ValueError as exc:
