@@ -51,7 +51,7 @@ class MosquittoBroker:
     """One ``mosquitto`` process that can be killed and restarted on the same port."""
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None, persistence: bool = False) -> None:
+                 tls: TlsFiles | None = None, persistence: bool = False, acl: list[str] | None = None) -> None:
         if MOSQUITTO is None:
             pytest.skip("mosquitto binary not found; run scripts/ci_mosquitto.sh")
         self.workdir = Path(workdir)
@@ -72,6 +72,11 @@ class MosquittoBroker:
                                capture_output=True)
             pw.chmod(0o600)
             lines += ["allow_anonymous false", f"password_file {pw}"]
+            if acl is not None:
+                acl_file = self.workdir / "acl"
+                acl_file.write_text("\n".join(acl) + "\n")
+                acl_file.chmod(0o600)
+                lines.append(f"acl_file {acl_file}")
         else:
             lines.append("allow_anonymous true")
         if tls:

@@ -57,7 +57,7 @@ def test_url_parsing() -> None:
     c = MqttConfig.from_url("mqtt://u:p@10.0.0.2:1884", "lab", username="other", tls_ca="/ca.pem")
     assert (c.port, c.username, c.password, c.tls, c.tls_ca) == (1884, "other", "p", True, Path("/ca.pem"))
     assert c.packet_topic("lab", "digits", "dev-1") == "skill/lab/tasks/digits/dev-1"
-    assert c.chunk_topic("lab", "ab" * 32, 7) == f"skill/lab/chunks/{'ab' * 32}/7"
+    assert c.chunk_topic("lab", "dev 1", "ab" * 32, 7) == f"skill/lab/chunks/dev%201/{'ab' * 32}/7"
     with pytest.raises(ValueError, match="not an MQTT URL"):
         MqttConfig.from_url("http://x", "lab")
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
@@ -132,7 +132,7 @@ def test_large_packet_is_chunked_and_reassembled(mosquitto: MosquittoBroker) -> 
     wait_for(lambda: len(seen) == 26, 10, "26 retained messages")
     c.loop_stop()
     sha = hashlib.sha256(big).hexdigest()
-    assert b"".join(seen[f"skill/{fleet}/chunks/{sha}/{i}"] for i in range(25)) == big
+    assert b"".join(seen[f"skill/{fleet}/chunks/dev-a/{sha}/{i}"] for i in range(25)) == big
 
     rx = connect(mosquitto, fleet)  # its own chunk size does not matter for receiving
     (p,) = list(rx.drain(idle=0.5, timeout=20))
@@ -154,7 +154,7 @@ def test_large_packet_is_chunked_and_reassembled(mosquitto: MosquittoBroker) -> 
     wait_for(lambda: len(retained_now) == 3, 5, "the 3 chunks of the new version")
     time.sleep(0.2)
     sha2 = hashlib.sha256(big2).hexdigest()
-    assert sorted(retained_now) == [f"skill/{fleet}/chunks/{sha2}/{i}" for i in range(3)], \
+    assert sorted(retained_now) == [f"skill/{fleet}/chunks/dev-a/{sha2}/{i}" for i in range(3)], \
         "superseded chunks must not stay retained on the broker forever"
     c.disconnect()
     for t in (pub, rx, late):
@@ -170,13 +170,13 @@ def test_corrupt_chunked_packet_is_dropped(mosquitto: MosquittoBroker) -> None:
     c = raw_client(mosquitto)
     tampered = bytearray(data[1000:2000])
     tampered[10] ^= 0xFF
-    c.publish(f"skill/{fleet}/chunks/{sha}/1", bytes(tampered), qos=1, retain=True).wait_for_publish(5)
-    c.publish(f"skill/{fleet}/chunks/{sha}/2", b"short", qos=1, retain=True).wait_for_publish(5)
+    c.publish(f"skill/{fleet}/chunks/a/{sha}/1", bytes(tampered), qos=1, retain=True).wait_for_publish(5)
+    c.publish(f"skill/{fleet}/chunks/a/{sha}/2", b"short", qos=1, retain=True).wait_for_publish(5)
     rx = connect(mosquitto, fleet)
     assert list(rx.drain(idle=0.5, timeout=10)) == []
     assert rx.stats.corrupt == 1, "the wrong-length chunk is refused"
     # put back the right length but wrong bytes: reassembly succeeds, the sha256 check fails
-    c.publish(f"skill/{fleet}/chunks/{sha}/2", b"\0" * 1000, qos=1, retain=True).wait_for_publish(5)
+    c.publish(f"skill/{fleet}/chunks/a/{sha}/2", b"\0" * 1000, qos=1, retain=True).wait_for_publish(5)
     rx._rerequest_stalled()
     assert list(rx.drain(idle=0.5, timeout=10)) == []
     assert rx.stats.corrupt == 2 and rx.pending() == 0
@@ -196,7 +196,7 @@ def test_chunked_transfer_resumes_after_disconnect(own_broker: MosquittoBroker) 
     lacking = {3, 17, 30, 31}
     c = raw_client(own_broker)  # take some chunks off the broker: the transfer stops half way
     for i in lacking:
-        c.publish(f"skill/{fleet}/chunks/{sha}/{i}", b"", qos=1, retain=True).wait_for_publish(5)
+        c.publish(f"skill/{fleet}/chunks/dev-a/{sha}/{i}", b"", qos=1, retain=True).wait_for_publish(5)
     c.loop_stop()
 
     rx = connect(own_broker, fleet, stall_rerequest=60)
@@ -293,6 +293,28 @@ def test_username_password_auth(tmp_path: Path) -> None:
         with pytest.raises(TransportAuthError, match="refused the connection"):
             open_transport(url, fleet, connect_timeout=5)  # anonymous is not allowed
         assert time.monotonic() - t0 < 3, "a refused login must fail fast, not retry until the timeout"
+    finally:
+        broker.kill()
+
+
+def test_broker_acl_pins_each_device_to_its_own_topics(tmp_path: Path) -> None:
+    """The layout puts the agent id in every topic a device writes, so an ACL can enforce it."""
+    acl = ["pattern read skill/#", "pattern write skill/+/tasks/+/%u", "pattern write skill/+/chunks/%u/#"]
+    broker = MosquittoBroker(tmp_path / "acl", users={"dev-1": "pw1", "dev-2": "pw2"}, acl=acl).start()
+    try:
+        fleet = fleet_name()
+        one = open_transport(broker.url, fleet, username="dev-1", password="pw1", chunk_size=1000, connect_timeout=5)
+        two = open_transport(broker.url, fleet, username="dev-2", password="pw2", connect_timeout=5)
+        big = os.urandom(5000)
+        one.publish(big, fleet=fleet, task="t", agent_id="dev-1", seq=1)  # chunked, own topics: allowed
+        assert [p.data for p in two.drain(idle=0.5, timeout=10)] == [big]
+        with pytest.raises(TransportAuthError, match="refused a publish: Not authorized"):
+            one.publish(b"forged", fleet=fleet, task="t", agent_id="dev-2", seq=9)
+        with pytest.raises(TransportAuthError, match="refused a publish"):
+            one.publish(os.urandom(3000), fleet=fleet, task="t", agent_id="dev-2", seq=9)  # chunks too
+        assert two.poll(timeout=0.5) == []
+        one.close()
+        two.close()
     finally:
         broker.kill()
 

@@ -4,8 +4,13 @@ Topic layout (``<root>`` defaults to ``skill``)::
 
     <root>/<fleet>/tasks/<task>/<agent_id>      retained, QoS 1: the latest packet of that agent
                                                 for that task, or a manifest pointing to chunks
-    <root>/<fleet>/chunks/<sha256>/<i>          retained, QoS 1: chunk i (0-based) of the packet
-                                                whose sha256 is <sha256>
+    <root>/<fleet>/chunks/<agent_id>/<sha256>/<i>
+                                                retained, QoS 1: chunk i (0-based) of that agent's
+                                                packet whose sha256 is <sha256>
+
+Every topic a device writes ends in or contains its agent id, so a broker ACL can pin each
+device to its own topics (mosquitto: ``pattern write skill/+/tasks/+/%u`` and
+``pattern write skill/+/chunks/%u/#``, ``pattern read skill/#``, with username = agent id).
 
 Task names and agent ids are percent-encoded where they hold characters outside
 ``A-Z a-z 0-9 _ . : @ = - ~`` (``base.encode_segment``), so ``/ + #`` can never break the layout.
@@ -141,8 +146,8 @@ class MqttConfig:
         return (f"{self.topic_root}/{fleet}/tasks/{encode_segment('task', task)}/"
                 f"{encode_segment('agent_id', agent_id)}")
 
-    def chunk_topic(self, fleet: str, sha256: str, index: int) -> str:
-        return f"{self.topic_root}/{fleet}/chunks/{sha256}/{index}"
+    def chunk_topic(self, fleet: str, agent_id: str, sha256: str, index: int | str) -> str:
+        return f"{self.topic_root}/{fleet}/chunks/{encode_segment('agent_id', agent_id)}/{sha256}/{index}"
 
 
 @dataclass(frozen=True)
@@ -316,9 +321,9 @@ class MqttTransport(Transport):
     def _handle_connack(self, reason_code: ReasonCode) -> None:
         first = not self._connack_event.is_set()
         self._connack = reason_code
-        self._connack_event.set()
         if reason_code.is_failure:
             log.error("broker %s refused the connection: %s", self.where, reason_code)
+            self._connack_event.set()
             return
         self.stats.connects += 1
         self._subscribe_all()
@@ -326,6 +331,7 @@ class MqttTransport(Transport):
         self._send_own(republish=not first and self.config.republish_on_reconnect)
         with self._acks:
             self._acks.notify_all()
+        self._connack_event.set()  # last: the constructor returns only once we are fully set up
         if not first:
             log.info("reconnected to %s", self.where)
 
@@ -353,9 +359,9 @@ class MqttTransport(Transport):
         """Resume: ask only for the chunks we lack (the broker re-sends their retained copies)."""
         missing = asm.missing()
         if not asm.parts or len(missing) > _MAX_RESUME_TOPICS:
-            filters = [f"{self.config.topic_root}/{asm.fleet}/chunks/{sha}/+"]
+            filters = [self.config.chunk_topic(asm.fleet, asm.agent_id, sha, "+")]
         else:
-            filters = [self.config.chunk_topic(asm.fleet, sha, i) for i in missing]
+            filters = [self.config.chunk_topic(asm.fleet, asm.agent_id, sha, i) for i in missing]
         asm.subscribed.update(filters)
         return [(f, QOS) for f in filters]
 
@@ -380,14 +386,14 @@ class MqttTransport(Transport):
             self._wait_acked([topic], deadline)
         else:
             manifest = Manifest(sha, len(data), cs, math.ceil(len(data) / cs), int(seq))
-            chunks = {self.config.chunk_topic(fleet, sha, i): (data[i * cs:(i + 1) * cs], None)
+            chunks = {self.config.chunk_topic(fleet, agent_id, sha, i): (data[i * cs:(i + 1) * cs], None)
                       for i in range(manifest.chunks)}
             self._put_own(chunks)
             self._wait_acked(list(chunks), deadline)
             self._put_own({topic: (manifest.to_json(), _properties(MANIFEST_CONTENT_TYPE, seq))})
             self._wait_acked([topic], deadline)
         if previous is not None:
-            self._retire_chunks(fleet, previous, keep=sha)
+            self._retire_chunks(fleet, agent_id, previous, keep=sha)
 
     def _put_own(self, messages: dict[str, tuple[bytes, Properties | None]]) -> None:
         with self._tx_lock:
@@ -448,7 +454,7 @@ class MqttTransport(Transport):
                 self._refused[mid] = reason_code
             self._acks.notify_all()
 
-    def _retire_chunks(self, fleet: str, previous: _OwnMessage, keep: str) -> None:
+    def _retire_chunks(self, fleet: str, agent_id: str, previous: _OwnMessage, keep: str) -> None:
         """Delete the retained chunks of the packet this topic carried before (now superseded)."""
         if previous.properties is None or getattr(previous.properties, "ContentType", "") != MANIFEST_CONTENT_TYPE:
             return
@@ -460,7 +466,7 @@ class MqttTransport(Transport):
             return
         with self._tx_lock:
             for i in range(old.chunks):
-                t = self.config.chunk_topic(fleet, old.sha256, i)
+                t = self.config.chunk_topic(fleet, agent_id, old.sha256, i)
                 self._own.pop(t, None)
                 self._client.publish(t, b"", qos=QOS, retain=True)  # empty retained = delete
 
@@ -474,8 +480,8 @@ class MqttTransport(Transport):
         try:
             if len(levels) == 5 and levels[2] == "tasks":
                 self._on_task_message(levels[1], decode_segment(levels[3]), decode_segment(levels[4]), msg)
-            elif len(levels) == 5 and levels[2] == "chunks":
-                self._on_chunk(levels[3], int(levels[4]), msg)
+            elif len(levels) == 6 and levels[2] == "chunks":
+                self._on_chunk(decode_segment(levels[3]), levels[4], int(levels[5]), msg)
         except ValueError as exc:
             self.stats.corrupt += 1
             log.warning("ignoring bad message on %s: %s", msg.topic, exc)
@@ -501,10 +507,10 @@ class MqttTransport(Transport):
         sha = hashlib.sha256(msg.payload).hexdigest()
         self._deliver(sha, ReceivedPacket(bytes(msg.payload), fleet, task, agent_id, seq, msg.topic))
 
-    def _on_chunk(self, sha: str, index: int, msg: mqtt.MQTTMessage) -> None:
+    def _on_chunk(self, agent_id: str, sha: str, index: int, msg: mqtt.MQTTMessage) -> None:
         with self._rx_lock:
             asm = self._assemblies.get(sha)
-            if asm is None or index in asm.parts:
+            if asm is None or asm.agent_id != agent_id or index in asm.parts:
                 self.stats.chunks_ignored += 1
                 return
             m = asm.manifest
