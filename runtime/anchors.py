@@ -175,13 +175,10 @@ def fit_mahalanobis(
     if y.max() >= c:
         raise AnchorError(f"label {int(y.max())} out of range for {c} classes")
     rng = np.random.default_rng(seed)
-    means = np.zeros((c, x.shape[1]), dtype=np.float64)
+    means = _class_means(x, y, c)
     picked_x, picked_y = [], []
     for cls in range(c):
         idx = np.flatnonzero(y == cls)
-        if idx.size == 0:
-            raise AnchorError(f"class {cls} has no training features; every class needs at least one")
-        means[cls] = x[idx].astype(np.float64).mean(axis=0)
         chosen = rng.choice(idx, size=min(m, idx.size), replace=False)
         picked_x.append(x[np.sort(chosen)])
         picked_y.append(np.full(chosen.size, cls))
@@ -190,6 +187,16 @@ def fit_mahalanobis(
         exemplars=np.concatenate(picked_x).astype(np.float32),
         exemplar_labels=np.concatenate(picked_y).astype(np.float32),
     )
+
+
+def _class_means(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+    means = np.zeros((c, x.shape[1]), dtype=np.float64)
+    for cls in range(c):
+        idx = np.flatnonzero(y == cls)
+        if idx.size == 0:
+            raise AnchorError(f"class {cls} has no training features; every class needs at least one")
+        means[cls] = x[idx].astype(np.float64).mean(axis=0)
+    return means
 
 
 def _check_labels(labels: np.ndarray, n: int) -> np.ndarray:
@@ -213,17 +220,15 @@ class TaskAnchors:
 
 
 def calibrate_thresholds(
-    anchors: TaskAnchors, held_out: np.ndarray, labels: np.ndarray | None = None,
-    percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
+    anchors: TaskAnchors, held_out: np.ndarray, percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
 ) -> dict[str, float]:
     """Open-set thresholds: the ``percentile``-th percentile of the task's own held-out scores.
 
     ``held_out`` are transformed features the anchors were *not* fitted on (training scores
-    are optimistic).  The GMMC score is the task's mixture log-likelihood, which depends on
-    the task's anchor alone, so a student computes exactly the same number.  The Mahalanobis
-    score needs the tied covariance, which only the student knows; the teacher uses the
-    shrinkage covariance of its own exemplars (the student's estimator on this task alone),
-    and students may re-calibrate (see ``MahalanobisMapper``).
+    are optimistic).  Both scores depend on the task's own anchor alone, so a student computes
+    exactly the same numbers: the GMMC mixture log-likelihood, and for Mahalanobis the distance
+    under the Ledoit-Wolf covariance of the task's own exemplars (``OwnExemplarMetric``; the
+    student's tied covariance, which depends on every task it holds, is used only to choose).
     """
     from .mapper import gmmc_task_loglik, mahalanobis_task_score  # scoring lives with the student
 
@@ -252,8 +257,10 @@ def fit_task_anchors(
 ) -> TaskAnchors:
     """Transform raw features, fit the requested anchors and calibrate their thresholds.
 
-    Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out (anchors fitted
-    on the rest); the anchors that are returned are then refitted on *all* features.
+    Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out.  The GMMC anchor
+    used for calibration is fitted on the rest and the returned one refitted on all features;
+    the Mahalanobis anchor returned is the calibrated one (class means from all features,
+    exemplars from the fitting part).
     """
     unknown = set(kinds) - {"gmmc", "maha"}
     if unknown or not kinds:
@@ -261,22 +268,26 @@ def fit_task_anchors(
     x = transform_features(_check_features(features), transform)
     y = _check_labels(labels, x.shape[0])
 
-    def fit(xs: np.ndarray, ys: np.ndarray) -> TaskAnchors:
-        return TaskAnchors(
-            feature_transform=transform,
-            gmmc=fit_gmmc(xs, k, seed, var_floor=var_floor, labels=ys if gmmc_per_class else None)
-            if "gmmc" in kinds else None,
-            maha=fit_mahalanobis(xs, ys, m, seed, num_classes=int(y.max()) + 1) if "maha" in kinds else None,
-        )
-
+    n_classes = int(y.max()) + 1
     fit_idx, cal_idx = _calibration_split(y, calibration_fraction, seed)
-    if cal_idx.size:
-        thresholds = calibrate_thresholds(fit(x[fit_idx], y[fit_idx]), x[cal_idx], y[cal_idx], percentile)
-    else:  # too little data to hold any out: fall back to (optimistic) training scores
-        thresholds = calibrate_thresholds(fit(x, y), x, y, percentile)
-    final = fit(x, y)
-    final.thresholds = thresholds
-    return final
+    if cal_idx.size == 0:  # too little data to hold any out: fall back to (optimistic) training scores
+        fit_idx = cal_idx = np.arange(y.size)
+    out = TaskAnchors(feature_transform=transform)
+    if "gmmc" in kinds:
+        def gmmc(idx: np.ndarray) -> GmmcAnchor:
+            return fit_gmmc(x[idx], k, seed, var_floor=var_floor, labels=y[idx] if gmmc_per_class else None)
+
+        out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, gmmc=gmmc(fit_idx)), x[cal_idx],
+                                                   percentile))
+        out.gmmc = gmmc(np.arange(y.size))  # refitted on everything; the mixture barely moves
+    if "maha" in kinds:
+        # Exemplars come from the fitting part only, so no held-out input is its own exemplar;
+        # the deployed anchor *is* the calibrated one (its metric depends on which exemplars it has).
+        part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes)
+        out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), part.exemplars,
+                                     part.exemplar_labels)
+        out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=out.maha), x[cal_idx], percentile))
+    return out
 
 
 def _calibration_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ kept rather than dropped) and Mahalanobis exemplars are thinned per class.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -302,14 +302,6 @@ def thin_exemplars(anchor: MahalanobisAnchor, m: int) -> MahalanobisAnchor:
 # ---------------------------------------------------------------------------- the ladder
 
 
-@dataclass(frozen=True)
-class _Level:
-    """One rung of the ladder before it is tied to a particular task."""
-
-    name: str
-    enc: dict[str, str] = field(default_factory=dict)
-
-
 _FP32 = {n: "f32" for n in ALLOWED_ENCODINGS}
 _FP16 = _FP32 | {"head.weight": "f16", "bb": "f16", "gmmc.means": "f16", "gmmc.variances": "f16_log",
                  "maha.class_means": "f16", "maha.exemplars": "f16"}
@@ -325,13 +317,13 @@ def plan_ladder(knowledge: TaskKnowledge, compression: str = "none") -> list[Enc
     fp16) -> merge GMMC components K-1, K-2, ..., 1 -> int8 BB -> exemplars per class m-1, ..., 1.
     Steps that do not apply to this task (no BB, no GMMC, ...) are left out.
     """
-    present = set(knowledge.tensors())
+    tensors = knowledge.tensors()
     k0 = knowledge.gmmc.k if knowledge.gmmc is not None else None
     m0 = exemplars_per_class(knowledge.maha, knowledge.num_classes) if knowledge.maha is not None else None
 
     def plan(name: str, enc: dict[str, str], k: int | None = k0, m: int | None = m0) -> EncodingPlan:
-        tensors = {n: _fallback(knowledge, n, enc[n]) for n in sorted(present)}
-        return EncodingPlan(step=name, tensors=tensors, compression=compression, gmmc_k=k, gmmc_k_original=k0,
+        chosen = {n: _fallback(tensors[n], enc[n]) for n in sorted(tensors)}
+        return EncodingPlan(step=name, tensors=chosen, compression=compression, gmmc_k=k, gmmc_k_original=k0,
                             exemplars_per_class=m, exemplars_per_class_original=m0)
 
     ladder = [plan("fp32", _FP32), plan("fp16", _FP16), plan("int8", _INT8)]
@@ -340,13 +332,13 @@ def plan_ladder(knowledge: TaskKnowledge, compression: str = "none") -> list[Enc
         for k in range(k0 - 1, 0, -1):
             ladder.append(plan(f"int8+gmmc_k={k}", _INT8, k=k))
     kk = f"+gmmc_k={k}" if k0 is not None and k != k0 else ""
-    if "bb" in present:
+    if "bb" in tensors:
         ladder.append(plan(f"int8{kk}+bb_int8", _INT8_BB, k=k))
     if m0 is not None and m0 > 1:
         for m in range(m0 - 1, 0, -1):
-            ladder.append(plan(f"int8{kk}{'+bb_int8' if 'bb' in present else ''}+exemplars={m}",
+            ladder.append(plan(f"int8{kk}{'+bb_int8' if 'bb' in tensors else ''}+exemplars={m}",
                                _INT8_BB, k=k, m=m))
-    # drop rungs identical to their predecessor (e.g. fp16 == int8 for a task with only a head bias)
+    # drop a rung identical to its predecessor (guards against degenerate tasks; normally none is)
     out: list[EncodingPlan] = []
     for p in ladder:
         if not out or _key(out[-1]) != _key(p):
@@ -358,9 +350,9 @@ def _key(p: EncodingPlan) -> tuple:
     return (tuple(sorted(p.tensors.items())), p.gmmc_k, p.exemplars_per_class)
 
 
-def _fallback(knowledge: TaskKnowledge, name: str, enc: str) -> str:
+def _fallback(x: np.ndarray, enc: str) -> str:
     """float16 cannot hold |x| > 65504: such a tensor stays float32 in the fp16 rung."""
-    if enc == "f16" and np.any(np.abs(knowledge.tensors()[name]) > np.finfo(np.float16).max):
+    if enc == "f16" and np.any(np.abs(x) > np.finfo(np.float16).max):
         return "f32"
     return enc
 

@@ -445,6 +445,8 @@ class MahalanobisMapper(TaskMapper):
         self.whiten = w.astype(np.float32)  # [D, D]
         self.center = np.mean([a.class_means.astype(np.float64).mean(axis=0) for a in anchors],
                               axis=0).astype(np.float32)
+        self._anchors = list(anchors)  # the bank's arrays, referenced (not copied) for the open-set metric
+        self._own_metric: dict[int, OwnExemplarMetric] = {}
         self.means_w = np.empty((self.layout.rows, d), dtype=np.float32)  # whitened class means
         self.half_sq_norm = np.empty(self.layout.rows, dtype=np.float32)
         for t, a in enumerate(anchors):
@@ -476,6 +478,17 @@ class MahalanobisMapper(TaskMapper):
         s -= zz[:, -1:]
         return s
 
+    def open_set_scores(self, x: np.ndarray, task_index: np.ndarray, selection: np.ndarray) -> np.ndarray:
+        """The chosen task's own-exemplar score (``OwnExemplarMetric``), the quantity teachers calibrate."""
+        out = np.empty(len(task_index), dtype=np.float64)
+        for t in np.unique(task_index):
+            t = int(t)
+            if t not in self._own_metric:
+                self._own_metric[t] = OwnExemplarMetric.from_anchor(self._anchors[t])
+            sel = task_index == t
+            out[sel] = self._own_metric[t].scores(x[sel])
+        return out
+
     def class_scores(self, x: np.ndarray) -> np.ndarray:
         """-0.5 * squared Mahalanobis distance to every class, [N, C] in task order (transformed features)."""
         zz = self._prepare_batch(np.asarray(x, dtype=np.float32))
@@ -484,9 +497,54 @@ class MahalanobisMapper(TaskMapper):
         return s[:, order]
 
 
+@dataclass
+class OwnExemplarMetric:
+    """One task's Mahalanobis metric from its *own* exemplars alone, kept low-rank.
+
+    The open-set test needs a score whose scale the teacher can calibrate, but the tied
+    covariance a student uses depends on every task it has received.  This metric depends on
+    the task's anchor only: Ledoit-Wolf shrinkage of the task's exemplars (centred by their
+    class means), ``S = a I + U U^T`` with ``U`` [D, n].  Woodbury's identity gives
+    ``(x - mu)^T S^-1 (x - mu) = (|v|^2 - w^T (a I + U^T U)^-1 w) / a`` with ``v = x - mu`` and
+    ``w = U^T v``, so scoring costs O(n D) per input and stores nothing beyond the exemplars.
+    """
+
+    class_means: np.ndarray  # [C, D] float64
+    a: float  # isotropic part
+    u: np.ndarray  # [D, n] low-rank part
+    k_inv: np.ndarray  # [n, n] inverse of (a I + U^T U)
+
+    @classmethod
+    def from_anchor(cls, anchor: MahalanobisAnchor) -> "OwnExemplarMetric":
+        means = anchor.class_means.astype(np.float64)
+        e = anchor.exemplars.astype(np.float64) - means[anchor.exemplar_labels.astype(np.int64)]
+        n, p = e.shape
+        gram = e @ e.T  # [n, n]; everything Ledoit-Wolf needs, without forming the D x D matrix
+        mu = float(np.trace(gram)) / (n * p)
+        fro2 = float((gram * gram).sum()) / n**2  # ||E^T E / n||_F^2
+        norm4 = float((np.diag(gram) ** 2).sum())
+        beta = (norm4 / n - fro2) / (p * n)
+        delta = (fro2 - 2.0 * mu * mu * p + p * mu * mu) / p
+        shrink = 0.0 if beta <= 0 or delta <= 0 else min(beta, delta) / delta
+        a = max(shrink * mu, 1e-12 * max(mu, 1e-30))
+        u = e.T * np.sqrt((1.0 - shrink) / n)
+        k_inv = np.linalg.inv(a * np.eye(n) + u.T @ u)
+        return cls(means, a, u, k_inv)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """max over the task's classes of -0.5 * squared distance, [N]."""
+        x = np.asarray(x, dtype=np.float64)
+        xu, mu_u = x @ self.u, self.class_means @ self.u  # [N, n], [C, n]
+        sq = ((x * x).sum(axis=1)[:, None] - 2.0 * x @ self.class_means.T
+              + (self.class_means ** 2).sum(axis=1)[None])  # [N, C]
+        w = xu[:, None, :] - mu_u[None]  # [N, C, n]
+        quad = np.einsum("ncj,jk,nck->nc", w, self.k_inv, w)
+        return (-0.5 * (sq - quad) / self.a).max(axis=1)
+
+
 def mahalanobis_task_score(anchor: MahalanobisAnchor, x: np.ndarray) -> np.ndarray:
-    """Teacher's view of one task's Mahalanobis score (covariance from its own exemplars), [N]."""
-    return MahalanobisMapper(["task"], [anchor]).task_scores(np.asarray(x, dtype=np.float32))[:, 0].astype(np.float64)
+    """Open-set score of one task: its own-exemplar Mahalanobis score (teacher and student agree), [N]."""
+    return OwnExemplarMetric.from_anchor(anchor).scores(x)
 
 
 def build_mapper(kind: Literal["gmmc", "maha"], knowledge: Sequence[TaskKnowledge], **kwargs) -> TaskMapper:

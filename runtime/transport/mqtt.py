@@ -103,6 +103,7 @@ class MqttConfig:
     max_packet_bytes: int = 256 * 1024 * 1024
     republish_on_reconnect: bool = True
     stall_rerequest: float = 3.0  # s without a new chunk before asking again for the missing ones
+    # (doubling after each fruitless ask, up to 60 s)
 
     def __post_init__(self) -> None:
         check_name("fleet", self.fleet)
@@ -198,6 +199,7 @@ class _Assembly:
     parts: dict[int, bytes] = field(default_factory=dict)
     subscribed: set[str] = field(default_factory=set)  # chunk topic filters we asked the broker for
     last_progress: float = field(default_factory=time.monotonic)
+    rerequests: int = 0  # asks since the last new chunk
 
     def missing(self) -> list[int]:
         return [i for i in range(self.manifest.chunks) if i not in self.parts]
@@ -473,7 +475,6 @@ class MqttTransport(Transport):
     # ------------------------------------------------------------------ receive
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # An exception escaping a callback would stop paho's network thread: log everything here.
-        self.last_activity = time.monotonic()
         if not msg.payload:
             return  # a deleted retained message
         levels = msg.topic.split("/")
@@ -500,6 +501,7 @@ class MqttTransport(Transport):
                 asm = _Assembly(manifest, fleet, task, agent_id, msg.topic)
                 self._assemblies[manifest.sha256] = asm
                 subs = self._chunk_subscriptions(manifest.sha256, asm)
+            self.last_activity = time.monotonic()
             self._client.subscribe(subs)
             return
         if content_type != PACKET_CONTENT_TYPE:
@@ -518,7 +520,8 @@ class MqttTransport(Transport):
                 raise ValueError(f"chunk {index} of {sha[:12]} has {len(msg.payload)} bytes, "
                                  f"expected {m.chunk_length(index) if index < m.chunks else 'no chunk'}")
             asm.parts[index] = bytes(msg.payload)
-            asm.last_progress = time.monotonic()
+            asm.last_progress = self.last_activity = time.monotonic()
+            asm.rerequests = 0
             self.stats.chunks_in += 1
             if len(asm.parts) < m.chunks:
                 return
@@ -537,6 +540,7 @@ class MqttTransport(Transport):
                 return
             self._seen.add(sha)
         self.stats.packets_in += 1
+        self.last_activity = time.monotonic()
         self._inbox.put(packet)
 
     def poll(self, timeout: float = 0.0) -> list[ReceivedPacket]:
@@ -560,8 +564,10 @@ class MqttTransport(Transport):
         subs: list[tuple[str, int]] = []
         with self._rx_lock:
             for sha, asm in self._assemblies.items():
-                if now - asm.last_progress > self.config.stall_rerequest:
+                wait = min(self.config.stall_rerequest * 2 ** asm.rerequests, 60.0)
+                if now - asm.last_progress > wait:
                     asm.last_progress = now
+                    asm.rerequests += 1
                     subs += self._chunk_subscriptions(sha, asm)
         for i in range(0, len(subs), 64):
             self._client.subscribe(subs[i:i + 64])

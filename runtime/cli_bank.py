@@ -1,0 +1,154 @@
+"""``skill-edge bank ls|show|rm|verify``: look into and tidy the device's knowledge bank."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skill_edge.runtime.bank import BankError, KnowledgeBank
+
+app = typer.Typer(help="Inspect and manage the on-device knowledge bank.", no_args_is_help=True)
+console = Console()
+
+BankOption = Annotated[
+    Optional[Path],
+    typer.Option("--bank", help="Bank directory [default: $SKILL_EDGE_HOME/bank or ~/.skill-edge/bank]"),
+]
+
+
+def default_bank_dir() -> Path:
+    """``$SKILL_EDGE_HOME/bank``, or ``~/.skill-edge/bank`` when the variable is unset."""
+    home = os.environ.get("SKILL_EDGE_HOME")
+    return (Path(home) if home else Path.home() / ".skill-edge") / "bank"
+
+
+def _open(bank: Path | None) -> KnowledgeBank:
+    root = bank or default_bank_dir()
+    if not (root / "index.json").exists() and not (root / "index.prev.json").exists():
+        console.print(f"[yellow]no bank at {root}[/]")
+        raise typer.Exit(1)
+    try:
+        return KnowledgeBank(root)
+    except BankError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command("ls")
+def list_tasks(bank: BankOption = None) -> None:
+    """List stored tasks (and quarantined items)."""
+    root = bank or default_bank_dir()
+    if not (root / "index.json").exists() and not (root / "index.prev.json").exists():
+        console.print(f"no bank at {root} (it is created by the first stored task)")
+        return
+    kb = _open(root)
+    table = Table(title=f"Knowledge bank {root}")
+    for col in ("task", "classes", "anchors", "BB", "seq", "agent", "source", "created", "bytes", "content"):
+        table.add_column(col, justify="right" if col in ("classes", "seq", "bytes") else "left")
+    for e in kb.entries():
+        table.add_row(e.task, str(e.classes), ",".join(e.anchors) or "-", "yes" if e.has_bb else "-", str(e.seq),
+                      e.agent, e.source, _when(e.created), f"{e.bytes:,}", e.content_hash[:12])
+    console.print(table)
+    quarantined = kb.quarantined()
+    if quarantined:
+        q_table = Table(title="Quarantined (never activated)")
+        for col in ("id", "task", "reason", "when", "bytes"):
+            q_table.add_column(col)
+        for q in quarantined:
+            q_table.add_row(q.id[:12], q.task or "?", q.reason, _when(q.quarantined_at), f"{q.bytes:,}")
+        console.print(q_table)
+    quota = f" of {kb.quota_bytes:,}" if kb.quota_bytes else ""
+    console.print(f"{len(kb.entries())} task(s), {kb.used_bytes():,}{quota} bytes used")
+
+
+@app.command()
+def show(task: str, bank: BankOption = None) -> None:
+    """Print one task: labels, tensor shapes, metadata, metrics, source."""
+    kb = _open(bank)
+    try:
+        knowledge = kb.get(task)
+        entry = next(e for e in kb.entries() if e.task == task)
+    except (BankError, StopIteration) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    m = knowledge.meta
+    console.print(f"[bold]{task}[/]  {knowledge.num_classes} classes, feature dim {knowledge.feature_dim}")
+    console.print(f"labels: {', '.join(knowledge.labels)}")
+    tensors = Table(title="tensors")
+    tensors.add_column("name")
+    tensors.add_column("shape")
+    tensors.add_column("bytes", justify="right")
+    for name, arr in knowledge.tensors().items():
+        tensors.add_row(name, str(tuple(arr.shape)), f"{arr.nbytes:,}")
+    console.print(tensors)
+    meta = Table(title="metadata", show_header=False)
+    for key, value in [("source", m.source), ("agent", m.agent_id), ("seq", m.seq), ("created", _when(m.created)),
+                       ("stored", _when(entry.stored)), ("n_train", m.n_train),
+                       ("feature transform", m.feature_transform), ("ROM fingerprint", m.rom_fingerprint or "-"),
+                       ("BB layout", m.bb_layout_hash or "-"), ("thresholds", knowledge.thresholds or "-"),
+                       ("packet bytes", "yes" if entry.has_packet else "no"), ("content hash", entry.content_hash),
+                       ("record", entry.record)]:
+        meta.add_row(key, str(value))
+    console.print(meta)
+    if m.metrics:
+        metrics = Table(title="metrics")
+        metrics.add_column("metric")
+        metrics.add_column("value", justify="right")
+        for key, value in sorted(m.metrics.items()):
+            metrics.add_row(key, f"{value:.4g}")
+        console.print(metrics)
+
+
+@app.command("rm")
+def remove(
+    name: Annotated[str, typer.Argument(help="Task name, or a quarantine id with --quarantined")],
+    quarantined: Annotated[bool, typer.Option("--quarantined", help="Remove a quarantined item")] = False,
+    bank: BankOption = None,
+) -> None:
+    """Remove a task (or, with --quarantined, a quarantined item by id or id prefix)."""
+    kb = _open(bank)
+    try:
+        if quarantined:
+            matches = [q.id for q in kb.quarantined() if q.id.startswith(name)]
+            if len(matches) != 1:
+                raise BankError(f"{len(matches)} quarantined items match {name!r}; give more of the id")
+            kb.remove_quarantined(matches[0])
+        else:
+            kb.remove(name)
+    except BankError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    console.print(f"removed {'quarantined item' if quarantined else 'task'} {name}")
+
+
+@app.command()
+def verify(bank: BankOption = None) -> None:
+    """Check every record against its sha256; exit 1 on any problem."""
+    kb = _open(bank)
+    try:
+        report = kb.verify()
+    except BankError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    for note in report.repaired:
+        console.print(f"[yellow]repaired: {note}[/]")
+    for problem in report.problems:
+        console.print(f"[red]problem: {problem}[/]")
+    if report.orphans:
+        console.print(f"{len(report.orphans)} unreferenced record dir(s) (crash leftovers, collected on next write)")
+    console.print(f"{len(report.tasks_checked)} task(s) verified, {report.quarantined} quarantined, "
+                  f"index: {report.index_file}")
+    if not report.ok:
+        console.print("[red]bank verify FAILED[/]")
+        raise typer.Exit(1)
+    console.print("[green]bank OK[/]")

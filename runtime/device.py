@@ -1,0 +1,297 @@
+"""The Device: one edge box with a ROM, a knowledge bank and a key — learn, classify, share.
+
+This is the Python API behind ``skill-edge learn|classify`` and behind every simulated
+device in ``firmware_sim``.  Flow for one image at classify time (no task oracle):
+
+    image -> trunk (once) -> tail with bb=0 -> raw features -> mapper -> task t
+          -> [if t has BB: tail again with t's biases, batched per task] -> head_t -> class
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from .anchors import DEFAULT_TRANSFORM, fit_task_anchors
+from .bank import KnowledgeBank
+from .datasets import ImageFolderTask, load_image_folder
+from .feature_cache import FeatureCache
+from .knowledge import TaskKnowledge, TaskMeta
+from .learn import head_accuracy, train_bb, train_head
+from .mapper import TaskMapper, build_mapper
+from .preprocess import ImageInput
+from .rom_engine import Extraction, RomEngine
+
+log = logging.getLogger(__name__)
+
+MapperKind = Literal["gmmc", "maha"]
+MAPPER_ALIASES = {"gmmc": "gmmc", "maha": "maha", "mahalanobis": "maha"}
+UNKNOWN = "unknown"
+
+
+class LearnError(ValueError):
+    """A task that cannot be learned from what was given (no images decoded, one class...)."""
+
+
+@dataclass
+class LearnReport:
+    task: str
+    classes: list[str]
+    n_train: int
+    n_test: int
+    skipped: list[tuple[str, str]]  # (path, reason) of images that could not be decoded
+    head_val_acc: float
+    test_acc: float  # oracle head accuracy on the task's own test split (nan without one)
+    bb_val_acc: float | None = None
+    bb_test_acc: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    knowledge: TaskKnowledge | None = None
+
+
+@dataclass
+class Prediction:
+    source: str
+    task: str | None  # None when unknown or unreadable
+    label: str | None
+    task_confidence: float
+    class_confidence: float
+    unknown: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "task": self.task, "label": self.label,
+                "task_confidence": round(self.task_confidence, 4), "class_confidence": round(self.class_confidence, 4),
+                "unknown": self.unknown, "error": self.error}
+
+
+@dataclass
+class FeatureBatch:
+    """Raw features (bb = 0) plus the trunk activations needed to rerun BB tails."""
+
+    features: np.ndarray
+    trunk_acts: np.ndarray | None
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def default_agent_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Device:
+    """A SKILL agent: teacher for the tasks it learns, student for the packets it receives."""
+
+    def __init__(self, home: str | Path, rom_dir: str | Path, *, providers: Sequence[str] | None = None,
+                 agent_id: str | None = None, quota_bytes: int | None = None, cache_dir: str | Path | None = None,
+                 threads: int | None = None, engine: RomEngine | None = None) -> None:
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.engine = engine or RomEngine(rom_dir, providers=providers, threads=threads)
+        self.bank = KnowledgeBank(self.home / "bank", quota_bytes=quota_bytes)
+        cache_root = Path(cache_dir or os.environ.get("SKILL_EDGE_CACHE") or self.home / "cache")
+        self.cache = FeatureCache(cache_root, self.engine.fingerprint)
+        self.agent_id = agent_id or self._key_id() or default_agent_id()
+        self._mappers: dict[str, tuple[str, TaskMapper]] = {}
+
+    # ------------------------------------------------------------------ identity
+    def _key_id(self) -> str | None:
+        try:
+            from .keys import load_device_key
+
+            return load_device_key(self.home).key_id
+        except Exception:  # noqa: BLE001 - no key yet is normal
+            return None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
+
+    # ------------------------------------------------------------------ features
+    def extract(self, paths: Sequence[Path], *, keep_trunk: bool = False,
+                progress: Callable[[int], None] | None = None) -> Extraction:
+        """ROM features for files, through the per-ROM feature cache."""
+        key = self.cache.key(paths, with_trunk=keep_trunk)
+        hit = self.cache.load(key)
+        if hit is not None:
+            if progress:
+                progress(len(paths))
+            return hit
+        ex = self.engine.extract(paths, keep_trunk=keep_trunk, progress=progress)
+        self.cache.save(key, ex)
+        return ex
+
+    # ------------------------------------------------------------------ learn (teacher)
+    def learn(self, task: str, data: str | Path | ImageFolderTask, *, bb: bool = False,
+              mappers: Sequence[str] = ("gmmc", "maha"), transform: str = DEFAULT_TRANSFORM, k: int = 25, m: int = 5,
+              seed: int = 0, bb_epochs: int = 8, store: bool = True,
+              progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
+        """Learn a task from an ImageFolder directory and (by default) store it in the bank."""
+        ds = data if isinstance(data, ImageFolderTask) else load_image_folder(data, seed=seed)
+        t0 = time.perf_counter()
+        done = [0]
+
+        def tick(n: int, total: int, what: str) -> None:
+            done[0] += n
+            if progress:
+                progress(what, done[0], total)
+
+        n_train = len(ds.train)
+        ex = self.extract(ds.train.paths, keep_trunk=bb, progress=lambda n: tick(n, n_train, "extract train"))
+        skipped = [(str(ds.train.paths[i]), why) for i, why in ex.failed]
+        if len(ex.index) == 0:
+            raise LearnError(f"none of the {n_train} training images of {task!r} could be decoded")
+        y = np.asarray(ds.train.labels)[ex.index]
+        present = np.unique(y)
+        if len(present) < 2:
+            raise LearnError(f"after skipping {len(skipped)} unreadable images, task {task!r} has training images "
+                             f"of only {len(present)} class; a task needs at least 2")
+        t_extract = time.perf_counter() - t0
+        knowledge, metrics = self.learn_features(task, ds.classes, ex.features, y, trunk_acts=ex.trunk_acts, bb=bb,
+                                                 mappers=mappers, transform=transform, k=k, m=m, seed=seed,
+                                                 bb_epochs=bb_epochs, source=f"learned:{Path(ds.root).resolve()}",
+                                                 progress=progress)
+        t_fit = time.perf_counter() - t0 - t_extract
+        test_acc, bb_test = float("nan"), None
+        if len(ds.test):
+            n_test = len(ds.test)
+            done[0] = 0
+            tex = self.extract(ds.test.paths, keep_trunk=bb, progress=lambda n: tick(n, n_test, "extract test"))
+            skipped += [(str(ds.test.paths[i]), why) for i, why in tex.failed]
+            ty = np.asarray(ds.test.labels)[tex.index]
+            if bb and knowledge.bb is not None:
+                feats = self.engine.tail(tex.trunk_acts, knowledge.bb)
+                bb_test = head_accuracy(knowledge.head_weight, knowledge.head_bias, feats, ty)
+                plain_head = metrics["plain_head"]
+                test_acc = head_accuracy(plain_head.weight, plain_head.bias, tex.features, ty)
+            else:
+                test_acc = head_accuracy(knowledge.head_weight, knowledge.head_bias, tex.features, ty)
+            knowledge.meta.metrics["test_acc"] = float(test_acc)
+            if bb_test is not None:
+                knowledge.meta.metrics["bb_test_acc"] = float(bb_test)
+        if store:
+            self.bank.put(knowledge)
+            self._mappers.clear()
+        return LearnReport(task, list(ds.classes), int(len(ex.index)), int(len(ds.test)), skipped,
+                           float(metrics["head_val_acc"]), float(test_acc), metrics.get("bb_val_acc"), bb_test,
+                           {"extract": t_extract, "fit": t_fit, "total": time.perf_counter() - t0}, knowledge)
+
+    def learn_features(self, task: str, classes: Sequence[str], features: np.ndarray, labels: np.ndarray, *,
+                       trunk_acts: np.ndarray | None = None, bb: bool = False,
+                       mappers: Sequence[str] = ("gmmc", "maha"), transform: str = DEFAULT_TRANSFORM, k: int = 25,
+                       m: int = 5, seed: int = 0, bb_epochs: int = 8, source: str = "",
+                       progress: Callable[[str, int, int], None] | None = None) -> tuple[TaskKnowledge, dict]:
+        """Fit head (+BB) and anchors from features already extracted with this ROM."""
+        labels = np.asarray(labels, np.int64)
+        kinds = tuple(dict.fromkeys(MAPPER_ALIASES[x] for x in mappers))
+        if progress:
+            progress("train head", 0, 1)
+        head = train_head(features, labels, len(classes), seed=seed)
+        metrics: dict = {"head_val_acc": head.val_accuracy, "plain_head": head}
+        bb_vec, bb_hash = None, ""
+        if bb:
+            if trunk_acts is None:
+                raise LearnError("BB training needs trunk activations (extract with keep_trunk=True)")
+            fit = train_bb(self.engine.rom_dir, trunk_acts, labels, len(classes), head, epochs=bb_epochs, seed=seed,
+                           progress=(lambda e, n, a: progress("train BB", e, n)) if progress else None)
+            metrics["bb_val_acc"] = fit.val_accuracy
+            metrics["bb_val_acc_without"] = fit.val_accuracy_without_bb
+            if fit.head.history.get("bb_best_epoch", 0) > 0:
+                head, bb_vec = fit.head, fit.bb
+                bb_hash = self.engine.manifest.tail_layout_hash()
+            else:
+                log.info("BB did not beat the plain head on validation for %s; shipping without BB", task)
+        if progress:
+            progress("fit anchors", 0, 1)
+        anchors = fit_task_anchors(features, labels, transform=transform, kinds=kinds, k=k, m=m, seed=seed)
+        prev = self._previous_seq(task)
+        meta = TaskMeta(agent_id=self.agent_id, seq=prev + 1, rom_fingerprint=self.fingerprint,
+                        bb_layout_hash=bb_hash, feature_transform=anchors.feature_transform,
+                        n_train=int(len(labels)), source=source,
+                        metrics={"head_val_acc": float(head.val_accuracy), "weight_decay": float(head.weight_decay),
+                                 **({"bb_val_acc": float(metrics["bb_val_acc"]),
+                                     "bb_val_acc_without": float(metrics["bb_val_acc_without"])} if bb else {})})
+        knowledge = TaskKnowledge(task=task, labels=[str(c) for c in classes], head_weight=head.weight,
+                                  head_bias=head.bias, meta=meta, bb=bb_vec, gmmc=anchors.gmmc, maha=anchors.maha,
+                                  thresholds=dict(anchors.thresholds)).validate()
+        return knowledge, metrics
+
+    def _previous_seq(self, task: str) -> int:
+        for e in self.bank.entries():
+            if e.task == task:
+                return int(e.seq)
+        return 0
+
+    # ------------------------------------------------------------------ classify (student)
+    def knowledge(self) -> list[TaskKnowledge]:
+        return self.bank.load_all()
+
+    def mapper(self, kind: str = "gmmc") -> tuple[TaskMapper, list[TaskKnowledge]]:
+        """The task mapper over every task in the bank (rebuilt when the bank changes)."""
+        kind = MAPPER_ALIASES[kind]
+        tasks = [k for k in self.knowledge() if (k.gmmc if kind == "gmmc" else k.maha) is not None]
+        if not tasks:
+            raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
+        stamp = ",".join(f"{k.task}:{k.content_hash()[:12]}" for k in tasks)
+        cached = self._mappers.get(kind)
+        if cached is None or cached[0] != stamp:
+            self._mappers[kind] = (stamp, build_mapper(kind, tasks))
+            self._tasks_cache = tasks
+        return self._mappers[kind][1], tasks
+
+    def featurize(self, images: Sequence[ImageInput]) -> tuple[FeatureBatch, list[tuple[int, str]], np.ndarray]:
+        ex = self.engine.extract(images, keep_trunk=True)
+        return FeatureBatch(ex.features, ex.trunk_acts), ex.failed, ex.index
+
+    def classify_features(self, batch: FeatureBatch, *, mapper: str = "gmmc",
+                          open_set: bool = True) -> dict[str, np.ndarray | list[str]]:
+        """Mapper picks the task, that task's head (with its BB tail pass) picks the class."""
+        mp, tasks = self.mapper(mapper)
+        res = mp.predict(batch.features)
+        n = len(batch.features)
+        cls = np.zeros(n, np.int64)
+        cls_conf = np.zeros(n, np.float64)
+        for t in np.unique(res.task_index):
+            rows = np.flatnonzero(res.task_index == t)
+            k = tasks[t]
+            feats = batch.features[rows]
+            if k.bb is not None:
+                if batch.trunk_acts is None:
+                    raise LearnError("task uses BB but no trunk activations were kept")
+                feats = self.engine.tail(batch.trunk_acts[rows], k.bb)  # one tail pass per task
+            p = _softmax(feats @ k.head_weight.T + k.head_bias)
+            cls[rows] = p.argmax(1)
+            cls_conf[rows] = p.max(1)
+        return {"task_index": res.task_index, "task_names": [k.task for k in tasks], "class_index": cls,
+                "task_confidence": res.confidence, "class_confidence": cls_conf,
+                "unknown": res.unknown if open_set else np.zeros(n, bool), "labels": [k.labels for k in tasks]}
+
+    def classify(self, images: Sequence[ImageInput], *, mapper: str = "gmmc", open_set: bool = True,
+                 names: Sequence[str] | None = None) -> list[Prediction]:
+        """Classify images of any known task, with no task oracle; unreadable inputs get ``error``."""
+        items = list(images)
+        names = list(names) if names is not None else [str(x) if isinstance(x, (str, Path)) else f"#{i}"
+                                                         for i, x in enumerate(items)]
+        batch, failed, index = self.featurize(items)
+        out: list[Prediction | None] = [None] * len(items)
+        for i, why in failed:
+            out[i] = Prediction(names[i], None, None, 0.0, 0.0, error=why)
+        if len(index):
+            r = self.classify_features(batch, mapper=mapper, open_set=open_set)
+            for row, i in enumerate(index):
+                t = int(r["task_index"][row])
+                unknown = bool(r["unknown"][row])
+                out[i] = Prediction(names[i], None if unknown else r["task_names"][t],
+                                    None if unknown else r["labels"][t][int(r["class_index"][row])],
+                                    float(r["task_confidence"][row]), float(r["class_confidence"][row]), unknown)
+        return [p for p in out if p is not None]
