@@ -51,7 +51,8 @@ class MosquittoBroker:
     """One ``mosquitto`` process that can be killed and restarted on the same port."""
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None, persistence: bool = False, acl: list[str] | None = None) -> None:
+                 tls: TlsFiles | None = None, persistence: bool = False, acl: list[str] | None = None,
+                 max_queued_messages: int = 10000, max_inflight_messages: int = 20) -> None:
         if MOSQUITTO is None:
             pytest.skip("mosquitto binary not found; run scripts/ci_mosquitto.sh")
         self.workdir = Path(workdir)
@@ -89,7 +90,7 @@ class MosquittoBroker:
         if os.geteuid() == 0:
             lines.append(f"user {getpass.getuser()}")  # keep root so it can read our temp files
         lines += ["log_dest stderr", "log_type error", "log_type warning", "log_type notice",
-                  "max_queued_messages 10000"]
+                  f"max_queued_messages {max_queued_messages}", f"max_inflight_messages {max_inflight_messages}"]
         self.config_path = self.workdir / "mosquitto.conf"
         self.config_path.write_text("\n".join(lines) + "\n")
 
