@@ -335,6 +335,7 @@ class Strategy:
         self.device = device
         self.dim = dim
         self.rng = rng
+        self._last_logits: torch.Tensor | None = None  # logits of the current minibatch, for DER++'s buffer
 
     def hparams(self) -> dict[str, Any]:
         return {}
