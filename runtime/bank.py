@@ -28,6 +28,7 @@ and the unreferenced leftovers are deleted by the next writer.  Records referenc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -289,7 +290,8 @@ class KnowledgeBank:
                 self._commit(index, {**index.tasks, task: entry})
             except OSError as exc:
                 if created:
-                    shutil.rmtree(self.records_dir / record, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        self._delete_dir(self.records_dir / record)
                 raise self._write_error(f"storing task {task!r} ({size:,} bytes)", exc) from exc
             self._collect_garbage()
         return entry
@@ -496,8 +498,7 @@ class KnowledgeBank:
                             f"the bank at {self.root} is locked by another writer (pid {holder}) and stayed "
                             f"locked for {wait:.1f}s; retry when it has finished") from None
                     time.sleep(0.01)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, f"{os.getpid():<12}\n".encode(), 0)  # fixed width: no truncate, no block churn
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock
@@ -507,10 +508,13 @@ class KnowledgeBank:
         for leftover in self.staging_dir.iterdir():
             self._delete_now(leftover)
         index, source = self._read_index()
-        if source == "index.prev.json":
-            self._repair_index(index)
-        elif source == "(empty)":
-            self._write_index_file("index.json", index.to_bytes())
+        try:
+            if source == "index.prev.json":
+                self._repair_index(index)
+            elif source == "(empty)":
+                self._write_index_file("index.json", index.to_bytes())
+        except OSError as exc:
+            raise self._write_error("repairing the index", exc) from exc
         self._collect_garbage()
         return index
 

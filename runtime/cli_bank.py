@@ -41,7 +41,7 @@ def _open(bank: Path | None) -> KnowledgeBank:
 
 
 def _when(t: float) -> str:
-    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("ls")
@@ -53,11 +53,12 @@ def list_tasks(bank: BankOption = None) -> None:
         return
     kb = _open(root)
     table = Table(title=f"Knowledge bank {root}")
-    for col in ("task", "classes", "anchors", "BB", "seq", "agent", "source", "created", "bytes", "content"):
-        table.add_column(col, justify="right" if col in ("classes", "seq", "bytes") else "left")
+    for col in ("task", "classes", "anchors", "BB", "seq", "agent", "source", "created", "bytes"):
+        numeric = col in ("classes", "seq", "bytes")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "BB")
     for e in kb.entries():
-        table.add_row(e.task, str(e.classes), ",".join(e.anchors) or "-", "yes" if e.has_bb else "-", str(e.seq),
-                      e.agent, e.source, _when(e.created), f"{e.bytes:,}", e.content_hash[:12])
+        table.add_row(e.task, str(e.classes), " ".join(e.anchors) or "-", "yes" if e.has_bb else "-", str(e.seq),
+                      e.agent, e.source, _when(e.created), f"{e.bytes:,}")
     console.print(table)
     quarantined = kb.quarantined()
     if quarantined:
@@ -92,10 +93,13 @@ def show(task: str, bank: BankOption = None) -> None:
         tensors.add_row(name, str(tuple(arr.shape)), f"{arr.nbytes:,}")
     console.print(tensors)
     meta = Table(title="metadata", show_header=False)
+    meta.add_column("key", no_wrap=True)
+    meta.add_column("value", overflow="fold")
+    thresholds = ", ".join(f"{k}={v:.4g}" for k, v in sorted(knowledge.thresholds.items())) or "-"
     for key, value in [("source", m.source), ("agent", m.agent_id), ("seq", m.seq), ("created", _when(m.created)),
                        ("stored", _when(entry.stored)), ("n_train", m.n_train),
                        ("feature transform", m.feature_transform), ("ROM fingerprint", m.rom_fingerprint or "-"),
-                       ("BB layout", m.bb_layout_hash or "-"), ("thresholds", knowledge.thresholds or "-"),
+                       ("BB layout", m.bb_layout_hash or "-"), ("thresholds", thresholds),
                        ("packet bytes", "yes" if entry.has_packet else "no"), ("content hash", entry.content_hash),
                        ("record", entry.record)]:
         meta.add_row(key, str(value))
