@@ -227,10 +227,11 @@ def test_cli_rom_info_and_verify(rom_dir: Path) -> None:
     assert res.exit_code == 1 and "manifest.json is missing" in res.output
 
 
-def test_cli_export_random_init_and_bad_weights(tmp_path: Path) -> None:
+def test_cli_export_with_missing_weights_fails_clearly(tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", "--backbone", "efficientnet_lite0", "--weights", str(tmp_path / "missing.pth"),
                               "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    assert res.exit_code == 2 and "does not exist" in " ".join(res.output.split())
+    assert not (tmp_path / "r" / "manifest.json").exists()
 
 
 # ----------------------------------------------------------------------------- TensorRT (GPU only)
