@@ -241,9 +241,10 @@ class MahaRecipe:
     transform: str = "sqrt_l2"
     m: int = 5  # exemplars per class; 0 = every training feature
     shrinkage: str = "ledoit_wolf"
+    exemplars: str = "random"  # or "principal"
 
     def label(self) -> str:
-        return f"maha {self.transform} m={'all' if self.m == 0 else self.m} {self.shrinkage}"
+        return f"maha {self.transform} m={'all' if self.m == 0 else self.m} {self.shrinkage} {self.exemplars}"
 
 
 def gmmc_mapper(r: GmmcRecipe, tasks: dict[str, TaskData], split: str, cache: AnchorCache,
@@ -260,7 +261,7 @@ def maha_anchor(r: MahaRecipe, t: TaskData, split: str) -> MahalanobisAnchor:
     if r.m == 0:  # reference: all training features as "exemplars" (not what a packet carries)
         a = fit_mahalanobis(x, s.y, m=1, seed=0)
         return MahalanobisAnchor(a.class_means, x, s.y.astype(np.float32))
-    return fit_mahalanobis(x, s.y, m=r.m, seed=0)
+    return fit_mahalanobis(x, s.y, m=r.m, seed=0, exemplars=r.exemplars)
 
 
 def maha_mapper(r: MahaRecipe, tasks: dict[str, TaskData], split: str,
@@ -371,7 +372,7 @@ def legit_study(tasks: dict[str, TaskData], bank: list[TaskKnowledge], seed: int
     rows = []
     for k in bank:
         others = [b for b in bank if b.task != k.task]
-        own = rng.choice([b.task for b in others], size=2, replace=False)
+        own = [str(n) for n in rng.choice([b.task for b in others], size=2, replace=False)]
         reference = {n: tasks[n].train.x for n in own}
         check = PlausibilityCheck(reference, others)
         ok, reason = check.check(k)
@@ -446,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     stage = [mh(MahaRecipe(transform=tf, shrinkage=sh)) for tf in ("raw", "sqrt", "l2", "sqrt_l2")
              for sh in ("ledoit_wolf", "oas")]
     mb = MahaRecipe(**best(stage)["recipe"])
-    stage += [mh(dataclasses.replace(mb, m=m)) for m in (10, 20, 0)]
+    stage += [mh(dataclasses.replace(mb, exemplars="principal"))]
+    stage += [mh(dataclasses.replace(mb, m=m, exemplars=e)) for m in (10, 20) for e in ("random", "principal")]
+    stage += [mh(dataclasses.replace(mb, m=0))]
     maha_best = MahaRecipe(**best([r for r in stage if r["recipe"]["m"] == 5])["recipe"])  # packets carry m=5
 
     # ---- head tie-breaker on validation

@@ -20,6 +20,7 @@ inputs that fit no stored task.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from sklearn.mixture import GaussianMixture
@@ -160,12 +161,20 @@ def fit_mahalanobis(
     seed: int = 0,
     *,
     num_classes: int | None = None,
+    exemplars: Literal["random", "principal"] = "random",
 ) -> MahalanobisAnchor:
     """Class means from all training features plus ``m`` exemplar features per class.
 
-    Exemplars are drawn uniformly without replacement (seeded); a class with fewer than
-    ``m`` samples contributes all of them.  Labels must be ``0 .. C-1``; every class needs
-    at least one sample (``num_classes`` lets the caller insist on C).
+    ``random`` (the paper): exemplars are drawn uniformly without replacement (seeded); a
+    class with fewer than ``m`` samples contributes all of them.  ``principal``: the same
+    number of rows, but synthetic: pairs ``mean_c +/- a_i v_i`` along the top principal axes
+    ``v_i`` of the task's within-class scatter (all training features), scaled so that the
+    rows' scatter around their class means is the rank-r part of that scatter.  A student's
+    tied covariance then gets the task's main directions of variation exactly instead of a
+    5-sample estimate of them; students need no change.
+
+    Labels must be ``0 .. C-1``; every class needs at least one sample (``num_classes`` lets
+    the caller insist on C).
     """
     x = _check_features(features)
     y = _check_labels(labels, x.shape[0])
@@ -176,6 +185,12 @@ def fit_mahalanobis(
         raise AnchorError(f"label {int(y.max())} out of range for {c} classes")
     rng = np.random.default_rng(seed)
     means = _class_means(x, y, c)
+    if exemplars == "principal":
+        n_rows = int(sum(min(m, int(np.sum(y == cls))) for cls in range(c)))
+        ex, lab = _principal_exemplars(x, y, means, n_rows)
+        return MahalanobisAnchor(means.astype(np.float32), ex.astype(np.float32), lab.astype(np.float32))
+    if exemplars != "random":
+        raise AnchorError(f"exemplars must be 'random' or 'principal', got {exemplars!r}")
     picked_x, picked_y = [], []
     for cls in range(c):
         idx = np.flatnonzero(y == cls)
@@ -187,6 +202,25 @@ def fit_mahalanobis(
         exemplars=np.concatenate(picked_x).astype(np.float32),
         exemplar_labels=np.concatenate(picked_y).astype(np.float32),
     )
+
+
+def _principal_exemplars(x: np.ndarray, y: np.ndarray, means: np.ndarray, n_rows: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """``n_rows`` rows whose scatter around their class means is the top of the within-class scatter.
+
+    With ``r = n_rows // 2`` axes of variances ``lam_i``, rows ``+/- sqrt(n_rows lam_i / 2) v_i``
+    have ``sum e e^T / n_rows = sum_i lam_i v_i v_i^T``: the same per-row scatter a student
+    would expect from ``n_rows`` random exemplars, minus its noisy tail.
+    """
+    centred = x.astype(np.float64) - means[y]
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    r = min(n_rows // 2, vt.shape[0])
+    scale = np.sqrt(n_rows * (sing[:r] ** 2 / x.shape[0]) / 2.0)
+    rows = np.concatenate([scale[:, None] * vt[:r], -scale[:, None] * vt[:r]])
+    pad = n_rows - rows.shape[0]  # odd budget (or rank-deficient data): class means, zero scatter
+    rows = np.concatenate([rows, np.zeros((pad, x.shape[1]))])
+    labels = np.arange(n_rows) % means.shape[0]  # classes take turns: m rows each
+    return rows + means[labels], labels
 
 
 def _class_means(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
@@ -252,6 +286,7 @@ def fit_task_anchors(
     seed: int = 0,
     var_floor: float = 0.1,
     gmmc_per_class: bool = False,
+    exemplars: Literal["random", "principal"] = "random",
     calibration_fraction: float = 0.2,
     percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
 ) -> TaskAnchors:
@@ -283,7 +318,7 @@ def fit_task_anchors(
     if "maha" in kinds:
         # Exemplars come from the fitting part only, so no held-out input is its own exemplar;
         # the deployed anchor *is* the calibrated one (its metric depends on which exemplars it has).
-        part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes)
+        part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes, exemplars=exemplars)
         out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), part.exemplars,
                                      part.exemplar_labels)
         out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=out.maha), x[cal_idx], percentile))

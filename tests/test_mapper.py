@@ -127,6 +127,24 @@ def test_fit_mahalanobis_means_and_seeded_exemplars():
         fit_mahalanobis(x[y != 1], np.where(y[y != 1] == 2, 2, 0), num_classes=3)
 
 
+def test_principal_exemplars_carry_the_top_within_class_scatter():
+    rng = np.random.default_rng(13)
+    y = np.arange(400) % 2
+    axes = np.diag([5.0, 3.0, 2.0, 0.5, 0.3, 0.2, 0.1, 0.1])
+    x = (rng.normal(size=(400, 8)) @ axes + 4.0 * y[:, None]).astype(np.float32)
+    a = fit_mahalanobis(x, y, m=3, exemplars="principal")
+    assert a.exemplars.shape == (6, 8) and np.bincount(a.exemplar_labels.astype(int)).tolist() == [3, 3]
+    np.testing.assert_allclose(a.class_means, fit_mahalanobis(x, y, m=3).class_means)
+    e = a.exemplars.astype(np.float64) - a.class_means[a.exemplar_labels.astype(int)]
+    means = a.class_means.astype(np.float64)
+    w = np.cov((x - means[y]).T, bias=True)
+    vals, vecs = np.linalg.eigh(w)
+    top = vecs[:, -3:] @ np.diag(vals[-3:]) @ vecs[:, -3:].T  # rank r = 6 // 2 = 3
+    np.testing.assert_allclose(e.T @ e / 6, top, atol=1e-4 * vals[-1])
+    with pytest.raises(AnchorError, match="exemplars must be"):
+        fit_mahalanobis(x, y, exemplars="kmeans")
+
+
 def test_thresholds_hold_out_most_own_test_data(tasks):
     x, y, xt, _ = tasks["task1"]
     a = fit_task_anchors(x, y, transform="sqrt_l2", k=6, percentile=1.0)
