@@ -1,0 +1,215 @@
+"""Accuracy on the real 21-task skill-bench: learn every task on one device, then classify every
+test image with no task oracle.
+
+Per task: oracle head accuracy (the task's own head on its own test set), mapper task-ID
+accuracy and no-oracle accuracy (right task AND right class), for GMMC and Mahalanobis.
+Means are over tasks, as in the paper.  A second part learns a few tasks with beneficial
+biases and reports oracle accuracy with and without BB.  Writes
+``results/skill_bench.json``, ``results/skill_bench_confusion.png`` and a README section.
+
+    python benchmarks/skill_bench.py [--data ../shared/data/skill-bench] [--bb-tasks mnist quickdraw brain-mri]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, SKILL_BENCH, md_table, update_readme, write_result  # noqa: E402
+
+MAPPERS = ("gmmc", "maha")
+MAPPER_NAMES = {"gmmc": "gmmc", "maha": "mahalanobis"}
+
+
+def task_order(root: Path) -> list[str]:
+    meta = root / "tasks.json"
+    if meta.exists():
+        return [t["task"] for t in json.loads(meta.read_text())]
+    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+
+
+def confusion_plot(names: list[str], conf: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(conf), figsize=(9 * len(conf), 8.5))
+    axes = np.atleast_1d(axes)
+    for ax, (mapper, m) in zip(axes, conf.items()):
+        norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+        im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("task chosen by the mapper")
+        ax.set_ylabel("true task of the test image")
+        ax.set_title(f"{MAPPER_NAMES[mapper]}: task-ID accuracy {np.trace(m) / m.sum():.3f} (image-weighted)")
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if norm[i, j] >= 0.02:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                            color="black" if norm[i, j] > 0.5 else "white")
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="fraction of the true task's test images")
+    fig.suptitle("skill-bench: confusion between tasks (no task oracle)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=SKILL_BENCH)
+    ap.add_argument("--rom", type=Path, default=None, help="ROM dir (default models/rom/efficientnet_lite0; built if absent)")
+    ap.add_argument("--cache", type=Path, default=None, help="feature cache dir (reused across runs)")
+    ap.add_argument("--tasks", nargs="*", default=None)
+    ap.add_argument("--bb-tasks", nargs="*", default=["mnist", "quickdraw", "brain-mri"])
+    ap.add_argument("--bb-epochs", type=int, default=8)
+    args = ap.parse_args()
+
+    from skill_edge.models import default_rom_dir
+    from skill_edge.runtime.datasets import load_image_folder
+    from skill_edge.runtime.device import Device, FeatureBatch
+    from skill_edge.runtime.learn import head_accuracy
+
+    rom = args.rom or default_rom_dir()
+    if not (rom / "manifest.json").exists():
+        from skill_edge.export.rom import build_rom
+
+        build_rom("efficientnet_lite0", rom)
+    tasks = args.tasks or task_order(args.data)
+    home = Path(tempfile.mkdtemp(prefix="skill-bench-"))
+    dev = Device(home, rom, cache_dir=args.cache)
+    timings = {"extract_s": 0.0, "fit_s": 0.0, "classify_s": 0.0}
+    per_task: dict[str, dict] = {}
+    test_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    t_all = time.perf_counter()
+    for i, name in enumerate(tasks):
+        ds = load_image_folder(args.data / name)
+        rep = dev.learn(name, ds)
+        timings["extract_s"] += rep.seconds["extract"]
+        timings["fit_s"] += rep.seconds["fit"]
+        tex = dev.extract(ds.test.paths)  # cache hit: learn() already extracted the test split
+        test_sets[name] = (tex.features, np.asarray(ds.test.labels)[tex.index])
+        per_task[name] = {"classes": len(ds.classes), "train": rep.n_train, "test": int(len(tex.index)),
+                          "skipped_images": len(rep.skipped), "oracle_acc": rep.test_acc,
+                          "head_val_acc": rep.head_val_acc}
+        print(f"[{i + 1}/{len(tasks)}] {name}: {rep.n_train} train, oracle test acc {rep.test_acc:.3f} "
+              f"({rep.seconds['total']:.0f}s)", flush=True)
+
+    names = tasks
+    conf = {}
+    t0 = time.perf_counter()
+    for mapper in MAPPERS:
+        m = np.zeros((len(names), len(names)), np.int64)
+        for ti, name in enumerate(names):
+            x, y = test_sets[name]
+            r = dev.classify_features(FeatureBatch(x, None), mapper=mapper, open_set=False)
+            chosen = np.asarray([names.index(r["task_names"][j]) for j in r["task_index"]])
+            right_task = chosen == ti
+            correct = right_task & (r["class_index"] == y)
+            per_task[name][f"task_id_acc_{mapper}"] = float(right_task.mean())
+            per_task[name][f"no_oracle_acc_{mapper}"] = float(correct.mean())
+            per_task[name][f"unknown_rate_{mapper}"] = float(
+                dev.classify_features(FeatureBatch(x, None), mapper=mapper)["unknown"].mean())
+            np.add.at(m[ti], chosen, 1)
+        conf[mapper] = m
+    timings["classify_s"] = time.perf_counter() - t0
+    n_test = sum(len(v[1]) for v in test_sets.values())
+    timings["classify_ms_per_image"] = 1000 * timings["classify_s"] / (2 * 2 * n_test)
+    timings["total_s"] = time.perf_counter() - t_all
+
+    mean = lambda key: float(np.mean([per_task[t][key] for t in names]))  # noqa: E731
+    summary = {
+        "tasks": len(names),
+        "test_images": n_test,
+        "mean_oracle_acc": mean("oracle_acc"),
+        "mean_no_oracle_acc": {MAPPER_NAMES[k]: mean(f"no_oracle_acc_{k}") for k in MAPPERS},
+        "mean_task_id_acc": {MAPPER_NAMES[k]: mean(f"task_id_acc_{k}") for k in MAPPERS},
+    }
+    oracle = summary["mean_oracle_acc"]
+    summary["no_oracle_over_oracle"] = {k: v / oracle for k, v in summary["mean_no_oracle_acc"].items()}
+    best = max(summary["no_oracle_over_oracle"], key=summary["no_oracle_over_oracle"].get)
+    summary["goals"] = {
+        "best_mapper": best,
+        "best_ratio>=0.93": summary["no_oracle_over_oracle"][best] >= 0.93,
+        "gmmc_ratio>=0.89": summary["no_oracle_over_oracle"]["gmmc"] >= 0.89,
+        "mean_oracle_acc>=0.85": oracle >= 0.85,
+    }
+    print(json.dumps(summary, indent=1), flush=True)
+
+    # ---- beneficial biases on a few tasks: oracle accuracy with vs without
+    bb_rows = []
+    bb_dev = Device(home / "bb", rom, cache_dir=args.cache, engine=dev.engine)
+    for name in [t for t in args.bb_tasks if t in names]:
+        ds = load_image_folder(args.data / name)
+        t1 = time.perf_counter()
+        rep = bb_dev.learn(name, ds, bb=True, bb_epochs=args.bb_epochs, store=False)
+        k = rep.knowledge
+        bb_rows.append({"task": name, "oracle_acc_without_bb": rep.test_acc,
+                        "oracle_acc_with_bb": rep.bb_test_acc if rep.bb_test_acc is not None else rep.test_acc,
+                        "bb_kept": k.bb is not None, "val_acc_without_bb": k.meta.metrics.get("bb_val_acc_without"),
+                        "val_acc_with_bb": k.meta.metrics.get("bb_val_acc"), "seconds": time.perf_counter() - t1})
+        print(f"BB {name}: {bb_rows[-1]}", flush=True)
+    timings["bb_s"] = float(sum(r["seconds"] for r in bb_rows))
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = RESULTS / "skill_bench_confusion.png"
+    confusion_plot(names, conf, png)
+    path = write_result("skill_bench", {
+        "rom": json.loads((rom / "manifest.json").read_text())["fingerprint"],
+        "backbone": "efficientnet_lite0",
+        "summary": summary,
+        "per_task": per_task,
+        "task_confusion": {MAPPER_NAMES[k]: v.tolist() for k, v in conf.items()},
+        "task_order": names,
+        "beneficial_biases": bb_rows,
+        "timings": timings,
+    })
+    meta = json.loads(path.read_text())
+    rows = [[t, per_task[t]["classes"], per_task[t]["test"], f"{per_task[t]['oracle_acc']:.3f}",
+             f"{per_task[t]['task_id_acc_gmmc']:.3f}", f"{per_task[t]['no_oracle_acc_gmmc']:.3f}",
+             f"{per_task[t]['task_id_acc_maha']:.3f}", f"{per_task[t]['no_oracle_acc_maha']:.3f}"] for t in names]
+    rows.append(["**mean**", "", n_test, f"**{oracle:.3f}**",
+                 f"{summary['mean_task_id_acc']['gmmc']:.3f}", f"**{summary['mean_no_oracle_acc']['gmmc']:.3f}**",
+                 f"{summary['mean_task_id_acc']['mahalanobis']:.3f}",
+                 f"**{summary['mean_no_oracle_acc']['mahalanobis']:.3f}**"])
+    table = md_table(["task", "classes", "test", "oracle acc", "GMMC task-ID", "GMMC no-oracle",
+                      "Maha task-ID", "Maha no-oracle"], rows)
+    ratios = md_table(["setting", "no-oracle accuracy", "x oracle", "goal"], [
+        ["oracle (upper bound)", f"{oracle:.3f}", "1", ">= 0.85 absolute: " + ("met" if oracle >= 0.85 else "missed")],
+        ["Mahalanobis (5 exemplar features/class)", f"{summary['mean_no_oracle_acc']['mahalanobis']:.3f}",
+         f"{summary['no_oracle_over_oracle']['mahalanobis']:.3f}", ">= 0.93 (best mapper)"],
+        ["GMMC (k=25)", f"{summary['mean_no_oracle_acc']['gmmc']:.3f}",
+         f"{summary['no_oracle_over_oracle']['gmmc']:.3f}", ">= 0.89"],
+    ])
+    bbt = md_table(["task", "oracle acc without BB", "with BB", "BB kept (beat plain on val)"],
+                   [[r["task"], f"{r['oracle_acc_without_bb']:.3f}", f"{r['oracle_acc_with_bb']:.3f}", r["bb_kept"]]
+                    for r in bb_rows]) if bb_rows else "(not run)"
+    update_readme("skill_bench", f"""## skill-bench accuracy, no task oracle (`benchmarks/skill_bench.py`)
+
+Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores. Command: `{meta['command']}`.
+Date: {meta['date']}. Backbone: EfficientNet-Lite0 ROM, no BB. Results: [`results/skill_bench.json`](results/skill_bench.json);
+confusion between tasks: [`results/skill_bench_confusion.png`](results/skill_bench_confusion.png).
+
+{ratios}
+
+{table}
+
+Beneficial biases (tail biases + head, trained on cached trunk activations; oracle accuracy on the test split):
+
+{bbt}
+
+Timings: extraction {timings['extract_s']:.0f} s, fitting {timings['fit_s']:.0f} s, classification
+{timings['classify_ms_per_image']:.3f} ms/image (mapper + head, features given), BB part {timings['bb_s']:.0f} s.
+""")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
