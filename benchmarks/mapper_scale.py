@@ -3,7 +3,8 @@
 Synthetic anchors (k = 25 diagonal Gaussians per task for GMMC; 10 classes x 5 exemplars per
 task for Mahalanobis) for 100, 1,000 and 10,000 tasks at D = 1280 (EfficientNet-Lite0) and
 D = 2048 (Xception).  Latency is the median over repeats of one ``predict`` call on a batch of
-32 raw feature vectors, after warm-up, divided by 32, with BLAS limited to 2 threads.  Memory
+32 raw feature vectors, after warm-up, divided by 32, with BLAS and torch limited to 2 threads
+(the mapper's big matrix products go through torch's sgemm when torch is installed).  Memory
 is the bytes of the mapper's own arrays (``TaskMapper.nbytes``).
 
 For Mahalanobis with more than ``--cov-tasks`` tasks the tied covariance is estimated from the
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy/torch load
     os.environ.setdefault(_var, "2")
 
 import argparse  # noqa: E402
@@ -29,6 +30,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor  # noqa: E402
 from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter  # noqa: E402
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cov-tasks", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=RESULTS / "mapper_scale.json")
     args = ap.parse_args(argv)
+    torch.set_num_threads(2)
 
     rng = np.random.default_rng(0)
     rows = []
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": {
             "cpu": cpu_model(), "cores": os.cpu_count(), "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "numpy": np.__version__, "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
             "load_average_at_end": list(os.getloadavg()),
         },
         "settings": {"batch": args.batch, "k": args.k, "classes_per_task": args.classes,
@@ -154,7 +158,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Task-mapper scaling",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, BLAS threads {m['blas_threads']}, numpy {m['numpy']}; "
+        f"Machine: {m['cpu']}, {m['cores']} cores, BLAS threads {m['blas_threads']}, torch threads "
+        f"{m['torch_threads']}, numpy {m['numpy']}, torch {m['torch']}; "
         f"load average at end {', '.join(f'{v:.2f}' for v in m['load_average_at_end'])} (shared machine).",
         f"Command: `{result['command']}`",
         "",
