@@ -10,8 +10,11 @@ Every stored task is scored in one vectorised pass over the batch:
   scored with one matrix product in the whitened metric, and a task's score is its best class.
 
 Both report, per input, the best task, its posterior over tasks (softmax of the per-task
-log-likelihoods), the full score matrix, and ``unknown`` when the best task's own
-log-likelihood falls below that task's calibrated open-set threshold.
+log-likelihoods), the full score matrix, and ``unknown`` when the chosen task's open-set
+score falls below the threshold its teacher calibrated.  The open-set score depends on that
+task's anchor alone (GMMC: its mixture log-likelihood; Mahalanobis: the distance under its
+own exemplars' covariance, ``OwnExemplarMetric``), so it means on every student exactly what
+it meant on the teacher, however many other tasks the student holds.
 
 Inputs are *raw* pooled backbone features; the mapper applies the feature transform its
 tasks were fitted in (``TaskKnowledge.meta.feature_transform``) and refuses to mix tasks
@@ -538,6 +541,8 @@ class OwnExemplarMetric:
     a: float  # isotropic part
     u: np.ndarray  # [D, n] low-rank part
     k_inv: np.ndarray  # [n, n] inverse of (a I + U^T U)
+    means_u: np.ndarray  # [C, n] U^T mu_c
+    means_sq: np.ndarray  # [C] |mu_c|^2
 
     @classmethod
     def from_anchor(cls, anchor: MahalanobisAnchor) -> "OwnExemplarMetric":
@@ -552,18 +557,16 @@ class OwnExemplarMetric:
         delta = (fro2 - 2.0 * mu * mu * p + p * mu * mu) / p
         shrink = 0.0 if beta <= 0 or delta <= 0 else min(beta, delta) / delta
         a = max(shrink * mu, 1e-12 * max(mu, 1e-30))
-        u = e.T * np.sqrt((1.0 - shrink) / n)
+        u = np.ascontiguousarray(e.T * np.sqrt((1.0 - shrink) / n))
         k_inv = np.linalg.inv(a * np.eye(n) + u.T @ u)
-        return cls(means, a, u, k_inv)
+        return cls(means, a, u, k_inv, means @ u, (means * means).sum(axis=1))
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """max over the task's classes of -0.5 * squared distance, [N]."""
         x = np.asarray(x, dtype=np.float64)
-        xu, mu_u = x @ self.u, self.class_means @ self.u  # [N, n], [C, n]
-        sq = ((x * x).sum(axis=1)[:, None] - 2.0 * x @ self.class_means.T
-              + (self.class_means ** 2).sum(axis=1)[None])  # [N, C]
-        w = xu[:, None, :] - mu_u[None]  # [N, C, n]
-        quad = np.einsum("ncj,jk,nck->nc", w, self.k_inv, w)
+        sq = (x * x).sum(axis=1)[:, None] - 2.0 * x @ self.class_means.T + self.means_sq  # [N, C]
+        w = (x @ self.u)[:, None, :] - self.means_u[None]  # [N, C, n]
+        quad = ((w @ self.k_inv) * w).sum(axis=2)
         return (-0.5 * (sq - quad) / self.a).max(axis=1)
 
 
