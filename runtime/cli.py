@@ -133,16 +133,14 @@ def learn_command(
     tmp = pkt_path.with_suffix(".tmp")
     tmp.write_bytes(packet)
     os.replace(tmp, pkt_path)
-    from .packet import PacketCodec as _Codec
-
-    plan = _Codec().decode(packet).plan
+    plan = PacketCodec().decode(packet).plan
     summary = {
         "task": task, "classes": report.classes, "train_images": report.n_train, "test_images": report.n_test,
         "skipped_images": len(report.skipped), "head_val_acc": round(report.head_val_acc, 4),
         "test_acc": None if report.test_acc != report.test_acc else round(report.test_acc, 4),
         "bb": knowledge.bb is not None, "bb_test_acc": report.bb_test_acc,
         "anchors": [a for a in ("gmmc", "maha") if getattr(knowledge, a) is not None],
-        "packet": str(pkt_path), "packet_bytes": len(packet), "packet_plan": plan.name,
+        "packet": str(pkt_path), "packet_bytes": len(packet), "packet_plan": plan.step,
         "seconds": {k2: round(v, 2) for k2, v in report.seconds.items()},
     }
     if as_json:

@@ -1,0 +1,231 @@
+"""The device end to end on the real ROM: learn -> bank -> classify, from folders and from a video file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from skill_edge.cli import app
+from skill_edge.runtime.device import Device, FeatureBatch, LearnError
+from skill_edge.runtime.knowledge import TaskKnowledge
+
+runner = CliRunner()
+
+
+def _digit_task(root: Path, classes: list[int], n_train: int = 24, n_test: int = 8, seed: int = 0) -> Path:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(d.target == c))[: n_train + n_test]
+        for j, i in enumerate(idx):
+            split = "test" if j < n_test else "train"
+            p = root / split / f"d{c}"
+            p.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((d.images[i] * 15.9).astype(np.uint8)).resize((32, 32), Image.NEAREST).save(p / f"{i}.png")
+    return root
+
+
+def _shape_task(root: Path, n_train: int = 24, n_test: int = 8, seed: int = 1) -> Path:
+    """Colour photos-ish: red discs vs blue squares on noisy backgrounds (a different domain from digits)."""
+    rng = np.random.default_rng(seed)
+    for j in range(n_train + n_test):
+        split = "test" if j < n_test else "train"
+        for label in ("disc", "square"):
+            img = (rng.random((64, 64, 3)) * 60 + 100).astype(np.uint8)
+            cx, cy, r = rng.integers(20, 44, size=2).tolist() + [int(rng.integers(8, 14))]
+            yy, xx = np.mgrid[:64, :64]
+            mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) if label == "disc" else \
+                ((abs(xx - cx) < r) & (abs(yy - cy) < r))
+            img[mask] = (220, 30, 30) if label == "disc" else (30, 30, 220)
+            p = root / split / label
+            p.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(p / f"{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tasks")
+    return {"digits-low": _digit_task(base / "digits-low", [0, 1, 2]),
+            "shapes": _shape_task(base / "shapes")}
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory, rom_dir: Path, tasks: dict[str, Path]) -> Path:
+    """A device home that has learned both tasks through the CLI."""
+    home = tmp_path_factory.mktemp("home")
+    for name, path in tasks.items():
+        res = runner.invoke(app, ["learn", "--task", name, "--data", str(path), "--home", str(home),
+                                  "--rom", str(rom_dir), "--json"])
+        assert res.exit_code == 0, res.output
+    return home
+
+
+def test_learn_writes_bank_and_signed_packet(learned: Path, rom_dir: Path) -> None:
+    dev = Device(learned, rom_dir)
+    entries = {e.task: e for e in dev.bank.entries()}
+    assert set(entries) == {"digits-low", "shapes"}
+    k = dev.bank.get("digits-low")
+    assert k.labels == ["d0", "d1", "d2"] and k.gmmc is not None and k.gmmc.k == 25 and k.maha is not None
+    assert k.meta.rom_fingerprint == dev.fingerprint and k.meta.seq == 1
+    assert k.meta.metrics["test_acc"] >= 0.8
+    packets = sorted((learned / "outbox").glob("*.skp"))
+    assert [p.name for p in packets] == ["digits-low-1.skp", "shapes-1.skp"]
+    res = runner.invoke(app, ["packet", "inspect", str(packets[0]), "--home", str(learned)])
+    assert res.exit_code == 0, res.output
+
+
+def test_classify_without_oracle_from_cli(learned: Path, rom_dir: Path, tasks: dict[str, Path]) -> None:
+    files = sorted((tasks["digits-low"] / "test").glob("*/*.png")) + sorted((tasks["shapes"] / "test").glob("*/*.png"))
+    res = runner.invoke(app, ["classify", *map(str, files), "--home", str(learned), "--rom", str(rom_dir), "--json",
+                              "--no-open-set"])
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.stdout)
+    assert len(preds) == len(files)
+    right_task = right = 0
+    for f, p in zip(files, preds):
+        task = f.parents[2].name
+        right_task += p["task"] == task
+        right += p["task"] == task and p["label"] == f.parent.name
+    assert right_task / len(files) >= 0.9
+    assert right / len(files) >= 0.8
+
+
+def test_relearning_bumps_sequence(learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(learned, home)
+    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--mapper", "gmmc", "--budget", "40KB", "--json"])
+    assert res.exit_code == 0, res.output
+    k = Device(home, rom_dir).bank.get("shapes")
+    assert k.meta.seq == 2 and k.maha is None
+    pkt = home / "outbox" / "shapes-2.skp"
+    assert pkt.exists() and pkt.stat().st_size <= 40_000
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, rom_dir: Path) -> None:
+    task = _digit_task(tmp_path / "t", [3, 4], n_train=10, n_test=4)
+    (task / "train" / "d3" / "garbage.png").write_bytes(b"this is not a png")
+    good = next((task / "train" / "d4").glob("*.png")).read_bytes()
+    (task / "train" / "d4" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (task / "train" / "d4" / "empty.jpg").write_bytes(b"")
+    res = runner.invoke(app, ["learn", "--task", "t", "--data", str(task), "--home", str(tmp_path / "h"),
+                              "--rom", str(rom_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["skipped_images"] == 3 and summary["train_images"] == 20
+
+
+def test_single_class_and_empty_class_are_clear_errors(tmp_path: Path, rom_dir: Path) -> None:
+    one = _digit_task(tmp_path / "one", [5], n_train=5, n_test=2)
+    res = runner.invoke(app, ["learn", "--task", "one", "--data", str(one), "--home", str(tmp_path / "h"),
+                              "--rom", str(rom_dir)])
+    assert res.exit_code == 2 and "at least 2" in " ".join(res.output.split())
+    empty = _digit_task(tmp_path / "empty", [5, 6], n_train=5, n_test=2)
+    (empty / "train" / "d7").mkdir()
+    res = runner.invoke(app, ["learn", "--task", "empty", "--data", str(empty), "--home", str(tmp_path / "h"),
+                              "--rom", str(rom_dir)])
+    assert res.exit_code == 2 and "d7" in res.output and "hold no images" in " ".join(res.output.split())
+    garbage_only = _digit_task(tmp_path / "g", [1, 2], n_train=3, n_test=1)
+    for p in (garbage_only / "train").glob("d2/*.png"):
+        p.write_bytes(b"broken")
+    res = runner.invoke(app, ["learn", "--task", "g", "--data", str(garbage_only), "--home", str(tmp_path / "h"),
+                              "--rom", str(rom_dir)])
+    assert res.exit_code == 2 and "only 1 class" in " ".join(res.output.split())
+
+
+def test_classify_reports_unreadable_inputs(learned: Path, rom_dir: Path, tmp_path: Path, tasks) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = next((tasks["shapes"] / "test" / "disc").glob("*.png"))
+    preds = Device(learned, rom_dir).classify([bad, good])
+    assert preds[0].error and "not a readable image" in preds[0].error and preds[0].task is None
+    assert preds[1].error is None and preds[1].task == "shapes"
+
+
+def test_bb_tail_is_rerun_per_task(learned: Path, rom_dir: Path, tasks: dict[str, Path]) -> None:
+    """A task carrying BB gets its images' tail rerun with its biases before its head."""
+    dev = Device(learned, rom_dir)
+    k: TaskKnowledge = dev.bank.get("shapes")
+    bb = (0.3 * np.random.default_rng(0).standard_normal(dev.engine.tail_bias_total)).astype(np.float32)
+    k.bb, k.meta.bb_layout_hash = bb, dev.engine.manifest.tail_layout_hash()
+    dev.bank.put(k.validate())
+    files = sorted((tasks["shapes"] / "test").glob("*/*.png"))
+    batch, failed, _ = dev.featurize(files)
+    assert not failed and batch.trunk_acts is not None
+    r = dev.classify_features(batch, mapper="gmmc", open_set=False)
+    rows = np.flatnonzero(np.asarray(r["task_names"])[r["task_index"]] == "shapes")
+    assert len(rows) >= len(files) - 1
+    want = (dev.engine.tail(batch.trunk_acts[rows], bb) @ k.head_weight.T + k.head_bias).argmax(1)
+    plain = (batch.features[rows] @ k.head_weight.T + k.head_bias).argmax(1)
+    assert np.array_equal(r["class_index"][rows], want)
+    assert not np.allclose(dev.engine.tail(batch.trunk_acts[rows], bb), batch.features[rows])
+    assert plain.shape == want.shape
+
+
+def test_open_set_flags_out_of_distribution_inputs(learned: Path, rom_dir: Path) -> None:
+    from sklearn.datasets import load_sample_images
+
+    dev = Device(learned, rom_dir)
+    preds = dev.classify(list(load_sample_images().images))  # two natural photos: neither digits nor shapes
+    assert all(p.unknown and p.task is None for p in preds), [p.to_dict() for p in preds]
+
+
+def test_learn_and_classify_from_a_video_file(tmp_path: Path, rom_dir: Path) -> None:
+    """`learn --camera file://clip` captures labelled frames into an ImageFolder, then learns from it."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 96))
+    assert writer.isOpened()
+    frames_per_label = 20
+    for label in ("red", "blue"):
+        for _ in range(frames_per_label):
+            img = (rng.random((96, 96, 3)) * 50 + 90).astype(np.uint8)
+            cx, cy = rng.integers(30, 66, size=2)
+            color = (40, 40, 230) if label == "red" else (230, 40, 40)  # BGR
+            cv2.circle(img, (int(cx), int(cy)), int(rng.integers(14, 24)), color, -1)
+            writer.write(img)
+    writer.release()
+    home = tmp_path / "home"
+    res = runner.invoke(app, ["learn", "--task", "colours", "--camera", f"file://{clip}", "--labels", "red,blue",
+                              "--frames", str(frames_per_label), "--countdown", "0", "--home", str(home),
+                              "--rom", str(rom_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    cap = home / "captures" / "colours" / "train"
+    assert sorted(p.name for p in cap.iterdir()) == ["blue", "red"]
+    assert all(len(list((cap / c).glob("*.jpg"))) == frames_per_label for c in ("red", "blue"))
+    res = runner.invoke(app, ["classify", "--camera", f"file://{clip}", "--frames", "40", "--home", str(home),
+                              "--rom", str(rom_dir), "--json", "--no-open-set"])
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.stdout)
+    labels = [p["label"] for p in preds]
+    assert len(labels) == 40
+    acc = np.mean([lab == ("red" if i < frames_per_label else "blue") for i, lab in enumerate(labels)])
+    assert acc >= 0.9
+
+
+def test_tampered_rom_refuses_to_boot(tmp_path: Path, rom_dir: Path) -> None:
+    from skill_edge.export.manifest import RomError
+
+    copy = tmp_path / "rom"
+    shutil.copytree(rom_dir, copy)
+    data = bytearray((copy / "tail.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "tail.onnx").write_bytes(bytes(data))
+    with pytest.raises(RomError, match="tail.onnx"):
+        Device(tmp_path / "h", copy)
+
+
+def test_mapper_needs_tasks(tmp_path: Path, rom_dir: Path) -> None:
+    dev = Device(tmp_path / "empty", rom_dir)
+    with pytest.raises(LearnError, match="no task"):
+        dev.classify_features(FeatureBatch(np.zeros((1, 1280), np.float32), None))
