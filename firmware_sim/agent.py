@@ -534,9 +534,12 @@ class Agent:
         expected = {t.name for t in self.spec.fleet_tasks}
         deadline = time.monotonic() + self.spec.converge_timeout
         t0 = time.perf_counter()
+        shown = -1
         while True:
             have = {e.task for e in self.device.bank.entries()}
-            self.emit("receive", len(have & expected), len(expected))
+            if len(have & expected) != shown:
+                shown = len(have & expected)
+                self.emit("receive", shown, len(expected))
             missing = sorted(expected - have)
             if not missing or time.monotonic() > deadline:
                 break

@@ -137,7 +137,10 @@ class ProcessEngine:
         home.mkdir(parents=True, exist_ok=True)
         spec_path = home / "agent-spec.json"
         spec = replace(spec, report_path=str(home / "report.json"))
-        spec_path.write_text(spec.to_json())
+        spec_path.unlink(missing_ok=True)
+        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # may hold MQTT credentials
+        with os.fdopen(fd, "w") as f:
+            f.write(spec.to_json())
         Path(spec.report_path).unlink(missing_ok=True)
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen([self.python, "-m", "skill_edge.firmware_sim.agent", str(spec_path)],

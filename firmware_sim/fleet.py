@@ -84,8 +84,11 @@ class FleetConfig:
     resume: bool = False  # reuse an existing workdir (devices recover from their banks)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return json.loads(json.dumps(d, default=str))
+        """JSON-able, with secrets (an MQTT password) redacted: this ends up in result files."""
+        d = json.loads(json.dumps(asdict(self), default=str))
+        if d["mqtt_options"].get("password"):
+            d["mqtt_options"]["password"] = "***"
+        return d
 
 
 @dataclass
@@ -359,8 +362,9 @@ def _result(cfg: FleetConfig, plan: _Plan, manifest, reports: dict[str, DeviceRe
     by_device: dict[str, dict[str, float]] = {}
     for n in agents:
         link = reports[n].link
-        by_device[n] = {"packet_bytes_sent": link["sent"]["packet_bytes"], "wire_bytes_sent": link["sent"]["wire_bytes"],
-                        "sim_send_s": link["sent"]["seconds"], "packets_received": link["received"]["packets"],
+        by_device[n] = {"packet_bytes_sent": link["sent"]["packet_bytes"],
+                        "wire_bytes_sent": link["sent"]["wire_bytes"], "sim_send_s": link["sent"]["seconds"],
+                        "packets_received": link["received"]["packets"],
                         "packet_bytes_received": link["received"]["packet_bytes"],
                         "wire_bytes_received": link["received"]["wire_bytes"],
                         "sim_receive_s": link["received"]["seconds"],
@@ -446,7 +450,16 @@ def _result(cfg: FleetConfig, plan: _Plan, manifest, reports: dict[str, DeviceRe
         reference_device=reference, predictions=ref.predictions, test_labels=ref.test_labels,
         eval_features=ref.eval_files, bank_dirs={n: str(plan.workdir / "devices" / n / "bank") for n in agents},
         sync={n: reports[n].sync for n in agents}, quarantined={n: reports[n].quarantined for n in agents},
-        wall=wall, workdir=str(plan.workdir), config=cfg.to_dict())
+        wall=wall, workdir=str(plan.workdir), config=_resolved_config(cfg, plan))
+
+
+def _resolved_config(cfg: FleetConfig, plan: _Plan) -> dict[str, Any]:
+    """The config as run: absolute task paths, the cache, transport and fleet name actually used."""
+    d = cfg.to_dict()
+    d.update(rom_dir=str(plan.rom_dir), workdir=str(plan.workdir), tasks={t.name: t.path for t in plan.tasks},
+             cache_dir=str(plan.cache_dir), transport=plan.transport, fleet=plan.fleet, assignment=plan.assignment,
+             budget=plan.budget)
+    return d
 
 
 __all__ = ["FleetConfig", "FleetConfigError", "FleetError", "FleetResult", "provision", "run_fleet"]
