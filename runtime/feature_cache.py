@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -60,7 +61,13 @@ class FeatureCache:
         if ex.trunk_acts is not None:
             tensors["trunk_acts"] = np.ascontiguousarray(ex.trunk_acts, np.float32)
         path = self._path(key)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"failed": json.dumps(ex.failed), "seconds": str(ex.seconds)})
-        os.replace(tmp, path)
+        # a unique temp name: several devices may share one cache and write the same key at once
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"failed": json.dumps(ex.failed), "seconds": str(ex.seconds)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return path
