@@ -37,7 +37,8 @@ def _task_dirs(data: Path) -> dict[str, Path]:
 
 def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, transport: Optional[str],
         agents: Optional[int], budget: Optional[str], bb: bool, baselines: bool, equivalence: Optional[Path],
-        builtin_equivalence: bool, kill: Optional[List[str]], title: str, threads: int, fresh: bool) -> dict:
+        builtin_equivalence: bool, kill: Optional[List[str]], title: str, threads: int, fresh: bool,
+        cache: Optional[Path] = None, baseline_epochs: int = 5) -> dict:
     from skill_edge.models import default_rom_dir
 
     from .equivalence import EquivalenceMap
@@ -59,7 +60,8 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
         dev, _, point = spec.partition(":")
         kills[dev] = point or "after_learn"
     cfg = FleetConfig(rom_dir=rom_dir, tasks={k: str(v) for k, v in tasks.items()}, workdir=work, agents=agents,
-                      transport=transport, engine=engine, budget=budget, bb=bb, kill=kills, threads=threads)
+                      transport=transport, engine=engine, budget=budget, bb=bb, kill=kills, threads=threads,
+                      cache_dir=cache)
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as prog:
@@ -80,7 +82,7 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
     elif builtin_equivalence:
         eq = EquivalenceMap.skill_bench().restricted_to(list(tasks))
     with console.status("report: curves, baselines, plots") as status:
-        rep = build_report(result, out, baselines=baselines, equivalence=eq, title=title,
+        rep = build_report(result, out, baselines=baselines, equivalence=eq, title=title, baseline_epochs=baseline_epochs,
                            progress=lambda s: status.update(f"report: {s}"))
     rep.summary["seconds"] = {"fleet": t_fleet, "total": time.perf_counter() - t0}
     _print_summary(result, rep.summary, out)
@@ -138,6 +140,9 @@ def demo_command(
     train_per_class: int = typer.Option(300, "--train-per-class", help="Embedded data: training images per class."),
     test_per_class: int = typer.Option(100, "--test-per-class", help="Embedded data: test images per class."),
     fresh: bool = typer.Option(True, "--fresh/--resume", help="Start from empty device homes (default) or resume."),
+    cache: Optional[Path] = typer.Option(None, "--cache", envvar="SKILL_EDGE_CACHE",
+                                         help="Feature cache shared by the devices (keyed by ROM fingerprint)."),
+    baseline_epochs: int = typer.Option(5, "--baseline-epochs", help="Epochs per task for the baselines."),
 ) -> None:
     """Run a whole simulated fleet: export, learn in parallel, share packets, classify with no oracle, report."""
     from .demo_data import DemoDataError, build_demo_tasks
@@ -156,7 +161,7 @@ def demo_command(
         title, builtin_eq = f"skill-edge fleet on {data.name} ({len(tasks)} tasks)", data.name == "skill-bench"
     run(tasks, out, rom=rom, engine=engine, transport=transport, agents=agents, budget=budget, bb=bb,
         baselines=baselines, equivalence=equivalence, builtin_equivalence=builtin_eq, kill=kill, title=title,
-        threads=threads, fresh=fresh)
+        threads=threads, fresh=fresh, cache=cache, baseline_epochs=baseline_epochs)
 
 
 def fleet_command(
