@@ -51,7 +51,7 @@ def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[Li
     from skill_edge.export.manifest import RomError
 
     from .device import Device
-    from .keys import KeyStoreError, init_device_key, load_device_key
+    from .keys import KeyStoreError, TrustStore, init_device_key, load_device_key
 
     h = resolve_home(home)
     if need_key:
@@ -59,6 +59,7 @@ def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[Li
             load_device_key(h)
         except KeyStoreError:
             key = init_device_key(h)
+            TrustStore.at_home(h).add("self", key.public_key, overwrite=True)  # as `keys init` does
             console.print(f"created device key {key.key_id} in {h / 'keys'} (share keys/device.pub with the fleet)")
     try:
         return Device(h, resolve_rom(rom), providers=provider)
