@@ -120,7 +120,10 @@ def equivalence_accuracy(result: FleetResult, feats: Sequence[TaskFeatures], eq:
 
 
 def run_baselines(feats: Sequence[TaskFeatures], backbone_macs: int, names: Sequence[str] = BASELINE_NAMES,
-                  epochs: int = 5, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+                  epochs: int = 5, seed: int = 0, lr: float = 0.01,
+                  progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Each strategy at ``lr``; one that diverges (its loss blows up) is rerun at a 5x smaller step, and
+    the step actually used is recorded in its hyperparameters."""
     from .baselines import TaskData, run_baseline
 
     tasks = [TaskData(f.name, f.train_x.astype(np.float32), f.train_y, f.test_x.astype(np.float32), f.test_y,
@@ -136,8 +139,18 @@ def run_baselines(feats: Sequence[TaskFeatures], backbone_macs: int, names: Sequ
         if progress:
             progress(name)
         t0 = time.perf_counter()
-        r = run_baseline(name, tasks, epochs=epochs, seed=seed, backbone_macs_per_image=backbone_macs)
+        step = lr
+        for attempt in range(3):
+            try:
+                r = run_baseline(name, tasks, epochs=epochs, seed=seed, lr=step, backbone_macs_per_image=backbone_macs)
+                break
+            except FloatingPointError as exc:
+                if attempt == 2:
+                    raise
+                log.warning("baseline %s diverged at lr %g (%s); retrying at lr %g", name, step, exc, step / 5)
+                step /= 5
         d = r.to_dict()
+        d["lr_used"] = step
         d["wall_s"] = time.perf_counter() - t0
         out[name] = d
         log.info("baseline %s: final mean acc %.3f (%.0fs)", name, r.final_mean_acc, d["wall_s"])

@@ -146,10 +146,16 @@ def train_bb(rom_dir: Path, trunk_acts: np.ndarray, labels: np.ndarray, num_clas
     keep, held = stratified_split(y, val_fraction, seed)
     acts = torch.from_numpy(np.asarray(trunk_acts, np.float32))
     yt = torch.from_numpy(y)
-    bb = torch.zeros(tail.layout.total, requires_grad=True)
-    w = torch.tensor(head.weight, requires_grad=True)
-    b = torch.tensor(head.bias, requires_grad=True)
+    # The plain head passed in was refit on *all* of train, validation part included, so it cannot
+    # judge BB.  Start from a plain head fitted on the fitting part only (same weight decay): epoch 0
+    # is then exactly "no BB", scored on data neither model has seen.
+    with torch.no_grad():
+        plain = torch.cat([tail(acts[i:i + 256]) for i in range(0, len(acts), 256)]).numpy()
     wd = head.weight_decay if weight_decay is None else weight_decay
+    start = train_head(plain[keep], y[keep], num_classes, val_fraction=0.0, weight_decays=(wd,), seed=seed)
+    bb = torch.zeros(tail.layout.total, requires_grad=True)
+    w = torch.tensor(start.weight, requires_grad=True)
+    b = torch.tensor(start.bias, requires_grad=True)
     opt = torch.optim.Adam([{"params": [bb], "lr": lr}, {"params": [w, b], "lr": lr * 0.1}])
 
     def evaluate(idx: np.ndarray, use_bb: bool) -> float:
@@ -179,7 +185,7 @@ def train_bb(rom_dir: Path, trunk_acts: np.ndarray, labels: np.ndarray, num_clas
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(j)
+            total += float(loss.detach()) * len(j)
         acc = evaluate(held, use_bb=True)
         if progress:
             progress(epoch, epochs, acc)
