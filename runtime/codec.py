@@ -15,9 +15,23 @@ Encodings of one tensor (``x`` is the float32 original, ``x'`` what the receiver
 * ``i8r``      symmetric int8 with one float32 scale per row (rows of 2-D tensors; blocks of
                ``I8_BLOCK`` values for 1-D tensors): ``s = max|row| / 127``, ``q = round(x / s)``,
                so ``|x' - x| <= s / 2 = max|row| / 254`` (plus float32 rounding).
-* ``i8r_log``  int8 of ``log(x)`` with a per-row scale *and* centre (log-variances sit far
-               from zero, so a symmetric code would waste half its range):
-               ``|log x' - log x| <= (max - min of the row's log x) / 508``.
+* ``i8r_log``, ``i4r_log``  int8 codes of ``log(x)`` in ``[-L, L]`` (L = 127, 7) with a per-row
+               scale *and* centre (log-variances sit far from zero, so a symmetric code would
+               waste half its range): ``|log x' - log x| <= (max - min of the row's log x) / (4 L)``.
+* ``i8c``, ``i4c``, ``i3c``, ``i2c``  symmetric codes in ``[-L, L]`` (L = 127, 7, 3, 1) with one
+               scale per *column* (2-D tensors only), stored as float16 and rounded up so no code
+               is clipped: ``|x' - x| <= s_j / 2`` with ``s_j >= max|column j| / L``.
+
+Column scales exist because feature dimensions live on very different scales.  A head is
+fitted on standardised features and folded back to raw ones (``W / sigma``), so a column of a
+near-constant feature carries weights hundreds of times larger than the rest; a per-row scale
+then rounds every other weight of the row to zero (on skill-bench an ``i8r`` head loses 25
+points of accuracy, an ``i8c`` head none).  Anchor means have the same per-dimension spread.
+
+Codes narrower than 8 bits are still stored one per int8: the packet's zstd stage entropy-codes
+them (about 0.45 byte per value at 4 bits, 0.33 at 3, 0.2 at 2 on real features), which beats
+nibble packing without a new wire type.  So the int4/int3 rungs only pay off with compression
+("auto", the default, or "zstd").
 
 Beyond precision the ladder also *reduces* the task: GMMC components are merged pairwise
 (moment matching, cheapest pair by Runnalls' weighted KL bound, so mass and spread are
@@ -36,25 +50,52 @@ from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnow
 
 I8_BLOCK = 64  # a 1-D tensor is quantised in blocks of this many values, each with its own scale
 
-ENCODINGS = ("f32", "f16", "f16_log", "i8r", "i8r_log")
+
+@dataclass(frozen=True)
+class Quantizer:
+    """An integer code: ``bits`` wide, one scale per row or per column; log codes (per row only)
+    code ``log(x)`` around a per-row centre."""
+
+    bits: int
+    axis: str  # "row" (2-D rows, 1-D blocks) or "col" (2-D columns)
+    log: bool = False
+
+    @property
+    def levels(self) -> int:
+        """Codes run from -levels to +levels."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def side_dtype(self) -> str:
+        """Row scales are few and stay float32; column scales (one per feature) are float16."""
+        return "F32" if self.axis == "row" else "F16"
+
+
+QUANTIZERS: dict[str, Quantizer] = {
+    "i8r": Quantizer(8, "row"), "i8r_log": Quantizer(8, "row", log=True),
+    "i4r_log": Quantizer(4, "row", log=True),
+    "i8c": Quantizer(8, "col"), "i4c": Quantizer(4, "col"), "i3c": Quantizer(3, "col"), "i2c": Quantizer(2, "col"),
+}
+ENCODINGS = ("f32", "f16", "f16_log", *QUANTIZERS)
+_COL = ("i8c", "i4c", "i3c", "i2c")
 # which encodings each tensor may use; log encodings only for strictly positive tensors
 ALLOWED_ENCODINGS: dict[str, tuple[str, ...]] = {
-    "head.weight": ("f32", "f16", "i8r"),
+    "head.weight": ("f32", "f16", "i8r", *_COL),
     "head.bias": ("f32",),
     "bb": ("f32", "f16", "i8r"),
-    "gmmc.means": ("f32", "f16", "i8r"),
-    "gmmc.variances": ("f32", "f16_log", "i8r_log"),
+    "gmmc.means": ("f32", "f16", "i8r", *_COL),
+    "gmmc.variances": ("f32", "f16_log", "i8r_log", "i4r_log"),
     "gmmc.weights": ("f32",),
-    "maha.class_means": ("f32", "f16", "i8r"),
-    "maha.exemplars": ("f32", "f16", "i8r"),
+    "maha.class_means": ("f32", "f16", "i8r", *_COL),
+    "maha.exemplars": ("f32", "f16", "i8r", *_COL),
     "maha.exemplar_labels": ("f32",),
 }
 KNOWN_TENSORS = frozenset(ALLOWED_ENCODINGS)
 # the rank every knowledge tensor must have (checked before TaskKnowledge sees it)
 TENSOR_NDIM = {"head.weight": 2, "head.bias": 1, "bb": 1, "gmmc.means": 2, "gmmc.variances": 2,
                "gmmc.weights": 1, "maha.class_means": 2, "maha.exemplars": 2, "maha.exemplar_labels": 1}
-# wire dtype (safetensors name) of the main tensor per encoding; side tensors are always F32
-WIRE_DTYPE = {"f32": "F32", "f16": "F16", "f16_log": "F16", "i8r": "I8", "i8r_log": "I8"}
+# wire dtype (safetensors name) of the main tensor per encoding; side tensors: Quantizer.side_dtype
+WIRE_DTYPE = {"f32": "F32", "f16": "F16", "f16_log": "F16", **{name: "I8" for name in QUANTIZERS}}
 SCALE_SUFFIX = ".scale"
 OFFSET_SUFFIX = ".offset"
 PLAN_FORMAT = 1
@@ -139,10 +180,11 @@ class EncodingPlan:
         out: dict[str, str] = {}
         for name, enc in self.tensors.items():
             out[name] = WIRE_DTYPE[enc]
-            if enc in ("i8r", "i8r_log"):
-                out[name + SCALE_SUFFIX] = "F32"
-            if enc == "i8r_log":
-                out[name + OFFSET_SUFFIX] = "F32"
+            quant = QUANTIZERS.get(enc)
+            if quant is not None:
+                out[name + SCALE_SUFFIX] = quant.side_dtype
+                if quant.log:
+                    out[name + OFFSET_SUFFIX] = quant.side_dtype
         return out
 
 
@@ -159,16 +201,70 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 
 def n_quant_rows(shape: tuple[int, ...]) -> int:
-    """How many scales an i8r tensor of this shape carries."""
+    """How many scales a per-row (``i<b>r``) tensor of this shape carries."""
     return shape[0] if len(shape) == 2 else -(-shape[0] // I8_BLOCK)
 
 
-def _dequant_rows(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    rows = _rows(q.astype(np.float32))
+def side_shape(encoding: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the ``.scale`` (and ``.offset``) side tensor an encoding adds to a tensor of ``shape``."""
+    quant = QUANTIZERS[encoding]
+    return (n_quant_rows(shape),) if quant.axis == "row" else (shape[1],)
+
+
+def _f16_at_least(x: np.ndarray) -> np.ndarray:
+    """float16 values >= x (x >= 0): a scale rounded *up* never pushes a code past the last level."""
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
+    if not np.all(np.isfinite(h)):
+        raise PlanError("scales beyond the float16 range")
+    low = h.astype(np.float32) < x
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h
+
+
+def _code_rows(x: np.ndarray, quant: Quantizer) -> np.ndarray:
+    """The rows one scale each covers: 2-D rows (1-D blocks) for "row", the columns for "col"."""
+    if quant.axis == "col":
+        if x.ndim != 2:
+            raise PlanError("per-column encodings are only defined for 2-D tensors")
+        return x.T
+    if quant.log and x.ndim != 2:
+        raise PlanError("log encodings are only defined for 2-D tensors")
+    return _rows(x)
+
+
+def _quantize(x: np.ndarray, quant: Quantizer) -> dict[str, np.ndarray]:
+    if quant.log and np.any(x <= 0):
+        raise PlanError("log encoding needs strictly positive values")
+    rows = _code_rows(np.log(x) if quant.log else x, quant)
+    levels = quant.levels
+    out: dict[str, np.ndarray] = {}
+    if quant.log:  # per row (see Quantizer): centre and scale stay float32
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        offset = ((hi + lo) / 2).astype(np.float32)
+        scale = ((hi - lo) / (2.0 * levels)).astype(np.float32)
+        rows = rows - offset[:, None]
+        out[OFFSET_SUFFIX] = offset
+    else:
+        scale = (np.abs(rows).max(axis=1) / float(levels)).astype(np.float32)
+    if quant.side_dtype == "F16":
+        scale = _f16_at_least(scale).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.clip(np.rint(rows / safe), -levels, levels).astype(np.int8)
+    q = q.T if quant.axis == "col" else q.reshape(-1)[: x.size].reshape(x.shape)
+    out[SCALE_SUFFIX] = scale.astype(np.float16 if quant.side_dtype == "F16" else np.float32)
+    return {"": np.ascontiguousarray(q), **out}
+
+
+def _dequantize(parts: dict[str, np.ndarray], quant: Quantizer) -> np.ndarray:
+    q = parts[""]
+    scale = parts[SCALE_SUFFIX].astype(np.float32)
+    rows = q.astype(np.float32).T if quant.axis == "col" else _rows(q.astype(np.float32))
     out = rows * scale[:, None]
-    if offset is not None:
-        out = out + offset[:, None]
-    return out.reshape(-1)[: q.size].reshape(q.shape).astype(np.float32) if q.ndim == 1 else out
+    if quant.log:
+        out = out + parts[OFFSET_SUFFIX].astype(np.float32)[:, None]
+    out = out.T if quant.axis == "col" else out.reshape(-1)[: q.size].reshape(q.shape)
+    return np.exp(out).astype(np.float32) if quant.log else out.astype(np.float32)
 
 
 def encode_tensor(x: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
@@ -180,26 +276,12 @@ def encode_tensor(x: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
         if np.any(np.abs(x) > np.finfo(np.float16).max):
             raise PlanError("values beyond the float16 range")
         return {"": x.astype(np.float16)}
-    if encoding in ("f16_log", "i8r_log") and np.any(x <= 0):
-        raise PlanError("log encoding needs strictly positive values")
     if encoding == "f16_log":
+        if np.any(x <= 0):
+            raise PlanError("log encoding needs strictly positive values")
         return {"": np.log(x).astype(np.float16)}
-    if encoding == "i8r":
-        rows = _rows(x)
-        scale = (np.abs(rows).max(axis=1) / 127.0).astype(np.float32)
-        safe = np.where(scale > 0, scale, 1.0)[:, None]
-        q = np.clip(np.rint(rows / safe), -127, 127).astype(np.int8)
-        return {"": q.reshape(-1)[: x.size].reshape(x.shape), SCALE_SUFFIX: scale}
-    if encoding == "i8r_log":
-        if x.ndim != 2:
-            raise PlanError("i8r_log is only defined for 2-D tensors")
-        rows = np.log(x)
-        lo, hi = rows.min(axis=1), rows.max(axis=1)
-        offset = ((hi + lo) / 2).astype(np.float32)
-        scale = ((hi - lo) / 254.0).astype(np.float32)
-        safe = np.where(scale > 0, scale, 1.0)[:, None]
-        q = np.clip(np.rint((rows - offset[:, None]) / safe), -127, 127).astype(np.int8)
-        return {"": q, SCALE_SUFFIX: scale, OFFSET_SUFFIX: offset}
+    if encoding in QUANTIZERS:
+        return _quantize(x, QUANTIZERS[encoding])
     raise PlanError(f"unknown encoding {encoding!r}")
 
 
@@ -211,10 +293,8 @@ def decode_tensor(parts: dict[str, np.ndarray], encoding: str) -> np.ndarray:
             return main.astype(np.float32)
         if encoding == "f16_log":
             return np.exp(main.astype(np.float32))
-        if encoding == "i8r":
-            return _dequant_rows(main, parts[SCALE_SUFFIX])
-        if encoding == "i8r_log":
-            return np.exp(_dequant_rows(main, parts[SCALE_SUFFIX], parts[OFFSET_SUFFIX])).astype(np.float32)
+        if encoding in QUANTIZERS:
+            return _dequantize(parts, QUANTIZERS[encoding])
     raise PlanError(f"unknown encoding {encoding!r}")
 
 
@@ -305,42 +385,102 @@ def thin_exemplars(anchor: MahalanobisAnchor, m: int) -> MahalanobisAnchor:
 _FP32 = {n: "f32" for n in ALLOWED_ENCODINGS}
 _FP16 = _FP32 | {"head.weight": "f16", "bb": "f16", "gmmc.means": "f16", "gmmc.variances": "f16_log",
                  "maha.class_means": "f16", "maha.exemplars": "f16"}
-_INT8 = _FP16 | {"head.weight": "i8r", "gmmc.means": "i8r", "gmmc.variances": "i8r_log",
+_INT8 = _FP16 | {"head.weight": "i8c", "gmmc.means": "i8r", "gmmc.variances": "i8r_log",
                  "maha.class_means": "i8r", "maha.exemplars": "i8r"}
-_INT8_BB = _INT8 | {"bb": "i8r"}
+_INT4 = _INT8 | {"head.weight": "i4c", "gmmc.means": "i4c", "gmmc.variances": "i4r_log",
+                 "maha.class_means": "i4c", "maha.exemplars": "i4c"}
+# int3 narrows only what a task's *selection score* does not depend on: its head and its
+# exemplars (which the student pools into one covariance for every task).  Anchor means and
+# variances stay at int4: their coding error lowers the task's own likelihood (by the KL
+# divergence between original and coded component: ~0.5 nats per GMMC component at int8, ~12 at
+# int4, ~140 with 3-bit means and ternary variances), and a budget ladder mixes precisions
+# across tasks, so a task coded coarser than its neighbours would lose their shared inputs.
+_INT3 = _INT4 | {"head.weight": "i3c", "maha.exemplars": "i3c"}
+PRECISIONS: dict[str, dict[str, str]] = {"fp32": _FP32, "fp16": _FP16, "int8": _INT8, "int4": _INT4, "int3": _INT3}
+"""Ladder precisions: the encoding of every tensor (BB stays f16 below fp32 until ``+bb_int8``)."""
+
+_STEP_RE = re.compile(r"^(?P<precision>[a-z0-9]+)(?:\+gmmc_k=(?P<k>[1-9][0-9]{0,6}))?(?P<bb>\+bb_int8)?"
+                      r"(?:\+exemplars=(?P<m>[1-9][0-9]{0,6}))?(?P<head>\+head_int2)?$")
 
 
-def plan_ladder(knowledge: TaskKnowledge, compression: str = "none") -> list[EncodingPlan]:
-    """Every plan for this task, least lossy first.
+def plan_for_step(knowledge: TaskKnowledge, step: str, compression: str = "none") -> EncodingPlan:
+    """The plan a step name describes, e.g. ``"int8"``, ``"int3+gmmc_k=5+exemplars=2"``.
 
-    fp32 -> fp16 -> int8 (head, GMMC means/log-variances, Mahalanobis means/exemplars; BB stays
-    fp16) -> merge GMMC components K-1, K-2, ..., 1 -> int8 BB -> exemplars per class m-1, ..., 1.
-    Steps that do not apply to this task (no BB, no GMMC, ...) are left out.
+    Grammar: a precision (``fp32``, ``fp16``, ``int8``, ``int4``, ``int3``), then optionally, in
+    this order, ``+gmmc_k=K`` (merge GMMC to K < original components), ``+bb_int8``,
+    ``+exemplars=M`` (M < original per class) and ``+head_int2`` (ternary head, ``i2c``).
+    Every step name has exactly one plan, so ``PacketCodec.encode(plan="...")`` can send any of
+    them, on the ladder or not.  Raises ``PlanError`` naming what does not fit this task.
     """
+    m = _STEP_RE.match(step)
+    if m is None or m["precision"] not in PRECISIONS:
+        raise PlanError(f"no step {step!r}: a step is a precision {sorted(PRECISIONS)} optionally followed by "
+                        f"+gmmc_k=K, +bb_int8, +exemplars=M, +head_int2 (in that order)")
     tensors = knowledge.tensors()
     k0 = knowledge.gmmc.k if knowledge.gmmc is not None else None
     m0 = exemplars_per_class(knowledge.maha, knowledge.num_classes) if knowledge.maha is not None else None
+    k, m_ex = k0, m0
+    if m["k"] is not None:
+        k = int(m["k"])
+        if k0 is None or not k < k0:
+            raise PlanError(f"no step {step!r} for task {knowledge.task!r}: gmmc_k must be below its "
+                            f"{k0 if k0 is not None else 'missing'} GMMC components")
+    if m["m"] is not None:
+        m_ex = int(m["m"])
+        if m0 is None or not m_ex < m0:
+            raise PlanError(f"no step {step!r} for task {knowledge.task!r}: exemplars must be below its "
+                            f"{m0 if m0 is not None else 'missing'} exemplars per class")
+    if m["bb"] and "bb" not in tensors:
+        raise PlanError(f"no step {step!r} for task {knowledge.task!r}: it has no beneficial biases")
+    enc = dict(PRECISIONS[m["precision"]])
+    if m["bb"]:
+        enc["bb"] = "i8r"
+    if m["head"]:
+        enc["head.weight"] = "i2c"
+    chosen = {n: _fallback(tensors[n], enc[n]) for n in sorted(tensors)}
+    return EncodingPlan(step=step, tensors=chosen, compression=compression, gmmc_k=k, gmmc_k_original=k0,
+                        exemplars_per_class=m_ex, exemplars_per_class_original=m0)
 
-    def plan(name: str, enc: dict[str, str], k: int | None = k0, m: int | None = m0) -> EncodingPlan:
-        chosen = {n: _fallback(tensors[n], enc[n]) for n in sorted(tensors)}
-        return EncodingPlan(step=name, tensors=chosen, compression=compression, gmmc_k=k, gmmc_k_original=k0,
-                            exemplars_per_class=m, exemplars_per_class_original=m0)
 
-    ladder = [plan("fp32", _FP32), plan("fp16", _FP16), plan("int8", _INT8)]
-    k = k0
-    if k0 is not None:
-        for k in range(k0 - 1, 0, -1):
-            ladder.append(plan(f"int8+gmmc_k={k}", _INT8, k=k))
-    kk = f"+gmmc_k={k}" if k0 is not None and k != k0 else ""
-    if "bb" in tensors:
-        ladder.append(plan(f"int8{kk}+bb_int8", _INT8_BB, k=k))
+def ladder_steps(knowledge: TaskKnowledge, entropy_coded: bool = True) -> list[str]:
+    """The ladder's step names for this task, least lossy first (see ``plan_ladder``)."""
+    k0 = knowledge.gmmc.k if knowledge.gmmc is not None else None
+    m0 = exemplars_per_class(knowledge.maha, knowledge.num_classes) if knowledge.maha is not None else None
+    # without zstd a code narrower than 8 bits still costs a byte (plus float16 column scales)
+    steps = list(PRECISIONS) if entropy_coded else ["fp32", "fp16", "int8"]
+    base = steps[-1]
+    if k0 is not None and k0 > 1:
+        steps += [f"{base}+gmmc_k={k}" for k in range(k0 - 1, 0, -1)]
+        base = f"{base}+gmmc_k=1"
+    if knowledge.bb is not None:
+        base += "+bb_int8"
+        steps.append(base)
     if m0 is not None and m0 > 1:
-        for m in range(m0 - 1, 0, -1):
-            ladder.append(plan(f"int8{kk}{'+bb_int8' if 'bb' in tensors else ''}+exemplars={m}",
-                               _INT8_BB, k=k, m=m))
-    # drop a rung identical to its predecessor (guards against degenerate tasks; normally none is)
+        steps += [f"{base}+exemplars={m}" for m in range(m0 - 1, 0, -1)]
+        base = f"{base}+exemplars=1"
+    if entropy_coded:
+        steps.append(base + "+head_int2")
+    return steps
+
+
+def plan_ladder(knowledge: TaskKnowledge, compression: str = "none", *,
+                entropy_coded: bool = True) -> list[EncodingPlan]:
+    """Every plan for this task, least lossy first.
+
+    fp32 -> fp16 -> int8 (head ``i8c``, anchors ``i8r``, variances ``i8r_log``, BB f16) -> int4
+    (head and means ``i4c``, variances ``i4r_log``) -> int3 (head and exemplars ``i3c``) ->
+    merge GMMC components K-1, ..., 1 -> int8 BB -> exemplars per class m-1, ..., 1 -> ternary head.
+    The order follows measured accuracy per byte on skill-bench (benchmarks/packet_budget.py):
+    narrower codes with per-column scales cost almost nothing down to int3, while every merge
+    or dropped exemplar costs task-mapper accuracy (see ``_INT3`` for why anchors stop at int4).  Steps that do not apply to this task (no
+    BB, no GMMC, ...) are left out.  ``entropy_coded=False`` (packets sent without zstd) drops the
+    int4/int3 rungs and the ternary head, which only shrink through zstd, and reduces at int8.
+    ``compression`` is only recorded in the plans.
+    """
     out: list[EncodingPlan] = []
-    for p in ladder:
+    for step in ladder_steps(knowledge, entropy_coded):
+        p = plan_for_step(knowledge, step, compression)
+        # drop a rung identical to its predecessor (guards against degenerate tasks; normally none is)
         if not out or _key(out[-1]) != _key(p):
             out.append(p)
     return out
@@ -351,8 +491,12 @@ def _key(p: EncodingPlan) -> tuple:
 
 
 def _fallback(x: np.ndarray, enc: str) -> str:
-    """float16 cannot hold |x| > 65504: such a tensor stays float32 in the fp16 rung."""
-    if enc == "f16" and np.any(np.abs(x) > np.finfo(np.float16).max):
+    """float16 cannot hold |x| > 65504 (nor a column scale that large): such a tensor stays float32."""
+    f16_max = float(np.finfo(np.float16).max)
+    if enc == "f16" and np.any(np.abs(x) > f16_max):
+        return "f32"
+    quant = QUANTIZERS.get(enc)
+    if quant is not None and quant.axis == "col" and x.size and float(np.abs(x).max()) / quant.levels > f16_max:
         return "f32"
     return enc
 

@@ -47,10 +47,11 @@ from skill_edge.runtime.codec import (
     apply_plan,
     format_size,
     merge_path,
-    n_quant_rows,
     parse_size,
+    plan_for_step,
     plan_ladder,
     restore_tensors,
+    side_shape,
 )
 from skill_edge.runtime.keys import KEY_ID_BYTES, DeviceKey, TrustStore, TrustedKey
 from skill_edge.runtime.knowledge import SCHEMA_VERSION, GmmcAnchor, KnowledgeError, TaskKnowledge, TaskMeta
@@ -419,7 +420,7 @@ def check_safetensors_header(payload: bytes, plan: EncodingPlan) -> list[WireTen
             raise PacketError(f"tensor {name} has rank {len(shapes[name])}, a task record needs "
                               f"{TENSOR_NDIM[name]}", "bad-payload")
         for side in (n for n in expected if n.startswith(name + ".") and n != name):
-            want = (n_quant_rows(shapes[name]),)
+            want = side_shape(plan.tensors[name], shapes[name])
             if shapes[side] != want:
                 raise PacketError(f"tensor {side} has shape {shapes[side]}, {name} needs {want}", "bad-payload")
     return out
@@ -459,24 +460,21 @@ class PacketCodec:
     # -- encode
     def plans(self, knowledge: TaskKnowledge) -> list[EncodingPlan]:
         """The ladder of plans ``encode`` considers for this task, least lossy first."""
-        return plan_ladder(knowledge)
+        return plan_ladder(knowledge, entropy_coded=self.compression != "none")
 
     def encode(self, knowledge: TaskKnowledge, key: DeviceKey | Ed25519PrivateKey | None,
                plan: EncodingPlan | str | None = None) -> bytes:
         """Signed packet bytes (unsigned when ``key`` is None: receivers reject those).
 
-        With ``plan`` (an ``EncodingPlan`` or a ladder step name) exactly that plan is used and the
-        budget is not applied; otherwise the first ladder step whose real packet fits the budget.
+        With ``plan`` (an ``EncodingPlan`` or a step name, see ``plan_for_step``) exactly that plan is
+        used and the budget is not applied; otherwise the first ladder step whose real packet fits the budget.
         """
         knowledge.validate()
         if isinstance(key, Ed25519PrivateKey):
             key = DeviceKey(key)
         if plan is not None:
             if isinstance(plan, str):
-                by_name = {p.step: p for p in self.plans(knowledge)}
-                if plan not in by_name:
-                    raise ValueError(f"no step {plan!r} for task {knowledge.task!r}; steps: {list(by_name)}")
-                plan = by_name[plan]
+                plan = plan_for_step(knowledge, plan)  # PlanError (a ValueError) names what does not fit
             return self._encode_best_compression(knowledge, key, plan)
         ladder = self.plans(knowledge)
         if self.budget_bytes is None:
