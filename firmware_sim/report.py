@@ -144,8 +144,8 @@ def run_baselines(feats: Sequence[TaskFeatures], backbone_macs: int, names: Sequ
             try:
                 r = run_baseline(name, tasks, epochs=epochs, seed=seed, lr=step, backbone_macs_per_image=backbone_macs)
                 break
-            except FloatingPointError as exc:
-                if attempt == 2:
+            except (FloatingPointError, ValueError) as exc:  # diverged, or refused a provably unstable step
+                if attempt == 2 or (isinstance(exc, ValueError) and "diverge" not in str(exc)):
                     raise
                 log.warning("baseline %s diverged at lr %g (%s); retrying at lr %g", name, step, exc, step / 5)
                 step /= 5
