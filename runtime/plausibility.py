@@ -12,8 +12,8 @@ it captures is sent to the wrong head.
 1. structure: same feature space and size as the bank, weights that form a distribution;
 2. scale: GMMC variances and Mahalanobis exemplar scatter within a generous factor of the
    range seen in the device's own data and stored anchors;
-3. capture: the device's reference points (its own tasks' features, plus stored exemplars
-   and GMMC component means, each labelled with its task) are mapped with and without the
+3. capture: the device's reference points (its own tasks' features, plus points drawn from
+   the stored anchors, each labelled with its task) are mapped with and without the
    newcomer; if more than ``max_capture`` of any one task's points would move to another
    task, the newcomer is refused.
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from .anchors import DEFAULT_TRANSFORM, transform_features
 from .knowledge import KnowledgeError, TaskKnowledge
-from .mapper import GmmcMapper, MahalanobisMapper, ScatterStats, exemplar_scatter
+from .mapper import GmmcMapper, MahalanobisMapper, OwnExemplarMetric, ScatterStats, exemplar_scatter
 
 #: Default largest fraction of one known task's reference points a newcomer may take over.
 DEFAULT_MAX_CAPTURE = 0.5
@@ -55,9 +55,10 @@ class PlausibilityCheck:
 
     ``reference_features`` maps task name -> *raw* features the device trusts for that task
     (typically its own training features; 200 per task are plenty).  ``existing`` is the
-    bank's knowledge.  Stored Mahalanobis exemplars and GMMC component means of ``existing``
-    tasks are added as reference points too, so a device with no raw features of its own
-    still has something to test against.
+    bank's knowledge.  For a stored task without reference features, its anchors stand in:
+    they are generative models of the task's features, so ``synthetic_per_task`` points are
+    drawn from each (the GMMC mixture; the class means plus the task's own-exemplar
+    covariance).  A device with no raw features of its own still has something to test against.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class PlausibilityCheck:
         max_capture: float = DEFAULT_MAX_CAPTURE,
         scale_slack: float = DEFAULT_SCALE_SLACK,
         max_points_per_task: int = 200,
+        synthetic_per_task: int = 100,
         seed: int = 0,
     ) -> None:
         if not 0.0 < max_capture <= 1.0:
@@ -95,11 +97,13 @@ class PlausibilityCheck:
             self.points[task] = x
         self.reference = dict(self.points)  # raw reference only, before anchors' points are added
         for k in self.existing:
-            extra = [a for a in (k.maha.exemplars if k.maha is not None else None,
-                                 k.gmmc.means if k.gmmc is not None else None) if a is not None]
+            if k.task in self.points:  # real features beat synthetic ones (draws from an anchor favour it)
+                continue
+            # no features of this task here: its anchors are generative models, draw from them
+            extra = [x for x in (_sample_gmmc(k, synthetic_per_task, rng), _sample_maha(k, synthetic_per_task, rng))
+                     if x is not None]
             if extra:
-                mine = self.points.get(k.task)
-                self.points[k.task] = np.concatenate(([mine] if mine is not None else []) + extra).astype(np.float32)
+                self.points[k.task] = np.concatenate(extra).astype(np.float32)
         self._gmmc_range = self._seen_gmmc_log_scale()
         self._maha_range = self._seen_maha_log_scale()
 
@@ -231,6 +235,26 @@ class PlausibilityCheck:
         if cached is None or cached[0] != key:
             self._scatter_cache = (key, exemplar_scatter([o.maha for o in others]))
         return self._scatter_cache[1]  # callers copy before adding to it
+
+
+def _sample_gmmc(k: TaskKnowledge, n: int, rng: np.random.Generator) -> np.ndarray | None:
+    """``n`` draws from the task's GMMC mixture (transformed space)."""
+    g = k.gmmc
+    if g is None or n < 1:
+        return None
+    w = np.maximum(g.weights.astype(np.float64), 0)
+    comp = rng.choice(g.k, size=n, p=w / w.sum())
+    return g.means[comp] + rng.standard_normal((n, g.means.shape[1])) * np.sqrt(g.variances[comp])
+
+
+def _sample_maha(k: TaskKnowledge, n: int, rng: np.random.Generator) -> np.ndarray | None:
+    """``n`` draws from N(class mean, the task's own-exemplar covariance), classes in turn."""
+    if k.maha is None or n < 1 or k.maha.exemplars.shape[0] < 2:
+        return None
+    metric = OwnExemplarMetric.from_anchor(k.maha)
+    cls = np.arange(n) % metric.class_means.shape[0]
+    low_rank = rng.standard_normal((n, metric.u.shape[1])) @ metric.u.T
+    return metric.class_means[cls] + low_rank + np.sqrt(metric.a) * rng.standard_normal((n, metric.u.shape[0]))
 
 
 def _log_mean_variance(variances: np.ndarray) -> np.ndarray:
