@@ -108,7 +108,7 @@ def fit_gmmc(
     else:
         y = _check_labels(labels, x.shape[0])
         classes, counts = np.unique(y, return_counts=True)
-        per_class = np.maximum(1, np.round(k * counts / counts.sum()).astype(int))
+        per_class = _apportion(k, counts)
         parts = [
             _fit_diag_mixture(x[y == c], int(kc), seed + int(i), floor, max_iter)
             for i, (c, kc) in enumerate(zip(classes, per_class))
@@ -122,6 +122,22 @@ def fit_gmmc(
         variances=variances.astype(np.float32),
         weights=weights.astype(np.float32),
     )
+
+
+def _apportion(k: int, counts: np.ndarray) -> np.ndarray:
+    """Split ``k`` components over classes by size, at least one each, summing to ``k``.
+
+    Largest-remainder apportionment (Hamilton's method); only a task with more classes than
+    ``k`` gets more than ``k`` components in total (one per class).
+    """
+    if len(counts) >= k:
+        return np.ones(len(counts), dtype=int)
+    spare = k - len(counts)  # one per class is given; share the rest by class size
+    quota = spare * counts / counts.sum()
+    out = 1 + np.floor(quota).astype(int)
+    rest = k - int(out.sum())
+    out[np.argsort(-(quota - np.floor(quota)), kind="stable")[:rest]] += 1
+    return out
 
 
 def _absolute_floor(x: np.ndarray, var_floor: float) -> float:

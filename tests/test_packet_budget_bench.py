@@ -106,7 +106,8 @@ def test_the_previous_ladder_quantises_the_head_per_row(fleet, tmp_path):
     tasks, knowledge = fleet
     k = pb.for_mapper(knowledge[0], "gmmc")
     plans = pb.previous_ladder(k)
-    assert [p.step for p in plans[:4]] == ["fp32", "fp16", "int8", "int8+gmmc_k=3"]
+    assert k.gmmc.k == 5, "k=4 over 5 classes: per-class GMMC gives each class one component"
+    assert [p.step for p in plans[:4]] == ["fp32", "fp16", "int8", "int8+gmmc_k=4"]
     assert plans[2].tensors["head.weight"] == "i8r" and plans[1].tensors["head.weight"] == "f16"
     sent = pb.Radio(tmp_path).send(k, 10_000_000, pb.fixed_step("int4"))
     assert sent.step == "int4" and not sent.over_budget
