@@ -184,9 +184,13 @@ def test_ewc_fisher_matches_per_sample_gradients(fisher: str, tasks: list[TaskDa
     torch.testing.assert_close(ewc.fisher_b, expected_b / len(x), rtol=1e-4, atol=1e-7)
 
 
-def test_ewc_refuses_a_step_size_that_diverges(tasks: list[TaskData]) -> None:
-    with pytest.raises(ValueError, match="lower lr or ewc_lambda"):
-        run_baseline("ewc", tasks[:2], epochs=2, lr=0.05, ewc_lambda=10_000.0)
+def test_a_stiff_ewc_penalty_stays_stable_and_holds_the_old_task(tasks: list[TaskData]) -> None:
+    """lr * lambda * F far above 2 diverges under SGD; Adam's bounded step keeps it finite."""
+    stiff = run_baseline("ewc", tasks[:2], epochs=2, lr=0.05, ewc_lambda=10_000.0)
+    naive = run_baseline("naive", tasks[:2], epochs=2, lr=0.05)
+    # task 0's outputs stay pinned: its oracle accuracy survives task 1, at least as well as naive's
+    assert stiff.oracle_acc_matrix[1][0] >= max(0.9, naive.oracle_acc_matrix[1][0])
+    assert stiff.oracle_acc_matrix[1][1] > 0.9, "and the new task is still learned"
 
 
 def test_derpp_logit_loss_uses_only_columns_that_existed_when_stored() -> None:
