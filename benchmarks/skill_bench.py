@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--bb-epochs", type=int, default=8)
     ap.add_argument("--bb-only", action="store_true",
                     help="keep the main results of results/skill_bench.json and redo only the BB comparison")
+    ap.add_argument("--keep-bb", action="store_true",
+                    help="redo the main results and keep the BB comparison of results/skill_bench.json")
     args = ap.parse_args()
 
     from skill_edge.models import default_rom_dir
@@ -157,7 +159,10 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1), flush=True)
 
-    bb_rows = run_bb(args, dev, rom, names)
+    if args.keep_bb:
+        bb_rows = json.loads((RESULTS / "skill_bench.json").read_text())["beneficial_biases"]
+    else:
+        bb_rows = run_bb(args, dev, rom, names)
     timings["bb_s"] = float(sum(r["seconds"] for r in bb_rows))
     write_outputs(per_task, summary, timings, bb_rows, names, conf, rom, n_test)
 
