@@ -26,3 +26,21 @@ def rom_engine(rom_dir: Path):
     from skill_edge.runtime.rom_engine import RomEngine
 
     return RomEngine(rom_dir, providers=["cpu"])
+
+
+@pytest.fixture(scope="module")
+def key():
+    """A fresh device signing key (one per test module)."""
+    from skill_edge.runtime.keys import DeviceKey
+
+    return DeviceKey.generate()
+
+
+@pytest.fixture(scope="module")
+def trust(key, tmp_path_factory: pytest.TempPathFactory):
+    """A trust store that knows ``key`` as "peer"."""
+    from skill_edge.runtime.keys import TrustStore
+
+    t = TrustStore(tmp_path_factory.mktemp("trust"))
+    t.add("peer", key.public_key)
+    return t

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import struct
-import sys
 import tracemalloc
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zstandard
+from bench_modules import load_benchmark
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from skill_edge.runtime.codec import (
     I8_BLOCK,
     KNOWN_TENSORS,
@@ -30,7 +27,7 @@ from skill_edge.runtime.codec import (
     plan_ladder,
     thin_exemplars,
 )
-from skill_edge.runtime.keys import DeviceKey, TrustStore
+from skill_edge.runtime.keys import DeviceKey
 from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
 from skill_edge.runtime.packet import (
     HEADER,
@@ -43,33 +40,7 @@ from skill_edge.runtime.packet import (
     parse_frame,
 )
 
-
-
-def load_fuzz_harness():
-    """benchmarks/fuzz_packets.py holds the random-task factory and the mutation harness (shared with CI)."""
-    name = "skill_edge_bench_fuzz_packets"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_packets.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-random_knowledge = load_fuzz_harness().random_knowledge
-
-
-@pytest.fixture(scope="module")
-def key() -> DeviceKey:
-    return DeviceKey.generate()
-
-
-@pytest.fixture(scope="module")
-def trust(key, tmp_path_factory) -> TrustStore:
-    t = TrustStore(tmp_path_factory.mktemp("trust"))
-    t.add("peer", key.public_key)
-    return t
+random_knowledge = load_benchmark("fuzz_packets").random_knowledge
 
 
 @pytest.fixture(scope="module")

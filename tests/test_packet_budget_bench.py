@@ -7,32 +7,16 @@ over-budget policy and the previous-ladder comparison.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
-
+from bench_modules import load_benchmark
 from skill_edge.runtime.anchors import fit_task_anchors
 from skill_edge.runtime.knowledge import TaskKnowledge, TaskMeta
 from skill_edge.runtime.learn import train_head
 from skill_edge.runtime.mapper import build_mapper
+from sklearn.datasets import load_digits
 
-
-def _bench():
-    name = "skill_edge_bench_packet_budget"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "packet_budget.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pb = _bench()
+pb = load_benchmark("packet_budget")
 
 
 @pytest.fixture(scope="module")

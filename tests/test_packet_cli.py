@@ -8,12 +8,11 @@ import stat
 import numpy as np
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from skill_edge.runtime.cli_packets import keys_app, packet_app
 from skill_edge.runtime.keys import DeviceKey, load_device_key
 from skill_edge.runtime.knowledge import GmmcAnchor, TaskKnowledge, TaskMeta
 from skill_edge.runtime.packet import PacketCodec
+from typer.testing import CliRunner
 
 app = typer.Typer()
 app.add_typer(keys_app, name="keys")

@@ -6,27 +6,12 @@ The mutation operators and checks live in benchmarks/fuzz_packets.py, whose full
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_modules import load_benchmark
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
-def load_fuzz_harness():
-    name = "skill_edge_bench_fuzz_packets"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_packets.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fuzz = load_fuzz_harness()
+fuzz = load_benchmark("fuzz_packets")
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
 RAW_CASES, RESIGNED_CASES = 1500, 600  # the full 100k run: benchmarks/fuzz_packets.py
 

@@ -7,17 +7,13 @@ spread, and a per-row int8 scale then rounds the other weights of each row to ze
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zstandard
+from bench_modules import load_benchmark
 from safetensors.numpy import save as st_save
-from sklearn.datasets import load_digits
-
 from skill_edge.runtime.codec import (
     QUANTIZERS,
     EncodingPlan,
@@ -29,35 +25,11 @@ from skill_edge.runtime.codec import (
     plan_for_step,
     plan_ladder,
 )
-from skill_edge.runtime.keys import DeviceKey, TrustStore
 from skill_edge.runtime.learn import train_head
 from skill_edge.runtime.packet import HEADER, PacketCodec, PacketError
+from sklearn.datasets import load_digits
 
-
-def _fuzz_module():
-    name = "skill_edge_bench_fuzz_packets"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_packets.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-random_knowledge = _fuzz_module().random_knowledge
-
-
-@pytest.fixture(scope="module")
-def key() -> DeviceKey:
-    return DeviceKey.generate()
-
-
-@pytest.fixture(scope="module")
-def trust(key, tmp_path_factory) -> TrustStore:
-    t = TrustStore(tmp_path_factory.mktemp("trust"))
-    t.add("peer", key.public_key)
-    return t
+random_knowledge = load_benchmark("fuzz_packets").random_knowledge
 
 
 @pytest.fixture(scope="module")

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-
+from bench_modules import load_benchmark
 from skill_edge.runtime.keys import DeviceKey, TrustStore
 from skill_edge.runtime.knowledge import TaskKnowledge
 from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.receive import STATE_FILE, PacketReceiver, ReceiveState, ReceiveStateError
+from skill_edge.runtime.receive import (
+    STATE_FILE,
+    PacketReceiver,
+    ReceiveState,
+    ReceiveStateError,
+)
 
-
-
-def load_fuzz_harness():
-    """benchmarks/fuzz_packets.py holds the random-task factory (shared with tests/test_packet.py)."""
-    name = "skill_edge_bench_fuzz_packets"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_packets.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fuzz = load_fuzz_harness()
+fuzz = load_benchmark("fuzz_packets")
 ROM = fuzz.ROM_FINGERPRINT
 
 
