@@ -552,6 +552,7 @@ class Agent:
                 self._journal("in", xfer, status=ev.kind, reason=ev.reason, seq=ev.seq, sha256=sha)
                 if ev.kind == "accepted":
                     self.life.maybe_kill(self.spec.kill, "mid_receive")
+            service.recheck_quarantine()  # the bank grew: quarantined siblings may pass now
         self.durations["receive_s"] = time.perf_counter() - t0
         self.times["converged"] = time.time()
         if missing:

@@ -42,7 +42,7 @@ app = typer.Typer(help="Share knowledge packets with the fleet.", no_args_is_hel
 console = Console()
 err = Console(stderr=True)
 
-STYLE = {"published": "cyan", "accepted": "green", "duplicate": "dim", "rejected": "red",
+STYLE = {"published": "cyan", "accepted": "green", "released": "green", "duplicate": "dim", "rejected": "red",
          "quarantined": "yellow", "own": "dim", "error": "bold red"}
 
 
@@ -161,7 +161,7 @@ def _print_event(e: SyncEvent) -> None:
 def _stats_line(s: SyncStats, transport: str, fleet: str) -> str:
     return (f"sync {fleet} via {transport}: published {s.published}, arrived {s.arrived}, "
             f"accepted [green]{s.accepted}[/], duplicate {s.duplicate}, rejected [red]{s.rejected}[/], "
-            f"quarantined [yellow]{s.quarantined}[/], own {s.own}, errors {s.errors}")
+            f"quarantined [yellow]{s.quarantined}[/] (released later {s.released}), own {s.own}, errors {s.errors}")
 
 
 class WatchView:

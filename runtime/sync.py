@@ -12,6 +12,12 @@ Outgoing packets come from an *outbox* folder: any ``*.skp`` file put there is p
 and, once the transport holds it durably, moved to ``outbox/sent/``.  The device's own
 packets that come back from the transport (their sha256 is in ``sent/`` or was published by
 this service) are skipped instead of being re-stored over the device's own records.
+
+Quarantine is not final.  The plausibility check measures capture against the tasks the
+device knows *now*; early in a sync it knows few, and its Mahalanobis tied covariance, pooled
+from few exemplars, makes an honest sibling task (CIFAR-10 deer/dog next to bird/cat) look
+like a hijack.  So whenever the bank has changed, quarantined packets get another look
+(``recheck_quarantine``): one that passes is accepted and leaves quarantine.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from skill_edge.runtime.transport import ReceivedPacket, Transport, TransportErr
 
 log = logging.getLogger(__name__)
 
-EventKind = Literal["published", "accepted", "duplicate", "rejected", "quarantined", "own", "error"]
+EventKind = Literal["published", "accepted", "released", "duplicate", "rejected", "quarantined", "own", "error"]
 SENT_DIR = "sent"
 
 
@@ -60,6 +66,7 @@ class SyncStats:
     duplicate: int = 0
     rejected: int = 0
     quarantined: int = 0
+    released: int = 0  # quarantined packets accepted on a later look, once the bank had changed
     own: int = 0  # our own packets coming back: skipped
     errors: int = 0  # could not publish or store; the packet is retried later
 
@@ -91,6 +98,7 @@ class SyncService:
         self.events: list[SyncEvent] = []
         self._own: set[str] = set()  # sha256 of packets this device published
         self._codec = PacketCodec()
+        self._checked_state: tuple | None = None  # the bank as quarantine was last rechecked against
         if self.outbox is not None:
             (self.outbox / SENT_DIR).mkdir(parents=True, exist_ok=True)
             for f in (self.outbox / SENT_DIR).glob("*.skp"):
@@ -150,11 +158,8 @@ class SyncService:
         if hashlib.sha256(data).hexdigest() in self._own:
             return self._emit(SyncEvent("own", reason="this device's own packet", **where))
 
-        def store(packet, raw: bytes) -> None:
-            self.bank.put(packet.knowledge, packet_bytes=raw)
-
         try:
-            result = self.receiver.receive(data, on_accept=store)
+            result = self.receiver.receive(data, on_accept=self._store)
         except (BankError, ReceiveStateError, OSError) as exc:
             self.transport.forget(incoming)  # not stored, not recorded: take it again later
             return self._emit(SyncEvent("error", reason=f"could not store: {exc}", **where))
@@ -179,11 +184,50 @@ class SyncService:
 
     def receive_available(self, timeout: float = 0.0) -> list[SyncEvent]:
         """Handle whatever the transport has now (waiting up to ``timeout`` s for something)."""
-        return [self.handle(p) for p in self.transport.poll(timeout)]
+        events = [self.handle(p) for p in self.transport.poll(timeout)]
+        return events + self.recheck_quarantine()
 
     def drain(self, idle: float = 1.0, timeout: float = 60.0) -> list[SyncEvent]:
         """Handle packets until the transport has been quiet for ``idle`` s (or ``timeout`` passed)."""
-        return [self.handle(p) for p in self.transport.drain(idle=idle, timeout=timeout)]
+        events = [self.handle(p) for p in self.transport.drain(idle=idle, timeout=timeout)]
+        return events + self.recheck_quarantine()
+
+    def recheck_quarantine(self) -> list[SyncEvent]:
+        """Run quarantined packets through the receiver again if the bank changed since the last look.
+
+        Repeats until nothing more is released (one release changes the bank too).  A packet that
+        still fails stays in quarantine as it is; one that passes is stored and its quarantine
+        entry removed.
+        """
+        events: list[SyncEvent] = []
+        while True:
+            state = self._bank_state()
+            if state == self._checked_state:
+                return events
+            self._checked_state = state
+            for entry in self.bank.quarantined():
+                item = self.bank.get_quarantined(entry.id)
+                if item.packet_bytes is None:
+                    continue
+                try:
+                    result = self.receiver.receive(item.packet_bytes, on_accept=self._store)
+                except (BankError, ReceiveStateError, OSError) as exc:
+                    events.append(self._emit(SyncEvent("error", task=entry.task or "?", agent_id="?", seq=-1,
+                                                       size=len(item.packet_bytes), reason=f"recheck: {exc}")))
+                    continue
+                if result.status != "accepted":
+                    continue
+                self.bank.remove_quarantined(entry.id)
+                p = result.packet
+                events.append(self._emit(SyncEvent(
+                    "released", task=p.task, agent_id=p.agent_id, seq=p.seq, size=len(item.packet_bytes),
+                    reason=f"passed on a second look (quarantined for: {entry.reason})", origin="quarantine")))
+
+    def _bank_state(self) -> tuple:
+        return tuple((e.task, e.content_hash) for e in self.bank.entries())
+
+    def _store(self, packet, raw: bytes) -> None:
+        self.bank.put(packet.knowledge, packet_bytes=raw)
 
     # ------------------------------------------------------------------ modes
     def sync_once(self, idle: float = 1.0, timeout: float = 60.0) -> SyncStats:

@@ -146,6 +146,33 @@ def test_directory_sync_round_trip(tmp_path: Path) -> None:
     assert (sb2.stats.arrived, sb2.stats.accepted) == (0, 0)
 
 
+def test_a_quarantined_packet_gets_a_second_look_when_the_bank_changes(tmp_path: Path) -> None:
+    """Capture is judged against the bank of the moment; quarantine is re-judged when it changes."""
+    me, peer = make_fleet(tmp_path, ["me", "peer"])
+    share = tmp_path / "share"
+    peer_tx = DirectoryTransport(share, "lab")
+    me.learn("victim", seed=1, to_outbox=False)
+    sibling = random_knowledge("sibling", "peer", 1, seed=1)  # sits on the victim's inputs
+    sibling.gmmc.variances = sibling.gmmc.variances * 0.9
+    peer_tx.publish(PacketCodec().encode(sibling, peer.key), fleet="lab", task="sibling", agent_id="peer", seq=1)
+
+    s = me.service(DirectoryTransport(share, "lab"), "lab")
+    s.drain(idle=0.3, timeout=10)
+    assert s.stats.quarantined == 1 and "sibling" not in me.tasks()
+    assert s.recheck_quarantine() == [], "the bank has not changed: no second look"
+
+    me.bank().remove("victim")  # the task it would have captured is gone
+    peer_tx.publish(peer.learn("t9", to_outbox=False), fleet="lab", task="t9", agent_id="peer", seq=1)
+    events = s.drain(idle=0.3, timeout=10)
+    assert [e.kind for e in events] == ["accepted", "released"]
+    assert "quarantined for" in events[1].reason and "victim" in events[1].reason
+    assert set(me.tasks()) == {"sibling", "t9"} and me.bank().quarantined() == []
+    assert (s.stats.accepted, s.stats.released, s.stats.quarantined) == (1, 1, 1)
+    # released means accepted for good: the same packet again is a duplicate
+    write_atomically(share / "lab" / "sibling" / "copy-1.skp", me.bank().packet_bytes("sibling"))
+    assert [e.kind for e in s.drain(idle=0.3, timeout=10)] == ["duplicate"]
+
+
 def test_every_receive_outcome_is_counted_and_handled(tmp_path: Path) -> None:
     me, peer, stranger = make_fleet(tmp_path, ["me", "peer", "stranger"], trusted=["me", "peer"])
     share = tmp_path / "share"
