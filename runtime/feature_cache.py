@@ -1,7 +1,8 @@
 """Per-task feature cache (safetensors), so heads and anchors can be refit without the backbone.
 
-A cache entry is keyed by the ROM fingerprint and the exact file list (path, size, mtime),
-so a changed image or a different ROM never returns stale features.
+A cache entry is keyed by the ROM fingerprint, the decoder version and the exact file list
+(path, size, mtime), so a changed image, a different ROM or a changed decoder never returns
+stale features.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ class FeatureCache:
         self.fingerprint = fingerprint
 
     def key(self, paths: Sequence[Path | str], *, with_trunk: bool = False) -> str:
+        from . import preprocess
+
         h = hashlib.sha256(self.fingerprint.encode())
+        h.update(preprocess.DECODER_VERSION.encode())
         h.update(b"trunk" if with_trunk else b"feat")
         for p in paths:
             st = os.stat(p)

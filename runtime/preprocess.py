@@ -18,6 +18,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+#: Bump whenever decoding or resizing changes its output (e.g. JPEG draft mode, a new resampling
+#: filter): the feature cache mixes it into its keys, so features from the old decoder are not reused.
+DECODER_VERSION = "pil-draft-1"
+
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
