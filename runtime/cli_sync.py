@@ -46,6 +46,23 @@ STYLE = {"published": "cyan", "accepted": "green", "released": "green", "duplica
          "quarantined": "yellow", "own": "dim", "error": "bold red"}
 
 
+#: Ctrl-C must stop the device promptly even if the broker connection hangs on the way out.
+CLOSE_TIMEOUT_S = 5.0
+
+
+def _close_within(tx, seconds: float) -> None:
+    """Close the transport on a helper thread and give up waiting after ``seconds``.
+
+    Everything accepted is already in the bank (stored atomically before it was acknowledged),
+    so abandoning a stuck disconnect loses nothing; the next run resumes from the transport.
+    """
+    t = threading.Thread(target=tx.close, name="transport-close", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        err.print(f"[yellow]warning:[/] the transport did not close within {seconds:g} s; exiting anyway")
+
+
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -139,9 +156,9 @@ def sync_command(
     except KeyboardInterrupt:
         pass
     except (TransportError, BankError) as exc:
-        tx.close()
+        _close_within(tx, CLOSE_TIMEOUT_S)
         _fail(str(exc))
-    tx.close()
+    _close_within(tx, CLOSE_TIMEOUT_S)
     if view is None or not view.used_live:  # the live view's last frame already shows the counts
         console.print(_stats_line(service.stats, transport, fleet))
     raise typer.Exit(1 if service.stats.errors else 0)

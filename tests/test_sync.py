@@ -332,7 +332,13 @@ def test_device_processes_converge_through_broker_restart(own_broker: MosquittoB
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-        codes = [p.wait(timeout=20) for p in procs]
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=30))
+            except subprocess.TimeoutExpired:  # report it with the logs instead of leaving it running
+                p.kill()
+                codes.append("did not stop within 30 s of Ctrl-C")
     assert codes == [0, 0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     out_a = logs[0].read_text()
     assert "lost connection" in out_a and "reconnected" in out_a
