@@ -151,7 +151,11 @@ def sync_command(
         if view is None:
             service.sync_once(idle=idle, timeout=timeout)
         else:
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            # Ctrl-C and SIGTERM both stop after the current poll.  Installing a SIGINT handler also
+            # matters when the process starts with SIGINT ignored (a background job of a
+            # non-interactive shell, as in CI): Python then raises no KeyboardInterrupt at all.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
             view.run(service, stop)
     except KeyboardInterrupt:
         pass

@@ -174,10 +174,28 @@ class TaskLayout:
         return np.log(np.add.reduceat(s, starts, axis=1)) + mx
 
 
+_ANCHOR_NAMES = {"gmmc": "GMMC", "maha": "Mahalanobis"}
+
+
 class TaskMapper:
     """Shared plumbing: transform, block-wise scoring, decision and open-set test."""
 
-    kind: str = ""
+    kind: str = ""  # the TaskKnowledge anchor attribute and thresholds key this mapper reads
+
+    @classmethod
+    def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs):
+        """Build from received task records; every record needs this mapper's anchor and the same transform."""
+        knowledge = list(knowledge)
+        if not knowledge:
+            raise MapperError("a mapper needs at least one task")
+        missing = [k.task for k in knowledge if getattr(k, cls.kind) is None]
+        if missing:
+            other = next(v for k, v in _ANCHOR_NAMES.items() if k != cls.kind)
+            raise MapperError(f"tasks {missing} carry no {_ANCHOR_NAMES[cls.kind]} anchor; "
+                              f"use the {other} mapper or refit them")
+        return cls([k.task for k in knowledge], [getattr(k, cls.kind) for k in knowledge],
+                   feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, cls.kind),
+                   **kwargs)
     task_names: list[str]
     feature_transform: str
     thresholds: np.ndarray  # [T]
@@ -305,19 +323,6 @@ class GmmcMapper(TaskMapper):
             self.coef[rows, d:] = mu * inv
             self.const[rows] = (np.log(np.maximum(a.weights.astype(np.float64), 1e-300))
                                 - 0.5 * ((mu * mu * inv).sum(axis=1) + np.log(var).sum(axis=1) + d * LOG_2PI))
-
-    @classmethod
-    def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs) -> "GmmcMapper":
-        """Build from received task records; every record needs a GMMC anchor and the same transform."""
-        knowledge = list(knowledge)
-        if not knowledge:
-            raise MapperError("a mapper needs at least one task")
-        missing = [k.task for k in knowledge if k.gmmc is None]
-        if missing:
-            raise MapperError(f"tasks {missing} carry no GMMC anchor; use the Mahalanobis mapper or refit them")
-        return cls([k.task for k in knowledge], [k.gmmc for k in knowledge],
-                   feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, "gmmc"),
-                   **kwargs)
 
     def _prepare_batch(self, x: np.ndarray) -> np.ndarray:
         xc = x - self.center
@@ -482,19 +487,6 @@ class MahalanobisMapper(TaskMapper):
             rows = np.concatenate([self.layout.positions(t) for t in group])
             self.means_w[rows] = z
             self.half_sq_norm[rows] = 0.5 * (z * z).sum(axis=1)
-
-    @classmethod
-    def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs) -> "MahalanobisMapper":
-        """Build from received task records; every record needs a Mahalanobis anchor and the same transform."""
-        knowledge = list(knowledge)
-        if not knowledge:
-            raise MapperError("a mapper needs at least one task")
-        missing = [k.task for k in knowledge if k.maha is None]
-        if missing:
-            raise MapperError(f"tasks {missing} carry no Mahalanobis anchor; use the GMMC mapper or refit them")
-        return cls([k.task for k in knowledge], [k.maha for k in knowledge],
-                   feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, "maha"),
-                   **kwargs)
 
     def _prepare_batch(self, x: np.ndarray) -> np.ndarray:
         z = matmul_nt(np.ascontiguousarray(x - self.center), self.whiten_t)
