@@ -55,9 +55,13 @@ class Preprocessing:
         im = im.convert("RGB").resize((nw, nh), _INTERP.get(self.interpolation, Image.BICUBIC))
         left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
         im = im.crop((left, top, left + self.crop, top + self.crop))
-        x = np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        # planar float copy, then in place: bit-identical to ((x / 255) - mean) / std on HWC,
+        # at half the cost (one allocation instead of four); decoding shares the CPU with the ROM
+        x = np.asarray(im).transpose(2, 0, 1).astype(np.float32, order="C")
+        x *= 1.0 / 255.0
+        x -= np.asarray(self.mean, np.float32)[:, None, None]
+        x /= np.asarray(self.std, np.float32)[:, None, None]
+        return x
 
 
 ImageInput = str | Path | bytes | np.ndarray | Image.Image

@@ -1,0 +1,50 @@
+"""Preprocessing follows the manifest exactly: resize the short side, centre-crop, (x/255 - mean)/std, CHW."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skill_edge.runtime.preprocess import ImageDecodeError, Preprocessing
+
+
+def reference(im: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """The textbook formula, written the slow and obvious way."""
+    w, h = im.size
+    scale = pre.resize / min(w, h)
+    nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
+    im = im.convert("RGB").resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+    x = np.asarray(im.crop((left, top, left + pre.crop, top + pre.crop)), dtype=np.float32) / np.float32(255)
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("size", [(160, 210), (300, 200), (64, 64), (1000, 40)])
+@pytest.mark.parametrize("norm", [((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_matches_the_formula_bit_for_bit(tmp_path, size, norm) -> None:
+    rng = np.random.default_rng(sum(size))
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    path = tmp_path / "x.png"  # lossless, so the file decodes to exactly these pixels
+    im.save(path)
+    pre = Preprocessing(256, 224, "bicubic", *norm)
+    got = pre(path)
+    assert got.shape == (3, 224, 224) and got.dtype == np.float32 and got.flags.c_contiguous
+    # x / 255 and x * (1 / 255) may differ in the last bit; nothing more
+    np.testing.assert_allclose(got, reference(im, pre), rtol=0, atol=1e-6)
+
+
+def test_grey_and_rgba_inputs_become_rgb(tmp_path) -> None:
+    pre = Preprocessing(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    for mode in ("L", "RGBA", "P"):
+        p = tmp_path / f"{mode}.png"
+        Image.new(mode, (50, 70)).save(p)
+        assert pre(p).shape == (3, 224, 224)
+
+
+def test_garbage_is_an_image_decode_error(tmp_path) -> None:
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(ImageDecodeError, match="bad.jpg"):
+        Preprocessing(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)(p)
