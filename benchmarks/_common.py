@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from skill_edge.runtime.machine import describe_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
@@ -17,33 +18,7 @@ SKILL_BENCH = Path(os.environ.get("SKILL_BENCH", Path(__file__).resolve().parent
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = float("nan")
-    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "platform": platform.platform()}
-    try:
-        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    try:
-        import onnxruntime
-        import torch
-
-        info |= {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    except ImportError:
-        pass
-    return info
+    return describe_machine()
 
 
 def command() -> str:

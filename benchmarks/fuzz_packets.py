@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from skill_edge.runtime.keys import DeviceKey, TrustStore
+from skill_edge.runtime.machine import cpu_model
 from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
 from skill_edge.runtime.packet import (
     FLAG_SIGNED,
@@ -355,15 +356,8 @@ def run(cases: int, seed: int | None = None) -> Outcomes:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
 
 
 def main() -> int:

@@ -33,20 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor  # noqa: E402
+from skill_edge.runtime.machine import cpu_model  # noqa: E402
 from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL = 64  # distinct random anchors, cycled over tasks (the mapper copies them into its own arrays)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def gmmc_pool(rng: np.random.Generator, dim: int, k: int) -> list[GmmcAnchor]:

@@ -51,6 +51,7 @@ from skill_edge.runtime.anchors import (  # noqa: E402
     transform_features,
 )
 from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta  # noqa: E402
+from skill_edge.runtime.machine import cpu_model  # noqa: E402
 from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, build_mapper  # noqa: E402
 from skill_edge.runtime.plausibility import PlausibilityCheck  # noqa: E402
 
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "mapper_tuning",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__},
         "tasks": {n: {"classes": len(t.classes), "train": len(t.train.y), "test": len(t.test.y)}
                   for n, t in tasks.items()},
@@ -583,16 +584,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(markdown(result))
     log(f"wrote {args.out}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(res: dict) -> str:

@@ -80,7 +80,6 @@ def main() -> None:
     from skill_edge.models import default_rom_dir
     from skill_edge.runtime.datasets import load_image_folder
     from skill_edge.runtime.device import Device, FeatureBatch
-    from skill_edge.runtime.learn import head_accuracy
 
     rom = args.rom or default_rom_dir()
     if not (rom / "manifest.json").exists():

@@ -16,12 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from skill_edge.runtime.machine import describe_machine
 
 from .curves import Curves, plot_curves, skill_curves
 from .equivalence import EquivalenceMap
@@ -188,6 +192,9 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
     comm_per_task = {t: v.get(main_mapper, v.get("as_sent")) for t, v in result.comm_bytes_per_task.items()}
     summary = {
         "title": title,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "machine": describe_machine(),
         "agents": len(result.agents),
         "tasks": len(result.tasks),
         "task_names": result.tasks,
@@ -288,7 +295,10 @@ def render_markdown(result: FleetResult, s: dict, curves: list[Curves], base: di
     lines = [f"# {s['title']}", "",
              f"{s['agents']} agents, {s['tasks']} tasks, engine {s['engine']}, transport {s['transport']}; "
              f"banks converged: **{s['converged']}**; all devices give identical predictions: "
-             f"**{s['devices_agree']}**.", ""]
+             f"**{s['devices_agree']}**.", "",
+             f"Machine: {s['machine']['cpu']}, {s['machine']['cores']} cores, {s['machine'].get('memory_gib')} GiB "
+             f"(load average {s['machine'].get('load_avg_at_start')}). Command: `{s['command']}`. Date: {s['date']}.",
+             ""]
     lines += ["## Summary", "", "| metric | value |", "|---|---|"]
     for mp, acc in s["mean_no_oracle_acc"].items():
         lines.append(f"| mean no-oracle accuracy, {MAPPER_LABELS.get(mp, mp)} | {acc:.4f} |")
