@@ -38,7 +38,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, rom_dir: Path) -> None:
     for key in ("agents", "tasks", "speedup_xN", "wallclock_speedup", "comm_bytes_per_task", "mean_no_oracle_acc",
                 "normalized_acc_slope"):
         assert key in fleet, key
-    assert fleet["machine"]["cores"] >= 1 and fleet["machine"]["cpu"] and "demo" in fleet["command"], "results say where they came from"
+    # results say where they came from (under CliRunner the command is pytest's own argv)
+    assert fleet["machine"]["cores"] >= 1 and fleet["machine"]["cpu"] and fleet["command"] and fleet["date"]
     assert fleet["agents"] == 6 and fleet["tasks"] == 6 and fleet["converged"] and fleet["devices_agree"]
     assert 0.9 < fleet["speedup_xN"] <= 1.0
     assert fleet["mean_no_oracle_acc"]["gmmc"] > 0.6 and fleet["mean_oracle_acc"] > 0.75
