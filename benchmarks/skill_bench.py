@@ -36,31 +36,10 @@ def task_order(root: Path) -> list[str]:
 
 
 def confusion_plot(names: list[str], conf: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
+    from skill_edge.firmware_sim.curves import plot_task_confusion
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(conf), figsize=(9 * len(conf), 8.5), layout="constrained")
-    axes = np.atleast_1d(axes)
-    for ax, (mapper, m) in zip(axes, conf.items()):
-        norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-        im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [], fontsize=7)
-        ax.set_xlabel("task chosen by the mapper")
-        if ax is axes[0]:
-            ax.set_ylabel("true task of the test image")
-        ax.set_title(f"{MAPPER_NAMES[mapper]}: task-ID accuracy {np.trace(m) / m.sum():.3f} (image-weighted)")
-        for i in range(len(names)):
-            for j in range(len(names)):
-                if norm[i, j] >= 0.02:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=5,
-                            color="black" if norm[i, j] > 0.5 else "white")
-    fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="fraction of the true task's test images")
-    fig.suptitle("skill-bench: confusion between tasks (no task oracle)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_task_confusion(names, {MAPPER_NAMES[k]: m for k, m in conf.items()}, path,
+                        title="skill-bench: confusion between tasks (no task oracle)")
 
 
 def main() -> None:

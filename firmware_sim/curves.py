@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from skill_edge.runtime.device import Device, FeatureBatch
+from skill_edge.runtime.device import Device
 from skill_edge.runtime.knowledge import TaskKnowledge
 from skill_edge.runtime.mapper import build_mapper
 
@@ -136,3 +136,37 @@ def plot_curves(curves: Sequence[Curves], out_dir, *, title_suffix: str = "") ->
     draw("mean_absolute", "fig8_absolute.png", "average absolute accuracy",
          "Average absolute accuracy over tasks learned so far (paper Fig. 8)")
     return paths
+
+
+def plot_task_confusion(names: Sequence[str], counts: dict[str, np.ndarray], path, *, title: str) -> None:
+    """One heat map per mapper: row = true task, column = task the mapper chose, as fractions of the row.
+
+    ``counts`` maps a panel label (e.g. "GMMC") to a [T, T] matrix of image counts.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(names)
+    fig, axes = plt.subplots(1, len(counts), figsize=(9 * len(counts), 8.5), layout="constrained", squeeze=False)
+    axes = axes[0]
+    for ax, (label, m) in zip(axes, counts.items()):
+        norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+        im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [], fontsize=7)
+        ax.set_xlabel("task chosen by the mapper")
+        if ax is axes[0]:
+            ax.set_ylabel("true task of the test image")
+        ax.set_title(f"{label}: task-ID accuracy {np.trace(m) / max(m.sum(), 1):.3f} (image-weighted)")
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if norm[i, j] >= 0.02:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                            color="black" if norm[i, j] > 0.5 else "white")
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="fraction of the true task's test images")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -27,7 +27,7 @@ import numpy as np
 
 from skill_edge.runtime.machine import describe_machine
 
-from .curves import Curves, plot_curves, skill_curves
+from .curves import Curves, plot_curves, plot_task_confusion, skill_curves
 from .equivalence import EquivalenceMap
 from .fleet import FleetResult
 
@@ -255,33 +255,15 @@ def _baseline_mac_rows(base: dict[str, dict], skill_gmmc) -> list[dict]:
 
 
 def task_confusion_plot(result: FleetResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = result.tasks
-    mappers = list(result.predictions)
-    fig, axes = plt.subplots(1, len(mappers), figsize=(6.5 * len(mappers), 6))
-    axes = np.atleast_1d(axes)
-    for ax, mp in zip(axes, mappers):
+    counts = {}
+    for mp in result.predictions:
         m = np.zeros((len(names), len(names)))
         for ti, t in enumerate(names):
-            for p in result.predictions[mp].get(t, {}).get("task_index", []):
-                if p >= 0:
-                    m[ti, p] += 1
-        m /= np.maximum(m.sum(1, keepdims=True), 1)
-        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(f"{MAPPER_LABELS.get(mp, mp)}: task chosen (x) for true task (y)")
-        for i in range(len(names)):
-            for j in range(len(names)):
-                if m[i, j] >= 0.02:
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="black" if m[i, j] > 0.5 else "white")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+            chosen = np.asarray(result.predictions[mp].get(t, {}).get("task_index", []), dtype=np.int64)
+            np.add.at(m[ti], chosen[chosen >= 0], 1)
+        counts[MAPPER_LABELS.get(mp, mp)] = m
+    plot_task_confusion(names, counts, path, title="confusion between tasks (no task oracle)")
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import preprocess
 from .rom_engine import Extraction
 
 
@@ -25,8 +26,6 @@ class FeatureCache:
         self.fingerprint = fingerprint
 
     def key(self, paths: Sequence[Path | str], *, with_trunk: bool = False) -> str:
-        from . import preprocess
-
         h = hashlib.sha256(self.fingerprint.encode())
         h.update(preprocess.DECODER_VERSION.encode())
         h.update(b"trunk" if with_trunk else b"feat")
