@@ -137,7 +137,7 @@ def learn(device, task: TaskData, cache: Path | None) -> TaskKnowledge:
     """The task as a teacher device learns it (head + both anchors), cached on disk by data hash."""
     from safetensors.numpy import load_file, save_file
 
-    h = hashlib.sha256(f"{task.name}|{task.classes}|{device.fingerprint}|learn_features-defaults-v1".encode())
+    h = hashlib.sha256(f"{task.name}|{task.classes}|{device.fingerprint}|{LEARN_CODE}".encode())
     for a in (task.x_train, task.y_train):
         h.update(np.ascontiguousarray(a).tobytes())
     stem = cache / f"{task.name}-{h.hexdigest()[:16]}" if cache else None
@@ -152,6 +152,21 @@ def learn(device, task: TaskData, cache: Path | None) -> TaskKnowledge:
         save_file(k.tensors(), str(stem.with_suffix(".safetensors")))
         stem.with_suffix(".json").write_text(json.dumps(k.metadata()))
     return k
+
+
+def _learn_code_digest() -> str:
+    """A digest of the code that turns features into knowledge: a cached record is stale once it changes
+    (a key on the data alone kept serving session-old anchors after the defaults were retuned)."""
+    import skill_edge.runtime.anchors as anchors_mod
+    import skill_edge.runtime.learn as learn_mod
+
+    h = hashlib.sha256()
+    for mod in (anchors_mod, learn_mod):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+LEARN_CODE = _learn_code_digest()
 
 
 def for_mapper(k: TaskKnowledge, kind: str) -> TaskKnowledge:
