@@ -4,13 +4,24 @@ It verifies the ROM fingerprint on load, then runs the trunk once per image and 
 with per-sample beneficial biases.  Backends, in order of preference: a TensorRT engine
 built for this GPU (``export.trt``), ONNX Runtime CUDA, ONNX Runtime CPU; ``providers=``
 overrides the order, as in ``onnxruntime.InferenceSession``.
+
+Bias folding (ONNX Runtime only).  A per-sample bias is an ``Add`` of a graph *input* after
+every BN, and on CPU that ``Add`` keeps ORT from fusing Conv+BN+activation into its blocked
+(NCHWc) kernels: the tail runs ~25-55 % slower than the same graph without biases
+(benchmarks/rom_throughput.py).  Most batches carry one bias vector for every row (feature
+extraction with zeros, one task's rows after the mapper split them), so for those the
+engine binds the vector into the verified tail graph as a constant (``bind_biases``); ORT
+then folds each ``Add`` into its conv's bias and the tail runs at plain-graph speed.  Bound
+sessions are cached per vector (LRU); batches that mix vectors use the per-sample graph.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -42,20 +53,63 @@ class Extraction:
         return len(self.index) / self.seconds if self.seconds > 0 else 0.0
 
 
+#: Bias-bound tail sessions kept per engine (a Lite0 tail is ~4 MB of weights each).
+DEFAULT_BOUND_SESSIONS = 8
+#: Rows a batch needs before a not-yet-bound bias vector gets its own session (building one
+#: takes ~0.05-0.1 s, more than a few rows cost on the per-sample graph).
+BIND_MIN_ROWS = 8
+
+
+def ort_session_options(threads: int | None = None):
+    """The ``SessionOptions`` every ROM graph runs with.
+
+    Intra-op spinning is off: the engine alternates trunk, tail and bound-tail sessions, each
+    with its own thread pool, and a pool that spins after its run steals the cores the next
+    session needs.  On 2 cores spinning made trunk+tail run at half the full graph's speed at
+    batch 1 (56 vs 116 img/s, Lite0) and ~13 % slower at batch 16; without it the split costs
+    nothing measurable (benchmarks/rom_throughput.py times both).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
 class _OrtGraph:
-    def __init__(self, path: Path, provider: str, threads: int | None) -> None:
+    def __init__(self, model: Path | bytes, provider: str, threads: int | None) -> None:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), so, providers=[_ORT[provider]])
+        so = ort_session_options(threads)
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                            providers=[_ORT[provider]])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
         return self.session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})[0]
+
+
+def bind_biases(model: bytes, bb: np.ndarray, input_name: str = "bb") -> bytes:
+    """A serialised ONNX graph with its ``[N, B]`` bias input replaced by the constant ``bb[None]``.
+
+    The result computes exactly what the graph computes when every row's biases are ``bb``
+    (to float32 rounding); it is returned serialised, for ``InferenceSession(bytes)``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    match = [i for i in graph.input if i.name == input_name]
+    if not match:
+        raise RomError(f"the graph has no {input_name!r} input to bind")
+    graph.input.remove(match[0])
+    graph.initializer.append(numpy_helper.from_array(np.asarray(bb, np.float32)[None], input_name))
+    return proto.SerializeToString()
 
 
 def available_providers() -> list[str]:
@@ -90,7 +144,7 @@ class RomEngine:
     """Load a ROM directory, verify it, and run its trunk/tail graphs."""
 
     def __init__(self, rom_dir: str | Path, providers: Sequence[str] | None = None, *, threads: int | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, bound_sessions: int = DEFAULT_BOUND_SESSIONS) -> None:
         self.rom_dir = Path(rom_dir)
         self.manifest: RomManifest = verify_rom(self.rom_dir) if verify else RomManifest.read(self.rom_dir)
         self.preprocessing = Preprocessing.from_manifest(self.manifest.preprocessing)
@@ -100,6 +154,8 @@ class RomEngine:
         if bad:
             raise ValueError(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDER_NAMES)}")
         self.provider, self._graphs = self._open(wanted)
+        self.bound_sessions = max(0, int(bound_sessions))
+        self._bound: OrderedDict[bytes, _OrtGraph] = OrderedDict()
 
     # ------------------------------------------------------------------ setup
     def _open(self, wanted: list[str]) -> tuple[str, dict[str, Callable[..., np.ndarray]]]:
@@ -146,7 +202,38 @@ class RomEngine:
             bb = np.broadcast_to(bb, (n, b))
         if bb.shape != (n, b):
             raise ValueError(f"tail biases must have shape [{n}, {b}] for this ROM, got {list(bb.shape)}")
+        bound = self._bound_tail(bb)
+        if bound is not None:
+            return bound(trunk_act=acts)
         return self._graphs["tail"](trunk_act=acts, bb=bb)
+
+    def _verified_tail_bytes(self) -> bytes:
+        """The tail graph file, checked against the manifest again (it is read after load)."""
+        info = self.manifest.graphs["tail"]
+        data = (self.rom_dir / info.file).read_bytes()
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise RomError(f"{self.rom_dir / info.file}: file changed since the ROM was verified (sha256 differs)")
+        return data
+
+    def _bound_tail(self, bb: np.ndarray) -> _OrtGraph | None:
+        """The cached tail session with ``bb``'s one vector bound in, or None (mixed rows, TensorRT, cache off)."""
+        if self.provider == "tensorrt" or not self.bound_sessions or not len(bb):
+            return None
+        row = bb[0]
+        if bb.strides[0] != 0 and not np.array_equal(bb, np.broadcast_to(row, bb.shape)):
+            return None
+        key = hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest()
+        graph = self._bound.get(key)
+        if graph is not None:
+            self._bound.move_to_end(key)
+            return graph
+        if len(bb) < BIND_MIN_ROWS and np.any(row):  # zeros: always worth binding (every extraction)
+            return None
+        graph = _OrtGraph(bind_biases(self._verified_tail_bytes(), row), self.provider, self.threads)
+        self._bound[key] = graph
+        while len(self._bound) > self.bound_sessions:
+            self._bound.popitem(last=False)
+        return graph
 
     def features(self, images: np.ndarray, bb: np.ndarray | None = None) -> np.ndarray:
         return self.tail(self.trunk(images), bb)

@@ -35,6 +35,18 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
 
+def _optimized_ops(model: bytes, tmp: Path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime actually runs after its CPU optimizations."""
+    import collections
+
+    import onnx
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp / "optimized.onnx")
+    ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return dict(collections.Counter(n.op_type for n in onnx.load(str(tmp / "optimized.onnx")).graph.node))
+
 
 # ----------------------------------------------------------------------------- catalogue + weights
 def test_catalogue_lists_default_and_paper_backbones() -> None:
@@ -192,6 +204,52 @@ def test_trunk_plus_tail_equals_full(rom_dir: Path) -> None:
     split = tail.run(None, {"trunk_act": act, "bb": bb_tail})[0]
     whole = full.run(None, {"image": x, "bb": bb_full})[0]
     assert _rel_err(split, whole) < 1e-4
+
+
+def test_bound_biases_match_per_sample_biases(rom_dir: Path, tmp_path: Path) -> None:
+    """One task per batch runs on a graph with the biases bound in; it must equal the per-sample graph."""
+    from skill_edge.runtime.rom_engine import BIND_MIN_ROWS, RomEngine, bind_biases
+
+    m = RomManifest.read(rom_dir)
+    rng = np.random.default_rng(4)
+    x = _images(BIND_MIN_ROWS, 224, seed=5).numpy()
+    one = (0.2 * rng.standard_normal(m.bias_total)).astype(np.float32)
+    full = _session(rom_dir / "full.onnx")
+    per_sample = full.run(None, {"image": x, "bb": np.tile(one, (len(x), 1))})[0]
+    bound = ort.InferenceSession(bind_biases((rom_dir / "full.onnx").read_bytes(), one),
+                                 providers=["CPUExecutionProvider"])
+    assert [i.name for i in bound.get_inputs()] == ["image"]
+    assert _rel_err(bound.run(None, {"image": x})[0], per_sample) < 1e-5
+    # Why binding pays: ORT folds every bound bias into its conv, leaving no bias op to run.
+    assert set(_optimized_ops(bind_biases((rom_dir / "full.onnx").read_bytes(), one), tmp_path)) \
+        == set(_optimized_ops((rom_dir / "trunk.onnx").read_bytes(), tmp_path)) | {"ReduceMean"}
+    assert {"Add", "Unsqueeze"} <= set(_optimized_ops((rom_dir / "full.onnx").read_bytes(), tmp_path))
+
+    engine = RomEngine(rom_dir, providers=["cpu"], bound_sessions=2)
+    plain = RomEngine(rom_dir, providers=["cpu"], bound_sessions=0)
+    acts = engine.trunk(x)
+    tails = [(0.2 * rng.standard_normal(m.tail_bias_total)).astype(np.float32) for _ in range(3)]
+    for bb in (None, *tails):
+        assert _rel_err(engine.tail(acts, bb), plain.tail(acts, bb)) < 1e-5
+    assert len(engine._bound) == 2  # LRU: zeros and the first two vectors made way for the last two
+    mixed = np.stack([tails[i % 3] for i in range(len(x))])
+    assert _rel_err(engine.tail(acts, mixed), plain.tail(acts, mixed)) < 1e-6  # mixed rows: per-sample graph
+    few = engine.tail(acts[:2], tails[0] + 1.0)  # too few rows to be worth a new session
+    assert len(engine._bound) == 2 and _rel_err(few, plain.tail(acts[:2], tails[0] + 1.0)) < 1e-6
+
+
+def test_bound_tail_refuses_a_tail_graph_changed_after_load(rom_dir: Path, tmp_path: Path) -> None:
+    from skill_edge.runtime.rom_engine import RomEngine
+
+    copy = tmp_path / "rom"
+    shutil.copytree(rom_dir, copy)
+    engine = RomEngine(copy, providers=["cpu"])
+    data = bytearray((copy / "tail.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "tail.onnx").write_bytes(bytes(data))
+    acts = np.zeros([16, *RomManifest.read(copy).trunk_output_shape[1:]], np.float32)
+    with pytest.raises(RomError, match="tail.onnx"):
+        engine.tail(acts, np.full(engine.tail_bias_total, 0.1, np.float32))
 
 
 def test_dynamic_batch(rom_dir: Path) -> None:
