@@ -60,10 +60,10 @@ DEFAULT_BOUND_SESSIONS = 8
 BIND_MIN_ROWS = 8
 
 
-def ort_session_options(threads: int | None = None):
+def ort_session_options(threads: int | None = None, *, spinning: bool = False):
     """The ``SessionOptions`` every ROM graph runs with.
 
-    Intra-op spinning is off: the engine alternates trunk, tail and bound-tail sessions, each
+    Intra-op spinning is off (``spinning=True`` restores onnxruntime's default, for comparison): the engine alternates trunk, tail and bound-tail sessions, each
     with its own thread pool, and a pool that spins after its run steals the cores the next
     session needs.  On 2 cores spinning made trunk+tail run at half the full graph's speed at
     batch 1 (56 vs 116 img/s, Lite0) and ~13 % slower at batch 16; without it the split costs
@@ -75,7 +75,7 @@ def ort_session_options(threads: int | None = None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     return so
 
