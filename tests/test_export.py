@@ -238,6 +238,21 @@ def test_bound_biases_match_per_sample_biases(rom_dir: Path, tmp_path: Path) -> 
     assert len(engine._bound) == 2 and _rel_err(few, plain.tail(acts[:2], tails[0] + 1.0)) < 1e-6
 
 
+def test_engine_sessions_do_not_spin(rom_dir: Path) -> None:
+    """Trunk, tail and bound-tail pools alternate on the same cores; a spinning idle pool halves
+    batch-1 throughput on 2 cores (benchmarks/README.md, the 'spinning pools' rows)."""
+    from skill_edge.runtime.rom_engine import BIND_MIN_ROWS, RomEngine
+
+    engine = RomEngine(rom_dir, providers=["cpu"])
+    acts = engine.trunk(_images(BIND_MIN_ROWS, 224).numpy())
+    engine.tail(acts, np.full(engine.tail_bias_total, 0.1, np.float32))
+    graphs = [*engine._graphs.values(), *engine._bound.values()]
+    assert len(engine._bound) == 1
+    for g in graphs:
+        opts = g.session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_bound_tail_refuses_a_tail_graph_changed_after_load(rom_dir: Path, tmp_path: Path) -> None:
     from skill_edge.runtime.rom_engine import RomEngine
 
