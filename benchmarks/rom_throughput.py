@@ -16,7 +16,7 @@ which time the same), at batch 1 and 16, in one run:
 Each round times every variant right next to the plain graph (variants shuffled, the pair's
 order random), and the median per variant is reported.  Overheads are paired: the median over
 rounds of the adjacent ``t_variant / t_plain - 1``, at batch 16:
-``bias_overhead`` for the full graph with the biases bound (one task per batch, how the device runs),
+``bias_overhead`` for the full graph with one task's biases bound in (``bind_biases``),
 ``bias_overhead_per_sample`` for ``bb[N,B]`` fed per row (mixed-task batches), and
 ``bias_overhead_device_path`` / ``..._per_sample`` the same for trunk+tail.
 
@@ -52,22 +52,6 @@ def _ort(model: Path | bytes, threads: int, spinning: bool = False):
                                 providers=["CPUExecutionProvider"])
 
 
-def _optimized_ops(model: Path | bytes, work: Path) -> dict[str, int]:
-    """Op counts of the graph onnxruntime runs after its CPU optimizations: shows *why* a variant costs."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(work / "optimized.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(str(work / "optimized.onnx")).graph.node)
-    return dict(sorted(ops.items()))
-
-
 PLAIN = "onnxruntime plain"
 
 
@@ -76,7 +60,7 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
 
     from skill_edge.export.backbone import build_backbone
     from skill_edge.export.rom import build_rom, export_plain
-    from skill_edge.runtime.rom_engine import bind_biases
+    from skill_edge.runtime.rom_engine import bind_biases, optimized_op_counts
 
     random_init = name != "efficientnet_lite0"
     rom = work / name
@@ -164,9 +148,10 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
         "bias_total": m.bias_total,
         "tail_bias_total": m.tail_bias_total,
         "raw_device_ips": medians[("onnxruntime trunk+tail(bb) bound", b)],
-        "optimized_ops": {"plain": _optimized_ops(rom / "plain.onnx", work),
-                          "full bound": _optimized_ops(bind_biases((rom / "full.onnx").read_bytes(), one_full), work),
-                          "full per-sample": _optimized_ops(rom / "full.onnx", work)},
+        "optimized_ops": {"plain": optimized_op_counts(rom / "plain.onnx", threads),
+                          "full bound": optimized_op_counts(bind_biases((rom / "full.onnx").read_bytes(), one_full),
+                                                            threads),
+                          "full per-sample": optimized_op_counts(rom / "full.onnx", threads)},
         "rom": rom,
     }
     return rows, extra
@@ -232,7 +217,7 @@ def main() -> None:
         "bias_overhead_goal": 0.03,
         "bias_overhead_definition": "median over rounds of t_bb / t_plain - 1 at batch 16 (the two timed "
                                     "back to back in random order; backbones.*.overhead_iqr gives the spread); bias_overhead: the full graph with one "
-                                    "bias vector bound in (RomEngine's path for one-task batches); *_per_sample: "
+                                    "bias vector bound in (bind_biases; RomEngine binds its tail the same way); *_per_sample: "
                                     "bb[N,B] fed as an input, one row per image (mixed-task batches)",
         "backbones": info,
         "pipeline": pipeline,
@@ -265,9 +250,9 @@ Results: [`results/rom_throughput.json`](results/rom_throughput.json).
 
 Cost of the bias inputs at batch 16 against the plain graph (goal: <= +3%): the median of the
 time ratio to the plain graph timed right beside it, with its interquartile range over rounds in brackets. *Bound*: one
-bias vector bound into the graph as a constant, which is how `RomEngine` runs every batch
-whose rows share one task (extraction, a task's rows after the mapper); ORT then folds each
-bias into its conv.  *Per-sample*: `bb[N,B]` fed as an input, one row per image (a batch
+bias vector bound into the graph as a constant (`bind_biases`, what a caller running one task's
+whole-network biases would use; `RomEngine` does the same to its tail for every batch whose rows
+share one task); ORT then folds each bias into its conv.  *Per-sample*: `bb[N,B]` fed as an input, one row per image (a batch
 mixing tasks); on CPU the broadcast `Add` after each BN stops ORT's NCHWc Conv+BN+activation
 fusion, which is what costs on the full graph.  On the device path the per-sample input only
 reaches the tail (the last stage), so mixed-task batches cost little there too.

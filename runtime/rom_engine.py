@@ -7,12 +7,14 @@ overrides the order, as in ``onnxruntime.InferenceSession``.
 
 Bias folding (ONNX Runtime only).  A per-sample bias is an ``Add`` of a graph *input* after
 every BN, and on CPU that ``Add`` keeps ORT from fusing Conv+BN+activation into its blocked
-(NCHWc) kernels: the tail runs ~25-55 % slower than the same graph without biases
-(benchmarks/rom_throughput.py).  Most batches carry one bias vector for every row (feature
-extraction with zeros, one task's rows after the mapper split them), so for those the
-engine binds the vector into the verified tail graph as a constant (``bind_biases``); ORT
-then folds each ``Add`` into its conv's bias and the tail runs at plain-graph speed.  Bound
-sessions are cached per vector (LRU); batches that mix vectors use the per-sample graph.
+(NCHWc) kernels.  On the whole network that costs a lot (+69 % Lite0, +36 % Xception at batch
+16, benchmarks/rom_throughput.py); on the tail alone it is small (Lite0 tail 0.78 vs 0.66
+ms/image, about 1 % of a trunk+tail pass).  Most batches carry one bias vector for every row
+(feature extraction with zeros, one task's rows after the mapper split them), so for those the
+engine binds the vector into the verified tail graph as a constant (``bind_biases``) and ORT
+folds each ``Add`` into its conv's bias.  Bound sessions are cached per vector (LRU); batches
+that mix vectors use the per-sample graph.  What made the trunk+tail split slow was not the
+biases but spinning thread pools (``ort_session_options``).
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ BIND_MIN_ROWS = 8
 def ort_session_options(threads: int | None = None, *, spinning: bool = False):
     """The ``SessionOptions`` every ROM graph runs with.
 
-    Intra-op spinning is off (``spinning=True`` restores onnxruntime's default, for comparison): the engine alternates trunk, tail and bound-tail sessions, each
-    with its own thread pool, and a pool that spins after its run steals the cores the next
-    session needs.  On 2 cores spinning made trunk+tail run at half the full graph's speed at
+    Intra-op spinning is off (``spinning=True`` restores onnxruntime's default, for comparison):
+    the engine alternates trunk, tail and bound-tail sessions, each with its own thread pool,
+    and a pool that spins after its run steals the cores the next session needs.  On 2 cores spinning made trunk+tail run at half the full graph's speed at
     batch 1 (56 vs 116 img/s, Lite0) and ~13 % slower at batch 16; without it the split costs
     nothing measurable (benchmarks/rom_throughput.py times both).
     """
@@ -110,6 +112,24 @@ def bind_biases(model: bytes, bb: np.ndarray, input_name: str = "bb") -> bytes:
     graph.input.remove(match[0])
     graph.initializer.append(numpy_helper.from_array(np.asarray(bb, np.float32)[None], input_name))
     return proto.SerializeToString()
+
+
+def optimized_op_counts(model: Path | bytes, threads: int | None = None) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime (CPU) actually runs after its optimizations, with the
+    engine's session options: shows whether biases were folded away or still cost an ``Add``."""
+    import collections
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort_session_options(threads)
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                             providers=["CPUExecutionProvider"])
+        ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return dict(sorted(ops.items()))
 
 
 def available_providers() -> list[str]:

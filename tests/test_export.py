@@ -35,18 +35,6 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
 
-def _optimized_ops(model: bytes, tmp: Path) -> dict[str, int]:
-    """Op counts of the graph onnxruntime actually runs after its CPU optimizations."""
-    import collections
-
-    import onnx
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp / "optimized.onnx")
-    ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    return dict(collections.Counter(n.op_type for n in onnx.load(str(tmp / "optimized.onnx")).graph.node))
-
 
 # ----------------------------------------------------------------------------- catalogue + weights
 def test_catalogue_lists_default_and_paper_backbones() -> None:
@@ -206,9 +194,9 @@ def test_trunk_plus_tail_equals_full(rom_dir: Path) -> None:
     assert _rel_err(split, whole) < 1e-4
 
 
-def test_bound_biases_match_per_sample_biases(rom_dir: Path, tmp_path: Path) -> None:
+def test_bound_biases_match_per_sample_biases(rom_dir: Path) -> None:
     """One task per batch runs on a graph with the biases bound in; it must equal the per-sample graph."""
-    from skill_edge.runtime.rom_engine import BIND_MIN_ROWS, RomEngine, bind_biases
+    from skill_edge.runtime.rom_engine import BIND_MIN_ROWS, RomEngine, bind_biases, optimized_op_counts
 
     m = RomManifest.read(rom_dir)
     rng = np.random.default_rng(4)
@@ -221,9 +209,9 @@ def test_bound_biases_match_per_sample_biases(rom_dir: Path, tmp_path: Path) -> 
     assert [i.name for i in bound.get_inputs()] == ["image"]
     assert _rel_err(bound.run(None, {"image": x})[0], per_sample) < 1e-5
     # Why binding pays: ORT folds every bound bias into its conv, leaving no bias op to run.
-    assert set(_optimized_ops(bind_biases((rom_dir / "full.onnx").read_bytes(), one), tmp_path)) \
-        == set(_optimized_ops((rom_dir / "trunk.onnx").read_bytes(), tmp_path)) | {"ReduceMean"}
-    assert {"Add", "Unsqueeze"} <= set(_optimized_ops((rom_dir / "full.onnx").read_bytes(), tmp_path))
+    assert set(optimized_op_counts(bind_biases((rom_dir / "full.onnx").read_bytes(), one))) \
+        == set(optimized_op_counts(rom_dir / "trunk.onnx")) | {"ReduceMean"}
+    assert {"Add", "Unsqueeze"} <= set(optimized_op_counts(rom_dir / "full.onnx"))
 
     engine = RomEngine(rom_dir, providers=["cpu"], bound_sessions=2)
     plain = RomEngine(rom_dir, providers=["cpu"], bound_sessions=0)
