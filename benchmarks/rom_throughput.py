@@ -12,6 +12,8 @@ which time the same), at batch 1 and 16, in one run:
 * onnxruntime device path: ``trunk`` + ``tail`` (``bb`` only on the tail), per-sample and bound,
   and bound once more with onnxruntime's default spinning thread pools (what ``RomEngine``
   turns off, see ``ort_session_options``)
+* the tail alone on ready trunk activations, per-sample and bound: what binding saves on the
+  device path
 
 Each round times every variant right next to the plain graph (variants shuffled, the pair's
 order random), and the median per variant is reported.  Overheads are paired: the median over
@@ -83,6 +85,7 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
         bb_full = (0.05 * rng.standard_normal((n, m.bias_total))).astype(np.float32)
         bb_tail = (0.05 * rng.standard_normal((n, m.tail_bias_total))).astype(np.float32)
         xt = torch.from_numpy(x)
+        act = sess["trunk"].run(None, {"image": x})[0]  # what the tail-only rows start from
 
         def run_eager() -> None:
             with torch.no_grad():
@@ -99,6 +102,8 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
                 None, {"trunk_act": sess["trunk"].run(None, {"image": x})[0]}),
             "onnxruntime trunk+tail(bb) bound, spinning pools": lambda: sess["tail_bound_spin"].run(
                 None, {"trunk_act": sess["trunk_spin"].run(None, {"image": x})[0]}),
+            "onnxruntime tail only(bb) per-sample": lambda: sess["tail"].run(None, {"trunk_act": act, "bb": bb_tail}),
+            "onnxruntime tail only(bb) bound": lambda: sess["tail_bound"].run(None, {"trunk_act": act}),
         }
         reps = max(1, 16 // n)
         for fn in variants.values():  # warm-up

@@ -7,9 +7,9 @@ overrides the order, as in ``onnxruntime.InferenceSession``.
 
 Bias folding (ONNX Runtime only).  A per-sample bias is an ``Add`` of a graph *input* after
 every BN, and on CPU that ``Add`` keeps ORT from fusing Conv+BN+activation into its blocked
-(NCHWc) kernels.  On the whole network that costs a lot (+69 % Lite0, +36 % Xception at batch
-16, benchmarks/rom_throughput.py); on the tail alone it is small (Lite0 tail 0.78 vs 0.66
-ms/image, about 1 % of a trunk+tail pass).  Most batches carry one bias vector for every row
+(NCHWc) kernels.  On the whole network that costs a lot (+64 % Lite0, +32 % Xception at batch
+16, benchmarks/rom_throughput.py); on the tail alone it is small (Lite0 tail 0.94 vs 0.69
+ms/image, about 2.5 % of a whole pass).  Most batches carry one bias vector for every row
 (feature extraction with zeros, one task's rows after the mapper split them), so for those the
 engine binds the vector into the verified tail graph as a constant (``bind_biases``) and ORT
 folds each ``Add`` into its conv's bias.  Bound sessions are cached per vector (LRU); batches
@@ -67,9 +67,9 @@ def ort_session_options(threads: int | None = None, *, spinning: bool = False):
 
     Intra-op spinning is off (``spinning=True`` restores onnxruntime's default, for comparison):
     the engine alternates trunk, tail and bound-tail sessions, each with its own thread pool,
-    and a pool that spins after its run steals the cores the next session needs.  On 2 cores spinning made trunk+tail run at half the full graph's speed at
-    batch 1 (56 vs 116 img/s, Lite0) and ~13 % slower at batch 16; without it the split costs
-    nothing measurable (benchmarks/rom_throughput.py times both).
+    and a pool that spins after its run steals the cores the next session needs.  On 2 cores,
+    with spinning on, trunk+tail at batch 1 took 1.5x the plain graph's time (Lite0); without
+    it the split costs nothing measurable (benchmarks/rom_throughput.py times both).
     """
     import onnxruntime as ort
 

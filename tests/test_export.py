@@ -212,6 +212,8 @@ def test_bound_biases_match_per_sample_biases(rom_dir: Path) -> None:
     assert set(optimized_op_counts(bind_biases((rom_dir / "full.onnx").read_bytes(), one))) \
         == set(optimized_op_counts(rom_dir / "trunk.onnx")) | {"ReduceMean"}
     assert {"Add", "Unsqueeze"} <= set(optimized_op_counts(rom_dir / "full.onnx"))
+    with pytest.raises(RomError, match="no 'bb' input"):
+        bind_biases((rom_dir / "trunk.onnx").read_bytes(), one)  # the trunk takes no biases
 
     engine = RomEngine(rom_dir, providers=["cpu"], bound_sessions=2)
     plain = RomEngine(rom_dir, providers=["cpu"], bound_sessions=0)
