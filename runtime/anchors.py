@@ -4,8 +4,9 @@ A *task anchor* is the small summary of a task's training data that lets any oth
 recognise inputs of that task without a task oracle (paper, section 4):
 
 * GMMC: ``k`` diagonal Gaussians fitted to the task's features (``fit_gmmc``).
-* Mahalanobis: class means plus ``m`` randomly chosen exemplar *features* per class
-  (``fit_mahalanobis``); students pool all received exemplars into one tied covariance.
+* Mahalanobis: class means plus ``m`` exemplar *features* per class (``fit_mahalanobis``;
+  random as in the paper, or synthetic rows along the principal axes, the default); students
+  pool all received exemplars into one tied covariance.
 
 Anchors live in a transformed feature space (``transform_features``): pooled post-ReLU CNN
 activations are skewed and their norms vary a lot between domains, and a square root plus
@@ -34,6 +35,11 @@ DEFAULT_TRANSFORM = "sqrt_l2"
 
 #: Threshold percentile: 1 means 99 % of the task's own held-out features score above it.
 DEFAULT_THRESHOLD_PERCENTILE = 1.0
+#: Fewest principal exemplar rows a task sends, however few classes it has.  A 2-class task
+#: with m = 5 would send 10 rows (5 axes), so siblings such as the CIFAR-10 pairs barely shape
+#: the student's tied covariance; 64 rows raised their validation task-ID 0.749 -> 0.787
+#: (benchmarks/results/maha_rows.md).
+DEFAULT_MIN_EXEMPLAR_ROWS = 64
 
 
 class AnchorError(ValueError):
@@ -178,6 +184,7 @@ def fit_mahalanobis(
     *,
     num_classes: int | None = None,
     exemplars: Literal["random", "principal"] = "random",
+    min_rows: int = 0,
 ) -> MahalanobisAnchor:
     """Class means from all training features plus ``m`` exemplar features per class.
 
@@ -187,7 +194,8 @@ def fit_mahalanobis(
     ``v_i`` of the task's within-class scatter (all training features), scaled so that the
     rows' scatter around their class means is the rank-r part of that scatter.  A student's
     tied covariance then gets the task's main directions of variation exactly instead of a
-    5-sample estimate of them; students need no change.
+    5-sample estimate of them; students need no change.  ``min_rows`` (principal only) raises
+    the row count of few-class tasks, capped at twice the rank the data can have.
 
     Labels must be ``0 .. C-1``; every class needs at least one sample (``num_classes`` lets
     the caller insist on C).
@@ -196,6 +204,8 @@ def fit_mahalanobis(
     y = _check_labels(labels, x.shape[0])
     if m < 1:
         raise AnchorError(f"m must be >= 1, got {m}")
+    if min_rows < 0:
+        raise AnchorError(f"min_rows must be >= 0, got {min_rows}")
     c = int(num_classes) if num_classes is not None else int(y.max()) + 1
     if y.max() >= c:
         raise AnchorError(f"label {int(y.max())} out of range for {c} classes")
@@ -203,6 +213,7 @@ def fit_mahalanobis(
     means = _class_means(x, y, c)
     if exemplars == "principal":
         n_rows = int(sum(min(m, int(np.sum(y == cls))) for cls in range(c)))
+        n_rows = max(n_rows, min(min_rows, 2 * min(x.shape[0] - c, x.shape[1])))  # rank <= N - C, D
         ex, lab = _principal_exemplars(x, y, means, n_rows)
         return MahalanobisAnchor(means.astype(np.float32), ex.astype(np.float32), lab.astype(np.float32))
     if exemplars != "random":
@@ -303,6 +314,7 @@ def fit_task_anchors(
     var_floor: float = 0.1,
     gmmc_per_class: bool = True,
     exemplars: Literal["random", "principal"] = "principal",
+    min_exemplar_rows: int = DEFAULT_MIN_EXEMPLAR_ROWS,
     calibration_fraction: float = 0.2,
     percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
 ) -> TaskAnchors:
@@ -310,7 +322,8 @@ def fit_task_anchors(
 
     Defaults are the recipe measured best on the real benchmark's validation split
     (benchmarks/results/mapper_tuning.md): sqrt + L2 features, GMMC components split over
-    classes with a 0.1 relative variance floor, principal-axis Mahalanobis exemplars.
+    classes with a 0.1 relative variance floor, principal-axis Mahalanobis exemplars, at least
+    ``min_exemplar_rows`` of them per task (benchmarks/results/maha_rows.md).
 
     Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out.  The GMMC anchor
     used for calibration is fitted on the rest and the returned one refitted on all features;
@@ -338,7 +351,8 @@ def fit_task_anchors(
     if "maha" in kinds:
         # Exemplars come from the fitting part only, so no held-out input is its own exemplar;
         # the deployed anchor *is* the calibrated one (its metric depends on which exemplars it has).
-        part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes, exemplars=exemplars)
+        part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes, exemplars=exemplars,
+                               min_rows=min_exemplar_rows)
         out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), part.exemplars,
                                      part.exemplar_labels)
         out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=out.maha), x[cal_idx], percentile))

@@ -9,6 +9,7 @@ from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf, oas
 
 from skill_edge.runtime.anchors import (
+    DEFAULT_MIN_EXEMPLAR_ROWS,
     AnchorError,
     fit_gmmc,
     fit_mahalanobis,
@@ -143,6 +144,27 @@ def test_principal_exemplars_carry_the_top_within_class_scatter():
     np.testing.assert_allclose(e.T @ e / 6, top, atol=1e-4 * vals[-1])
     with pytest.raises(AnchorError, match="exemplars must be"):
         fit_mahalanobis(x, y, exemplars="kmeans")
+
+
+def test_min_rows_gives_few_class_tasks_more_principal_axes():
+    rng = np.random.default_rng(14)
+    y = np.arange(600) % 2
+    x = (rng.normal(size=(600, 40)) * np.linspace(3.0, 0.1, 40) + 4.0 * y[:, None]).astype(np.float32)
+    a = fit_mahalanobis(x, y, m=5, exemplars="principal", min_rows=24)
+    assert a.exemplars.shape == (24, 40) and np.bincount(a.exemplar_labels.astype(int)).tolist() == [12, 12]
+    e = a.exemplars.astype(np.float64) - a.class_means[a.exemplar_labels.astype(int)]
+    vals, vecs = np.linalg.eigh(np.cov((x - a.class_means.astype(np.float64)[y]).T, bias=True))
+    top = vecs[:, -12:] @ np.diag(vals[-12:]) @ vecs[:, -12:].T  # rank 24 // 2
+    np.testing.assert_allclose(e.T @ e / 24, top, atol=1e-4 * vals[-1])
+    # the floor never asks for more axes than the data has: 6 samples of 2 classes -> rank 4
+    few = fit_mahalanobis(x[:6], y[:6], m=5, exemplars="principal", min_rows=64)
+    assert few.exemplars.shape[0] == 8
+    # a task that already sends more rows than the floor is unchanged; random exemplars ignore it
+    assert fit_mahalanobis(x, y, m=20, exemplars="principal", min_rows=24).exemplars.shape[0] == 40
+    assert fit_mahalanobis(x, y, m=5, min_rows=24).exemplars.shape[0] == 10
+    assert fit_task_anchors(x, y, k=4).maha.exemplars.shape[0] == DEFAULT_MIN_EXEMPLAR_ROWS
+    with pytest.raises(AnchorError, match="min_rows"):
+        fit_mahalanobis(x, y, exemplars="principal", min_rows=-1)
 
 
 def test_thresholds_hold_out_most_own_test_data(tasks):
