@@ -16,8 +16,10 @@ which time the same), at batch 1 and 16, in one run:
   device path
 
 Each round times every variant right next to the plain graph (variants shuffled, the pair's
-order random), and the median per variant is reported.  Overheads are paired: the median over
-rounds of the adjacent ``t_variant / t_plain - 1``, at batch 16:
+order random), and the median per variant is reported.  Overheads at batch 16 come from a
+separate ABBA phase: ``--abba-blocks`` blocks of plain, variant, variant, plain (a linear drift
+in machine load cancels within a block), ratio ``(t_v1 + t_v2) / (t_p1 + t_p2) - 1`` per block,
+median over blocks, with its interquartile range and a bootstrap 95 % interval of the median:
 ``bias_overhead`` for the full graph with one task's biases bound in (``bind_biases``),
 ``bias_overhead_per_sample`` for ``bb[N,B]`` fed per row (mixed-task batches), and
 ``bias_overhead_device_path`` / ``..._per_sample`` the same for trunk+tail.
@@ -25,7 +27,7 @@ rounds of the adjacent ``t_variant / t_plain - 1``, at batch 16:
 Also measures the decode pipeline (``RomEngine.extract`` on real image files) against the
 raw trunk+tail throughput: the device-side target is >= 0.9x.
 
-    python benchmarks/rom_throughput.py [--rounds 9] [--backbones efficientnet_lite0 xception]
+    python benchmarks/rom_throughput.py [--rounds 9] [--abba-blocks 24] [--backbones efficientnet_lite0 xception]
 """
 
 from __future__ import annotations
@@ -57,7 +59,36 @@ def _ort(model: Path | bytes, threads: int, spinning: bool = False):
 PLAIN = "onnxruntime plain"
 
 
-def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], work: Path) -> tuple[list[dict], dict]:
+OVERHEAD = {  # result key -> variant timed against the plain graph at the largest batch
+    "bias_overhead": "onnxruntime full+bb bound",
+    "bias_overhead_per_sample": "onnxruntime full+bb per-sample",
+    "bias_overhead_device_path": "onnxruntime trunk+tail(bb) bound",
+    "bias_overhead_device_path_per_sample": "onnxruntime trunk+tail(bb) per-sample",
+}
+
+
+def abba_ratios(timed, labels: list[str], blocks: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per block: plain, variant, variant, plain; ``(t_v1 + t_v2) / (t_p1 + t_p2) - 1``.
+
+    A load that drifts linearly over a block hits both sides equally; the variants take turns
+    block by block (shuffled), so slower drifts spread over all of them.
+    """
+    out: dict[str, list[float]] = {label: [] for label in labels}
+    for _ in range(blocks):
+        for label in rng.permutation(labels):
+            p1, v1, v2, p2 = timed(PLAIN), timed(label), timed(label), timed(PLAIN)
+            out[label].append((v1 + v2) / (p1 + p2) - 1.0)
+    return {label: np.asarray(r) for label, r in out.items()}
+
+
+def median_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int = 2000) -> list[float]:
+    """Bootstrap 95 % interval of the median."""
+    meds = np.median(rng.choice(x, size=(n_boot, len(x)), replace=True), axis=1)
+    return [round(float(q), 4) for q in np.percentile(meds, [2.5, 97.5])]
+
+
+def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], work: Path,
+                   abba_blocks: int) -> tuple[list[dict], dict]:
     import torch
 
     from skill_edge.export.backbone import build_backbone
@@ -137,18 +168,14 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
                          "rounds": rounds})
             print(f"{name:20s} b={n:2d} {label:48s} {ips:8.1f} img/s", flush=True)
         if n == max(batches):
-            paired = {label: np.asarray(r) - 1.0 for label, r in ratios.items()}
+            paired = abba_ratios(timed, list(OVERHEAD.values()), abba_blocks, rng)
     b = max(batches)
-    overhead = {  # median over rounds of the adjacent time ratio against the plain graph
-        "bias_overhead": "onnxruntime full+bb bound",
-        "bias_overhead_per_sample": "onnxruntime full+bb per-sample",
-        "bias_overhead_device_path": "onnxruntime trunk+tail(bb) bound",
-        "bias_overhead_device_path_per_sample": "onnxruntime trunk+tail(bb) per-sample",
-    }
     extra = {
-        **{key: float(np.median(paired[label])) for key, label in overhead.items()},
+        **{key: float(np.median(paired[label])) for key, label in OVERHEAD.items()},
         "overhead_iqr": {key: [round(float(q), 4) for q in np.percentile(paired[label], [25, 75])]
-                         for key, label in overhead.items()},
+                         for key, label in OVERHEAD.items()},
+        "overhead_ci95": {key: median_ci(paired[label], rng) for key, label in OVERHEAD.items()},
+        "overhead_blocks": {key: [round(float(v), 4) for v in paired[label]] for key, label in OVERHEAD.items()},
         "macs_per_image": m.macs_per_image,
         "bias_total": m.bias_total,
         "tail_bias_total": m.tail_bias_total,
@@ -199,29 +226,30 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "xception"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--abba-blocks", type=int, default=24, help="plain/variant/variant/plain blocks per overhead")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pipeline-images", type=int, default=320)
     args = ap.parse_args()
     rows, info, pipeline = [], {}, None
-    keys = ("bias_overhead", "bias_overhead_per_sample", "bias_overhead_device_path",
-            "bias_overhead_device_path_per_sample")
+    keys = tuple(OVERHEAD)
     overheads: dict[str, dict[str, float]] = {k: {} for k in keys}
     with tempfile.TemporaryDirectory() as work:
         for name in args.backbones:
-            r, extra = bench_backbone(name, args.rounds, args.threads, args.batches, Path(work))
+            r, extra = bench_backbone(name, args.rounds, args.threads, args.batches, Path(work), args.abba_blocks)
             rows += r
             for k in keys:
                 overheads[k][name] = round(extra[k], 4)
             info[name] = {k: extra[k] for k in ("macs_per_image", "bias_total", "tail_bias_total", "overhead_iqr",
-                                                 "optimized_ops")}
+                                                 "overhead_ci95", "overhead_blocks", "optimized_ops")}
             if name == "efficientnet_lite0":
                 pipeline = bench_pipeline(extra["rom"], args.threads, args.pipeline_images)
                 print(f"pipeline {pipeline['pipeline_ips']:.1f} img/s = {pipeline['ratio']:.2f} x raw", flush=True)
     path = write_result("rom_throughput", {
         **overheads,
         "bias_overhead_goal": 0.03,
-        "bias_overhead_definition": "median over rounds of t_bb / t_plain - 1 at batch 16 (the two timed "
-                                    "back to back in random order; backbones.*.overhead_iqr gives the spread); bias_overhead: the full graph with one "
+        "bias_overhead_definition": "median over ABBA blocks (plain, bb, bb, plain) of t_bb / t_plain - 1 at batch 16 "
+                                    "(backbones.*.overhead_iqr and overhead_ci95 give the spread and a bootstrap 95 % "
+                                    "interval of the median); bias_overhead: the full graph with one "
                                     "bias vector bound in (bind_biases; RomEngine binds its tail the same way); *_per_sample: "
                                     "bb[N,B] fed as an input, one row per image (mixed-task batches)",
         "backbones": info,
@@ -233,8 +261,8 @@ def main() -> None:
                        f"{r['time_vs_plain']:.3f}"] for r in rows])
     over = md_table(["backbone", "B (bias slots)", "full graph, bound", "full graph, per-sample",
                      "trunk+tail, bound", "trunk+tail, per-sample"],
-                    [[n, info[n]["bias_total"], *(f"{overheads[k][n]:+.1%} ({info[n]['overhead_iqr'][k][0]:+.1%} .. "
-                                                   f"{info[n]['overhead_iqr'][k][1]:+.1%})" for k in keys)]
+                    [[n, info[n]["bias_total"], *(f"{overheads[k][n]:+.1%} [{info[n]['overhead_ci95'][k][0]:+.1%} .. "
+                                                   f"{info[n]['overhead_ci95'][k][1]:+.1%}]" for k in keys)]
                      for n in overheads["bias_overhead"]])
     ops = md_table(["backbone", "graph", "optimized ops"],
                    [[n, g, ", ".join(f"{k} {v}" for k, v in c.items())]
@@ -253,8 +281,9 @@ Results: [`results/rom_throughput.json`](results/rom_throughput.json).
 
 {table}
 
-Cost of the bias inputs at batch 16 against the plain graph (goal: <= +3%): the median of the
-time ratio to the plain graph timed right beside it, with its interquartile range over rounds in brackets. *Bound*: one
+Cost of the bias inputs at batch 16 against the plain graph (goal: <= +3%): the median over
+{args.abba_blocks} ABBA blocks (plain, variant, variant, plain) of the time ratio, with a bootstrap
+95 % interval of that median in brackets (the JSON also has the IQR and every block). *Bound*: one
 bias vector bound into the graph as a constant (`bind_biases`, what a caller running one task's
 whole-network biases would use; `RomEngine` does the same to its tail for every batch whose rows
 share one task); ORT then folds each bias into its conv.  *Per-sample*: `bb[N,B]` fed as an input, one row per image (a batch
