@@ -195,7 +195,8 @@ def fit_mahalanobis(
     rows' scatter around their class means is the rank-r part of that scatter.  A student's
     tied covariance then gets the task's main directions of variation exactly instead of a
     5-sample estimate of them; students need no change.  ``min_rows`` (principal only) raises
-    the row count of few-class tasks, capped at twice the rank the data can have.
+    the row count of few-class tasks, capped at a quarter of the task's sample count (the student
+    weighs each row as one sample) and at twice the rank the data can have.
 
     Labels must be ``0 .. C-1``; every class needs at least one sample (``num_classes`` lets
     the caller insist on C).
@@ -213,7 +214,9 @@ def fit_mahalanobis(
     means = _class_means(x, y, c)
     if exemplars == "principal":
         n_rows = int(sum(min(m, int(np.sum(y == cls))) for cls in range(c)))
-        n_rows = max(n_rows, min(min_rows, 2 * min(x.shape[0] - c, x.shape[1])))  # rank <= N - C, D
+        # The floor asks for one row per 4 samples at most: the student weighs each row as one
+        # sample in its pooled covariance, and the trailing axes of a small sample are noise.
+        n_rows = max(n_rows, min(min_rows, x.shape[0] // 4, 2 * min(x.shape[0] - c, x.shape[1])))
         ex, lab = _principal_exemplars(x, y, means, n_rows)
         return MahalanobisAnchor(means.astype(np.float32), ex.astype(np.float32), lab.astype(np.float32))
     if exemplars != "random":

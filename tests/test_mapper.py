@@ -156,9 +156,10 @@ def test_min_rows_gives_few_class_tasks_more_principal_axes():
     vals, vecs = np.linalg.eigh(np.cov((x - a.class_means.astype(np.float64)[y]).T, bias=True))
     top = vecs[:, -12:] @ np.diag(vals[-12:]) @ vecs[:, -12:].T  # rank 24 // 2
     np.testing.assert_allclose(e.T @ e / 24, top, atol=1e-4 * vals[-1])
-    # the floor never asks for more axes than the data has: 6 samples of 2 classes -> rank 4
-    few = fit_mahalanobis(x[:6], y[:6], m=5, exemplars="principal", min_rows=64)
-    assert few.exemplars.shape[0] == 8
+    # the floor asks for at most one row per 4 samples, and at most twice the rank (2 x 8 dims)
+    assert fit_mahalanobis(x[:160], y[:160], m=5, exemplars="principal", min_rows=64).exemplars.shape[0] == 40
+    assert fit_mahalanobis(x[:20], y[:20], m=5, exemplars="principal", min_rows=64).exemplars.shape[0] == 10
+    assert fit_mahalanobis(x[:, :8], y, m=1, exemplars="principal", min_rows=64).exemplars.shape[0] == 16
     # a task that already sends more rows than the floor is unchanged; random exemplars ignore it
     assert fit_mahalanobis(x, y, m=20, exemplars="principal", min_rows=24).exemplars.shape[0] == 40
     assert fit_mahalanobis(x, y, m=5, min_rows=24).exemplars.shape[0] == 10
