@@ -17,6 +17,14 @@ README = Path(__file__).resolve().parent / "README.md"
 SKILL_BENCH = Path(os.environ.get("SKILL_BENCH", Path(__file__).resolve().parents[2] / "shared/data/skill-bench"))
 
 
+def task_order(root: Path) -> list[str]:
+    """The benchmark's tasks in ``tasks.json`` order (its README documents them), else sorted folders."""
+    meta = root / "tasks.json"
+    if meta.exists():
+        return [t["task"] for t in json.loads(meta.read_text())]
+    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+
+
 def machine() -> dict:
     return describe_machine()
 

@@ -10,8 +10,8 @@ from train; test is reported for every floor, next to two references a packet ca
 
 * every training feature as an exemplar (the issue's "tied covariance from all features");
 * a 10-way logistic regression trained on all CIFAR-10 training features, scored on which
-  pair it puts each CIFAR test image in: what these features allow a discriminative
-  classifier, not just a Gaussian one, for the hardest siblings.
+  pair it puts each CIFAR test image in: roughly what these features allow even a
+  discriminative classifier for the hardest siblings.
 
     python benchmarks/extract_features.py --out /work/cache/features
     python benchmarks/maha_rows.py --features /work/cache/features
@@ -30,40 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mapper_tuning as mt  # noqa: E402
 from _common import md_table, update_readme, write_result  # noqa: E402
 
-from skill_edge.runtime.anchors import DEFAULT_MIN_EXEMPLAR_ROWS, fit_mahalanobis, transform_features  # noqa: E402
-from skill_edge.runtime.knowledge import MahalanobisAnchor  # noqa: E402
-from skill_edge.runtime.mapper import MahalanobisMapper  # noqa: E402
+from skill_edge.runtime.anchors import DEFAULT_MIN_EXEMPLAR_ROWS, transform_features  # noqa: E402
 
 FLOORS = (0, 32, 64, 96, 128)
+TIE = 0.001  # validation ratios closer than this are a tie (about one test image in a thousand)
 TRANSFORM = "sqrt_l2"
 
 
-def anchors_for(tasks: dict[str, mt.TaskData], split: str, floor: int | None) -> list[MahalanobisAnchor]:
-    """One anchor per task; ``floor=None`` is the every-training-feature reference."""
-    out = []
-    for t in tasks.values():
-        s = getattr(t, split)
-        x = transform_features(s.x, TRANSFORM)
-        if floor is None:
-            a = fit_mahalanobis(x, s.y, m=1)
-            out.append(MahalanobisAnchor(a.class_means, x, s.y.astype(np.float32)))
-        else:
-            out.append(fit_mahalanobis(x, s.y, m=5, exemplars="principal", min_rows=floor))
-    return out
-
-
 def measure(tasks: dict[str, mt.TaskData], fit: str, split: str, floor: int | None, heads) -> dict:
-    anchors = anchors_for(tasks, fit, floor)
-    ks = [mt.knowledge(t, TRANSFORM, maha=a) for t, a in zip(tasks.values(), anchors)]
-    mapper = MahalanobisMapper.from_knowledge(ks)
-    ev = mt.evaluate(mapper, tasks, split)
-    pred = ev.predictions()
-    per_task = ev.per_task(pred)
-    system = mt.system_accuracy(ev, pred, heads, tasks, split)
-    rows = [len(a.exemplar_labels) for a in anchors]
-    return {"split": split, "min_rows": floor, "task_id": mt.summary(per_task), "per_task_task_id": per_task,
-            "no_oracle_mean": system["no_oracle_mean"], "oracle_mean": system["oracle_mean"],
-            "ratio": system["ratio"], "shrinkage": mapper.shrinkage,
+    """One floor (``None``: every training feature as an exemplar), scored on ``split``."""
+    recipe = (mt.MahaRecipe(transform=TRANSFORM, m=0) if floor is None
+              else mt.MahaRecipe(transform=TRANSFORM, m=5, exemplars="principal", min_rows=floor))
+    mapper = mt.maha_mapper(recipe, tasks, fit)
+    row = mt.run_variant(recipe.label(), mapper, tasks, split, heads, None)
+    rows = [len(mt.maha_anchor(recipe, t, fit).exemplar_labels) for t in tasks.values()]
+    return {"split": split, "min_rows": floor, "task_id": row["task_id"], "per_task_task_id": row["per_task"],
+            "no_oracle_mean": row["system"]["no_oracle_mean"], "oracle_mean": row["system"]["oracle_mean"],
+            "ratio": row["system"]["ratio"], "shrinkage": mapper.shrinkage,
             "exemplar_rows_total": int(sum(rows)), "exemplar_rows_min": int(min(rows))}
 
 
@@ -83,7 +66,7 @@ def cifar_logreg_ceiling(tasks: dict[str, mt.TaskData]) -> dict:
         return np.concatenate(xs), np.concatenate(ys), np.concatenate(owner)
 
     xf, yf, _ = stack("fit")
-    xv, yv, ov = stack("val")
+    xv, _, ov = stack("val")
     val = {}
     for c in (1.0, 3.0, 10.0):
         pred = LogisticRegression(C=c, max_iter=3000).fit(xf, yf).predict(xv)
@@ -111,14 +94,13 @@ def main() -> None:
         for floor in (*FLOORS, None):
             r = measure(tasks, fit, split, floor, heads)
             rows.append(r)
-            mt.log(f"{split} min_rows={floor}: task-ID {r['task_id']['mean']:.4f} "
-                   f"(CIFAR {r['task_id']['mean_cifar10']:.4f}), no-oracle/oracle {r['ratio']:.4f}")
     val = [r for r in rows if r["split"] == "val" and r["min_rows"] is not None]
-    chosen = max(val, key=lambda r: r["ratio"])["min_rows"]
+    best = max(r["ratio"] for r in val)  # the cheapest floor within TIE of the best: rows cost bytes
+    chosen = min(r["min_rows"] for r in val if r["ratio"] >= best - TIE)
     ceiling = cifar_logreg_ceiling(tasks)
     mt.log(f"CIFAR pair accuracy of a 10-way logistic regression on all features: {ceiling['test_pair_accuracy_mean']:.4f}")
     payload = {"features": str(args.features), "tasks": len(tasks), "floors": list(FLOORS),
-               "chosen_on_val": chosen, "runtime_default": DEFAULT_MIN_EXEMPLAR_ROWS, "rows": rows,
+               "chosen_on_val": chosen, "tie": TIE, "runtime_default": DEFAULT_MIN_EXEMPLAR_ROWS, "rows": rows,
                "cifar_logreg_ceiling": ceiling, "seconds": time.time() - t0}
     write_result("maha_rows", payload)
 
@@ -132,10 +114,12 @@ def main() -> None:
           f"{r['task_id']['mean_cifar10']:.4f}", f"{r['task_id']['mean_omniglot']:.4f}",
           f"{r['task_id']['mean_other']:.4f}", f"{r['ratio']:.4f}"] for r in rows])
     md = (f"### Mahalanobis: rows per task (`benchmarks/maha_rows.py`)\n\n{table}\n\n"
-          f"Chosen on validation: min_rows={chosen} (runtime default {DEFAULT_MIN_EXEMPLAR_ROWS}).  "
+          f"Chosen on validation: min_rows={chosen}, the fewest rows within {TIE} of the best ratio "
+          f"(runtime default {DEFAULT_MIN_EXEMPLAR_ROWS}).  "
           f"For scale, a 10-way logistic regression on *all* CIFAR-10 training features puts "
-          f"{ceiling['test_pair_accuracy_mean']:.4f} of CIFAR test images in the right pair (C={ceiling['C']}): "
-          f"the features, not the mapper, bound the CIFAR siblings.  Heads are the benchmark's logistic "
+          f"{ceiling['test_pair_accuracy_mean']:.4f} of CIFAR test images in the right pair (C={ceiling['C']}), "
+          f"a few points above any Gaussian mapper here: on these features the CIFAR siblings stay hard for any "
+          f"mapper a packet can feed.  Heads are the benchmark's logistic "
           f"regressions (as in mapper_tuning), so ratios differ slightly from skill_bench.\n")
     (mt.RESULTS / "maha_rows.md").write_text(md)
     update_readme("maha_rows", md)

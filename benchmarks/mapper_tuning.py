@@ -243,10 +243,12 @@ class MahaRecipe:
     m: int = 5  # exemplars per class; 0 = every training feature
     shrinkage: str = "ledoit_wolf"
     exemplars: str = "random"  # or "principal"
+    min_rows: int = 0  # principal only: fewest rows per task (see benchmarks/maha_rows.py)
 
     def label(self) -> str:
         ex = "every training feature" if self.m == 0 else f"m={self.m} {self.exemplars}"
-        return f"maha {self.transform} {ex} {self.shrinkage}"
+        floor = f" min_rows={self.min_rows}" if self.min_rows else ""
+        return f"maha {self.transform} {ex}{floor} {self.shrinkage}"
 
 
 def gmmc_mapper(r: GmmcRecipe, tasks: dict[str, TaskData], split: str, cache: AnchorCache,
@@ -261,7 +263,7 @@ _MAHA_MEMO: dict[tuple, MahalanobisAnchor] = {}
 
 
 def maha_anchor(r: MahaRecipe, t: TaskData, split: str) -> MahalanobisAnchor:
-    key = (r.transform, r.m, r.exemplars, t.name, split)
+    key = (r.transform, r.m, r.exemplars, r.min_rows, t.name, split)
     if key not in _MAHA_MEMO:  # principal exemplars need an SVD per task: fit once per run
         _MAHA_MEMO[key] = _fit_maha_anchor(r, t, split)
     return _MAHA_MEMO[key]
@@ -273,7 +275,7 @@ def _fit_maha_anchor(r: MahaRecipe, t: TaskData, split: str) -> MahalanobisAncho
     if r.m == 0:  # reference: all training features as "exemplars" (not what a packet carries)
         a = fit_mahalanobis(x, s.y, m=1, seed=0)
         return MahalanobisAnchor(a.class_means, x, s.y.astype(np.float32))
-    return fit_mahalanobis(x, s.y, m=r.m, seed=0, exemplars=r.exemplars)
+    return fit_mahalanobis(x, s.y, m=r.m, seed=0, exemplars=r.exemplars, min_rows=r.min_rows)
 
 
 def maha_mapper(r: MahaRecipe, tasks: dict[str, TaskData], split: str,

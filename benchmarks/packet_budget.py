@@ -50,7 +50,7 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SKILL_BENCH, md_table, update_readme, write_result  # noqa: E402
+from _common import RESULTS, SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
 
 from skill_edge.runtime.codec import (  # noqa: E402
     EncodingPlan,
@@ -88,11 +88,6 @@ class TaskData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-
-def task_names(data_root: Path) -> list[str]:
-    """The benchmark's tasks in tasks.json order (its README documents them)."""
-    return [t["task"] for t in json.loads((data_root / "tasks.json").read_text())]
 
 
 def load_from_features(root: Path, names: list[str]) -> list[TaskData]:
@@ -472,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from skill_edge.runtime.device import Device
 
-    names = args.tasks or task_names(args.data)
+    names = args.tasks or task_order(args.data)
     budgets = sorted(parse_size(b) for b in args.budgets)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="packet-budget-") as tmp:

@@ -256,7 +256,8 @@ def main() -> None:
         "pipeline": pipeline,
         "rows": rows,
     })
-    table = md_table(["backbone", "weights", "variant", "batch", "images/s", "ms/image", "time / plain (paired)"],
+    table = md_table(["backbone", "weights", "variant", "batch", "images/s", "ms/image",
+                      f"time / plain ({args.rounds} paired rounds)"],
                      [[r["backbone"], r["weights"], r["variant"], r["batch"], r["images_per_s"], r["ms_per_image"],
                        f"{r['time_vs_plain']:.3f}"] for r in rows])
     over = md_table(["backbone", "B (bias slots)", "full graph, bound", "full graph, per-sample",
@@ -283,7 +284,8 @@ Results: [`results/rom_throughput.json`](results/rom_throughput.json).
 
 Cost of the bias inputs at batch 16 against the plain graph (goal: <= +3%): the median over
 {args.abba_blocks} ABBA blocks (plain, variant, variant, plain) of the time ratio, with a bootstrap
-95 % interval of that median in brackets (the JSON also has the IQR and every block). *Bound*: one
+95 % interval of that median in brackets (the JSON also has the IQR and every block); where this
+and the rounds' column above differ, this is the better estimate. *Bound*: one
 bias vector bound into the graph as a constant (`bind_biases`, what a caller running one task's
 whole-network biases would use; `RomEngine` does the same to its tail for every batch whose rows
 share one task); ORT then folds each bias into its conv.  *Per-sample*: `bb[N,B]` fed as an input, one row per image (a batch

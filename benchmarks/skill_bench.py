@@ -22,17 +22,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SKILL_BENCH, md_table, update_readme, write_result  # noqa: E402
+from _common import RESULTS, SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
 
 MAPPERS = ("gmmc", "maha")
 MAPPER_NAMES = {"gmmc": "gmmc", "maha": "mahalanobis"}
-
-
-def task_order(root: Path) -> list[str]:
-    meta = root / "tasks.json"
-    if meta.exists():
-        return [t["task"] for t in json.loads(meta.read_text())]
-    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
 
 
 def confusion_plot(names: list[str], conf: dict[str, np.ndarray], path: Path) -> None:
