@@ -110,8 +110,8 @@ def build_rom(backbone: str, out: Path | None = None, *, weights: str | Path | N
     split = len(ref.stages) - k
     x = torch.zeros(2, 3, spec.input_size, spec.input_size)
 
-    def fresh() -> Backbone:
-        return build_backbone(backbone, weights, random_init=True) if random_init else _clone(ref)
+    def fresh() -> Backbone:  # one copy of the same weights per graph (wrapping modifies the stages)
+        return _clone(ref)
 
     # full graph
     progress("exporting full graph")

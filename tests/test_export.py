@@ -181,6 +181,28 @@ def test_full_graph_parity_with_torch(rom_dir: Path, lite0) -> None:
     assert _rel_err(full[1:2], full[0:1]) > 1e-3  # different biases really change the features
 
 
+def test_random_init_rom_graphs_and_weights_file_share_one_set_of_weights(tmp_path: Path) -> None:
+    """Timing ROMs (--random-init) too: every graph and the BB training weights come from one model."""
+    from skill_edge.export.rom import build_rom
+    from skill_edge.runtime.learn import build_torch_tail
+
+    rom = tmp_path / "random"
+    build_rom("efficientnet_lite0", rom, random_init=True)
+    full, trunk, tail = (_session(rom / f"{n}.onnx") for n in ("full", "trunk", "tail"))
+    x = _images(2, 224, seed=7).numpy()
+    m = json.loads((rom / "manifest.json").read_text())
+    bb = np.random.default_rng(8).normal(0, 0.05, (2, m["bias_total"])).astype(np.float32)
+    act = trunk.run(None, {"image": x})[0]
+    bb_tail = bb[:, -m["tail_bias_total"]:]
+    split = tail.run(None, {"trunk_act": act, "bb": bb_tail})[0]
+    bb_head = bb.copy()
+    bb_head[:, : m["bias_total"] - m["tail_bias_total"]] = 0.0  # the split graph has no trunk biases
+    assert _rel_err(split, full.run(None, {"image": x, "bb": bb_head})[0]) < 1e-4
+    with torch.no_grad():
+        torch_tail = build_torch_tail(rom)(torch.from_numpy(act), torch.from_numpy(bb_tail)).numpy()
+    assert _rel_err(torch_tail, split) < 1e-4
+
+
 def test_trunk_plus_tail_equals_full(rom_dir: Path) -> None:
     m = RomManifest.read(rom_dir)
     full, trunk, tail = (_session(rom_dir / f"{n}.onnx") for n in ("full", "trunk", "tail"))
