@@ -5,11 +5,11 @@ with per-sample beneficial biases.  Backends, in order of preference: a TensorRT
 built for this GPU (``export.trt``), ONNX Runtime CUDA, ONNX Runtime CPU; ``providers=``
 overrides the order, as in ``onnxruntime.InferenceSession``.
 
-Bias folding (ONNX Runtime only).  A per-sample bias is an ``Add`` of a graph *input* after
+Bias folding (ONNX Runtime CPU only).  A per-sample bias is an ``Add`` of a graph *input* after
 every BN, and on CPU that ``Add`` keeps ORT from fusing Conv+BN+activation into its blocked
-(NCHWc) kernels.  On the whole network that costs a lot (+64 % Lite0, +32 % Xception at batch
-16, benchmarks/rom_throughput.py); on the tail alone it is small (Lite0 tail 0.94 vs 0.69
-ms/image, about 2.5 % of a whole pass).  Most batches carry one bias vector for every row
+(NCHWc) kernels.  On the whole network that costs a lot (about +65 % Lite0, +30 % Xception at
+batch 16, benchmarks/rom_throughput.py); on the tail alone it is small (Lite0 tail about 0.87
+vs 0.68 ms/image, under 2 % of a whole pass).  Most batches carry one bias vector for every row
 (feature extraction with zeros, one task's rows after the mapper split them), so for those the
 engine binds the vector into the verified tail graph as a constant (``bind_biases``) and ORT
 folds each ``Add`` into its conv's bias.  Bound sessions are cached per vector (LRU); batches
@@ -82,17 +82,65 @@ def ort_session_options(threads: int | None = None, *, spinning: bool = False):
     return so
 
 
+#: ONNX Runtime CUDA options for ROM graphs, chosen on an H100 (benchmarks/gpu_check.py, docs/GPU.md).
+#: TF32 off: onnxruntime's default TF32 convolutions put Lite0 features 2.6e-3 (relative) away from
+#: the CPU's, and a fleet mixes CPU and GPU devices that must agree on the same ROM; in fp32 they
+#: agree to 2e-6, for 5-7 % more time at batch 16-64.  Heuristic cuDNN algorithm choice: its first
+#: run at a shape takes about half the time of the default exhaustive search, and runs as fast after.
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+
+#: Batch sizes CUDA graphs run at.  onnxruntime's CUDA convolutions redo their cuDNN set-up
+#: whenever a session's input shape differs from its previous run (H100: ~5 s per change for an
+#: Xception trunk, ~0.3 s for Lite0), and a device's batch sizes vary all the time: the last batch,
+#: each task's rows in the tail pass.  So each bucket gets its own session, which only ever sees
+#: one shape; a batch is zero-padded up to the next bucket (rows are independent) and larger
+#: ones are split.
+CUDA_BATCH_BUCKETS = (1, 16, 64)
+
+
 class _OrtGraph:
-    def __init__(self, model: Path | bytes, provider: str, threads: int | None) -> None:
+    """One ROM graph on one onnxruntime provider; on CUDA, one session per batch bucket."""
+
+    def __init__(self, model: Path | bytes, provider: str, threads: int | None,
+                 batch_buckets: Sequence[int] | None = None) -> None:
+        self.model = model if isinstance(model, bytes) else str(model)
+        self.provider, self.threads = provider, threads
+        self.batch_buckets = tuple(sorted(batch_buckets if batch_buckets is not None
+                                          else (CUDA_BATCH_BUCKETS if provider == "cuda" else ())))
+        self.session = self._new_session()
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self._by_batch: dict[int, object] = {}
+
+    def _new_session(self):
         import onnxruntime as ort
 
-        so = ort_session_options(threads)
-        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                            providers=[_ORT[provider]])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        so = ort_session_options(self.threads)
+        options = CUDA_PROVIDER_OPTIONS if self.provider == "cuda" else {}
+        session = ort.InferenceSession(self.model, so, providers=[(_ORT[self.provider], options)])
+        # onnxruntime falls back to the CPU with only a log line when the CUDA provider cannot load
+        # (missing libcudnn, say); refuse instead, so RomEngine tries the next backend and says why.
+        got = session.get_providers()
+        if not got or got[0] != _ORT[self.provider]:
+            raise RuntimeError(f"onnxruntime could not start {_ORT[self.provider]} (session runs on {got}); "
+                               "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+        return session
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})[0]
+        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        n = len(next(iter(feeds.values())))
+        if not self.batch_buckets or n == 0:
+            return self.session.run(None, feeds)[0]
+        top = self.batch_buckets[-1]
+        if n > top:
+            return np.concatenate([self(**{k: v[i:i + top] for k, v in feeds.items()}) for i in range(0, n, top)])
+        b = next(b for b in self.batch_buckets if b >= n)
+        session = self._by_batch.get(b)
+        if session is None:
+            session = self.session if not self._by_batch else self._new_session()
+            self._by_batch[b] = session
+        if b > n:
+            feeds = {k: np.concatenate([v, np.zeros((b - n, *v.shape[1:]), np.float32)]) for k, v in feeds.items()}
+        return session.run(None, feeds)[0][:n]
 
 
 def bind_biases(model: bytes, bb: np.ndarray, input_name: str = "bb") -> bytes:
@@ -236,9 +284,9 @@ class RomEngine:
         return data
 
     def _bound_tail(self, bb: np.ndarray) -> _OrtGraph | None:
-        """The cached tail session with ``bb``'s one vector bound in, or None (mixed rows, TensorRT, cache off)."""
-        if self.provider == "tensorrt" or not self.bound_sessions or not len(bb):
-            return None
+        """The cached tail session with ``bb``'s one vector bound in, or None (mixed rows, a GPU, cache off)."""
+        if self.provider != "cpu" or not self.bound_sessions or not len(bb):
+            return None  # the fold pays off on ORT CPU; on a GPU each bound session is one more warm-up
         row = bb[0]
         if bb.strides[0] != 0 and not np.array_equal(bb, np.broadcast_to(row, bb.shape)):
             return None

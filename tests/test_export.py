@@ -336,6 +336,59 @@ def test_tensorrt_engine_parity(rom_dir: Path, tmp_path: Path) -> None:
     assert _rel_err(gpu.features(x), cpu.features(x)) < 2e-2  # fp16 tolerance
 
 
+def _cuda_provider_works() -> bool:
+    from skill_edge.runtime.rom_engine import available_providers
+
+    return "cuda" in available_providers()
+
+
+def test_onnxruntime_cuda_parity(rom_dir: Path) -> None:
+    """The device's fallback when no TensorRT engine exists: ONNX Runtime's CUDA provider."""
+    if not _cuda_provider_works():
+        pytest.skip("ONNX Runtime CUDA parity needs a CUDA GPU and onnxruntime-gpu's CUDA provider (none here)")
+    from skill_edge.runtime.rom_engine import RomEngine
+
+    gpu, cpu = RomEngine(rom_dir, providers=["cuda"]), RomEngine(rom_dir, providers=["cpu"])
+    assert gpu.provider == "cuda"
+    assert gpu._graphs["trunk"].session.get_providers()[0] == "CUDAExecutionProvider"
+    x = _images(8, 224, seed=5).numpy()
+    mixed = np.random.default_rng(0).normal(0, 0.05, (8, cpu.tail_bias_total)).astype(np.float32)
+    for bb in (None, mixed, mixed[0]):  # zeros (bound), mixed rows (per-sample graph), one vector (bound)
+        # fp32 parity, as for torch vs ORT CPU: the engine turns onnxruntime's default TF32 off
+        assert _rel_err(gpu.tail(gpu.trunk(x), bb), cpu.tail(cpu.trunk(x), bb)) < 1e-4
+
+
+def test_batch_buckets_pad_and_split_without_changing_rows(rom_dir: Path) -> None:
+    """The CUDA engine's shape-stable sessions (one per batch bucket), exercised on the CPU provider."""
+    from skill_edge.runtime.rom_engine import _OrtGraph
+
+    tail = rom_dir / "tail.onnx"
+    plain = _OrtGraph(tail, "cpu", None)
+    bucketed = _OrtGraph(tail, "cpu", None, batch_buckets=(1, 4))
+    acts = np.random.default_rng(3).normal(size=(9, *plain.session.get_inputs()[0].shape[1:])).astype(np.float32)
+    bb = np.random.default_rng(4).normal(0, 0.05, (9, plain.session.get_inputs()[1].shape[1])).astype(np.float32)
+    for n in (1, 2, 4, 5, 9):  # exact bucket, padded, split into 4 + 1 and 4 + 4 + 1
+        got = bucketed(trunk_act=acts[:n], bb=bb[:n])
+        assert got.shape[0] == n
+        assert _rel_err(got, plain(trunk_act=acts[:n], bb=bb[:n])) < 1e-5
+    assert sorted(bucketed._by_batch) == [1, 4]  # one session per bucket, reused
+    assert len({id(s) for s in bucketed._by_batch.values()}) == 2
+
+
+def test_cuda_provider_that_cannot_start_is_refused_not_run_on_cpu(rom_dir: Path) -> None:
+    """onnxruntime silently falls back to the CPU when its CUDA provider fails to load; the engine must not."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider to fail")
+    if _cuda_provider_works():
+        pytest.skip("the CUDA provider works on this machine")
+    from skill_edge.export.manifest import RomError
+    from skill_edge.runtime.rom_engine import RomEngine
+
+    with pytest.raises(RomError, match="could not start CUDAExecutionProvider"):
+        RomEngine(rom_dir, providers=["cuda"])
+    assert RomEngine(rom_dir, providers=["cuda", "cpu"]).provider == "cpu"
+
+
 def test_engine_tag_mismatch_message(tmp_path: Path) -> None:
     from skill_edge.export.trt import EngineTag, TrtUnavailable
 
