@@ -22,7 +22,9 @@ in machine load cancels within a block), ratio ``(t_v1 + t_v2) / (t_p1 + t_p2) -
 median over blocks, with its interquartile range and a bootstrap 95 % interval of the median:
 ``bias_overhead`` for the full graph with one task's biases bound in (``bind_biases``),
 ``bias_overhead_per_sample`` for ``bb[N,B]`` fed per row (mixed-task batches), and
-``bias_overhead_device_path`` / ``..._per_sample`` the same for trunk+tail.
+``bias_overhead_device_path`` / ``..._per_sample`` the same for trunk+tail, and ``null_overhead``
+an A/A control (the plain graph against a second session of itself: true overhead 0, so its
+spread is the machine's noise alone).
 
 Also measures the decode pipeline (``RomEngine.extract`` on real image files) against the
 raw trunk+tail throughput: the device-side target is >= 0.9x.
@@ -64,6 +66,9 @@ OVERHEAD = {  # result key -> variant timed against the plain graph at the large
     "bias_overhead_per_sample": "onnxruntime full+bb per-sample",
     "bias_overhead_device_path": "onnxruntime trunk+tail(bb) bound",
     "bias_overhead_device_path_per_sample": "onnxruntime trunk+tail(bb) per-sample",
+    # A/A control: the same plain graph in a second session; its true overhead is 0, so its
+    # spread is what this machine's noise alone does to the estimates above
+    "null_overhead": "onnxruntime plain, second session (A/A)",
 }
 
 
@@ -102,6 +107,7 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
     torch.set_num_threads(threads)
     eager = build_backbone(name, random_init=random_init).features()
     sess = {g: _ort(rom / f"{g}.onnx", threads) for g in ("plain", "full", "trunk", "tail")}
+    sess["plain_again"] = _ort(rom / "plain.onnx", threads)
     size = m.preprocessing["crop"]
     rng = np.random.default_rng(0)
     one_full = (0.05 * rng.standard_normal(m.bias_total)).astype(np.float32)
@@ -125,6 +131,7 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
         variants = {
             "torch eager (plain)": run_eager,
             PLAIN: lambda: sess["plain"].run(None, {"image": x}),
+            OVERHEAD["null_overhead"]: lambda: sess["plain_again"].run(None, {"image": x}),
             "onnxruntime full+bb per-sample": lambda: sess["full"].run(None, {"image": x, "bb": bb_full}),
             "onnxruntime full+bb bound": lambda: sess["full_bound"].run(None, {"image": x}),
             "onnxruntime trunk+tail(bb) per-sample": lambda: sess["tail"].run(
@@ -261,7 +268,7 @@ def main() -> None:
                      [[r["backbone"], r["weights"], r["variant"], r["batch"], r["images_per_s"], r["ms_per_image"],
                        f"{r['time_vs_plain']:.3f}"] for r in rows])
     over = md_table(["backbone", "B (bias slots)", "full graph, bound", "full graph, per-sample",
-                     "trunk+tail, bound", "trunk+tail, per-sample"],
+                     "trunk+tail, bound", "trunk+tail, per-sample", "A/A: plain vs plain (noise only)"],
                     [[n, info[n]["bias_total"], *(f"{overheads[k][n]:+.1%} [{info[n]['overhead_ci95'][k][0]:+.1%} .. "
                                                    f"{info[n]['overhead_ci95'][k][1]:+.1%}]" for k in keys)]
                      for n in overheads["bias_overhead"]])
@@ -294,6 +301,9 @@ fusion, which is what costs on the full graph.  On the device path the per-sampl
 reaches the tail (the last stage), so mixed-task batches cost little there too.
 
 {over}
+
+The last column is a control: the plain graph timed against a second session of itself, whose
+true overhead is zero. Its spread is what this machine's noise alone does to an estimate.
 
 Every onnxruntime session here runs with `RomEngine`'s options (`ort_session_options`), which turn
 intra-op spinning off. The *spinning pools* rows run the device path with onnxruntime's default

@@ -7,7 +7,7 @@ overrides the order, as in ``onnxruntime.InferenceSession``.
 
 Bias folding (ONNX Runtime CPU only).  A per-sample bias is an ``Add`` of a graph *input* after
 every BN, and on CPU that ``Add`` keeps ORT from fusing Conv+BN+activation into its blocked
-(NCHWc) kernels.  On the whole network that costs a lot (about +65 % Lite0, +30 % Xception at
+(NCHWc) kernels.  On the whole network that costs a lot (about +60 % Lite0, +36 % Xception at
 batch 16, benchmarks/rom_throughput.py); on the tail alone it is small (Lite0 tail about 0.87
 vs 0.68 ms/image, under 2 % of a whole pass).  Most batches carry one bias vector for every row
 (feature extraction with zeros, one task's rows after the mapper split them), so for those the
@@ -68,7 +68,7 @@ def ort_session_options(threads: int | None = None, *, spinning: bool = False):
     Intra-op spinning is off (``spinning=True`` restores onnxruntime's default, for comparison):
     the engine alternates trunk, tail and bound-tail sessions, each with its own thread pool,
     and a pool that spins after its run steals the cores the next session needs.  On 2 cores,
-    with spinning on, trunk+tail at batch 1 took 1.5x the plain graph's time (Lite0); without
+    with spinning on, trunk+tail at batch 1 took 1.5-1.8x the plain graph's time (Lite0); without
     it the split costs nothing measurable (benchmarks/rom_throughput.py times both).
     """
     import onnxruntime as ort
