@@ -143,22 +143,15 @@ def check_parity(rom: Path, x: np.ndarray, results: dict) -> None:
 
 
 def time_backends(rom: Path, x: np.ndarray, plain: Path | None, results: dict) -> None:
-    import onnxruntime as ort
     import torch
 
     from skill_edge.export.backbone import build_backbone
-    from skill_edge.runtime.rom_engine import RomEngine, ort_session_options
-
-    import skill_edge.runtime.rom_engine as rom_engine
+    from skill_edge.runtime.rom_engine import RomEngine
 
     rows = []
-    engines = {"ORT CUDA": RomEngine(rom, providers=["cuda"]), "ORT CPU": RomEngine(rom, providers=["cpu"])}
-    chosen = rom_engine.CUDA_PROVIDER_OPTIONS
-    rom_engine.CUDA_PROVIDER_OPTIONS = {}  # onnxruntime's own defaults: TF32, exhaustive cuDNN search
-    try:
-        engines["ORT CUDA, onnxruntime defaults (TF32)"] = RomEngine(rom, providers=["cuda"])
-    finally:
-        rom_engine.CUDA_PROVIDER_OPTIONS = chosen
+    engines = {"ORT CUDA": RomEngine(rom, providers=["cuda"]), "ORT CPU": RomEngine(rom, providers=["cpu"]),
+               # onnxruntime's own defaults: TF32, exhaustive cuDNN search
+               "ORT CUDA, onnxruntime defaults (TF32)": RomEngine(rom, providers=["cuda"], cuda_options={})}
     reps = {1: 100, 16: 30, 64: 10}
     for bs in (1, 16, 64):
         xb = x[:bs]
@@ -190,69 +183,57 @@ def time_backends(rom: Path, x: np.ndarray, plain: Path | None, results: dict) -
             results["torch_cuda_vs_ort_cpu"]["fp16_autocast"] = rel_err(
                 net(torch.from_numpy(x[:16]).cuda()).float().cpu().numpy(), ref)
     if plain is not None:
-        manifest = engines["ORT CPU"].manifest
-        full = rom / manifest.graphs["full"].file
-        so = ort_session_options()
-        cuda = [("CUDAExecutionProvider", rom_engine.CUDA_PROVIDER_OPTIONS)]  # as the engine runs its graphs
-        s_full = ort.InferenceSession(str(full), so, providers=cuda)
-        s_plain = ort.InferenceSession(str(plain), so, providers=cuda)
-        overhead = {}
-        for bs in (16, 64):
-            xb = x[:bs]
-            bb = np.zeros((bs, manifest.bias_total), np.float32)
-            # ABBA rounds: plain, bb, bb, plain, so drift within a round cancels
-            ratios = []
-            for _ in range(max(2, int(8 * REPS["scale"]))):
-                tp1 = median_seconds(lambda: s_plain.run(None, {"image": xb}), 5, warmup=1)
-                tb1 = median_seconds(lambda: s_full.run(None, {"image": xb, "bb": bb}), 5, warmup=1)
-                tb2 = median_seconds(lambda: s_full.run(None, {"image": xb, "bb": bb}), 5, warmup=1)
-                tp2 = median_seconds(lambda: s_plain.run(None, {"image": xb}), 5, warmup=1)
-                ratios.append((tb1 + tb2) / (tp1 + tp2) - 1)
-            overhead[str(bs)] = {"median": statistics.median(ratios), "rounds": ratios}
-        results["cuda_bias_overhead_full_graph"] = overhead
-        print("CUDA bias overhead, full bb graph vs plain:", {k: v["median"] for k, v in overhead.items()}, flush=True)
-        # the device path: trunk + tail, biases bound (one vector) or per sample (mixed rows)
-        eng = engines["ORT CUDA"]
-        device_path = {}
-        for bs in (16, 64):
-            xb = x[:bs]
-            mixed = np.random.default_rng(2).normal(0, 0.05, (bs, eng.tail_bias_total)).astype(np.float32)
-            out = {}
-            for label, fn in (("one_vector", lambda: eng.features(xb, mixed[0])),
-                              ("per_sample", lambda: eng.features(xb, mixed))):
-                ratios = []
-                for _ in range(max(2, int(8 * REPS["scale"]))):
-                    tp1 = median_seconds(lambda: s_plain.run(None, {"image": xb}), 5, warmup=1)
-                    tb1 = median_seconds(fn, 5, warmup=1)
-                    tb2 = median_seconds(fn, 5, warmup=1)
-                    tp2 = median_seconds(lambda: s_plain.run(None, {"image": xb}), 5, warmup=1)
-                    ratios.append((tb1 + tb2) / (tp1 + tp2) - 1)
-                out[label] = {"median": statistics.median(ratios), "rounds": ratios}
-            device_path[str(bs)] = out
-        results["cuda_bias_overhead_device_path"] = device_path
-        print("CUDA device path vs plain:", {k: {a: b["median"] for a, b in v.items()} for k, v in device_path.items()},
-              flush=True)
+        results["cuda_bias_overhead"] = bias_overhead(rom, plain, engines["ORT CUDA"], x)
     results["throughput"] = rows
+
+
+def bias_overhead(rom: Path, plain: Path, eng, x: np.ndarray) -> dict:
+    """rom_throughput's ABBA blocks on the GPU: per-sample biases on the full graph and on the device path."""
+    import onnxruntime as ort
+
+    from rom_throughput import PLAIN, abba_ratios
+    from skill_edge.runtime.rom_engine import CUDA_PROVIDER_OPTIONS, ort_session_options
+
+    cuda = [("CUDAExecutionProvider", CUDA_PROVIDER_OPTIONS)]  # as the engine runs its graphs
+    s_full = ort.InferenceSession(str(rom / eng.manifest.graphs["full"].file), ort_session_options(), providers=cuda)
+    s_plain = ort.InferenceSession(str(plain), ort_session_options(), providers=cuda)
+    rng = np.random.default_rng(2)
+    out = {}
+    for bs in (16, 64):
+        xb = x[:bs]
+        bb_full = rng.normal(0, 0.05, (bs, eng.manifest.bias_total)).astype(np.float32)
+        bb_tail = rng.normal(0, 0.05, (bs, eng.tail_bias_total)).astype(np.float32)
+        variants = {PLAIN: lambda: s_plain.run(None, {"image": xb}),
+                    "full graph, per-sample bb": lambda: s_full.run(None, {"image": xb, "bb": bb_full}),
+                    "device path, per-sample bb": lambda: eng.features(xb, bb_tail)}
+        blocks = abba_ratios(lambda label: median_seconds(variants[label], 5, warmup=1),
+                             [k for k in variants if k != PLAIN], max(2, int(8 * REPS["scale"])), rng)
+        out[str(bs)] = {k: {"median": float(np.median(v)), "blocks": v.tolist()} for k, v in blocks.items()}
+    print("CUDA bias overhead vs plain:", {b: {k: round(v["median"], 4) for k, v in o.items()} for b, o in out.items()},
+          flush=True)
+    return out
 
 
 def time_shape_changes(rom: Path, results: dict) -> None:
     """Seconds per call while the batch size keeps changing, as on a device (last batches, per-task tails)."""
     from skill_edge.runtime.rom_engine import RomEngine
 
-    eng = RomEngine(rom, providers=["cuda"])
-    size = eng.preprocessing.crop
-    rng = np.random.default_rng(5)
     sizes = [16, 8, 16, 8, 1, 16, 1, 5, 3, 40, 16, 2]
     out = {}
-    for label in ("first pass", "second pass"):
-        calls = []
-        for n in sizes:
-            x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
-            bb = rng.normal(0, 0.05, (n, eng.tail_bias_total)).astype(np.float32)
-            t0 = time.perf_counter()
-            eng.features(x, bb)
-            calls.append(time.perf_counter() - t0)
-        out[label] = {"batch_sizes": sizes, "seconds": calls, "total_s": sum(calls)}
+    # the engine (a session per batch bucket) against one session per graph, as onnxruntime comes
+    for arm, buckets in (("buckets", None), ("one session per graph", ())):
+        eng = RomEngine(rom, providers=["cuda"], batch_buckets=buckets)
+        size = eng.preprocessing.crop
+        rng = np.random.default_rng(5)
+        for label in ("first pass", "second pass"):
+            calls = []
+            for n in sizes:
+                x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+                bb = rng.normal(0, 0.05, (n, eng.tail_bias_total)).astype(np.float32)
+                t0 = time.perf_counter()
+                eng.features(x, bb)
+                calls.append(time.perf_counter() - t0)
+            out[f"{arm}, {label}"] = {"batch_sizes": sizes, "seconds": calls, "total_s": sum(calls)}
     results["cuda_shape_changes"] = out
     print("shape changes:", {k: round(v["total_s"], 3) for k, v in out.items()}, flush=True)
 
@@ -361,6 +342,19 @@ def check_tensorrt(rom: Path, x: np.ndarray, results: dict) -> None:
     results["tensorrt"] = {"status": "ok", **out}
 
 
+def shape_rows(sc: dict) -> list[list[str]]:
+    """Report rows for ``cuda_shape_changes``.  Runs before the control arm existed have only the
+    engine's arm, under the keys "first pass" / "second pass"."""
+    arms = {"engine (a session per batch bucket)": ("buckets, first pass", "buckets, second pass"),
+            "one session per graph (onnxruntime as is)": ("one session per graph, first pass",
+                                                          "one session per graph, second pass")}
+    if "first pass" in sc:
+        arms = {"engine (a session per batch bucket)": ("first pass", "second pass")}
+    sizes = next(iter(sc.values()))["batch_sizes"]
+    return [[f"{len(sizes)} calls at changing batch sizes {sizes}, {arm}: first pass / second pass",
+             f"{sc[a]['total_s']:.2f} s / {sc[b]['total_s']:.2f} s"] for arm, (a, b) in arms.items() if a in sc]
+
+
 def report(paths: list[Path]) -> str:
     """The Markdown section benchmarks/README.md shows, from result files (made on the GPU machine)."""
     parts = []
@@ -371,7 +365,6 @@ def report(paths: list[Path]) -> str:
         parts.append(f"**{rom}**, {env.get('gpu')}, driver {env['nvidia_smi'].split(', ')[1]}, "
                      f"onnxruntime-gpu {env['onnxruntime']}, torch {env['torch']}; `{d['command']}` ({d['date']}).")
         par = d["parity_vs_ort_cpu"]
-        sc = d["cuda_shape_changes"]
         parts.append(md_table(
             ["check", "result"],
             [["ORT CUDA vs ORT CPU, features, max per-row relative error (bb zero / mixed rows / one vector)",
@@ -380,8 +373,7 @@ def report(paths: list[Path]) -> str:
               f"{par['full_graph_mixed_bb_tf32_1']:.1e} / {par['full_graph_mixed_bb_tf32_0']:.1e}"],
              ["torch eager CUDA (TF32 convs, its default) / fp16 autocast vs ORT CPU",
               f"{d['torch_cuda_vs_ort_cpu']['fp32']:.1e} / {d['torch_cuda_vs_ort_cpu']['fp16_autocast']:.1e}"],
-             [f"12 calls at changing batch sizes {sc['first pass']['batch_sizes']}: first pass / second pass",
-              f"{sc['first pass']['total_s']:.2f} s / {sc['second pass']['total_s']:.2f} s"],
+             *shape_rows(d["cuda_shape_changes"]),
              ["learn + classify one 6-class photo task, CUDA device vs CPU device: prediction agreement",
               f"{d['device_learn_classify']['prediction_agreement']:.3f}"],
              ["decode pipeline `extract` (batch 64, best worker count) / raw ROM at batch 64",
@@ -392,13 +384,11 @@ def report(paths: list[Path]) -> str:
         parts.append(md_table(["path", "batch", "ms/batch", "images/s"],
                               [[r["path"], r["batch"], f"{r['ms_per_batch']:.2f}", f"{r['images_per_s']:.0f}"]
                                for r in d["throughput"]]))
-        if "cuda_bias_overhead_full_graph" in d:
-            f, dp = d["cuda_bias_overhead_full_graph"], d["cuda_bias_overhead_device_path"]
-            parts.append(md_table(
-                ["batch", "full graph, per-sample `bb` vs plain", "device path trunk+tail, one vector vs plain",
-                 "device path, per-sample vs plain"],
-                [[b, f"{f[b]['median']:+.1%}", f"{dp[b]['one_vector']['median']:+.1%}",
-                  f"{dp[b]['per_sample']['median']:+.1%}"] for b in f]))
+        if "cuda_bias_overhead" in d:
+            o = d["cuda_bias_overhead"]
+            labels = list(next(iter(o.values())))
+            parts.append(md_table(["batch", *(f"{k} vs plain (median of ABBA blocks)" for k in labels)],
+                                  [[bs, *(f"{o[bs][k]['median']:+.1%}" for k in labels)] for bs in o]))
     return "\n\n".join(parts)
 
 

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def ort_session_options(threads: int | None = None, *, spinning: bool = False):
 #: ONNX Runtime CUDA options for ROM graphs, chosen on an H100 (benchmarks/gpu_check.py, docs/GPU.md).
 #: TF32 off: onnxruntime's default TF32 convolutions put Lite0 features 2.6e-3 (relative) away from
 #: the CPU's, and a fleet mixes CPU and GPU devices that must agree on the same ROM; in fp32 they
-#: agree to 2e-6, for 5-7 % more time at batch 16-64.  Heuristic cuDNN algorithm choice: its first
+#: agree to 2e-6, for 0-16 % more time at batch 16-64 (it varies by run).  Heuristic cuDNN algorithm choice: its first
 #: run at a shape takes about half the time of the default exhaustive search, and runs as fast after.
 CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
@@ -102,9 +102,10 @@ class _OrtGraph:
     """One ROM graph on one onnxruntime provider; on CUDA, one session per batch bucket."""
 
     def __init__(self, model: Path | bytes, provider: str, threads: int | None,
-                 batch_buckets: Sequence[int] | None = None) -> None:
+                 batch_buckets: Sequence[int] | None = None, cuda_options: Mapping[str, str] | None = None) -> None:
         self.model = model if isinstance(model, bytes) else str(model)
         self.provider, self.threads = provider, threads
+        self.cuda_options = dict(CUDA_PROVIDER_OPTIONS if cuda_options is None else cuda_options)
         self.batch_buckets = tuple(sorted(batch_buckets if batch_buckets is not None
                                           else (CUDA_BATCH_BUCKETS if provider == "cuda" else ())))
         self.session = self._new_session()
@@ -115,7 +116,7 @@ class _OrtGraph:
         import onnxruntime as ort
 
         so = ort_session_options(self.threads)
-        options = CUDA_PROVIDER_OPTIONS if self.provider == "cuda" else {}
+        options = self.cuda_options if self.provider == "cuda" else {}
         session = ort.InferenceSession(self.model, so, providers=[(_ORT[self.provider], options)])
         # onnxruntime falls back to the CPU with only a log line when the CUDA provider cannot load
         # (missing libcudnn, say); refuse instead, so RomEngine tries the next backend and says why.
@@ -212,8 +213,13 @@ class RomEngine:
     """Load a ROM directory, verify it, and run its trunk/tail graphs."""
 
     def __init__(self, rom_dir: str | Path, providers: Sequence[str] | None = None, *, threads: int | None = None,
-                 verify: bool = True, bound_sessions: int = DEFAULT_BOUND_SESSIONS) -> None:
+                 verify: bool = True, bound_sessions: int = DEFAULT_BOUND_SESSIONS,
+                 cuda_options: Mapping[str, str] | None = None, batch_buckets: Sequence[int] | None = None) -> None:
+        """``cuda_options`` replaces ``CUDA_PROVIDER_OPTIONS`` on ORT CUDA; ``batch_buckets`` replaces the
+        batch sizes ORT graphs run at (default ``CUDA_BATCH_BUCKETS`` on CUDA, none on the CPU).  ``{}`` and
+        ``()`` give onnxruntime's own behaviour, which benchmarks/gpu_check.py compares against."""
         self.rom_dir = Path(rom_dir)
+        self._cuda_options, self._batch_buckets = cuda_options, batch_buckets
         self.manifest: RomManifest = verify_rom(self.rom_dir) if verify else RomManifest.read(self.rom_dir)
         self.preprocessing = Preprocessing.from_manifest(self.manifest.preprocessing)
         self.threads = threads or int(os.environ.get("SKILL_EDGE_THREADS", "0")) or None
@@ -234,7 +240,8 @@ class RomEngine:
                     from skill_edge.export import trt
 
                     return p, trt.load_rom_engines(self.rom_dir, self.manifest)
-                graphs = {name: _OrtGraph(self.rom_dir / g.file, p, self.threads)
+                graphs = {name: _OrtGraph(self.rom_dir / g.file, p, self.threads, self._batch_buckets,
+                                          self._cuda_options)
                           for name, g in self.manifest.graphs.items() if name in ("trunk", "tail")}
                 return p, graphs
             except (ImportError, RuntimeError, OSError) as exc:

@@ -373,6 +373,13 @@ def test_batch_buckets_pad_and_split_without_changing_rows(rom_dir: Path) -> Non
         assert _rel_err(got, plain(trunk_act=acts[:n], bb=bb[:n])) < 1e-5
     assert sorted(bucketed._by_batch) == [1, 4]  # one session per bucket, reused
     assert len({id(s) for s in bucketed._by_batch.values()}) == 2
+    # the same through RomEngine's knob, on whole feature passes
+    from skill_edge.runtime.rom_engine import RomEngine
+
+    x = _images(5, 224, seed=9).numpy()
+    engine = RomEngine(rom_dir, providers=["cpu"], batch_buckets=(1, 4))
+    assert engine._graphs["trunk"].batch_buckets == (1, 4)
+    assert _rel_err(engine.features(x), RomEngine(rom_dir, providers=["cpu"]).features(x)) < 1e-5
 
 
 def test_cuda_provider_that_cannot_start_is_refused_not_run_on_cpu(rom_dir: Path) -> None:
