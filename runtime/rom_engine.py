@@ -108,6 +108,8 @@ class _OrtGraph:
         self.cuda_options = dict(CUDA_PROVIDER_OPTIONS if cuda_options is None else cuda_options)
         self.batch_buckets = tuple(sorted(batch_buckets if batch_buckets is not None
                                           else (CUDA_BATCH_BUCKETS if provider == "cuda" else ())))
+        if any(int(b) != b or b < 1 for b in self.batch_buckets):
+            raise ValueError(f"batch buckets must be positive integers, got {self.batch_buckets}")
         self.session = self._new_session()
         self.inputs = [i.name for i in self.session.get_inputs()]
         self._by_batch: dict[int, object] = {}

@@ -380,6 +380,8 @@ def test_batch_buckets_pad_and_split_without_changing_rows(rom_dir: Path) -> Non
     engine = RomEngine(rom_dir, providers=["cpu"], batch_buckets=(1, 4))
     assert engine._graphs["trunk"].batch_buckets == (1, 4)
     assert _rel_err(engine.features(x), RomEngine(rom_dir, providers=["cpu"]).features(x)) < 1e-5
+    with pytest.raises(ValueError, match="positive integers"):
+        RomEngine(rom_dir, providers=["cpu"], batch_buckets=(0, 16))
 
 
 def test_cuda_provider_that_cannot_start_is_refused_not_run_on_cpu(rom_dir: Path) -> None:
