@@ -8,7 +8,9 @@ the GIL, so a thread pool can decode while ONNX Runtime computes the previous ba
 from __future__ import annotations
 
 import io
+import os
 import queue
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -105,12 +107,30 @@ class Batch:
     failed: list[tuple[int, str]] = field(default_factory=list)
 
 
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by ``increment`` (capped at 19); Linux only.
+
+    On Linux a nice value belongs to a thread, not the process, so this leaves the ROM's
+    threads and the caller's alone.  Returns whether it took effect (other systems: no-op).
+    """
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(increment)))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
 def iter_batches(images: Sequence[ImageInput] | Iterable[ImageInput], pre: Preprocessing, batch_size: int,
-                 workers: int = 2, prefetch: int = 2) -> Iterator[Batch]:
+                 workers: int = 2, prefetch: int = 2, nice: int = 0) -> Iterator[Batch]:
     """Decode images on a thread pool, ``prefetch`` batches ahead of the consumer.
 
-    Corrupt inputs are reported in ``Batch.failed`` and left out of ``x``; they never stop
-    the stream.
+    ``nice`` > 0 lowers the decode threads' scheduling priority (``lower_thread_priority``), so
+    that on a CPU they take the cores when the ROM's threads leave them idle instead of
+    preempting them (see ``RomEngine.decode_plan``).  Corrupt inputs are reported in
+    ``Batch.failed`` and left out of ``x``; they never stop the stream.
     """
     items = list(images)
     out: "queue.Queue[Batch | BaseException | None]" = queue.Queue(maxsize=max(1, prefetch))
@@ -124,7 +144,8 @@ def iter_batches(images: Sequence[ImageInput] | Iterable[ImageInput], pre: Prepr
 
     def produce() -> None:
         try:
-            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode",
+                                    initializer=lower_thread_priority, initargs=(nice,)) as pool:
                 for start in range(0, len(items), batch_size):
                     if stop.is_set():
                         return

@@ -405,3 +405,24 @@ def test_engine_tag_mismatch_message(tmp_path: Path) -> None:
     assert EngineTag.parse(tag.filename) == tag
     with pytest.raises(TrtUnavailable):
         EngineTag.parse("trunk.onnx")
+
+
+def test_extract_decodes_at_low_priority_on_the_cpu_with_the_same_features(rom_dir: Path, tmp_path: Path) -> None:
+    """``decode_plan``: on ORT CPU the decoders yield to the ROM's threads; priority never changes features."""
+    from PIL import Image
+
+    from skill_edge.runtime.rom_engine import DECODE_NICE_ON_CPU, RomEngine
+
+    engine = RomEngine(rom_dir, providers=["cpu"])
+    workers, nice = engine.decode_plan()
+    assert workers >= 1 and nice == DECODE_NICE_ON_CPU == 19
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (90 + 10 * i, 120, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    low = engine.extract(paths, batch_size=4)
+    normal = engine.extract(paths, batch_size=4, workers=3, decode_nice=0)
+    assert low.index.tolist() == normal.index.tolist() == list(range(6))
+    np.testing.assert_array_equal(low.features, normal.features)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -48,3 +50,34 @@ def test_garbage_is_an_image_decode_error(tmp_path) -> None:
     p.write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(ImageDecodeError, match="bad.jpg"):
         Preprocessing(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)(p)
+
+
+class _RecordingPre:
+    """A stand-in preprocessing callable that notes the nice value of the thread decoding each item."""
+
+    crop = 8
+
+    def __init__(self) -> None:
+        self.nice: list[int] = []
+
+    def __call__(self, item) -> np.ndarray:
+        import os
+        import threading
+
+        self.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return np.full((3, 8, 8), float(item), np.float32)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+@pytest.mark.parametrize("nice", [0, 5, 19, 40])
+def test_decode_threads_run_at_the_asked_nice_and_leave_the_caller_alone(nice: int) -> None:
+    import os
+
+    from skill_edge.runtime.preprocess import iter_batches
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    pre = _RecordingPre()
+    batches = list(iter_batches(range(10), pre, batch_size=4, workers=2, nice=nice))
+    assert [b.x[:, 0, 0, 0].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert set(pre.nice) == {min(19, before + nice)}  # capped at 19
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
