@@ -56,11 +56,13 @@ class Extraction:
 
 
 #: Nice increment for decode threads while the ROM runs on the CPU.  Decoding shares the cores
-#: with ORT's intra-op threads; at equal priority the scheduler preempts one of them mid-op and
-#: the other waits at the op's barrier, so both lose.  At nice 19 the decoder runs in the gaps
-#: ORT leaves (it sleeps between ops, spinning is off) and still gets a share when the ROM waits
-#: on it.  On 2 cores (Lite0, flowers102 JPEGs, benchmarks/rom_throughput.py) the pipeline went
-#: from about 0.83x to about 0.94x the raw trunk+tail throughput.
+#: with ORT's intra-op threads; at equal priority the scheduler can preempt one of them mid-op
+#: while the other waits at the op's barrier (our reading of the figures below, not a trace).
+#: At nice 19 the decoder runs in the gaps ORT leaves (it sleeps between ops, spinning is off)
+#: and still gets a share when the ROM waits on it.  On 2 cores (Lite0, flowers102 JPEGs,
+#: benchmarks/rom_throughput.py) the pipeline reached 1.01x the raw trunk+tail throughput against
+#: 0.86x at normal priority in the same rounds; with a busy-loop process competing it costs:
+#: 0.86x against 0.91x.
 DECODE_NICE_ON_CPU = 19
 
 
