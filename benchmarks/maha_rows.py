@@ -19,7 +19,6 @@ from train; test is reported for every floor, next to two references a packet ca
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -80,14 +79,8 @@ def cifar_logreg_ceiling(tasks: dict[str, mt.TaskData]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--features", type=Path, required=True, help="DIR/<task>/{train,test}.npz (extract_features.py)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
     t0 = time.time()
-    tasks = mt.load_tasks(args.features, args.seed)
-    if not tasks:
-        sys.exit(f"no <task>/train.npz and test.npz under {args.features}; run benchmarks/extract_features.py")
+    args, tasks = mt.tasks_from_command_line(__doc__.split("\n")[0])
     rows = []
     for fit, split in (("fit", "val"), ("train", "test")):
         heads = mt.fit_heads(tasks, fit)

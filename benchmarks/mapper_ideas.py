@@ -22,7 +22,6 @@ train), against the shipped recipe in the same run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -166,14 +165,8 @@ def run(tasks: dict[str, mt.TaskData], fit: str, split: str) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--features", type=Path, required=True, help="DIR/<task>/{train,test}.npz (extract_features.py)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
     t0 = time.time()
-    tasks = mt.load_tasks(args.features, args.seed)
-    if not tasks:
-        sys.exit(f"no <task>/train.npz and test.npz under {args.features}; run benchmarks/extract_features.py")
+    args, tasks = mt.tasks_from_command_line(__doc__.split("\n")[0])
     rows = run(tasks, "fit", "val") + run(tasks, "train", "test")
     write_result("mapper_ideas", {"features": str(args.features), "tasks": len(tasks), "rows": rows,
                                   "seconds": time.time() - t0})

@@ -110,6 +110,18 @@ def load_tasks(root: Path, seed: int, only: list[str] | None = None, max_train: 
     return tasks
 
 
+def tasks_from_command_line(description: str) -> tuple[argparse.Namespace, dict[str, TaskData]]:
+    """``--features DIR [--seed N]`` parsed and loaded, for the scripts that study the mapper on saved features."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--features", type=Path, required=True, help="DIR/<task>/{train,test}.npz (extract_features.py)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tasks = load_tasks(args.features, args.seed) if args.features.is_dir() else {}
+    if not tasks:
+        sys.exit(f"no <task>/train.npz and test.npz under {args.features}; run benchmarks/extract_features.py")
+    return args, tasks
+
+
 # ---------------------------------------------------------------------------- anchors (cached)
 class AnchorCache:
     """Fitted GMMC anchors on disk, keyed by task, data split and recipe (fits dominate run time)."""
