@@ -22,7 +22,6 @@ train), against the shipped recipe in the same run:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -41,29 +40,30 @@ from skill_edge.runtime.mapper import MahalanobisMapper, ScatterStats, exemplar_
 SHIPPED = mt.MahaRecipe(transform="sqrt_l2", m=5, exemplars="principal", min_rows=64)
 
 
-def transformed(tasks: dict[str, mt.TaskData], power: float) -> dict[str, mt.TaskData]:
-    """The tasks with features mapped by ``sign(x)|x|^power`` then L2 (power 0.5 is ``sqrt_l2``)."""
-
-    def f(x: np.ndarray) -> np.ndarray:
-        y = np.sign(x) * np.abs(x) ** power
-        return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-    out = {}
-    for n, t in tasks.items():
-        out[n] = dataclasses.replace(t, **{s: mt.Split(f(getattr(t, s).x), getattr(t, s).y)
-                                           for s in ("train", "test", "fit", "val")})
-    return out
+def power_l2(x: np.ndarray, power: float) -> np.ndarray:
+    """``sign(x)|x|^power`` then L2; power 0.5 is the shipped ``sqrt_l2`` (computed by the runtime itself)."""
+    if power == 0.5:
+        return transform_features(x, "sqrt_l2")
+    y = np.sign(x) * np.abs(x) ** power
+    return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 class Study:
-    """One split pair (fit -> scored), with the shipped anchors, heads and score bookkeeping."""
+    """One split pair (fit -> scored): anchors of the shipped recipe (in features raised to
+    ``power``), the benchmark's heads (raw features), and the score bookkeeping."""
 
-    def __init__(self, tasks: dict[str, mt.TaskData], fit: str, split: str) -> None:
-        self.tasks, self.fit, self.split = tasks, fit, split
+    def __init__(self, tasks: dict[str, mt.TaskData], fit: str, split: str, power: float = 0.5,
+                 heads: dict[str, mt.Head] | None = None) -> None:
+        self.tasks, self.fit, self.split, self.power = tasks, fit, split, power
         self.names = list(tasks)
-        self.heads = mt.fit_heads(tasks, fit)
-        self.anchors = [mt.maha_anchor(SHIPPED, tasks[n], fit) for n in self.names]
-        xs = [transform_features(getattr(tasks[n], split).x, "sqrt_l2").astype(np.float64) for n in self.names]
+        self.heads = heads if heads is not None else mt.fit_heads(tasks, fit)
+        if power == 0.5:
+            self.anchors = [mt.maha_anchor(SHIPPED, tasks[n], fit) for n in self.names]
+        else:
+            self.anchors = [fit_mahalanobis(power_l2(getattr(tasks[n], fit).x, power), getattr(tasks[n], fit).y,
+                                            m=SHIPPED.m, seed=0, exemplars=SHIPPED.exemplars,
+                                            min_rows=SHIPPED.min_rows) for n in self.names]
+        xs = [power_l2(getattr(tasks[n], split).x, power).astype(np.float64) for n in self.names]
         self.x = np.concatenate(xs)
         self.truth = np.concatenate([np.full(len(x), i) for i, x in enumerate(xs)])
         self.raw = np.concatenate([getattr(tasks[n], split).x for n in self.names])
@@ -113,7 +113,7 @@ class Study:
         out = np.empty((len(self.x), len(self.names)))
         for t, n in enumerate(self.names):
             s = getattr(self.tasks[n], self.fit)
-            x = transform_features(s.x, "sqrt_l2").astype(np.float64)
+            x = power_l2(s.x, self.power).astype(np.float64)
             cents = [KMeans(min(k, max(1, int((s.y == c).sum()) // 10)), n_init=2, random_state=0)
                      .fit(x[s.y == c]).cluster_centers_ for c in np.unique(s.y)]
             m = (np.concatenate(cents) - ref.center) @ w
@@ -153,14 +153,8 @@ def run(tasks: dict[str, mt.TaskData], fit: str, split: str) -> list[dict]:
         rows.append(s.score(f"+ {w} x head log max-softmax", post + w * msp))
     rows.append(s.score("+ 0.1 x head logsumexp (energy)", post + 0.1 * energy))
     for power in (0.3, 0.4):
-        t2 = transformed(tasks, power)
-        s2 = Study.__new__(Study)
-        s2.tasks, s2.fit, s2.split, s2.names, s2.heads = tasks, fit, split, s.names, s.heads
-        s2.truth, s2.raw = s.truth, s.raw
-        s2.x = np.concatenate([getattr(t2[n], split).x for n in s.names]).astype(np.float64)
-        s2.anchors = [fit_mahalanobis(getattr(t2[n], fit).x, getattr(t2[n], fit).y, m=5, seed=0,
-                                      exemplars="principal", min_rows=64) for n in s.names]
-        rows.append(s2.score(f"power {power} then L2 (shipped: 0.5)", s2.mapper_scores()))
+        other = Study(tasks, fit, split, power, heads=s.heads)
+        rows.append(other.score(f"power {power} then L2 (shipped: 0.5)", other.mapper_scores()))
     return rows
 
 
