@@ -1,7 +1,8 @@
 """Extract pooled ROM features of every skill-bench task once, for the feature-level benchmarks.
 
-``mapper_tuning.py``, ``maha_rows.py`` and ``packet_budget.py --features`` read
-``<out>/<task>/{train,test}.npz`` (``features`` [N, D], ``labels`` [N], ``classes``) instead of
+``mapper_tuning.py``, ``maha_rows.py``, ``mapper_ideas.py`` and ``packet_budget.py --features`` read
+``<out>/<task>/{train,test}.npz`` (``features`` [N, D], ``labels`` [N], ``classes``, and the
+ROM's ``trunk_stats`` [N, 2C]) instead of
 decoding 50,000 images per run.  Extraction is ``packet_budget.load_from_images``: a ``Device``
 and its feature cache, exactly like ``skill-edge learn``.
 
@@ -41,8 +42,9 @@ def main() -> None:
         device = Device(home, args.rom, cache_dir=args.cache or args.out / ".cache")
         for t in load_from_images(device, args.data, args.tasks or task_order(args.data)):
             (args.out / t.name).mkdir(parents=True, exist_ok=True)
-            for split, x, y in (("train", t.x_train, t.y_train), ("test", t.x_test, t.y_test)):
-                np.savez(args.out / t.name / f"{split}.npz", features=x, labels=y, classes=np.array(t.classes))
+            for split, x, y, s in (("train", t.x_train, t.y_train, t.s_train), ("test", t.x_test, t.y_test, t.s_test)):
+                np.savez(args.out / t.name / f"{split}.npz", features=x, labels=y, classes=np.array(t.classes),
+                         trunk_stats=s)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def log(msg: str) -> None:
 class Split:
     x: np.ndarray  # raw features
     y: np.ndarray
+    stats: np.ndarray | None = None  # the ROM's trunk statistics [N, 2C], when the features file has them
 
 
 @dataclasses.dataclass
@@ -98,14 +99,17 @@ def load_tasks(root: Path, seed: int, only: list[str] | None = None, max_train: 
             continue
         tr, te = np.load(d / "train.npz", allow_pickle=False), np.load(d / "test.npz", allow_pickle=False)
         xtr, ytr = tr["features"].astype(np.float32), tr["labels"].astype(np.int64)
+        str_ = tr["trunk_stats"].astype(np.float32) if "trunk_stats" in tr.files else None
+        ste = te["trunk_stats"].astype(np.float32) if "trunk_stats" in te.files else None
         if max_train and len(ytr) > max_train:  # smoke tests only
             keep = np.sort(np.random.default_rng(seed).choice(len(ytr), max_train, replace=False))
-            xtr, ytr = xtr[keep], ytr[keep]
+            xtr, ytr, str_ = xtr[keep], ytr[keep], None if str_ is None else str_[keep]
         fit_idx, val_idx = stratified_split(ytr, 0.2, seed)
         tasks[d.name] = TaskData(
-            d.name, [str(c) for c in tr["classes"]], Split(xtr, ytr),
-            Split(te["features"].astype(np.float32), te["labels"].astype(np.int64)),
-            Split(xtr[fit_idx], ytr[fit_idx]), Split(xtr[val_idx], ytr[val_idx]),
+            d.name, [str(c) for c in tr["classes"]], Split(xtr, ytr, str_),
+            Split(te["features"].astype(np.float32), te["labels"].astype(np.int64), ste),
+            Split(xtr[fit_idx], ytr[fit_idx], None if str_ is None else str_[fit_idx]),
+            Split(xtr[val_idx], ytr[val_idx], None if str_ is None else str_[val_idx]),
         )
     return tasks
 

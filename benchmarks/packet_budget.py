@@ -88,10 +88,12 @@ class TaskData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    s_train: np.ndarray | None = None  # trunk statistics [N, 2C] (the default anchors read them)
+    s_test: np.ndarray | None = None
 
 
 def load_from_features(root: Path, names: list[str]) -> list[TaskData]:
-    """``<root>/<task>/{train,test}.npz`` with ``features`` [N, D], ``labels`` [N], ``classes``."""
+    """``<root>/<task>/{train,test}.npz`` with ``features`` [N, D], ``labels`` [N], ``classes``, ``trunk_stats``."""
     out = []
     for name in names:
         parts = {}
@@ -101,9 +103,10 @@ def load_from_features(root: Path, names: list[str]) -> list[TaskData]:
                 raise SystemExit(f"missing {path}: extract the task first or drop it with --tasks")
             with np.load(path, allow_pickle=False) as z:
                 parts[split] = (z["features"].astype(np.float32), z["labels"].astype(np.int64),
-                                [str(c) for c in z["classes"]])
+                                [str(c) for c in z["classes"]],
+                                z["trunk_stats"].astype(np.float32) if "trunk_stats" in z.files else None)
         out.append(TaskData(name, parts["train"][2], parts["train"][0], parts["train"][1],
-                            parts["test"][0], parts["test"][1]))
+                            parts["test"][0], parts["test"][1], parts["train"][3], parts["test"][3]))
     return out
 
 
@@ -119,9 +122,10 @@ def load_from_images(device, data_root: Path, names: list[str]) -> list[TaskData
             files = getattr(ds, s)
             t0 = time.perf_counter()
             ex = device.extract(files.paths)
-            split[s] = (ex.features.astype(np.float32), np.asarray(files.labels, np.int64)[ex.index])
+            split[s] = (ex.features.astype(np.float32), np.asarray(files.labels, np.int64)[ex.index], ex.trunk_stats)
             log(f"{name} {s}: {len(ex.index)} images ({len(ex.failed)} unreadable) in {time.perf_counter() - t0:.0f} s")
-        out.append(TaskData(name, list(ds.classes), *split["train"], *split["test"]))
+        (xtr, ytr, s_tr), (xte, yte, s_te) = split["train"], split["test"]
+        out.append(TaskData(name, list(ds.classes), xtr, ytr, xte, yte, s_tr, s_te))
     return out
 
 
@@ -133,14 +137,15 @@ def learn(device, task: TaskData, cache: Path | None) -> TaskKnowledge:
     from safetensors.numpy import load_file, save_file
 
     h = hashlib.sha256(f"{task.name}|{task.classes}|{device.fingerprint}|{LEARN_CODE}".encode())
-    for a in (task.x_train, task.y_train):
+    for a in (task.x_train, task.y_train) + ((task.s_train,) if task.s_train is not None else ()):
         h.update(np.ascontiguousarray(a).tobytes())
     stem = cache / f"{task.name}-{h.hexdigest()[:16]}" if cache else None
     if stem is not None and stem.with_suffix(".json").exists():
         md = json.loads(stem.with_suffix(".json").read_text())
         return TaskKnowledge.from_parts(md, load_file(str(stem.with_suffix(".safetensors"))))
     t0 = time.perf_counter()
-    k, _ = device.learn_features(task.name, task.classes, task.x_train, task.y_train, mappers=MAPPERS)
+    k, _ = device.learn_features(task.name, task.classes, task.x_train, task.y_train, trunk_stats=task.s_train,
+                                 mappers=MAPPERS)
     log(f"learned {task.name} ({len(task.classes)} classes) in {time.perf_counter() - t0:.0f} s")
     if stem is not None:
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +263,7 @@ def evaluate(kind: str, received: list[TaskKnowledge], tasks: list[TaskData]) ->
             continue
         k = received[by_name[t.name]]
         # closed set: the argmax task (``predict`` would also run the open-set test, which is not scored here)
-        picked = mapper.task_scores(mapper.prepare(t.x_test)).argmax(axis=1) == by_name[t.name]
+        picked = mapper.task_scores(mapper.prepare(t.x_test, t.s_test)).argmax(axis=1) == by_name[t.name]
         right = (t.x_test @ k.head_weight.T + k.head_bias).argmax(1) == t.y_test
         per_task[t.name] = {"no_oracle": float(np.mean(picked & right)), "task_id": float(np.mean(picked)),
                             "oracle": float(np.mean(right))}

@@ -86,6 +86,8 @@ class FeatureTask:
     test_features: np.ndarray  # [M, D]
     test_labels: np.ndarray  # [M]
     rom_fingerprint: str  # the ROM the features came from; devices refuse any other
+    train_trunk_stats: np.ndarray | None = None  # [N, 2C] Extraction.trunk_stats (the default anchors need them)
+    test_trunk_stats: np.ndarray | None = None  # [M, 2C]
 
 
 def save_feature_task(path: str | Path, task: FeatureTask) -> Path:
@@ -99,6 +101,10 @@ def save_feature_task(path: str | Path, task: FeatureTask) -> Path:
                "train_labels": np.ascontiguousarray(task.train_labels, np.int64),
                "test_features": np.ascontiguousarray(task.test_features, np.float32),
                "test_labels": np.ascontiguousarray(task.test_labels, np.int64)}
+    for split in ("train", "test"):
+        stats = getattr(task, f"{split}_trunk_stats")
+        if stats is not None:
+            tensors[f"{split}_trunk_stats"] = np.ascontiguousarray(stats, np.float32)
     meta = {"format": FEATURE_TASK_FORMAT, "classes": json.dumps(list(task.classes)),
             "rom_fingerprint": task.rom_fingerprint}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +133,16 @@ def load_feature_task(path: str | Path) -> FeatureTask:
         raise AgentError(f"feature task {path} lacks {sorted(missing)}")
     classes = json.loads(meta["classes"])
     task = FeatureTask(classes, t["train_features"], t["train_labels"].astype(np.int64), t["test_features"],
-                       t["test_labels"].astype(np.int64), meta.get("rom_fingerprint", ""))
+                       t["test_labels"].astype(np.int64), meta.get("rom_fingerprint", ""),
+                       t.get("train_trunk_stats"), t.get("test_trunk_stats"))
     for split in ("train", "test"):
         x, y = getattr(task, f"{split}_features"), getattr(task, f"{split}_labels")
         if x.ndim != 2 or y.shape != (x.shape[0],):
             raise AgentError(f"feature task {path}: {split} features {x.shape} and labels {y.shape} do not match")
+        stats = getattr(task, f"{split}_trunk_stats")
+        if stats is not None and (stats.ndim != 2 or stats.shape[0] != x.shape[0]):
+            raise AgentError(f"feature task {path}: {split} trunk statistics {stats.shape} do not match "
+                             f"features {x.shape}")
         if y.size and (y.min() < 0 or y.max() >= len(classes)):
             raise AgentError(f"feature task {path}: {split} labels outside 0..{len(classes) - 1}")
     return task
@@ -385,7 +396,8 @@ class Agent:
             t_fit = time.perf_counter()
             with counter:
                 knowledge, _ = self.device.learn_features(
-                    src.name, ft.classes, ft.train_features, ft.train_labels, bb=False, mappers=spec.mappers,
+                    src.name, ft.classes, ft.train_features, ft.train_labels, trunk_stats=ft.train_trunk_stats,
+                    bb=False, mappers=spec.mappers,
                     k=spec.k, m=spec.m, seed=spec.seed, source=f"features:{Path(src.path).resolve()}")
             test_acc = head_accuracy(knowledge.head_weight, knowledge.head_bias, ft.test_features, ft.test_labels)
             knowledge.meta.metrics["test_acc"] = float(test_acc)
@@ -401,7 +413,8 @@ class Agent:
         macs = self.manifest.macs_per_image
         work = TeacherWork(
             task=src.name, agent=spec.name, n_train=int(n_train), n_classes=knowledge.num_classes,
-            feature_dim=knowledge.feature_dim, backbone_macs_per_image=int(macs["full"]),
+            feature_dim=knowledge.feature_dim, anchor_dim=knowledge.anchor_dim or 0,
+            backbone_macs_per_image=int(macs["full"]),
             tail_macs_per_image=int(macs.get("tail", 0)), train_macs_measured=int(counter.get_total_flops() // 2),
             bb=knowledge.bb is not None, bb_epochs=spec.bb_epochs if spec.bb else 0,
             gmmc_k=knowledge.gmmc.k if knowledge.gmmc is not None else 0,
@@ -517,17 +530,20 @@ class Agent:
             tx.close()
         return converged, missing, stats
 
-    def _reference_features(self) -> dict[str, np.ndarray]:
-        """Own training features: what the plausibility check tests newcomers' capture against."""
-        out: dict[str, np.ndarray] = {}
+    def _reference_features(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Own training features (and trunk statistics): what the plausibility check tests newcomers'
+        capture against."""
+        out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for src in self.spec.learn:
             if src.kind == "features":
-                out[src.name] = self._feature_task(src).train_features
+                ft = self._feature_task(src)
+                out[src.name] = (ft.train_features, ft.train_trunk_stats)
             else:
                 from skill_edge.runtime.datasets import load_image_folder
 
                 ds = load_image_folder(src.path, seed=self.spec.seed)
-                out[src.name] = self.device.extract(ds.train.paths, keep_trunk=self.spec.bb).features  # cached
+                ex = self.device.extract(ds.train.paths, keep_trunk=self.spec.bb)  # cached
+                out[src.name] = (ex.features, ex.trunk_stats)
         return out
 
     def _receive(self, tx, service) -> tuple[bool, list[str]]:
@@ -576,17 +592,17 @@ class Agent:
         mappers = [mp for mp in spec.mappers if any(getattr(k, mp) is not None for k in stored.values())]
         for ti, src in enumerate(spec.fleet_tasks):
             self.emit("evaluate", ti, len(names))
-            feats, acts, labels, classes = self._test_data(src)
+            feats, acts, stats, labels, classes = self._test_data(src)
             out["n_test"][src.name] = int(len(labels))
             out["test_labels"][src.name] = labels.tolist()
             if spec.eval_dir:
-                out["eval_files"][src.name] = str(self._save_eval(ti, src.name, classes, feats, acts, labels))
+                out["eval_files"][src.name] = str(self._save_eval(ti, src.name, classes, feats, acts, stats, labels))
             k = stored.get(src.name)
             if k is not None and (k.bb is None or acts is not None):
                 hf = dev.engine.tail(acts, k.bb) if k.bb is not None else feats
                 out["oracle_accuracy"][src.name] = head_accuracy(k.head_weight, k.head_bias, hf, labels)
             for mp in mappers:
-                r = dev.classify_features(FeatureBatch(feats, acts), mapper=mp, open_set=True)
+                r = dev.classify_features(FeatureBatch(feats, acts, stats), mapper=mp, open_set=True)
                 to_fleet = np.array([fleet_index.get(n, -1) for n in r["task_names"]], np.int64)
                 task_pred = to_fleet[r["task_index"]]
                 cls_pred = np.asarray(r["class_index"], np.int64)
@@ -606,26 +622,30 @@ class Agent:
         self.times["evaluated"] = time.time()
         return out
 
-    def _test_data(self, src: TaskSource) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
-        """Test features (and trunk activations for BB) of any fleet task; image features come through the
-        feature cache, keyed exactly as the teacher's own test extraction so a shared cache is hit."""
+    def _test_data(self, src: TaskSource) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray,
+                                                   list[str]]:
+        """Test features, trunk activations (BB runs), trunk statistics, labels and classes of any fleet
+        task; image features come through the feature cache, keyed exactly as the teacher's own test
+        extraction so a shared cache is hit."""
         if src.kind == "features":
             ft = self._feature_task(src)
-            return ft.test_features, None, ft.test_labels, list(ft.classes)
+            return ft.test_features, None, ft.test_trunk_stats, ft.test_labels, list(ft.classes)
         from skill_edge.runtime.datasets import load_image_folder
 
         ds = load_image_folder(src.path, seed=self.spec.seed)
         ex = self.device.extract(ds.test.paths, keep_trunk=self.spec.bb)
         labels = np.asarray(ds.test.labels, np.int64)[ex.index]
-        return ex.features, ex.trunk_acts, labels, list(ds.classes)
+        return ex.features, ex.trunk_acts, ex.trunk_stats, labels, list(ds.classes)
 
     def _save_eval(self, index: int, task: str, classes: list[str], feats: np.ndarray, acts: np.ndarray | None,
-                   labels: np.ndarray) -> Path:
+                   stats: np.ndarray | None, labels: np.ndarray) -> Path:
         from safetensors.numpy import save_file
 
         path = Path(self.spec.eval_dir) / f"task{index:03d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"features": np.ascontiguousarray(feats, np.float32), "labels": labels.astype(np.int64)}
+        if stats is not None:
+            tensors["trunk_stats"] = np.ascontiguousarray(stats, np.float32)
         if self.spec.save_trunk and acts is not None:
             tensors["trunk_acts"] = np.ascontiguousarray(acts, np.float32)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -67,11 +67,13 @@ class Curves:
                 "normalized_fit": {"slope": slope, "intercept": intercept, "zero_at_tasks": zero}}
 
 
-def skill_curves(knowledge: Sequence[TaskKnowledge], test_sets: dict[str, tuple[np.ndarray, np.ndarray]],
+def skill_curves(knowledge: Sequence[TaskKnowledge],
+                 test_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
                  mapper: str, *, name: str | None = None, device: Device | None = None) -> Curves:
     """Replay learning in ``knowledge`` order: after each new task, classify all seen test sets.
 
-    Features are the ROM's plain features; a task with BB needs its tail rerun, which
+    ``test_sets`` maps task -> (features, labels, trunk statistics or None).  Features are the
+    ROM's plain features; a task with BB needs its tail rerun, which
     ``device`` (holding the ROM) does when given trunk activations; without them the plain
     features feed that task's head.
     """
@@ -82,8 +84,8 @@ def skill_curves(knowledge: Sequence[TaskKnowledge], test_sets: dict[str, tuple[
         mp = build_mapper(mapper, seen)
         row = []
         for j, k in enumerate(seen):
-            x, y = test_sets[k.task]
-            res = mp.predict(x)
+            x, y, stats = test_sets[k.task]
+            res = mp.predict(x, stats)
             right = res.task_index == j
             logits = x @ k.head_weight.T + k.head_bias
             correct = right & (logits.argmax(1) == y)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .agent import KILL_POINTS, AgentSpec, DeviceReport, TaskSource
+from .agent import KILL_POINTS, AgentError, AgentSpec, DeviceReport, TaskSource, load_feature_task
 from .engines import FleetError, make_engine
 from .link import LinkModel
 from .metrics import MAPPERS, MacModel, MacRow, TeacherWork, mac_table, rows_to_dicts
@@ -131,7 +131,7 @@ class FleetResult:
     reference_device: str
     predictions: dict[str, dict[str, dict[str, list]]]  # reference device: mapper -> task -> arrays
     test_labels: dict[str, list[int]]  # task -> test labels (class index), aligned with predictions
-    eval_features: dict[str, str]  # task -> safetensors with "features", "labels" (+ "trunk_acts")
+    eval_features: dict[str, str]  # task -> safetensors with "features", "labels", "trunk_stats" (+ "trunk_acts")
     bank_dirs: dict[str, str]
     sync: dict[str, dict[str, int]]
     quarantined: dict[str, list[str]]
@@ -179,6 +179,20 @@ class _Plan:
     budget: int | None
 
 
+def _check_feature_task(name: str, path: Path) -> None:
+    """Refuse, before any device starts, a feature task the default anchors cannot be fitted from."""
+    from skill_edge.runtime.anchors import DEFAULT_TRANSFORM, needs_trunk_stats
+
+    try:
+        ft = load_feature_task(path)
+    except AgentError as exc:
+        raise FleetConfigError(f"task {name!r}: {exc}") from exc
+    if needs_trunk_stats(DEFAULT_TRANSFORM) and (ft.train_trunk_stats is None or ft.test_trunk_stats is None):
+        raise FleetConfigError(f"task {name!r}: {path} has no trunk statistics, which the anchors "
+                               f"({DEFAULT_TRANSFORM}) need; save it with FeatureTask(train_trunk_stats="
+                               "Extraction.trunk_stats, test_trunk_stats=...)")
+
+
 def _plan(cfg: FleetConfig) -> _Plan:
     from skill_edge.runtime.codec import parse_size
 
@@ -192,6 +206,8 @@ def _plan(cfg: FleetConfig) -> _Plan:
         tasks.append(TaskSource(str(name), str(p)))
         if cfg.bb and tasks[-1].kind == "features":
             raise FleetConfigError(f"task {name!r} is given as features; BB training needs images (bb=False)")
+        if tasks[-1].kind == "features":
+            _check_feature_task(name, p)
     bad = [m for m in cfg.mappers if m not in MAPPERS]
     if bad or not cfg.mappers:
         raise FleetConfigError(f"mappers must be a non-empty subset of {MAPPERS}, got {list(cfg.mappers)}")
@@ -400,7 +416,8 @@ def _result(cfg: FleetConfig, plan: _Plan, manifest, reports: dict[str, DeviceRe
     rows = mac_table(works, n_agents=len(agents), student_comm_bytes={mp: list(v.values())
                                                                       for mp, v in student_bytes.items()},
                      n_exemplars=sent_exemplars, n_class_means=sum(w.n_classes for w in works),
-                     feature_dim=manifest.feature_dim, bb=cfg.bb, accuracy=mean_acc, mappers=cfg.mappers,
+                     feature_dim=max((w.anchor_width for w in works), default=manifest.feature_dim), bb=cfg.bb,
+                     accuracy=mean_acc, mappers=cfg.mappers,
                      model=cfg.mac_model)
     for r in rows:
         r.notes["tasks_with_bb"] = sum(1 for t in records.values() if t.get("bb_used"))

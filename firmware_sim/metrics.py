@@ -71,6 +71,11 @@ class TeacherWork:
     n_calibration: int = 0  # training samples held out to calibrate open-set thresholds
     lbfgs_max_evaluations: int = 125  # torch LBFGS max_eval = 1.25 x max_iter (100)
     head_fits: int = 4  # learn.train_head: 3 weight-decay candidates + the final fit
+    anchor_dim: int = 0  # width of the anchors' space (features + trunk statistics); 0: feature_dim
+
+    @property
+    def anchor_width(self) -> int:
+        return self.anchor_dim or self.feature_dim
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TeacherWork":
@@ -144,10 +149,10 @@ def teacher_macs(work: TeacherWork, mapper: str, model: MacModel = MacModel()) -
                                       work.head_fits * work.lbfgs_max_evaluations) + bb_formula
         source = "formula"
     if mapper == "gmmc":
-        anchor = gmmc_fit_macs(work.n_train, work.feature_dim, work.gmmc_k, model.gmmc_em_iterations,
+        anchor = gmmc_fit_macs(work.n_train, work.anchor_width, work.gmmc_k, model.gmmc_em_iterations,
                                model.gmmc_fits) if work.gmmc_k else 0
     else:
-        anchor = maha_fit_macs(work.n_train, work.feature_dim, work.maha_exemplars, work.n_calibration)
+        anchor = maha_fit_macs(work.n_train, work.anchor_width, work.maha_exemplars, work.n_calibration)
     return TeacherMacs(backbone_macs(work.n_train, work.backbone_macs_per_image), training, anchor, source)
 
 
@@ -184,7 +189,8 @@ def mac_table(works: Sequence[TeacherWork], *, n_agents: int, student_comm_bytes
 
     ``student_comm_bytes[mapper]``: bytes each student received when packets carry that mapper's
     anchor (one number per student device; the row uses their mean).  ``n_exemplars`` and
-    ``n_class_means``: over every task, what a Mahalanobis student pools.
+    ``n_class_means``: over every task, what a Mahalanobis student pools; ``feature_dim``: the
+    width of the space it pools them in (the anchors').
     """
     if n_agents < 1:
         raise ValueError("a fleet needs at least one agent")

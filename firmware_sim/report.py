@@ -47,6 +47,7 @@ class TaskFeatures:
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    test_trunk_stats: np.ndarray | None = None  # what the default anchors add to test_x
 
 
 @dataclass
@@ -79,18 +80,18 @@ def load_task_features(result: FleetResult) -> list[TaskFeatures]:
             meta = _st_metadata(src)
             out.append(TaskFeatures(name, json.loads(meta.get("classes", "[]")), t["train_features"],
                                     t["train_labels"].astype(np.int64), t["test_features"],
-                                    t["test_labels"].astype(np.int64)))
+                                    t["test_labels"].astype(np.int64), t.get("test_trunk_stats")))
             continue
         ds = load_image_folder(src, seed=int(cfg.get("seed", 0)))
         ex = dev.extract(ds.train.paths, keep_trunk=bool(cfg.get("bb")))
         tr_y = np.asarray(ds.train.labels, np.int64)[ex.index]
         if ev and Path(ev).exists():
             t = load_file(ev)
-            te_x, te_y = t["features"], t["labels"].astype(np.int64)
+            te_x, te_y, te_s = t["features"], t["labels"].astype(np.int64), t.get("trunk_stats")
         else:
             tex = dev.extract(ds.test.paths, keep_trunk=bool(cfg.get("bb")))
-            te_x, te_y = tex.features, np.asarray(ds.test.labels, np.int64)[tex.index]
-        out.append(TaskFeatures(name, list(ds.classes), ex.features, tr_y, te_x, te_y))
+            te_x, te_y, te_s = tex.features, np.asarray(ds.test.labels, np.int64)[tex.index], tex.trunk_stats
+        out.append(TaskFeatures(name, list(ds.classes), ex.features, tr_y, te_x, te_y, te_s))
     return out
 
 
@@ -159,7 +160,7 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
     bank = KnowledgeBank(result.bank_dirs[result.reference_device])
     stored = {k.task: k for k in bank.load_all()}
     knowledge = [stored[t] for t in result.tasks if t in stored]
-    test_sets = {f.name: (f.test_x, f.test_y) for f in feats}
+    test_sets = {f.name: (f.test_x, f.test_y, f.test_trunk_stats) for f in feats}
 
     say("SKILL curves")
     curves: list[Curves] = []

@@ -19,7 +19,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from .anchors import DEFAULT_TRANSFORM, fit_task_anchors
+from .anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
 from .bank import KnowledgeBank
 from .datasets import ImageFolderTask, load_image_folder
 from .feature_cache import FeatureCache
@@ -73,10 +73,12 @@ class Prediction:
 
 @dataclass
 class FeatureBatch:
-    """Raw features (bb = 0) plus the trunk activations needed to rerun BB tails."""
+    """Raw features (bb = 0), the trunk statistics the mapper reads, and the trunk activations
+    needed to rerun BB tails (None when no stored task uses BB)."""
 
     features: np.ndarray
     trunk_acts: np.ndarray | None
+    trunk_stats: np.ndarray | None = None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -157,7 +159,8 @@ class Device:
             raise LearnError(f"after skipping {len(skipped)} unreadable images, task {task!r} has training images "
                              f"of only {len(present)} class; a task needs at least 2")
         t_extract = time.perf_counter() - t0
-        knowledge, metrics = self.learn_features(task, ds.classes, ex.features, y, trunk_acts=ex.trunk_acts, bb=bb,
+        knowledge, metrics = self.learn_features(task, ds.classes, ex.features, y, trunk_stats=ex.trunk_stats,
+                                                 trunk_acts=ex.trunk_acts, bb=bb,
                                                  mappers=mappers, transform=transform, k=k, m=m, seed=seed,
                                                  bb_epochs=bb_epochs, source=f"learned:{Path(ds.root).resolve()}",
                                                  progress=progress)
@@ -187,12 +190,19 @@ class Device:
                            {"extract": t_extract, "fit": t_fit, "total": time.perf_counter() - t0}, knowledge)
 
     def learn_features(self, task: str, classes: Sequence[str], features: np.ndarray, labels: np.ndarray, *,
-                       trunk_acts: np.ndarray | None = None, bb: bool = False,
-                       mappers: Sequence[str] = ("gmmc", "maha"), transform: str = DEFAULT_TRANSFORM, k: int = 25,
-                       m: int = 5, seed: int = 0, bb_epochs: int = 8, source: str = "",
+                       trunk_stats: np.ndarray | None = None, trunk_acts: np.ndarray | None = None,
+                       bb: bool = False, mappers: Sequence[str] = ("gmmc", "maha"),
+                       transform: str = DEFAULT_TRANSFORM, k: int = 25, m: int = 5, seed: int = 0, bb_epochs: int = 8,
+                       source: str = "",
                        progress: Callable[[str, int, int], None] | None = None) -> tuple[TaskKnowledge, dict]:
-        """Fit head (+BB) and anchors from features already extracted with this ROM."""
+        """Fit head (+BB) and anchors from features already extracted with this ROM.
+
+        ``trunk_stats`` (``Extraction.trunk_stats``) are what the default anchor transform adds
+        to the features; features alone need ``transform="sqrt_l2"``."""
         labels = np.asarray(labels, np.int64)
+        if needs_trunk_stats(transform) and trunk_stats is None:
+            raise LearnError(f"anchor transform {transform!r} needs trunk statistics beside the features "
+                             "(Extraction.trunk_stats); pass them, or transform='sqrt_l2'")
         kinds = tuple(dict.fromkeys(MAPPER_ALIASES[x] for x in mappers))
         if progress:
             progress("train head", 0, 1)
@@ -213,7 +223,8 @@ class Device:
                 log.info("BB did not beat the plain head on validation for %s; shipping without BB", task)
         if progress:
             progress("fit anchors", 0, 1)
-        anchors = fit_task_anchors(features, labels, transform=transform, kinds=kinds, k=k, m=m, seed=seed)
+        anchors = fit_task_anchors(features, labels, trunk_stats=trunk_stats, transform=transform, kinds=kinds, k=k,
+                                   m=m, seed=seed)
         prev = self._previous_seq(task)
         meta = TaskMeta(agent_id=self.agent_id, seq=prev + 1, rom_fingerprint=self.fingerprint,
                         bb_layout_hash=bb_hash, feature_transform=anchors.feature_transform,
@@ -251,13 +262,13 @@ class Device:
 
     def featurize(self, images: Sequence[ImageInput]) -> tuple[FeatureBatch, list[tuple[int, str]], np.ndarray]:
         ex = self.engine.extract(images, keep_trunk=True)
-        return FeatureBatch(ex.features, ex.trunk_acts), ex.failed, ex.index
+        return FeatureBatch(ex.features, ex.trunk_acts, ex.trunk_stats), ex.failed, ex.index
 
     def classify_features(self, batch: FeatureBatch, *, mapper: str = "gmmc",
                           open_set: bool = True) -> dict[str, np.ndarray | list[str]]:
         """Mapper picks the task, that task's head (with its BB tail pass) picks the class."""
         mp, tasks = self.mapper(mapper)
-        res = mp.predict(batch.features)
+        res = mp.predict(batch.features, batch.trunk_stats)
         n = len(batch.features)
         cls = np.zeros(n, np.int64)
         cls_conf = np.zeros(n, np.float64)

@@ -2,7 +2,9 @@
 
 A cache entry is keyed by the ROM fingerprint, the decoder version and the exact file list
 (path, size, mtime), so a changed image, a different ROM or a changed decoder never returns
-stale features.
+stale features.  An entry holds the pooled features and the trunk statistics the mappers use
+(plus the trunk activations when BB training asked for them); an entry written before trunk
+statistics existed is treated as a miss and recomputed.
 """
 
 from __future__ import annotations
@@ -52,15 +54,19 @@ class FeatureCache:
         except (SafetensorError, OSError, ValueError):
             path.unlink(missing_ok=True)  # a damaged cache entry is just recomputed
             return None
+        if "trunk_stats" not in t:
+            return None  # written by an older version: recompute rather than fit anchors without them
         failed = [tuple(x) for x in json.loads(meta.get("failed", "[]"))]
         return Extraction(t["features"], t["index"].astype(np.int64), failed, t.get("trunk_acts"),
-                          float(meta.get("seconds", 0)))
+                          float(meta.get("seconds", 0)), t["trunk_stats"])
 
     def save(self, key: str, ex: Extraction) -> Path:
         from safetensors.numpy import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
         tensors = {"features": np.ascontiguousarray(ex.features, np.float32), "index": ex.index.astype(np.int64)}
+        if ex.trunk_stats is not None:
+            tensors["trunk_stats"] = np.ascontiguousarray(ex.trunk_stats, np.float32)
         if ex.trunk_acts is not None:
             tensors["trunk_acts"] = np.ascontiguousarray(ex.trunk_acts, np.float32)
         path = self._path(key)

@@ -18,6 +18,14 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 
+#: Anchor spaces that append the ROM's trunk statistics to the features (``runtime.anchors``).
+TRUNK_TRANSFORMS: tuple[str, ...] = ("sqrt_l2_trunk",)
+
+
+def needs_trunk_stats(transform: str) -> bool:
+    """Whether anchors of this feature transform also read ``Extraction.trunk_stats``."""
+    return transform in TRUNK_TRANSFORMS
+
 
 class KnowledgeError(ValueError):
     """A task record whose parts do not fit together (shapes, names, missing pieces)."""
@@ -78,7 +86,27 @@ class TaskKnowledge:
 
     @property
     def feature_dim(self) -> int:
+        """Width of the ROM features the head reads."""
         return int(self.head_weight.shape[1])
+
+    @property
+    def anchor_dim(self) -> int | None:
+        """Width of the space the anchors live in (``meta.feature_transform``), None without anchors."""
+        a = self.gmmc.means if self.gmmc is not None else self.maha.class_means if self.maha is not None else None
+        return int(a.shape[-1]) if a is not None else None
+
+    def _check_anchor_dim(self, d: int) -> int:
+        a = self.anchor_dim
+        if a is None:
+            return d
+        if needs_trunk_stats(self.meta.feature_transform):
+            if a <= d or (a - d) % 2:
+                raise KnowledgeError(f"anchors of transform {self.meta.feature_transform!r} must be wider than the "
+                                     f"head's {d} features by 2C trunk statistics, got width {a}")
+        elif a != d:
+            raise KnowledgeError(f"anchors of transform {self.meta.feature_transform!r} must have the head's "
+                                 f"width {d}, got {a}")
+        return a
 
     def validate(self) -> "TaskKnowledge":
         c, d = self.num_classes, self.head_weight.shape[-1] if self.head_weight.ndim == 2 else -1
@@ -92,6 +120,7 @@ class TaskKnowledge:
             raise KnowledgeError(
                 f"head shapes {self.head_weight.shape}/{self.head_bias.shape} do not fit {c} classes"
             )
+        d = self._check_anchor_dim(d)
         if self.gmmc is not None:
             g = self.gmmc
             k = g.means.shape[0]

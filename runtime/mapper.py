@@ -16,9 +16,10 @@ task's anchor alone (GMMC: its mixture log-likelihood; Mahalanobis: the distance
 own exemplars' covariance, ``OwnExemplarMetric``), so it means on every student exactly what
 it meant on the teacher, however many other tasks the student holds.
 
-Inputs are *raw* pooled backbone features; the mapper applies the feature transform its
-tasks were fitted in (``TaskKnowledge.meta.feature_transform``) and refuses to mix tasks
-fitted in different spaces, since their scores would not be comparable.
+Inputs are *raw* pooled backbone features, plus the ROM's trunk statistics for the default
+``sqrt_l2_trunk`` transform; the mapper applies the feature transform its tasks were fitted in
+(``TaskKnowledge.meta.feature_transform``) and refuses to mix tasks fitted in different spaces,
+since their scores would not be comparable.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ try:  # torch's MKL sgemm is ~2x OpenBLAS's on AVX-512 CPUs for these shapes (me
 except ImportError:  # pragma: no cover - numpy fallback
     torch = None
 
-from .anchors import FEATURE_TRANSFORMS, transform_features
+from .anchors import FEATURE_TRANSFORMS, AnchorError, transform_features
 from .knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -199,7 +200,7 @@ class TaskMapper:
     task_names: list[str]
     feature_transform: str
     thresholds: np.ndarray  # [T]
-    feature_dim: int
+    feature_dim: int  # width of the anchors' space (ROM features, plus trunk statistics for trunk transforms)
     layout: TaskLayout
     block_elements: int
 
@@ -236,20 +237,30 @@ class TaskMapper:
         arrays += [self.layout.counts, self.layout.first_row, self.layout.stride]
         return sum(a.nbytes for a in arrays)
 
-    def prepare(self, features: np.ndarray) -> np.ndarray:
-        """Validate raw features [N, D] (or [D]) and move them into the anchors' space."""
+    def prepare(self, features: np.ndarray, trunk_stats: np.ndarray | None = None) -> np.ndarray:
+        """Validate raw features [N, D] (or [D]), plus trunk statistics [N, 2C] where the transform
+        reads them, and move them into the anchors' space (``feature_dim`` wide)."""
         x = np.asarray(features, dtype=np.float32)
+        t = None if trunk_stats is None else np.asarray(trunk_stats, dtype=np.float32)
         if x.ndim == 1:
             x = x[None]
-        if x.ndim != 2 or x.shape[1] != self.feature_dim:
-            raise MapperError(f"features must be [N, {self.feature_dim}], got shape {x.shape}")
-        if not np.all(np.isfinite(x)):
+            t = t[None] if t is not None and t.ndim == 1 else t
+        if x.ndim != 2 or (t is not None and t.ndim != 2):
+            raise MapperError(f"features must be [N, D], got shape {x.shape}")
+        if not np.all(np.isfinite(x)) or (t is not None and not np.all(np.isfinite(t))):
             raise MapperError("features hold NaN or inf values")
-        return transform_features(x, self.feature_transform)
+        try:
+            z = transform_features(x, self.feature_transform, t)
+        except AnchorError as exc:
+            raise MapperError(str(exc)) from exc
+        if z.shape[1] != self.feature_dim:
+            raise MapperError(f"features give width {z.shape[1]} under transform {self.feature_transform!r}, "
+                              f"but the anchors are {self.feature_dim} wide (another ROM?)")
+        return z
 
-    def predict(self, features: np.ndarray) -> MapperResult:
-        """Choose a task for each row of raw ``features`` [N, D]."""
-        x = self.prepare(features)
+    def predict(self, features: np.ndarray, trunk_stats: np.ndarray | None = None) -> MapperResult:
+        """Choose a task for each row of raw ``features`` [N, D] (and ``trunk_stats`` for trunk transforms)."""
+        x = self.prepare(features, trunk_stats)
         sel = self.task_scores(x)
         best = sel.argmax(axis=1)
         unknown = self.open_set_scores(x, best, sel) < self.thresholds[best]

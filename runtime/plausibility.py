@@ -57,7 +57,8 @@ class CaptureReport:
 class PlausibilityCheck:
     """Refuses anchors that are out of scale or would capture the device's own tasks' inputs.
 
-    ``reference_features`` maps task name -> *raw* features the device trusts for that task;
+    ``reference_features`` maps task name -> *raw* features the device trusts for that task,
+    as an array or, for transforms that read trunk statistics, a ``(features, trunk_stats)`` pair;
     best its own *held-out* features (e.g. the threshold-calibration split): an anchor fits
     its own training features better than new inputs, which understates capture.  200 per
     task are plenty.  ``existing`` is the
@@ -69,7 +70,7 @@ class PlausibilityCheck:
 
     def __init__(
         self,
-        reference_features: Mapping[str, np.ndarray],
+        reference_features: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]],
         existing: Sequence[TaskKnowledge],
         *,
         feature_transform: str | None = None,
@@ -90,18 +91,24 @@ class PlausibilityCheck:
         self.feature_transform = transforms.pop() if transforms else (feature_transform or DEFAULT_TRANSFORM)
         self.max_capture = max_capture
         self.log_slack = float(np.log(scale_slack))
-        dims = {int(np.shape(x)[-1]) for x in reference_features.values()} | {k.feature_dim for k in self.existing}
+        pairs = {t: v if isinstance(v, tuple) else (v, None) for t, v in reference_features.items()}
+        dims = {int(np.shape(f)[-1]) for f, _ in pairs.values()} | {k.feature_dim for k in self.existing}
         if len(dims) > 1:
             raise ValueError(f"reference features and bank disagree on the feature size: {sorted(dims)}")
         self.feature_dim = dims.pop() if dims else None
         rng = np.random.default_rng(seed)
         self.points: dict[str, np.ndarray] = {}
-        for task, feats in reference_features.items():
-            x = transform_features(np.asarray(feats, dtype=np.float32), self.feature_transform)
+        for task, (feats, stats) in pairs.items():
+            x = transform_features(np.asarray(feats, dtype=np.float32), self.feature_transform, stats)
             if x.shape[0] > max_points_per_task:
                 x = x[np.sort(rng.choice(x.shape[0], max_points_per_task, replace=False))]
             self.points[task] = x
         self.reference = dict(self.points)  # raw reference only, before anchors' points are added
+        widths = {x.shape[1] for x in self.points.values()} | {k.anchor_dim for k in self.existing
+                                                               if k.anchor_dim is not None}
+        if len(widths) > 1:
+            raise ValueError(f"reference features and bank disagree on the anchor width: {sorted(widths)}")
+        self.anchor_dim = widths.pop() if widths else None
         for k in self.existing:
             if k.task in self.points:  # real features beat synthetic ones (draws from an anchor favour it)
                 continue
@@ -153,6 +160,8 @@ class PlausibilityCheck:
                     f"{self.feature_transform!r}")
         if self.feature_dim is not None and k.feature_dim != self.feature_dim:
             return f"feature size {k.feature_dim} differs from the device's {self.feature_dim}"
+        if self.anchor_dim is not None and k.anchor_dim is not None and k.anchor_dim != self.anchor_dim:
+            return f"anchor width {k.anchor_dim} differs from the device's {self.anchor_dim}"
         if k.gmmc is not None:
             w = k.gmmc.weights.astype(np.float64)
             if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-3:

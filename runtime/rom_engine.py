@@ -49,10 +49,25 @@ class Extraction:
     failed: list[tuple[int, str]] = field(default_factory=list)
     trunk_acts: np.ndarray | None = None  # [M, C, h, w] when asked for (BB training)
     seconds: float = 0.0
+    trunk_stats: np.ndarray | None = None  # [M, 2C] per-channel mean | std of the trunk map (see trunk_stats)
 
     @property
     def images_per_second(self) -> float:
         return len(self.index) / self.seconds if self.seconds > 0 else 0.0
+
+
+def trunk_stats(acts: np.ndarray) -> np.ndarray:
+    """Per-channel spatial mean and standard deviation of trunk activations: ``[N, C, h, w] -> [N, 2C]``.
+
+    The mid-level "style" statistics of an image (as in style transfer), which the task
+    mappers add to the pooled features: tasks whose final features overlap (the CIFAR-10 pairs,
+    Omniglot alphabets) differ more in them (``runtime.anchors``, ``sqrt_l2_trunk``).  They
+    cost two reductions over a map the engine computes anyway.
+    """
+    a = np.asarray(acts, dtype=np.float32)
+    if a.ndim != 4:
+        raise ValueError(f"trunk activations must be [N, C, h, w], got shape {a.shape}")
+    return np.concatenate([a.mean(axis=(2, 3)), a.std(axis=(2, 3))], axis=1).astype(np.float32)
 
 
 #: Nice increment for decode threads while the ROM runs on the CPU.  Decoding shares the cores
@@ -279,6 +294,11 @@ class RomEngine:
         return self.manifest.feature_dim
 
     @property
+    def trunk_stats_dim(self) -> int:
+        """Width of ``trunk_stats`` for this ROM: twice the trunk's channels."""
+        return 2 * int(self.manifest.trunk_output_shape[1])
+
+    @property
     def tail_bias_total(self) -> int:
         return self.manifest.tail_bias_total
 
@@ -359,13 +379,14 @@ class RomEngine:
         plan_workers, plan_nice = self.decode_plan()
         workers = plan_workers if workers is None else int(workers)
         nice = plan_nice if decode_nice is None else int(decode_nice)
-        feats, index, failed, acts = [], [], [], []
+        feats, stats, index, failed, acts = [], [], [], [], []
         t0 = time.perf_counter()
         for batch in iter_batches(images, self.preprocessing, batch_size, workers=workers, nice=nice):
             failed.extend(batch.failed)
             if len(batch.index):
                 a = self.trunk(batch.x)
                 feats.append(self.tail(a))
+                stats.append(trunk_stats(a))
                 index.append(batch.index)
                 if keep_trunk:
                     acts.append(a)
@@ -378,4 +399,5 @@ class RomEngine:
             failed=failed,
             trunk_acts=(np.concatenate(acts) if acts else None) if keep_trunk else None,
             seconds=time.perf_counter() - t0,
+            trunk_stats=np.concatenate(stats) if stats else np.zeros((0, self.trunk_stats_dim), np.float32),
         )

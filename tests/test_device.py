@@ -229,3 +229,25 @@ def test_mapper_needs_tasks(tmp_path: Path, rom_dir: Path) -> None:
     dev = Device(tmp_path / "empty", rom_dir)
     with pytest.raises(LearnError, match="no task"):
         dev.classify_features(FeatureBatch(np.zeros((1, 1280), np.float32), None))
+
+
+def test_anchors_read_the_trunk_statistics_the_engine_computes(learned: Path, rom_dir: Path,
+                                                                tasks: dict[str, Path]) -> None:
+    from skill_edge.runtime.mapper import MapperError
+
+    dev = Device(learned, rom_dir)
+    k = dev.bank.get("digits-low")
+    assert k.meta.feature_transform == "sqrt_l2_trunk"
+    assert dev.engine.trunk_stats_dim == 2 * 192  # Lite0's trunk ends in 192 channels at 7 x 7
+    assert k.anchor_dim == dev.engine.feature_dim + dev.engine.trunk_stats_dim and k.feature_dim == 1280
+    files = sorted((tasks["digits-low"] / "test").glob("*/*.png"))[:4]
+    ex = dev.engine.extract(files, keep_trunk=True)
+    acts = ex.trunk_acts.astype(np.float64)
+    np.testing.assert_allclose(ex.trunk_stats, np.concatenate([acts.mean((2, 3)), acts.std((2, 3))], axis=1),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(MapperError, match="trunk statistics"):
+        dev.classify_features(FeatureBatch(ex.features, None), mapper="maha")
+    got = dev.classify_features(FeatureBatch(ex.features, None, ex.trunk_stats), mapper="maha", open_set=False)
+    assert [got["task_names"][t] for t in got["task_index"]] == ["digits-low"] * 4
+    with pytest.raises(LearnError, match="needs trunk statistics"):
+        dev.learn_features("again", ["a", "b"], ex.features, np.array([0, 1, 0, 1]))

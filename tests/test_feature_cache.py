@@ -23,15 +23,25 @@ def files(tmp_path: Path) -> list[Path]:
     return out
 
 
-def test_round_trip_keeps_features_index_and_failures(tmp_path: Path, files: list[Path]) -> None:
+def test_round_trip_keeps_features_trunk_stats_index_and_failures(tmp_path: Path, files: list[Path]) -> None:
     cache = FeatureCache(tmp_path / "cache", "ab" * 32)
-    ex = Extraction(np.arange(8, dtype=np.float32).reshape(2, 4), np.array([0, 2]), [(1, "corrupt")], seconds=1.5)
+    ex = Extraction(np.arange(8, dtype=np.float32).reshape(2, 4), np.array([0, 2]), [(1, "corrupt")], seconds=1.5,
+                    trunk_stats=np.arange(12, dtype=np.float32).reshape(2, 6))
     key = cache.key(files)
     assert cache.load(key) is None
     cache.save(key, ex)
     got = cache.load(key)
     np.testing.assert_array_equal(got.features, ex.features)
+    np.testing.assert_array_equal(got.trunk_stats, ex.trunk_stats)
     assert got.index.tolist() == [0, 2] and got.failed == [(1, "corrupt")] and got.seconds == 1.5
+
+
+def test_an_entry_without_trunk_stats_is_a_miss(tmp_path: Path, files: list[Path]) -> None:
+    """Entries written before trunk statistics existed would leave the default anchors without them."""
+    cache = FeatureCache(tmp_path, "ab" * 32)
+    key = cache.key(files)
+    cache.save(key, Extraction(np.ones((1, 4), np.float32), np.array([0])))
+    assert cache.load(key) is None
 
 
 def test_key_changes_with_rom_decoder_file_content_and_kind(tmp_path: Path, files: list[Path],

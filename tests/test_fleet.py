@@ -8,6 +8,8 @@ the same), so only the first one pays for feature extraction.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -142,7 +144,7 @@ def check_fleet(r: FleetResult, killed: dict[str, str]) -> None:
         assert {mp: r.student_comm_bytes[mp][device] for mp in MAPPERS} == want
     assert r.row("skill", "gmmc").student_macs == 0
     n_ex = sum(r.learn[t]["maha_exemplars_sent"] for t in r.tasks)
-    assert r.row("skill", "maha").student_macs == maha_student_macs(n_ex, 6, 1280)
+    assert r.row("skill", "maha").student_macs == maha_student_macs(n_ex, 6, 1280 + 2 * 192)  # features + trunk stats
     for t in r.tasks:
         w = r.learn[t]["work"]
         assert w["n_train"] == 2 * N_TRAIN and w["backbone_macs_per_image"] == macs
@@ -205,7 +207,7 @@ def test_fleet_over_mqtt_with_a_feature_task_a_budget_and_a_crash(
     tr, te = dev.extract(ds.train.paths), dev.extract(ds.test.paths)
     ftask = save_feature_task(tmp_path / "digits-c.safetensors", FeatureTask(
         ds.classes, tr.features, np.asarray(ds.train.labels)[tr.index], te.features,
-        np.asarray(ds.test.labels)[te.index], dev.fingerprint))
+        np.asarray(ds.test.labels)[te.index], dev.fingerprint, tr.trunk_stats, te.trunk_stats))
     tasks = {**digit_tasks, "digits-c": ftask}
     killed = {"agent-1": "after_learn"}
     cfg = fleet_config(rom_dir, tasks, tmp_path / "fleet", feature_cache, transport=mosquitto.url, budget="60KB",
@@ -265,6 +267,8 @@ def test_config_errors_say_what_to_fix(tmp_path: Path, digit_tasks: dict[str, Pa
                                                                   np.array([0, 1]), "ab" * 32))
     with pytest.raises(FleetConfigError, match="BB training needs images"):
         run_fleet(cfg(tasks={"f": f}, bb=True))
+    with pytest.raises(FleetConfigError, match="no trunk statistics"):  # the anchors need them
+        run_fleet(cfg(tasks={"f": f}))
 
 
 def test_feature_task_files_round_trip_and_refuse_bad_input(tmp_path: Path) -> None:
@@ -276,6 +280,15 @@ def test_feature_task_files_round_trip_and_refuse_bad_input(tmp_path: Path) -> N
     assert back.classes == task.classes and back.rom_fingerprint == task.rom_fingerprint
     np.testing.assert_array_equal(back.train_features, task.train_features)
     np.testing.assert_array_equal(back.test_labels, task.test_labels)
+    assert back.train_trunk_stats is None and back.test_trunk_stats is None
+    with_stats = dataclasses.replace(task, train_trunk_stats=rng.random((9, 6), np.float32),
+                                     test_trunk_stats=rng.random((3, 6), np.float32))
+    back = load_feature_task(save_feature_task(tmp_path / "s.safetensors", with_stats))
+    np.testing.assert_array_equal(back.train_trunk_stats, with_stats.train_trunk_stats)
+    np.testing.assert_array_equal(back.test_trunk_stats, with_stats.test_trunk_stats)
+    short = dataclasses.replace(with_stats, test_trunk_stats=with_stats.test_trunk_stats[:2])
+    with pytest.raises(AgentError, match="trunk statistics"):
+        load_feature_task(save_feature_task(tmp_path / "short.safetensors", short))
     assert TaskSource("t", str(path)).kind == "features" and TaskSource("t", str(tmp_path)).kind == "images"
     with pytest.raises(ValueError, match=".safetensors"):
         save_feature_task(tmp_path / "t.npz", task)

@@ -41,8 +41,8 @@ def make_task(rng: np.random.Generator, n_classes: int, n: int, shift: float) ->
 
 
 def knowledge_for(name: str, x: np.ndarray, y: np.ndarray, transform: str, k: int = 6,
-                  seed: int = 0) -> TaskKnowledge:
-    anchors = fit_task_anchors(x, y, transform=transform, k=k, m=5, seed=seed)
+                  seed: int = 0, trunk_stats: np.ndarray | None = None) -> TaskKnowledge:
+    anchors = fit_task_anchors(x, y, trunk_stats=trunk_stats, transform=transform, k=k, m=5, seed=seed)
     c = int(y.max()) + 1
     return TaskKnowledge(
         task=name, labels=[f"c{i}" for i in range(c)],
@@ -163,7 +163,7 @@ def test_min_rows_gives_few_class_tasks_more_principal_axes():
     # a task that already sends more rows than the floor is unchanged; random exemplars ignore it
     assert fit_mahalanobis(x, y, m=20, exemplars="principal", min_rows=24).exemplars.shape[0] == 40
     assert fit_mahalanobis(x, y, m=5, min_rows=24).exemplars.shape[0] == 10
-    assert fit_task_anchors(x, y, k=4).maha.exemplars.shape[0] == DEFAULT_MIN_EXEMPLAR_ROWS
+    assert fit_task_anchors(x, y, transform="sqrt_l2", k=4).maha.exemplars.shape[0] == DEFAULT_MIN_EXEMPLAR_ROWS
     with pytest.raises(AnchorError, match="min_rows"):
         fit_mahalanobis(x, y, exemplars="principal", min_rows=-1)
 
@@ -320,7 +320,7 @@ def test_bad_inputs_are_refused(bank):
     with pytest.raises(MapperError, match="no GMMC anchor"):
         GmmcMapper.from_knowledge([no_gmmc, knowledge[1]])
     mapper = MahalanobisMapper.from_knowledge(knowledge)
-    with pytest.raises(MapperError, match=r"features must be \[N, 24\]"):
+    with pytest.raises(MapperError, match="anchors are 24 wide"):
         mapper.predict(np.zeros((3, D + 1)))
     with pytest.raises(MapperError, match="NaN"):
         mapper.predict(np.full((3, D), np.nan))
@@ -350,3 +350,76 @@ def test_mapper_memory_is_linear_in_tasks():
     per_task = (large - small) / 30
     # coef + const rows, plus threshold, count, first row and stride per task
     assert per_task == pytest.approx(4 * (2 * 16 + 1) * 4 + 4 * 8, rel=0.01)
+
+
+# ---------------------------------------------------------------------------- trunk statistics
+def make_style_tasks(rng: np.random.Generator, n: int = 240) -> dict[str, tuple[np.ndarray, ...]]:
+    """Two tasks whose pooled features come from one distribution (same classes, same clusters) but
+    whose trunk statistics differ: only the trunk transform can tell them apart."""
+    centers = rng.normal(1.0, 1.0, (2, D))
+    style = {"pencil": rng.uniform(0.5, 1.5, 16), "ink": rng.uniform(0.5, 1.5, 16)}
+    out = {}
+    for name, level in style.items():
+        rows = []
+        for count in (n, n // 3):
+            y = np.arange(count) % 2
+            x = np.maximum(centers[y] + rng.normal(0.0, 0.8, (count, D)), 0.0).astype(np.float32)
+            mean = np.abs(level + rng.normal(0.0, 0.15, (count, 8 * 2)))[:, :8]
+            std = np.abs(level[8:] + rng.normal(0.0, 0.15, (count, 8)))
+            rows.append((x, y, np.concatenate([mean, std], axis=1).astype(np.float32)))
+        out[name] = (*rows[0], *rows[1])
+    return out
+
+
+def test_sqrt_l2_trunk_normalises_each_block_and_needs_trunk_stats():
+    rng = np.random.default_rng(3)
+    x, t = np.abs(rng.normal(size=(5, D))), np.abs(rng.normal(size=(5, 12)))
+    z = transform_features(x, "sqrt_l2_trunk", t)
+    assert z.shape == (5, D + 12)
+    np.testing.assert_allclose(z[:, :D], transform_features(x, "sqrt_l2"), rtol=1e-6)
+    for block in (z[:, :D], z[:, D:D + 6], z[:, D + 6:]):  # features, trunk means, trunk stds
+        np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(AnchorError, match="needs the ROM's trunk statistics"):
+        transform_features(x, "sqrt_l2_trunk")
+    with pytest.raises(AnchorError, match="trunk statistics must be"):
+        transform_features(x, "sqrt_l2_trunk", t[:, :11])  # odd width: not mean | std
+    with pytest.raises(AnchorError, match="trunk statistics must be"):
+        transform_features(x, "sqrt_l2_trunk", t[:4])
+
+
+@pytest.mark.parametrize("kind", ["gmmc", "maha"])
+def test_trunk_statistics_separate_tasks_whose_features_overlap(kind):
+    tasks = make_style_tasks(np.random.default_rng(11))
+    acc = {}
+    for transform in ("sqrt_l2", "sqrt_l2_trunk"):
+        bank = [knowledge_for(n, x, y, transform, k=4, seed=i, trunk_stats=s if transform != "sqrt_l2" else None)
+                for i, (n, (x, y, s, _, _, _)) in enumerate(tasks.items())]
+        mapper = build_mapper(kind, bank)
+        right = [mapper.predict(xt, st if transform != "sqrt_l2" else None).task_index == i
+                 for i, (_, _, _, xt, _, st) in enumerate(tasks.values())]
+        acc[transform] = float(np.mean(np.concatenate(right)))
+    assert acc["sqrt_l2"] < 0.65, acc  # the features alone cannot tell the tasks apart
+    assert acc["sqrt_l2_trunk"] > 0.95, acc
+
+
+def test_trunk_bank_refuses_features_without_trunk_stats_and_mismatched_widths():
+    tasks = make_style_tasks(np.random.default_rng(12))
+    bank = [knowledge_for(n, x, y, "sqrt_l2_trunk", k=3, trunk_stats=s) for n, (x, y, s, *_) in tasks.items()]
+    assert bank[0].anchor_dim == D + 16 and bank[0].feature_dim == D
+    xt, st = tasks["ink"][3], tasks["ink"][5]
+    mapper = build_mapper("maha", bank)
+    with pytest.raises(MapperError, match="needs the ROM's trunk statistics"):
+        mapper.predict(xt)
+    with pytest.raises(MapperError, match=f"anchors are {D + 16} wide"):
+        mapper.predict(xt, np.concatenate([st, st], axis=1))  # another ROM's trunk: wider
+    # a record whose anchors do not fit its transform is malformed, whatever sent it
+    from skill_edge.runtime.knowledge import KnowledgeError
+
+    flat = TaskKnowledge.from_parts(bank[0].metadata(), bank[0].tensors())
+    flat.meta.feature_transform = "sqrt_l2"
+    with pytest.raises(KnowledgeError, match="must have the head's width"):
+        flat.validate()
+    narrow = knowledge_for("n", tasks["ink"][0], tasks["ink"][1], "sqrt_l2", k=3)
+    narrow.meta.feature_transform = "sqrt_l2_trunk"
+    with pytest.raises(KnowledgeError, match="wider than the head"):
+        narrow.validate()

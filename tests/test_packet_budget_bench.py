@@ -31,7 +31,7 @@ def fleet():
         tr, te = idx[: len(idx) * 3 // 4], idx[len(idx) * 3 // 4:]
         t = pb.TaskData(name, [str(c) for c in range(lo, lo + 5)], x[tr], y[tr] - lo, x[te], y[te] - lo)
         head = train_head(t.x_train, t.y_train, 5, weight_decays=(1e-2,))
-        anchors = fit_task_anchors(t.x_train, t.y_train, k=4)
+        anchors = fit_task_anchors(t.x_train, t.y_train, transform="sqrt_l2", k=4)  # digits: no ROM trunk
         knowledge.append(TaskKnowledge(
             task=name, labels=t.classes, head_weight=head.weight, head_bias=head.bias,
             meta=TaskMeta(agent_id="teacher", seq=1, rom_fingerprint="0" * 64,

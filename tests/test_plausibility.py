@@ -160,6 +160,26 @@ def test_wrong_space_and_size_are_refused(world):
         PlausibilityCheck({"task0": np.zeros((3, D + 1))}, existing)
 
 
+def test_anchor_width_must_match_the_banks(world):
+    """Trunk-statistics anchors from a ROM whose trunk is wider are refused, though heads match."""
+    tasks, _, _, _, _ = world
+    rng = np.random.default_rng(5)
+    stats = {n: np.abs(rng.normal(1, 0.3, (len(v[0]), 8))).astype(np.float32) for n, v in tasks.items()}
+    bank = [knowledge_for(f"task{i}", tasks[f"task{i}"][0], tasks[f"task{i}"][1], "sqrt_l2_trunk", seed=i,
+                          trunk_stats=stats[f"task{i}"]) for i in range(3)]
+    own = {"task0": (tasks["task0"][0][:150], stats["task0"][:150])}
+    check = PlausibilityCheck(own, bank)
+    assert check.anchor_dim == D + 8
+    x, y = tasks["task5"][:2]
+    ok, reason = check.check(knowledge_for("task5", x, y, "sqrt_l2_trunk", trunk_stats=stats["task5"]))
+    assert ok, reason
+    wide = np.concatenate([stats["task5"], stats["task5"]], axis=1)
+    ok, reason = check.check(knowledge_for("task5", x, y, "sqrt_l2_trunk", trunk_stats=wide))
+    assert not ok and "anchor width" in reason
+    with pytest.raises(ValueError, match="anchor width"):
+        PlausibilityCheck({"task0": (tasks["task0"][0][:20], np.zeros((20, 4), np.float32))}, bank)
+
+
 def test_non_finite_threshold_is_refused(world):
     _, knowledge, existing, own, _ = world
     k = dataclasses.replace(knowledge["task5"], thresholds={"gmmc": float("-inf")})
