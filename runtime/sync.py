@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from skill_edge.runtime.bank import BankError, KnowledgeBank
 from skill_edge.runtime.knowledge import TaskKnowledge
 from skill_edge.runtime.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
@@ -263,7 +265,10 @@ class BankPlausibility:
     so the next check must test against that too.
     """
 
-    def __init__(self, bank: KnowledgeBank, reference_features: dict | None = None) -> None:
+    def __init__(self, bank: KnowledgeBank,
+                 reference_features: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray | None]] | None = None
+                 ) -> None:
+        """``reference_features``: as for ``PlausibilityCheck`` (task -> features, or (features, trunk_stats))."""
         self.bank = bank
         self.reference_features = reference_features or {}
         self._key: tuple = ()
