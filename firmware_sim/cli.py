@@ -38,7 +38,7 @@ def _task_dirs(data: Path) -> dict[str, Path]:
 def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, transport: Optional[str],
         agents: Optional[int], budget: Optional[str], bb: bool, baselines: bool, equivalence: Optional[Path],
         builtin_equivalence: bool, kill: Optional[List[str]], title: str, threads: int, fresh: bool,
-        cache: Optional[Path] = None, baseline_epochs: int = 5) -> dict:
+        cache: Optional[Path] = None, baseline_epochs: int = 5, converge_timeout: float = 300.0) -> dict:
     from skill_edge.models import default_rom_dir
 
     from .equivalence import EquivalenceMap
@@ -61,7 +61,7 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
         kills[dev] = point or "after_learn"
     cfg = FleetConfig(rom_dir=rom_dir, tasks={k: str(v) for k, v in tasks.items()}, workdir=work, agents=agents,
                       transport=transport, engine=engine, budget=budget, bb=bb, kill=kills, threads=threads,
-                      cache_dir=cache)
+                      cache_dir=cache, converge_timeout=converge_timeout)
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as prog:
@@ -143,6 +143,9 @@ def demo_command(
     cache: Optional[Path] = typer.Option(None, "--cache", envvar="SKILL_EDGE_CACHE",
                                          help="Feature cache shared by the devices (keyed by ROM fingerprint)."),
     baseline_epochs: int = typer.Option(5, "--baseline-epochs", help="Epochs per task for the baselines."),
+    converge_timeout: float = typer.Option(300.0, "--converge-timeout",
+                                           help="Seconds each device waits for the others' packets after learning "
+                                                "(many devices sharing few cores check packets slowly)."),
 ) -> None:
     """Run a whole simulated fleet: export, learn in parallel, share packets, classify with no oracle, report."""
     from .demo_data import DemoDataError, build_demo_tasks
@@ -161,7 +164,8 @@ def demo_command(
         title, builtin_eq = f"skill-edge fleet on {data.name} ({len(tasks)} tasks)", data.name == "skill-bench"
     run(tasks, out, rom=rom, engine=engine, transport=transport, agents=agents, budget=budget, bb=bb,
         baselines=baselines, equivalence=equivalence, builtin_equivalence=builtin_eq, kill=kill, title=title,
-        threads=threads, fresh=fresh, cache=cache, baseline_epochs=baseline_epochs)
+        threads=threads, fresh=fresh, cache=cache, baseline_epochs=baseline_epochs,
+        converge_timeout=converge_timeout)
 
 
 def fleet_command(
