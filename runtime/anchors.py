@@ -31,12 +31,8 @@ from typing import Literal
 import numpy as np
 from sklearn.mixture import GaussianMixture
 
-from .knowledge import GmmcAnchor, MahalanobisAnchor, needs_trunk_stats
+from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS, GmmcAnchor, MahalanobisAnchor, needs_trunk_stats
 
-FEATURE_TRANSFORMS: tuple[str, ...] = ("raw", "sqrt", "l2", "sqrt_l2", "sqrt_l2_trunk")
-"""Names accepted by ``transform_features`` (and by ``TaskMeta.feature_transform``)."""
-
-DEFAULT_TRANSFORM = "sqrt_l2_trunk"
 
 #: Threshold percentile: 1 means 99 % of the task's own held-out features score above it.
 DEFAULT_THRESHOLD_PERCENTILE = 1.0

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS
+
 console = Console(stderr=True)
 out = Console()
 
@@ -81,6 +83,10 @@ def learn_command(
     budget: Optional[str] = typer.Option(None, "--budget", help="Packet byte budget, e.g. 64KB (default: lossless)."),
     k: int = typer.Option(25, "--k", help="GMMC components."),
     exemplars: int = typer.Option(5, "--exemplars", help="Mahalanobis exemplar features per class."),
+    anchor_space: str = typer.Option(DEFAULT_TRANSFORM, "--anchor-space",
+                                     help=f"Space the anchors live in: {', '.join(FEATURE_TRANSFORMS)}. A fleet "
+                                          "must share one; sqrt_l2 (features alone) matches banks learned before "
+                                          "trunk statistics."),
     seed: int = typer.Option(0, "--seed"),
     home: Optional[Path] = HomeOption,
     rom: Optional[Path] = RomOption,
@@ -101,6 +107,9 @@ def learn_command(
     if kinds is None:
         console.print(f"[red]--mapper must be gmmc, mahalanobis or both, not {mapper!r}[/red]")
         raise typer.Exit(2)
+    if anchor_space not in FEATURE_TRANSFORMS:
+        console.print(f"[red]--anchor-space must be one of {', '.join(FEATURE_TRANSFORMS)}, not {anchor_space!r}[/red]")
+        raise typer.Exit(2)
     try:
         budget_bytes = parse_size(budget) if budget else None
     except ValueError as exc:
@@ -118,7 +127,8 @@ def learn_command(
                     bars[what] = prog.add_task(what, total=max(total, 1))
                 prog.update(bars[what], completed=done, total=max(total, 1))
 
-            report = dev.learn(task, data, bb=bb, mappers=kinds, k=k, m=exemplars, seed=seed, progress=on_progress)
+            report = dev.learn(task, data, bb=bb, mappers=kinds, transform=anchor_space, k=k, m=exemplars, seed=seed,
+                               progress=on_progress)
     except (DatasetError, LearnError) as exc:
         console.print(f"[red]cannot learn {task!r}:[/red] {exc}")
         raise typer.Exit(2) from None

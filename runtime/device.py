@@ -203,6 +203,11 @@ class Device:
         if needs_trunk_stats(transform) and trunk_stats is None:
             raise LearnError(f"anchor transform {transform!r} needs trunk statistics beside the features "
                              "(Extraction.trunk_stats); pass them, or transform='sqrt_l2'")
+        held = self._bank_transform(besides=task)
+        if held is not None and held != transform:
+            raise LearnError(f"the bank's tasks have anchors in the {held!r} space and {task!r} would get "
+                             f"{transform!r}; a mapper cannot compare the two. Learn it with transform={held!r} "
+                             f"(skill-edge learn --anchor-space {held}), or relearn the bank's tasks")
         kinds = tuple(dict.fromkeys(MAPPER_ALIASES[x] for x in mappers))
         if progress:
             progress("train head", 0, 1)
@@ -236,6 +241,13 @@ class Device:
                                   head_bias=head.bias, meta=meta, bb=bb_vec, gmmc=anchors.gmmc, maha=anchors.maha,
                                   thresholds=dict(anchors.thresholds)).validate()
         return knowledge, metrics
+
+    def _bank_transform(self, besides: str) -> str | None:
+        """The anchor space of the bank's tasks other than ``besides`` (one record read), None if none."""
+        for e in self.bank.entries():
+            if e.task != besides and e.anchors:
+                return self.bank.get(e.task).meta.feature_transform
+        return None
 
     def _previous_seq(self, task: str) -> int:
         for e in self.bank.entries():

@@ -251,3 +251,26 @@ def test_anchors_read_the_trunk_statistics_the_engine_computes(learned: Path, ro
     assert [got["task_names"][t] for t in got["task_index"]] == ["digits-low"] * 4
     with pytest.raises(LearnError, match="needs trunk statistics"):
         dev.learn_features("again", ["a", "b"], ex.features, np.array([0, 1, 0, 1]))
+
+
+def test_learning_into_a_bank_of_another_anchor_space_says_how_to_fix_it(tmp_path: Path, rom_dir: Path,
+                                                                          tasks: dict[str, Path]) -> None:
+    """A bank learned before trunk statistics (sqrt_l2) cannot be mixed with new trunk anchors in one mapper."""
+    home = tmp_path / "old"
+    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--anchor-space", "sqrt_l2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert Device(home, rom_dir).bank.get("shapes").meta.feature_transform == "sqrt_l2"
+    args = ["learn", "--task", "digits-low", "--data", str(tasks["digits-low"]), "--home", str(home),
+            "--rom", str(rom_dir)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "--anchor-space sqrt_l2" in res.output, res.output
+    assert [e.task for e in Device(home, rom_dir).bank.entries()] == ["shapes"]  # nothing half-learned
+    res = runner.invoke(app, [*args, "--anchor-space", "sqrt_l2"])
+    assert res.exit_code == 0, res.output
+    dev = Device(home, rom_dir)
+    files = sorted((tasks["digits-low"] / "test").glob("*/*.png"))
+    preds = dev.classify(files, mapper="maha", open_set=False)  # features alone: no trunk statistics needed
+    assert np.mean([p.task == "digits-low" for p in preds]) >= 0.9
+    res = runner.invoke(app, [*args, "--anchor-space", "pca"])
+    assert res.exit_code == 2 and "--anchor-space must be one of" in res.output
