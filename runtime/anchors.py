@@ -33,7 +33,6 @@ from sklearn.mixture import GaussianMixture
 
 from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS, GmmcAnchor, MahalanobisAnchor, needs_trunk_stats
 
-
 #: Threshold percentile: 1 means 99 % of the task's own held-out features score above it.
 DEFAULT_THRESHOLD_PERCENTILE = 1.0
 #: Fewest principal exemplar rows a task sends, however few classes it has.  A 2-class task
