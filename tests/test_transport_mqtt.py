@@ -180,8 +180,10 @@ def test_corrupt_chunked_packet_is_dropped(mosquitto: MosquittoBroker) -> None:
     corrupt_before = rx.stats.corrupt
     c.publish(f"skill/{fleet}/chunks/a/{sha}/2", b"\0" * 1000, qos=1, retain=True).wait_for_publish(5)
     wait_for(lambda: rx.pending() == 0, 5, "the transfer to complete")
-    assert rx.stats.corrupt == corrupt_before + 1 and list(rx.packets(timeout=0.5)) == [], \
+    # >= : a stall re-request still in flight may bring the old short chunk back (one more refusal) first
+    assert rx.stats.corrupt >= corrupt_before + 1 and list(rx.packets(timeout=0.5)) == [], \
         "complete, but the sha256 check fails: nothing is delivered"
+    assert rx.progress() == {}, "the failed transfer is dropped, not kept half-done"
     c.loop_stop()
     pub.close()
     rx.close()
