@@ -100,6 +100,7 @@ class TaskKnowledge:
         return int(a.shape[-1]) if a is not None else None
 
     def _check_anchor_dim(self, d: int) -> int:
+        """The width the anchors must have, given the head's ``d`` and the transform (raises if theirs does not fit)."""
         a = self.anchor_dim
         if a is None:
             return d
@@ -124,17 +125,17 @@ class TaskKnowledge:
             raise KnowledgeError(
                 f"head shapes {self.head_weight.shape}/{self.head_bias.shape} do not fit {c} classes"
             )
-        d = self._check_anchor_dim(d)
+        a = self._check_anchor_dim(d)  # the anchors' width: d, or d + 2C for trunk transforms
         if self.gmmc is not None:
             g = self.gmmc
             k = g.means.shape[0]
-            if g.means.shape != (k, d) or g.variances.shape != (k, d) or g.weights.shape != (k,):
+            if g.means.shape != (k, a) or g.variances.shape != (k, a) or g.weights.shape != (k,):
                 raise KnowledgeError("GMMC anchor shapes are inconsistent")
             if not np.all(np.isfinite(g.variances)) or np.any(g.variances <= 0):
                 raise KnowledgeError("GMMC variances must be finite and positive")
         if self.maha is not None:
             m = self.maha
-            if m.class_means.shape != (c, d) or m.exemplars.ndim != 2 or m.exemplars.shape[1] != d:
+            if m.class_means.shape != (c, a) or m.exemplars.ndim != 2 or m.exemplars.shape[1] != a:
                 raise KnowledgeError("Mahalanobis anchor shapes are inconsistent")
             if m.exemplar_labels.shape != (m.exemplars.shape[0],):
                 raise KnowledgeError("Mahalanobis exemplar labels do not match exemplars")
