@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
+from .gmm import fit_diag_mixture
 from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS, GmmcAnchor, MahalanobisAnchor, needs_trunk_stats
 
 #: Threshold percentile: 1 means 99 % of the task's own held-out features score above it.
@@ -105,8 +105,8 @@ def fit_gmmc(
     """Fit ``k`` diagonal Gaussians to one task's (already transformed) features.
 
     ``var_floor`` is relative: every variance gets ``var_floor * mean_d(Var[x_d])`` added
-    (scikit-learn's ``reg_covar``, applied inside EM).  It keeps clusters of near-duplicate
-    images from collapsing to needle-sharp Gaussians that overfit the teacher's samples,
+    (scikit-learn's ``reg_covar``, applied inside EM; ``gmm.py`` is that EM in numpy).  It keeps
+    clusters of near-duplicate images from collapsing to needle-sharp Gaussians that overfit the teacher's samples,
     and it is scaled by the task's own spread so it means the same in every feature space.
 
     With ``labels`` the components are split over classes in proportion to class size
@@ -176,16 +176,8 @@ def _fit_diag_mixture(
         mean = x.mean(axis=0, keepdims=True)
         var = (x.var(axis=0, keepdims=True) if n > 1 else np.zeros_like(mean)) + floor
         return mean, var, np.ones(1)
-    gm = GaussianMixture(
-        n_components=k_eff,
-        covariance_type="diag",
-        reg_covar=floor,
-        max_iter=max_iter,
-        random_state=seed,
-        init_params="kmeans",
-    )
-    gm.fit(x.astype(np.float64))
-    return gm.means_, gm.covariances_, gm.weights_
+    mix = fit_diag_mixture(x, k_eff, reg_covar=floor, seed=seed, max_iter=max_iter)
+    return mix.means, mix.variances, mix.weights
 
 
 # ---------------------------------------------------------------------------- Mahalanobis

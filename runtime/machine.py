@@ -31,12 +31,26 @@ def describe_machine() -> dict[str, Any]:
         info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
-    try:
-        import onnxruntime
-        import torch
-
-        info |= {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    except ImportError:
-        pass
+    info |= {"onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"), "torch": _version("torch"),
+             "gpu": _gpu_name()}
     return info
+
+
+def _version(dist: str) -> str | None:
+    """An installed distribution's version, read from its metadata (nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu_name() -> str | None:
+    """The first GPU's name, from torch only when the process already imported it (a device has no torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return None

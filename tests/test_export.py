@@ -184,7 +184,7 @@ def test_full_graph_parity_with_torch(rom_dir: Path, lite0) -> None:
 def test_random_init_rom_graphs_and_weights_file_share_one_set_of_weights(tmp_path: Path) -> None:
     """Timing ROMs (--random-init) too: every graph and the BB training weights come from one model."""
     from skill_edge.export.rom import build_rom
-    from skill_edge.runtime.learn import build_torch_tail
+    from skill_edge.runtime.bb_train import build_torch_tail
 
     rom = tmp_path / "random"
     build_rom("efficientnet_lite0", rom, random_init=True)
