@@ -23,7 +23,7 @@ from .anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
 from .bank import KnowledgeBank
 from .datasets import ImageFolderTask, load_image_folder
 from .feature_cache import FeatureCache
-from .knowledge import TaskKnowledge, TaskMeta
+from .knowledge import KnowledgeError, TaskKnowledge, TaskMeta, validate_name
 from .learn import head_accuracy, train_bb, train_head
 from .mapper import TaskMapper, build_mapper
 from .preprocess import ImageInput
@@ -87,6 +87,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _check_task_name(task: str) -> None:
+    """``LearnError`` for a name ``knowledge.validate_name`` refuses: the one rule, before any training."""
+    try:
+        validate_name(task)
+    except KnowledgeError as exc:
+        raise LearnError(str(exc)) from None
+
+
 def default_agent_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -139,6 +147,7 @@ class Device:
               seed: int = 0, bb_epochs: int = 8, store: bool = True,
               progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
         """Learn a task from an ImageFolder directory and (by default) store it in the bank."""
+        _check_task_name(task)
         ds = data if isinstance(data, ImageFolderTask) else load_image_folder(data, seed=seed)
         t0 = time.perf_counter()
         done = [0]
@@ -199,6 +208,10 @@ class Device:
 
         ``trunk_stats`` (``Extraction.trunk_stats``) are what the default anchor transform adds
         to the features; features alone need ``transform="sqrt_l2"``."""
+        _check_task_name(task)
+        if np.ndim(features) != 2 or np.shape(features)[1] != self.engine.feature_dim:
+            raise LearnError(f"features of shape {np.shape(features)} do not fit this device's ROM, whose features "
+                             f"are {self.engine.feature_dim} wide")
         labels = np.asarray(labels, np.int64)
         if needs_trunk_stats(transform) and trunk_stats is None:
             raise LearnError(f"anchor transform {transform!r} needs trunk statistics beside the features "

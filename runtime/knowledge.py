@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,6 +35,119 @@ def needs_trunk_stats(transform: str) -> bool:
 
 class KnowledgeError(ValueError):
     """A task record whose parts do not fit together (shapes, names, missing pieces)."""
+
+
+# ---------------------------------------------------------------------------- names
+#: Longest task name, label, agent id or metrics key, in characters and in UTF-8 bytes: a task
+#: name becomes a file name (``outbox/<task>-<seq>.skp``), and file systems stop at 255 bytes.
+MAX_NAME_CHARS = 200
+MAX_NAME_BYTES = 255
+#: Unicode categories no name may contain: controls (NUL, ESC and so every ANSI/OSC escape),
+#: format characters (bidi overrides such as U+202E, zero-width joiners), lone surrogates,
+#: private-use and unassigned code points, and line/paragraph separators.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def validate_name(name: Any, what: str = "task name") -> str:
+    """``name`` if it is a safe task name (or label, agent id, ...), else ``KnowledgeError`` saying why.
+
+    One rule, applied where a name enters the device (``Device.learn``) and where it arrives
+    (packet decode), so nothing stored can later break a file name, a JSON encoder or a
+    terminal: 1-200 characters and at most 255 UTF-8 bytes; printable (no character of
+    ``REFUSED_CATEGORIES``); no ``/`` or ``\\``; not starting with ``.`` (so neither ``.``
+    nor ``..``) and without leading or trailing white space.
+    """
+    if not isinstance(name, str):
+        raise KnowledgeError(f"{what} must be a string, got {type(name).__name__}")
+    shown = ascii(name)[:80]  # never echo the raw name: it may be the escape sequence we refuse
+    if not name:
+        raise KnowledgeError(f"{what} is empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise KnowledgeError(f"{what} {shown} has {len(name)} characters; at most {MAX_NAME_CHARS} are allowed")
+    try:
+        n_bytes = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise KnowledgeError(f"{what} {shown} is not valid Unicode (it holds a lone surrogate)") from None
+    if n_bytes > MAX_NAME_BYTES:
+        raise KnowledgeError(f"{what} {shown} is {n_bytes} bytes in UTF-8; at most {MAX_NAME_BYTES} are allowed")
+    bad = next((ch for ch in name if unicodedata.category(ch) in REFUSED_CATEGORIES), None)
+    if bad is not None:
+        raise KnowledgeError(f"{what} {shown} holds the unprintable character U+{ord(bad):04X} "
+                             f"({unicodedata.category(bad)}); control, format (bidi), surrogate, private-use "
+                             f"and unassigned characters are refused")
+    if "/" in name or "\\" in name:
+        raise KnowledgeError(f"{what} {shown} holds a path separator ('/' or '\\')")
+    if name.startswith("."):
+        raise KnowledgeError(f"{what} {shown} starts with '.'")
+    if name != name.strip():
+        raise KnowledgeError(f"{what} {shown} starts or ends with white space")
+    return name
+
+
+# ---------------------------------------------------------------------------- the ROM's shape
+class _ManifestLike(Protocol):
+    feature_dim: int
+    trunk_output_shape: list
+    tail_bias_total: int
+    fingerprint: str
+
+    def tail_layout_hash(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RomShape:
+    """The widths every task record must have on one ROM, read from the device's own manifest.
+
+    A received task is checked against these, never against the bank: an empty bank knows
+    no width, and a bank that took one wrong-width task would otherwise refuse every honest
+    one after it (``TaskKnowledge.check_rom_shape``).
+    """
+
+    fingerprint: str
+    feature_dim: int  # pooled ROM features: the head's input width
+    trunk_channels: int  # C of the trunk's [N, C, h, w] map: trunk transforms append 2C statistics
+    tail_bias_total: int  # length of a BB vector for the tail
+    tail_layout_hash: str = ""  # what ``meta.bb_layout_hash`` must say for BB tasks ("" = not checked)
+
+    @classmethod
+    def from_manifest(cls, manifest: _ManifestLike) -> "RomShape":
+        """The shape of a ROM (``export.manifest.RomManifest``, e.g. ``RomEngine.manifest``)."""
+        return cls(str(manifest.fingerprint), int(manifest.feature_dim), int(manifest.trunk_output_shape[1]),
+                   int(manifest.tail_bias_total), manifest.tail_layout_hash())
+
+    def anchor_dim(self, transform: str) -> int:
+        """Width of the anchors of ``transform`` on this ROM: the features, plus 2C trunk statistics."""
+        return self.feature_dim + (2 * self.trunk_channels if needs_trunk_stats(transform) else 0)
+
+
+# ---------------------------------------------------------------------------- numeric bounds
+#: Bounds on what a task record may hold (docs/PACKET.md, "What a receiver refuses").  They are
+#: orders of magnitude beyond any honest task (anchors live in L2-normalised or ReLU feature
+#: spaces; heads fold a standardisation with std + 1e-6 into W), and tight enough that a mapper's
+#: float32 scores and a head's logits stay finite for any input the ROM can produce.
+MAX_ABS_ANCHOR = 1e4  # gmmc.means, maha.class_means, maha.exemplars
+MAX_ABS_HEAD = 1e12  # head.weight, head.bias
+MAX_ABS_BB = 1e4  # beneficial biases
+MAX_ABS_GMMC_WEIGHT = 1e12  # gmmc.weights (that they form a distribution is the plausibility check's job)
+VARIANCE_RANGE = (1e-20, 1e8)  # gmmc.variances: a needle of 1e-45 overflows 1 / var in float32
+MAX_ABS_SCORE = 1e12  # open-set thresholds and metrics
+CREATED_RANGE = (0.0, 253402300799.0)  # unix time up to 9999-12-31T23:59:59Z, the last one datetime shows
+MAX_COUNT = 10**12  # n_train
+MAX_CLASSES = 10_000
+MAX_GMMC_COMPONENTS = 10_000
+_VALUE_BOUNDS = {"head.weight": MAX_ABS_HEAD, "head.bias": MAX_ABS_HEAD, "bb": MAX_ABS_BB,
+                 "gmmc.means": MAX_ABS_ANCHOR, "gmmc.weights": MAX_ABS_GMMC_WEIGHT,
+                 "maha.class_means": MAX_ABS_ANCHOR, "maha.exemplars": MAX_ABS_ANCHOR}
+
+
+def bounded_number(v: Any, lo: float, hi: float) -> bool:
+    """Whether ``v`` is a real number (not bool) in ``[lo, hi]``; arbitrarily large ints are compared
+    exactly, so a 400-digit JSON integer is refused instead of raising ``OverflowError``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+        return False
+    return bool(lo <= v <= hi)
 
 
 @dataclass
@@ -114,37 +229,111 @@ class TaskKnowledge:
         return a
 
     def validate(self) -> "TaskKnowledge":
+        """Check that the parts fit together and stay within the documented bounds; returns ``self``.
+
+        Run on every record a device creates or receives (``from_parts``, so at packet decode
+        and bank read), so that nothing in the bank can later crash a mapper, a head or a
+        listing: names (``validate_name``), counts, shapes, finite values within ``_VALUE_BOUNDS``,
+        variances within ``VARIANCE_RANGE``, thresholds, metrics and ``created`` within their
+        ranges.  Widths against the device's own ROM are ``check_rom_shape``.
+        """
         c, d = self.num_classes, self.head_weight.shape[-1] if self.head_weight.ndim == 2 else -1
-        if not self.task or "/" in self.task or self.task.startswith("."):
-            raise KnowledgeError(f"bad task name {self.task!r}")
+        validate_name(self.task)
         if c < 2:
             raise KnowledgeError(f"task {self.task!r} has {c} class(es); a task needs at least 2")
+        if c > MAX_CLASSES:
+            raise KnowledgeError(f"task {self.task!r} has {c} classes; at most {MAX_CLASSES} are allowed")
+        for label in self.labels:
+            validate_name(label, "class label")
         if len(set(self.labels)) != c:
             raise KnowledgeError(f"task {self.task!r} has duplicate labels")
+        self._validate_meta()
         if self.head_weight.shape != (c, d) or self.head_bias.shape != (c,):
             raise KnowledgeError(
                 f"head shapes {self.head_weight.shape}/{self.head_bias.shape} do not fit {c} classes"
             )
+        if d < 1:
+            raise KnowledgeError(f"task {self.task!r}: the head reads {d} features")
+        if self.bb is not None and (self.bb.ndim != 1 or self.bb.size == 0):
+            raise KnowledgeError(f"beneficial biases must be a non-empty vector, got shape {self.bb.shape}")
         a = self._check_anchor_dim(d)  # the anchors' width: d, or d + 2C for trunk transforms
         if self.gmmc is not None:
             g = self.gmmc
             k = g.means.shape[0]
             if g.means.shape != (k, a) or g.variances.shape != (k, a) or g.weights.shape != (k,):
                 raise KnowledgeError("GMMC anchor shapes are inconsistent")
-            if not np.all(np.isfinite(g.variances)) or np.any(g.variances <= 0):
-                raise KnowledgeError("GMMC variances must be finite and positive")
+            if not 1 <= k <= MAX_GMMC_COMPONENTS:
+                raise KnowledgeError(f"a GMMC anchor needs 1 to {MAX_GMMC_COMPONENTS} components, got {k}")
+            lo, hi = VARIANCE_RANGE
+            v = g.variances
+            if not np.all(np.isfinite(v)) or np.any(v < lo) or np.any(v > hi):
+                raise KnowledgeError(f"GMMC variances must be finite and within [{lo:g}, {hi:g}]; they span "
+                                     f"{np.nanmin(v):.3g} .. {np.nanmax(v):.3g}")
         if self.maha is not None:
             m = self.maha
             if m.class_means.shape != (c, a) or m.exemplars.ndim != 2 or m.exemplars.shape[1] != a:
                 raise KnowledgeError("Mahalanobis anchor shapes are inconsistent")
             if m.exemplar_labels.shape != (m.exemplars.shape[0],):
                 raise KnowledgeError("Mahalanobis exemplar labels do not match exemplars")
+            if m.exemplars.shape[0] < 1:
+                raise KnowledgeError("a Mahalanobis anchor needs at least one exemplar row: students pool "
+                                     "exemplars into their covariance")
             lab = m.exemplar_labels
             if lab.size and (lab.min() < 0 or lab.max() >= c or np.any(lab != np.round(lab))):
                 raise KnowledgeError("Mahalanobis exemplar labels out of range")
         for name, arr in self.tensors().items():
             if not np.all(np.isfinite(arr)):
                 raise KnowledgeError(f"tensor {name} holds non-finite values")
+            bound = _VALUE_BOUNDS.get(name)
+            if bound is not None and arr.size and float(np.abs(arr).max()) > bound:
+                raise KnowledgeError(f"tensor {name} holds a value of magnitude {float(np.abs(arr).max()):.3g}; "
+                                     f"the limit is {bound:g}")
+        return self
+
+    def _validate_meta(self) -> None:
+        """Thresholds, metrics, ``created``, counts and identity fields within their documented ranges."""
+        m = self.meta
+        if m.feature_transform not in FEATURE_TRANSFORMS:
+            raise KnowledgeError(f"unknown feature transform {ascii(m.feature_transform)[:60]} "
+                                 f"(known: {', '.join(FEATURE_TRANSFORMS)})")
+        if m.agent_id:
+            validate_name(m.agent_id, "agent id")
+        if not bounded_number(m.created, *CREATED_RANGE):
+            raise KnowledgeError(f"created = {str(m.created)[:40]} is not a unix time within "
+                                 f"[{CREATED_RANGE[0]:.0f}, {CREATED_RANGE[1]:.0f}] (years 1970-9999)")
+        if not bounded_number(m.n_train, 0, MAX_COUNT) or int(m.n_train) != m.n_train:
+            raise KnowledgeError(f"n_train = {str(m.n_train)[:40]} is not an integer within [0, {MAX_COUNT}]")
+        for what, values in (("open-set threshold", self.thresholds), ("metric", m.metrics)):
+            for key, v in values.items():
+                validate_name(key, f"{what} name")
+                # a learned task may note a NaN metric (it is only shown); packets carry finite ones
+                nan_ok = what == "metric" and isinstance(v, (float, np.floating)) and math.isnan(v)
+                if not nan_ok and not bounded_number(v, -MAX_ABS_SCORE, MAX_ABS_SCORE):
+                    raise KnowledgeError(f"{what} {key!r} = {str(v)[:40]} is not a finite number within "
+                                         f"+-{MAX_ABS_SCORE:g}")
+
+    def check_rom_shape(self, rom: RomShape) -> "TaskKnowledge":
+        """Raise ``KnowledgeError`` unless every width fits the device's ROM (``RomShape``); returns ``self``.
+
+        The head must read ``rom.feature_dim`` features, the anchors must be as wide as
+        ``rom.anchor_dim(transform)`` and beneficial biases must fill the tail's
+        ``rom.tail_bias_total`` slots, for the layout ``rom.tail_layout_hash`` names.
+        """
+        if self.feature_dim != rom.feature_dim:
+            raise KnowledgeError(f"task {self.task!r}: its head reads {self.feature_dim} features, this "
+                                 f"device's ROM gives {rom.feature_dim}")
+        want = rom.anchor_dim(self.meta.feature_transform)
+        if self.anchor_dim is not None and self.anchor_dim != want:
+            raise KnowledgeError(f"task {self.task!r}: its {self.meta.feature_transform!r} anchors are "
+                                 f"{self.anchor_dim} wide, on this device's ROM they are {want} wide")
+        if self.bb is not None:
+            if self.bb.shape != (rom.tail_bias_total,):
+                raise KnowledgeError(f"task {self.task!r}: it carries {self.bb.size} beneficial biases, this "
+                                     f"device's ROM tail has {rom.tail_bias_total} bias slots")
+            if rom.tail_layout_hash and self.meta.bb_layout_hash != rom.tail_layout_hash:
+                raise KnowledgeError(f"task {self.task!r}: its beneficial biases are for tail layout "
+                                     f"{self.meta.bb_layout_hash[:16]}..., this device's ROM has "
+                                     f"{rom.tail_layout_hash[:16]}...")
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -204,7 +393,7 @@ class TaskKnowledge:
             )
         except KnowledgeError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise KnowledgeError(f"incomplete task record: {type(exc).__name__}: {exc}") from exc
         return k.validate()
 

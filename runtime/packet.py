@@ -54,7 +54,20 @@ from skill_edge.runtime.codec import (
     side_shape,
 )
 from skill_edge.runtime.keys import KEY_ID_BYTES, DeviceKey, TrustStore, TrustedKey
-from skill_edge.runtime.knowledge import SCHEMA_VERSION, GmmcAnchor, KnowledgeError, TaskKnowledge, TaskMeta
+from skill_edge.runtime.knowledge import (
+    CREATED_RANGE,
+    FEATURE_TRANSFORMS,
+    MAX_ABS_SCORE,
+    MAX_CLASSES,
+    MAX_COUNT,
+    SCHEMA_VERSION,
+    GmmcAnchor,
+    KnowledgeError,
+    TaskKnowledge,
+    TaskMeta,
+    bounded_number,
+    validate_name,
+)
 
 MAGIC = b"SKPK"
 FORMAT_VERSION = 1
@@ -74,6 +87,7 @@ MAX_TENSOR_RANK = 4
 ZSTD_DEFAULT_LEVEL = 9
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_LAYOUT_HASH = re.compile(r"^[0-9a-f]{32}(?:[0-9a-f]{32})?$")  # RomManifest.tail_layout_hash() is 32 hex digits
 _ST_ITEMSIZE = {"F32": 4, "F16": 2, "I8": 1}
 
 
@@ -266,32 +280,43 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+def _is_score(v: Any) -> bool:
+    """A finite number within +-MAX_ABS_SCORE (huge JSON integers included: no OverflowError)."""
+    return bounded_number(v, -MAX_ABS_SCORE, MAX_ABS_SCORE)
+
+
+def _is_name(v: Any) -> bool:
+    try:
+        validate_name(v)
+    except KnowledgeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- metadata
 
 
 _META_TYPES: dict[str, Any] = {  # TaskMeta field -> check
-    "agent_id": lambda v: isinstance(v, str) and 0 < len(v) <= 200,
+    "agent_id": _is_name,
     "seq": lambda v: _is_int(v) and 0 <= v < 2**63,
-    "created": _is_number,
+    "created": lambda v: bounded_number(v, *CREATED_RANGE),
     "rom_fingerprint": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
-    "bb_layout_hash": lambda v: isinstance(v, str) and (v == "" or bool(_HEX64.match(v))),
-    "feature_transform": lambda v: isinstance(v, str) and len(v) <= 200,
-    "n_train": lambda v: _is_int(v) and v >= 0,
+    "bb_layout_hash": lambda v: isinstance(v, str) and (v == "" or bool(_LAYOUT_HASH.match(v))),
+    "feature_transform": lambda v: v in FEATURE_TRANSFORMS,
+    "n_train": lambda v: _is_int(v) and 0 <= v <= MAX_COUNT,
     "source": lambda v: isinstance(v, str) and len(v) <= 4096,
-    "metrics": lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+    "metrics": lambda v: isinstance(v, dict) and all(_is_name(k) and _is_score(x) for k, x in v.items()),
     "encoding": lambda v: isinstance(v, dict),
 }
 _META_HINT = {
-    "agent_id": "a non-empty string naming the sending device",
+    "agent_id": "a printable name of 1-200 characters for the sending device (see docs/PACKET.md)",
     "seq": "an integer >= 0 that the sender increases with every new version of the task",
-    "created": "a finite unix time",
+    "created": f"a unix time within [{CREATED_RANGE[0]:.0f}, {CREATED_RANGE[1]:.0f}]",
     "rom_fingerprint": "the 64-hex-digit sha256 fingerprint of the sender's ROM",
-    "bb_layout_hash": "'' or a 64-hex-digit sha256",
-    "metrics": "an object of finite numbers",
+    "bb_layout_hash": "'' or the 32 (or 64) hex digits of the ROM's tail layout hash",
+    "feature_transform": f"one of {', '.join(FEATURE_TRANSFORMS)}",
+    "n_train": f"an integer within [0, {MAX_COUNT}]",
+    "metrics": f"an object of printable names to finite numbers within +-{MAX_ABS_SCORE:g}",
 }
 assert set(_META_TYPES) == set(TaskMeta.__dataclass_fields__), "keep _META_TYPES in step with TaskMeta"
 
@@ -306,14 +331,19 @@ def check_metadata(md: Any) -> EncodingPlan:
     if md["schema"] != SCHEMA_VERSION or not _is_int(md["schema"]):
         raise PacketError(f"knowledge schema {md['schema']!r} unsupported (this device reads {SCHEMA_VERSION})",
                           "bad-metadata")
-    if not isinstance(md["task"], str) or not 0 < len(md["task"]) <= 200:
-        raise PacketError("metadata 'task' must be a task name of 1-200 characters", "bad-metadata")
     labels = md["labels"]
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise PacketError("metadata 'labels' must be a list of strings", "bad-metadata")
+    if not isinstance(labels, list) or not 2 <= len(labels) <= MAX_CLASSES:
+        raise PacketError(f"metadata 'labels' must be a list of 2 to {MAX_CLASSES} class labels", "bad-metadata")
+    try:
+        validate_name(md["task"])
+        for label in labels:
+            validate_name(label, "class label")
+    except KnowledgeError as exc:
+        raise PacketError(f"metadata: {exc}", "bad-name") from None
     th = md["thresholds"]
-    if not isinstance(th, dict) or not all(_is_number(v) for v in th.values()):
-        raise PacketError("metadata 'thresholds' must map mapper kinds to finite numbers", "bad-metadata")
+    if not isinstance(th, dict) or not all(_is_name(k) and _is_score(v) for k, v in th.items()):
+        raise PacketError(f"metadata 'thresholds' must map mapper kinds to finite numbers within "
+                          f"+-{MAX_ABS_SCORE:g}", "bad-metadata")
     meta = md["meta"]
     if not isinstance(meta, dict):
         raise PacketError("metadata 'meta' must be a JSON object", "bad-metadata")
@@ -325,12 +355,19 @@ def check_metadata(md: Any) -> EncodingPlan:
     for key, ok in _META_TYPES.items():
         if not ok(meta[key]):
             hint = _META_HINT.get(key, "see docs/PACKET.md")
-            raise PacketError(f"metadata meta.{key} = {str(meta[key])[:80]!r} is invalid: must be {hint}",
+            raise PacketError(f"metadata meta.{key} = {ascii(_preview(meta[key]))} is invalid: must be {hint}",
                               "bad-metadata")
     try:
         return EncodingPlan.from_dict(meta["encoding"])
     except PlanError as exc:
         raise PacketError(f"metadata meta.encoding: {exc}", "bad-metadata") from None
+
+
+def _preview(v: Any) -> str:
+    """The start of a value for an error message; a 400-digit integer is not printed (nor converted) whole."""
+    if _is_int(v) and v.bit_length() > 64:
+        return f"<integer of {v.bit_length()} bits>"
+    return str(v)[:80]
 
 
 # ---------------------------------------------------------------------------- payload

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from skill_edge.runtime.keys import TrustStore
-from skill_edge.runtime.knowledge import TaskKnowledge
+from skill_edge.runtime.knowledge import KnowledgeError, RomShape, TaskKnowledge
 from skill_edge.runtime.packet import MAX_PACKET_BYTES, Packet, PacketCodec, PacketError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,11 @@ class PacketReceiver:
     """Applies the acceptance policy above to incoming packet bytes."""
 
     def __init__(self, trust: TrustStore, rom_fingerprint: str, state: ReceiveState | str | Path,
-                 plausibility: Plausibility | None = None, codec: PacketCodec | None = None) -> None:
+                 plausibility: Plausibility | None = None, codec: PacketCodec | None = None,
+                 rom_shape: RomShape | None = None) -> None:
+        if rom_shape is not None and rom_shape.fingerprint != rom_fingerprint:
+            raise ValueError("rom_shape is of another ROM than rom_fingerprint")
+        self.rom_shape = rom_shape  # the device's own widths (RomShape.from_manifest); None: not checked
         self.trust = trust
         self.rom_fingerprint = rom_fingerprint
         self.state = state if isinstance(state, ReceiveState) else ReceiveState(state)
@@ -158,6 +162,11 @@ class PacketReceiver:
         if packet.rom_fingerprint != self.rom_fingerprint:
             return self._reject(f"{who}: learned on ROM {packet.rom_fingerprint[:16]}..., this device runs "
                                 f"{self.rom_fingerprint[:16]}...; its features would not match", "wrong-rom", packet)
+        try:
+            if self.rom_shape is not None:
+                packet.knowledge.check_rom_shape(self.rom_shape)
+        except KnowledgeError as exc:
+            return self._reject(f"{who}: {exc}", "wrong-shape", packet)
         with self.state.locked() as streams:
             stream = streams.get((packet.agent_id, packet.task))
             if stream is not None:
