@@ -210,19 +210,18 @@ class PlausibilityCheck:
         return [(t, x) for t, x in self.points.items() if t != exclude and x.shape[0]]
 
     def _gmmc_capture(self, k: TaskKnowledge, others: list[TaskKnowledge]) -> CaptureReport:
-        """GMMC scores are per task, so the newcomer only has to beat each point's current winner."""
+        """GMMC scores are per task, so the newcomer only has to reach each point's current winner.
+
+        Old tasks and newcomer are scored by one mapper, so an exact copy of a known anchor gets
+        exactly the known task's scores; such a tie counts as a capture (``_captured``).
+        """
         rep = CaptureReport("gmmc")
-        known = {o.task: i for i, o in enumerate(others)}
-        old = GmmcMapper.from_knowledge(others) if others else None
-        new = GmmcMapper([k.task], [k.gmmc])
-        for task, x in self._labelled_points(k.task):
-            newcomer = new.task_scores(x)[:, 0]
-            if old is None:
-                continue
-            sel = old.task_scores(x)
-            best = sel.max(axis=1)
-            correct = sel.argmax(axis=1) == known[task] if task in known else np.ones(len(x), bool)
-            rep.moved[task] = float(np.mean(correct & (newcomer > best)))
+        if not others:
+            return rep
+        mapper = GmmcMapper.from_knowledge(others + [k])
+        for task, own, x in self._known_points(k.task, others):
+            scores = mapper.task_scores(x)
+            rep.moved[task] = _captured(scores, own, scores[:, :-1].argmax(axis=1))
         return rep
 
     def _maha_capture(self, k: TaskKnowledge, others: list[TaskKnowledge]) -> CaptureReport:
@@ -236,13 +235,19 @@ class PlausibilityCheck:
         stats.add(k.maha.exemplars.astype(np.float64) - k.maha.class_means.astype(np.float64)[lab])
         old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
         new = MahalanobisMapper.from_knowledge(others + [k], covariance=stats.shrunk()[0])
-        known = {o.task: i for i, o in enumerate(others)}
-        for task, x in self._labelled_points(k.task):
-            before = old.task_scores(x).argmax(axis=1)
-            after = new.task_scores(x).argmax(axis=1)
-            correct = before == known[task] if task in known else np.ones(len(x), bool)
-            rep.moved[task] = float(np.mean(correct & (after != before)))
+        for task, own, x in self._known_points(k.task, others):
+            rep.moved[task] = _captured(new.task_scores(x), own, old.task_scores(x).argmax(axis=1))
         return rep
+
+    def _known_points(self, newcomer: str, others: list[TaskKnowledge]) -> list[tuple[str, int, np.ndarray]]:
+        """``(task, its index in others, its reference points)`` for the tasks this mapper holds.
+
+        A task without this kind of anchor (a GMMC-only task, for the Mahalanobis mapper) is never
+        chosen by that mapper, so none of its points is "correct" and none can be captured:
+        counting them as correct would quarantine every honest newcomer near them.
+        """
+        index = {o.task: i for i, o in enumerate(others)}
+        return [(t, index[t], x) for t, x in self._labelled_points(newcomer) if t in index]
 
     def _scatter(self, others: list[TaskKnowledge]) -> ScatterStats:
         key = tuple(o.task for o in others)
@@ -250,6 +255,22 @@ class PlausibilityCheck:
         if cached is None or cached[0] != key:
             self._scatter_cache = (key, exemplar_scatter([o.maha for o in others]))
         return self._scatter_cache[1]  # callers copy before adding to it
+
+
+#: Scores within this relative distance of each other are a tie (float32 rounding of equal anchors).
+TIE_RTOL = 1e-5
+
+
+def _captured(scores: np.ndarray, own: int, before: np.ndarray) -> float:
+    """Fraction of one task's points that the mapper chose correctly before (``before == own``) and
+    now loses: to the newcomer (the last column) when it scores at least as high as every old
+    task, ties included, since a mapper breaks ties by task order, which the newcomer's name
+    chooses; or to another old task (the newcomer's exemplars moved the covariance)."""
+    old, newcomer = scores[:, :-1].astype(np.float64), scores[:, -1].astype(np.float64)
+    best = old.max(axis=1)
+    ties = newcomer >= best - TIE_RTOL * np.maximum(np.abs(best), 1.0)
+    lost = ties | (old.argmax(axis=1) != own)
+    return float(np.mean((before == own) & lost)) if len(scores) else 0.0
 
 
 def _sample_gmmc(k: TaskKnowledge, n: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -185,3 +185,40 @@ def test_non_finite_threshold_is_refused(world):
     k = dataclasses.replace(knowledge["task5"], thresholds={"gmmc": float("-inf")})
     ok, reason = PlausibilityCheck(own, existing)(k)
     assert not ok and "threshold" in reason
+
+
+@pytest.mark.parametrize("kind", ["gmmc", "maha"])
+@pytest.mark.parametrize("own_features", [True, False], ids=["own-features", "anchors-only"])
+def test_exact_copy_of_a_known_anchor_under_a_new_name_is_refused(world, kind, own_features):
+    """A copy scores exactly what the original scores: a mapper breaks such ties by task order, so
+    a copy named to sort first ("aaa" < "task0") takes every input of the original.  Ties count
+    as captures; with strict wins only, the copy's capture was 0 % and it was accepted."""
+    _, knowledge, existing, own, _ = world
+    victim = knowledge["task0"]
+    copy = disguised(victim, "aaa", **{kind: getattr(victim, kind)})
+    check = PlausibilityCheck(own if own_features else {}, existing)
+    (report,) = check.capture(copy)
+    assert report.kind == kind and report.worst[0] == "task0" and report.worst[1] > 0.9
+    ok, reason = check.check(copy)
+    assert not ok and f"{kind} anchor would take" in reason and "'task0'" in reason
+    mapper = build_mapper(kind, sorted(existing + [copy], key=lambda k: k.task))  # as a device's bank orders them
+    assert mapper.task_names[0] == "aaa"
+
+
+def test_honest_mahalanobis_newcomer_is_accepted_beside_a_gmmc_only_task(world):
+    """A GMMC-only task is never chosen by the Mahalanobis mapper, so its points are not "correct"
+    there and cannot be captured; they were counted as correct, and an honest Mahalanobis
+    newcomer near them was quarantined."""
+    tasks, knowledge, existing, own, _ = world
+    x, y = tasks["task5"][:2]
+    gmmc_only = dataclasses.replace(knowledge_for("gm5", x, y, TRANSFORM, seed=7), maha=None).validate()
+    newcomer = dataclasses.replace(knowledge["task5"], gmmc=None).validate()  # Mahalanobis anchor only
+    check = PlausibilityCheck(own, existing + [gmmc_only])
+    (report,) = check.capture(newcomer)
+    assert report.kind == "maha" and "gm5" not in report.moved
+    assert set(report.moved) == {f"task{i}" for i in range(5)} and report.worst[1] < 0.2
+    ok, reason = check.check(newcomer)
+    assert ok, reason
+    # the GMMC mapper still guards gm5's points: a GMMC copy of task5 would take them
+    (gm_report,) = check.capture(dataclasses.replace(knowledge["task5"], maha=None).validate())
+    assert gm_report.moved["gm5"] > 0.2
