@@ -1,9 +1,10 @@
 """Video sources (jetson-inference style URIs) and labelled frame capture into an ImageFolder.
 
-URIs: ``0`` / ``--camera 0`` (a V4L2 index), ``v4l2:///dev/video0``, ``csi://0`` (a GStreamer
-nvarguscamerasrc pipeline on Jetson), ``file://clip.mp4`` or a plain path, ``rtsp://...``,
-``http(s)://...``.  Frames are saved as JPEGs in ``DIR/train/<label>/`` so a capture can be
-reused, inspected, and learned from like any other folder.
+URIs: ``0`` / ``--camera 0`` (a V4L2 index: ``/dev/video0``), ``v4l2:///dev/video0``, ``csi://0``
+(a GStreamer nvarguscamerasrc pipeline on Jetson), ``file://clip.mp4`` or a plain path, ``rtsp://...``,
+``http(s)://...``.  Beware: in jetson-inference a bare ``0`` means the CSI camera; here it is V4L2, as
+in OpenCV, and a CSI camera is always ``csi://0``.  Frames are saved as JPEGs in ``DIR/train/<label>/``
+so a capture can be reused, inspected, and learned from like any other folder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import numpy as np
 
 class VideoSourceError(RuntimeError):
     """A camera or stream that cannot be opened or stops delivering frames."""
+
+
+class CaptureExistsError(ValueError):
+    """A capture folder that already holds frames, when the caller chose neither append nor replace."""
 
 
 def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: int = 30) -> str:
@@ -64,7 +69,8 @@ class VideoSource:
         self.cap = cv2.VideoCapture(arg, api) if api is not None else cv2.VideoCapture(arg)
         if not self.cap.isOpened():
             raise VideoSourceError(f"cannot open video source {uri!r}")
-        self.loop = loop and isinstance(arg, str) and Path(arg).exists()
+        self.is_file = isinstance(arg, str) and api is None and Path(arg).exists()
+        self.loop = loop and self.is_file
 
     def read(self) -> np.ndarray | None:
         import cv2
@@ -100,6 +106,50 @@ def display_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def gui_available() -> bool:
+    """Whether a preview window can open: a display, and an OpenCV built with a GUI.
+
+    ``opencv-python-headless`` (what this project installs) has no ``imshow``: it raises
+    ``cv2.error`` "The function is not implemented" whatever ``DISPLAY`` says, so a display
+    alone is not enough."""
+    if not display_available():
+        return False
+    import cv2
+
+    try:
+        cv2.namedWindow("skill-edge capture")
+        cv2.destroyWindow("skill-edge capture")
+    except cv2.error:
+        return False
+    return True
+
+
+def captured_frames(out_dir: Path) -> int:
+    """JPEG frames an earlier capture left in ``out_dir`` (any split, any label)."""
+    out_dir = Path(out_dir)
+    return sum(1 for _ in out_dir.glob("*/*/*.jpg")) if out_dir.is_dir() else 0
+
+
+def prepare_capture_dir(out_dir: Path, previous: str) -> int:
+    """Deal with an earlier capture in ``out_dir`` before a new one; returns the frames it held.
+
+    ``previous``: ``"append"`` keeps them (new frames are added), ``"replace"`` deletes the
+    earlier capture, ``"refuse"`` raises ``CaptureExistsError`` if there is one, ``"check"`` only
+    counts.  Without this, a second capture of a task silently mixed its frames with the first."""
+    if previous not in ("append", "replace", "refuse", "check"):
+        raise ValueError(f"previous must be append, replace, refuse or check, not {previous!r}")
+    old = captured_frames(out_dir)
+    if old and previous == "refuse":
+        raise CaptureExistsError(f"{out_dir} already holds {old} frames from an earlier capture; pass --append to "
+                                 "add to them or --replace to start again")
+    if old and previous == "replace":
+        import shutil
+
+        for split in ("train", "val", "test"):
+            shutil.rmtree(Path(out_dir) / split, ignore_errors=True)
+    return old
+
+
 @dataclass
 class CaptureReport:
     out_dir: Path
@@ -112,9 +162,11 @@ def capture_labelled(source: VideoSource, labels: Sequence[str], out_dir: Path, 
                      say: Callable[[str], None] = print) -> CaptureReport:
     """Capture ``frames_per_label`` frames for each label into ``out_dir/train/<label>/``.
 
-    With a display, a preview window opens: keys 1..9 switch the label, space toggles
-    recording, q finishes.  Without one (a headless Jetson over SSH), each label gets a
-    terminal countdown, then a timed burst of frames.
+    With a GUI (``gui_available``), a preview window opens: keys 1..9 switch the label, space
+    toggles recording, q finishes.  Without one (a headless Jetson over SSH, OpenCV headless,
+    ``interactive=False``), each label gets a terminal countdown, then a timed burst of frames;
+    a video file needs no countdown (nobody has to point it anywhere), so it has none.
+    Frames are added to what ``out_dir`` holds: see ``prepare_capture_dir``.
     """
     import cv2
 
@@ -123,7 +175,7 @@ def capture_labelled(source: VideoSource, labels: Sequence[str], out_dir: Path, 
     if len(set(labels)) != len(labels):
         raise ValueError("labels must be distinct")
     out_dir = Path(out_dir)
-    interactive = display_available() if interactive is None else interactive
+    interactive = gui_available() if interactive is None else interactive
     report = CaptureReport(out_dir, {lab: 0 for lab in labels}, "interactive" if interactive else "timed")
     for lab in labels:
         (out_dir / "train" / lab).mkdir(parents=True, exist_ok=True)
@@ -158,6 +210,8 @@ def capture_labelled(source: VideoSource, labels: Sequence[str], out_dir: Path, 
         cv2.destroyAllWindows()
         return report
 
+    if getattr(source, "is_file", False):
+        countdown = 0
     for lab in labels:
         for s in range(int(countdown), 0, -1):
             say(f"point the camera at '{lab}': capturing in {s}...")

@@ -9,24 +9,35 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.markup import escape
 
+from .cli_output import StageProgress, console, out, print_record, print_table
 from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS
 
-console = Console(stderr=True)
-out = Console()
+#: Exit codes of the device verbs (``--help`` and README.md list them too).
+EXIT_OK = 0
+EXIT_INPUT_FAILED = 1  # classify/eval: some inputs missing or unreadable; learn: a file could not be written
+EXIT_USAGE = 2  # a bad option or argument, no ROM, a task that cannot be learned, an empty bank
+EXIT_NO_PACKET = 3  # learn: no packet fits --budget, so nothing is stored
+
+#: Images classified per call, so that a long run shows progress (the mapper is built once).
+CLASSIFY_CHUNK = 64
 
 HomeOption = typer.Option(None, "--home", envvar="SKILL_EDGE_HOME",
                           help="Device home (bank, keys, outbox); default ~/.skill-edge.")
 RomOption = typer.Option(None, "--rom", envvar="SKILL_EDGE_ROM",
                          help="ROM directory (default: models/rom/efficientnet_lite0).")
-ProviderOption = typer.Option(None, "--provider", help="Backend order override: tensorrt, cuda or cpu (repeatable).")
+ProviderOption = typer.Option(None, "--provider",
+                              help="Backend order override (repeatable): tensorrt, cuda, cpu, or ONNX Runtime's "
+                                   "names TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider. "
+                                   "The backend that runs is printed to stderr ('backend: ...').")
+CameraHelp = ("Video source: 0 (= V4L2 /dev/video0; a CSI camera is csi://0, unlike jetson-inference where 0 "
+              "means CSI), v4l2:///dev/video0, csi://0, file://clip.mp4, rtsp://...")
 
 
 def resolve_home(home: Optional[Path]) -> Path:
@@ -44,40 +55,83 @@ def resolve_rom(rom: Optional[Path]) -> Path:
     return path
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
+    """``--provider`` values as the engine's short names; an unknown name is a usage error (exit 2)."""
+    from .rom_engine import ProviderError, normalize_providers
+
+    if not provider:
+        return None
+    try:
+        return normalize_providers(provider)
+    except ProviderError as exc:
+        console.print(f"[red]bad --provider:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[List[str]], *, need_key: bool = False):
+    """The device, with its backend named on stderr; ROM, backend and key problems exit with one line."""
     from skill_edge.export.manifest import RomError
 
     from .device import Device
     from .keys import KeyStoreError, TrustStore, init_device_key, load_device_key
 
+    providers = check_providers(provider)
     h = resolve_home(home)
     if need_key:
         try:
             load_device_key(h)
         except KeyStoreError:
-            key = init_device_key(h)
-            TrustStore.at_home(h).add("self", key.public_key, overwrite=True)  # as `keys init` does
+            try:
+                key = init_device_key(h)
+                TrustStore.at_home(h).add("self", key.public_key, overwrite=True)  # as `keys init` does
+            except (KeyStoreError, OSError) as exc:
+                console.print(f"[red]cannot create the device key in {h / 'keys'}:[/red] {_os_reason(exc)}")
+                raise typer.Exit(EXIT_INPUT_FAILED) from None
             console.print(f"created device key {key.key_id} in {h / 'keys'} (share keys/device.pub with the fleet)")
     try:
-        return Device(h, resolve_rom(rom), providers=provider)
+        dev = Device(h, resolve_rom(rom), providers=providers)
     except RomError as exc:
         console.print(f"[red]ROM problem:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(f"backend: {dev.engine.backend}", highlight=False)
+    return dev
+
+
+def _os_reason(exc: BaseException) -> str:
+    """An OSError as one line ("No space left on device: /path"), anything else as its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
+
+
+def write_outbox(outbox: Path, name: str, packet: bytes) -> Path:
+    """Write ``packet`` as ``outbox/name`` atomically; on failure no ``.tmp`` is left and OSError is raised."""
+    outbox.mkdir(parents=True, exist_ok=True)
+    path = outbox / name
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_bytes(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def learn_command(
     task: str = typer.Option(..., "--task", "-t", help="Task name (unique in the fleet)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder: DIR/{train,val,test}/<class>/*."),
-    camera: Optional[str] = typer.Option(None, "--camera", "-c",
-                                         help="Video source: 0, v4l2:///dev/video0, csi://0, file://clip.mp4, rtsp://..."),
+    camera: Optional[str] = typer.Option(None, "--camera", "-c", help=CameraHelp),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels to capture (with --camera)."),
     frames: int = typer.Option(100, "--frames", help="Frames to capture per label (with --camera)."),
-    countdown: float = typer.Option(3.0, "--countdown", help="Seconds of countdown before each label (headless)."),
+    countdown: float = typer.Option(3.0, "--countdown",
+                                    help="Seconds of countdown before each label (headless capture from a camera; "
+                                         "file:// sources start at once)."),
+    headless: bool = typer.Option(False, "--headless",
+                                  help="Capture without a preview window (timed bursts per label). Automatic when "
+                                       "there is no display or OpenCV has no GUI (opencv-python-headless)."),
+    append: bool = typer.Option(False, "--append", help="Add the new frames to an earlier capture of this task."),
+    replace: bool = typer.Option(False, "--replace", help="Delete an earlier capture of this task first."),
     bb: bool = typer.Option(False, "--bb", help="Also learn beneficial biases for the ROM tail."),
     mapper: str = typer.Option("both", "--mapper", help="Task anchor(s) to fit: gmmc, mahalanobis or both."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Packet byte budget, e.g. 64KB (default: lossless)."),
@@ -93,7 +147,15 @@ def learn_command(
     provider: Optional[List[str]] = ProviderOption,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Learn a task (head, optional BB, task anchor), store it in the bank and write a signed packet to the outbox."""
+    """Learn a task (head, optional BB, task anchor), store it in the bank and write a signed packet to the outbox.
+
+    Exit codes:
+    0 learned, stored, and its packet written to the outbox;
+    1 a file could not be written (disk full, permissions), and nothing half-written is left;
+    2 a bad option, no ROM, or data that a task cannot be learned from;
+    3 no packet fits --budget, so nothing is stored.
+    """
+    from .bank import BankError
     from .codec import parse_size
     from .datasets import DatasetError
     from .device import LearnError
@@ -102,48 +164,46 @@ def learn_command(
 
     if (data is None) == (camera is None):
         console.print("[red]give exactly one of --data DIR or --camera SRC[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
+    if append and replace:
+        console.print("[red]give at most one of --append and --replace[/red]")
+        raise typer.Exit(EXIT_USAGE)
     kinds = {"gmmc": ("gmmc",), "mahalanobis": ("maha",), "maha": ("maha",), "both": ("gmmc", "maha")}.get(mapper)
     if kinds is None:
         console.print(f"[red]--mapper must be gmmc, mahalanobis or both, not {mapper!r}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     if anchor_space not in FEATURE_TRANSFORMS:
         console.print(f"[red]--anchor-space must be one of {', '.join(FEATURE_TRANSFORMS)}, not {anchor_space!r}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     try:
         budget_bytes = parse_size(budget) if budget else None
     except ValueError as exc:
         console.print(f"[red]bad --budget:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     dev = open_device(home, rom, provider, need_key=True)
     if camera is not None:
-        data = _capture(dev.home, task, camera, labels, frames, countdown)
+        data = _capture(dev.home, task, camera, labels, frames, countdown, headless=headless,
+                        previous="append" if append else "replace" if replace else None)
     try:
-        with _progress() as prog:
-            bars: dict[str, int] = {}
-
-            def on_progress(what: str, done: int, total: int) -> None:
-                if what not in bars:
-                    bars[what] = prog.add_task(what, total=max(total, 1))
-                prog.update(bars[what], completed=done, total=max(total, 1))
-
+        with StageProgress("learn") as prog:
             report = dev.learn(task, data, bb=bb, mappers=kinds, transform=anchor_space, k=k, m=exemplars, seed=seed,
-                               progress=on_progress)
+                               progress=prog.update, key=load_device_key(dev.home), budget=budget_bytes)
     except (DatasetError, LearnError) as exc:
-        console.print(f"[red]cannot learn {task!r}:[/red] {exc}")
-        raise typer.Exit(2) from None
-    knowledge = report.knowledge
-    try:
-        packet = PacketCodec(budget_bytes).encode(knowledge, load_device_key(dev.home))
+        console.print(f"[red]cannot learn {task!r}:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
     except BudgetError as exc:
-        console.print(f"[red]task learned and stored, but no packet fits the budget:[/red] {exc}")
-        raise typer.Exit(3) from None
-    outbox = dev.home / "outbox"
-    outbox.mkdir(parents=True, exist_ok=True)
-    pkt_path = outbox / f"{task}-{knowledge.meta.seq}.skp"
-    tmp = pkt_path.with_suffix(".tmp")
-    tmp.write_bytes(packet)
-    os.replace(tmp, pkt_path)
+        console.print(f"[red]cannot learn {task!r}: no packet fits the budget, so nothing was stored:[/red] {exc}")
+        raise typer.Exit(EXIT_NO_PACKET) from None
+    except (BankError, OSError) as exc:
+        console.print(f"[red]cannot store {task!r}:[/red] {_os_reason(exc)}")
+        raise typer.Exit(EXIT_INPUT_FAILED) from None
+    knowledge, packet = report.knowledge, report.packet  # stored together in the bank
+    try:
+        pkt_path = write_outbox(dev.home / "outbox", f"{task}-{knowledge.meta.seq}.skp", packet)
+    except OSError as exc:
+        console.print(f"[red]stored with its packet (sync publishes it), but the outbox copy failed:[/red] "
+                      f"{_os_reason(exc)}")
+        raise typer.Exit(EXIT_INPUT_FAILED) from None
     plan = PacketCodec().decode(packet).plan
     summary = {
         "task": task, "classes": report.classes, "train_images": report.n_train, "test_images": report.n_test,
@@ -152,57 +212,119 @@ def learn_command(
         "bb": knowledge.bb is not None, "bb_test_acc": report.bb_test_acc,
         "anchors": [a for a in ("gmmc", "maha") if getattr(knowledge, a) is not None],
         "packet": str(pkt_path), "packet_bytes": len(packet), "packet_plan": plan.step,
+        "backend": dev.engine.backend,
         "seconds": {k2: round(v, 2) for k2, v in report.seconds.items()},
     }
     if as_json:
         out.print_json(json.dumps(summary))
         return
-    t = Table(title=f"learned {task!r}")
-    t.add_column("")
-    t.add_column("")
-    for key, val in summary.items():
-        t.add_row(key, str(val))
-    out.print(t)
+    print_record(f"learned {task!r}", summary)
     for path, why in report.skipped[:10]:
-        console.print(f"[yellow]skipped[/yellow] {why}")
+        console.print(f"[yellow]skipped[/yellow] {why}", markup=True, highlight=False)
     if len(report.skipped) > 10:
         console.print(f"[yellow]... and {len(report.skipped) - 10} more unreadable images[/yellow]")
 
 
-def _capture(home: Path, task: str, camera: str, labels: Optional[str], frames: int, countdown: float) -> Path:
-    from .camera import VideoSource, VideoSourceError, capture_labelled
+def _capture(home: Path, task: str, camera: str, labels: Optional[str], frames: int, countdown: float, *,
+             headless: bool, previous: Optional[str]) -> Path:
+    """Capture labelled frames into ``captures/<task>``; an earlier capture is kept only on ``--append``."""
+    from .camera import (CaptureExistsError, VideoSource, VideoSourceError, capture_labelled, gui_available,
+                         prepare_capture_dir)
 
     names = [x.strip() for x in (labels or "").split(",") if x.strip()]
     if len(names) < 2:
         console.print("[red]--camera needs --labels with at least two labels, e.g. --labels cup,mug[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     target = home / "captures" / task
+    if previous is None and _stdin_is_terminal():
+        old = prepare_capture_dir(target, "check")
+        if old:
+            answer = typer.prompt(f"{target} already holds {old} captured frames: [a]ppend, [r]eplace or [q]uit",
+                                  default="q", err=True).strip().lower()[:1]
+            previous = {"a": "append", "r": "replace"}.get(answer)
+            if previous is None:
+                raise typer.Exit(EXIT_USAGE)
+    interactive = False if headless else None
+    if interactive is None and not gui_available():
+        interactive = False
+        if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+            console.print("OpenCV has no GUI support here (opencv-python-headless): capturing headless")
     try:
+        prepare_capture_dir(target, previous or "refuse")
         with VideoSource(camera) as src:
             rep = capture_labelled(src, names, target, frames_per_label=frames, countdown=countdown,
-                                   say=lambda s: console.print(s))
+                                   interactive=interactive, say=lambda s: console.print(s, highlight=False))
+    except CaptureExistsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
     except (VideoSourceError, ValueError) as exc:
         console.print(f"[red]capture failed:[/red] {exc}")
-        raise typer.Exit(2) from None
-    console.print(f"captured {rep.counts} into {target} ({rep.mode})")
+        raise typer.Exit(EXIT_USAGE) from None
+    except OSError as exc:
+        console.print(f"[red]capture failed:[/red] {_os_reason(exc)}")
+        raise typer.Exit(EXIT_INPUT_FAILED) from None
+    console.print(f"captured {rep.counts} into {target} ({rep.mode})", highlight=False)
     return target
 
 
-def _expand(inputs: List[Path]) -> List[Path]:
+def _stdin_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _expand(inputs: List[Path]) -> tuple[List[Path], List[tuple[str, str]]]:
+    """Image files under ``inputs`` (folders recursively), and (input, why) for inputs that give none."""
     from .datasets import IMAGE_SUFFIXES
 
     files: List[Path] = []
+    missing: List[tuple[str, str]] = []
     for p in inputs:
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                missing.append((str(p), f"folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            files += found
+        elif p.exists():
             files.append(p)
-    return files
+        else:
+            missing.append((str(p), "no such file or directory"))
+    return files, missing
+
+
+def classify_items(dev, items: list, names: List[str], *, mapper: str, open_set: bool, verb: str = "classify"):
+    """``Device.classify`` in chunks of ``CLASSIFY_CHUNK``, with a progress bar (or log lines) on stderr."""
+    preds = []
+    with StageProgress(verb) as prog:
+        for i in range(0, len(items), CLASSIFY_CHUNK):
+            prog.update("images", i, len(items))
+            preds += dev.classify(items[i:i + CLASSIFY_CHUNK], mapper=mapper, open_set=open_set,
+                                  names=names[i:i + CLASSIFY_CHUNK])
+        prog.update("images", len(items), len(items))
+    return preds
+
+
+def _task_shown(p) -> str:
+    """A prediction's task as listings show it: ``task@agent`` when several stored tasks share the name."""
+    return getattr(p, "task_label", None) or p.task or "-"
+
+
+def classify_summary(preds) -> str:
+    """``48 inputs: shapes 20, digits-low 24, unknown 2, unreadable 2``: what a run found, in one line."""
+    tasks = Counter(_task_shown(p) for p in preds if p.error is None and not p.unknown)
+    parts = [f"{t} {n}" for t, n in sorted(tasks.items())]
+    parts += [f"unknown {sum(p.unknown and p.error is None for p in preds)}",
+              f"unreadable {sum(p.error is not None for p in preds)}"]
+    return f"{len(preds)} inputs: " + ", ".join(parts)
 
 
 def classify_command(
     images: Optional[List[Path]] = typer.Argument(None, help="Image files or folders."),
-    camera: Optional[str] = typer.Option(None, "--camera", "-c", help="Classify frames from a video source."),
+    camera: Optional[str] = typer.Option(None, "--camera", "-c", help="Classify frames from a video source. "
+                                         + CameraHelp.split(": ", 1)[1]),
     frames: int = typer.Option(30, "--frames", help="Frames to classify from --camera."),
     mapper: str = typer.Option("gmmc", "--mapper", help="Task mapper: gmmc or mahalanobis."),
     no_open_set: bool = typer.Option(False, "--no-open-set", help="Never answer unknown."),
@@ -211,13 +333,23 @@ def classify_command(
     provider: Optional[List[str]] = ProviderOption,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input, as a list."),
 ) -> None:
-    """Classify images of any learned or received task, with no task oracle."""
-    from .device import MAPPER_ALIASES, LearnError
+    """Classify images of any learned or received task, with no task oracle.
+
+    Exit codes:
+    0 every input classified ("unknown" is an answer);
+    1 some inputs missing or unreadable (the others are still classified and printed);
+    2 a bad option, no ROM, nothing to classify, or no task in the bank.
+    """
+    from .device import MAPPER_ALIASES, LearnError, Prediction
 
     if mapper not in MAPPER_ALIASES:
         console.print(f"[red]--mapper must be gmmc or mahalanobis, not {mapper!r}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
+    if camera is None and not images:
+        console.print("[red]nothing to classify: give image files/folders or --camera[/red]")
+        raise typer.Exit(EXIT_USAGE)
     dev = open_device(home, rom, provider)
+    missing: List[tuple[str, str]] = []
     if camera is not None:
         from .camera import VideoSource, VideoSourceError
 
@@ -226,30 +358,27 @@ def classify_command(
                 items = list(src.frames(frames))
         except VideoSourceError as exc:
             console.print(f"[red]{exc}[/red]")
-            raise typer.Exit(2) from None
+            raise typer.Exit(EXIT_USAGE) from None
         names = [f"{camera}#{i}" for i in range(len(items))]
     else:
-        files = _expand(list(images or []))
-        if not files:
-            console.print("[red]nothing to classify: give image files/folders or --camera[/red]")
-            raise typer.Exit(2)
+        files, missing = _expand(list(images or []))
         items, names = files, [str(f) for f in files]
     try:
-        preds = dev.classify(items, mapper=mapper, open_set=not no_open_set, names=names)
+        preds = classify_items(dev, items, names, mapper=mapper, open_set=not no_open_set) if items else []
     except LearnError as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    preds += [Prediction(name, None, None, 0.0, 0.0, error=why) for name, why in missing]
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in preds]))
     else:
-        t = Table(title=f"{len(preds)} inputs, mapper {mapper}")
-        for c in ("input", "task", "class", "task conf", "class conf", "note"):
-            t.add_column(c)
-        for p in preds:
-            note = p.error or ("unknown: fits no stored task" if p.unknown else "")
-            t.add_row(p.source, p.task or "-", p.label or "-", f"{p.task_confidence:.3f}",
-                      f"{p.class_confidence:.3f}", note)
-        out.print(t)
+        rows = [[p.source, _task_shown(p), p.label or "-", f"{p.task_confidence:.3f}", f"{p.class_confidence:.3f}",
+                 p.error or ("unknown: fits no stored task" if p.unknown else "")] for p in preds]
+        print_table(f"{len(preds)} inputs, mapper {mapper}", ("input", "task", "class", "task conf", "class conf",
+                                                               "note"), rows, shorten=0)
+    summary = classify_summary(preds)
+    (console if as_json else out).print(summary, markup=False, highlight=False, soft_wrap=True)
     bad = sum(p.error is not None for p in preds)
     if bad:
-        console.print(f"[yellow]{bad} input(s) could not be read[/yellow]")
+        console.print(f"[yellow]{bad} input(s) missing or unreadable[/yellow]")
+        raise typer.Exit(EXIT_INPUT_FAILED)

@@ -17,6 +17,8 @@ from rich.table import Table
 
 from skill_edge.runtime.codec import format_size
 from skill_edge.runtime.keys import (
+    DEVICE_KEY_FILE,
+    DEVICE_PUB_FILE,
     HOME_ENV,
     KeyStoreError,
     TrustStore,
@@ -54,14 +56,25 @@ def keys_init(home: Path | None = HomeOption,
               force: bool = typer.Option(False, "--force", help="replace an existing device key"),
               trust_self: bool = typer.Option(True, "--trust-self/--no-trust-self",
                                               help="also add this device's public key to its trust store as 'self'")) -> None:
-    """Create this device's Ed25519 signing key (private key PEM, mode 0600)."""
+    """Create this device's Ed25519 signing key (private key PEM, mode 0600).
+
+    Exits 1, with one line, when a key exists (without --force) or the key cannot be written
+    (a full disk, permissions); a key that could not be written whole is not left behind.
+    """
+    kd = key_dir(home)
+    existed = {name: (kd / name).exists() for name in (DEVICE_KEY_FILE, DEVICE_PUB_FILE)}
     try:
         key = init_device_key(home, force=force)
         if trust_self:
             TrustStore.at_home(home).add("self", key.public_key, overwrite=True)
     except KeyStoreError as exc:
         _fail(str(exc))
-    kd = key_dir(home)
+    except OSError as exc:
+        if not any(existed.values()):  # a fresh key half-written (device.pem but no device.pub): remove it
+            for name in existed:
+                (kd / name).unlink(missing_ok=True)
+        _fail(f"cannot write the device key in {kd}: {exc.strerror or exc}"
+              + (f" ({exc.filename})" if exc.filename else ""))
     console.print(f"device key [bold]{key.key_id}[/] written to {kd / 'device.pem'}")
     console.print(f"share the public key with peers: {kd / 'device.pub'}  (they run: skill-edge keys add NAME FILE)")
 

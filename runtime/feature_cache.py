@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 
 from . import preprocess
 from .rom_engine import Extraction
+
+log = logging.getLogger(__name__)
 
 
 class FeatureCache:
@@ -60,23 +63,34 @@ class FeatureCache:
         return Extraction(t["features"], t["index"].astype(np.int64), failed, t.get("trunk_acts"),
                           float(meta.get("seconds", 0)), t["trunk_stats"])
 
-    def save(self, key: str, ex: Extraction) -> Path:
+    def save(self, key: str, ex: Extraction) -> Path | None:
+        """Store ``ex`` under ``key``; returns the entry's path, or None when it could not be written.
+
+        The cache only saves time, so a cache that cannot be written (a full disk, a read-only
+        or quota-limited folder) must not fail the learn that computed the features: it logs one
+        warning and returns None, and no half-written temp file is left behind."""
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
-        self.root.mkdir(parents=True, exist_ok=True)
         tensors = {"features": np.ascontiguousarray(ex.features, np.float32), "index": ex.index.astype(np.int64)}
         if ex.trunk_stats is not None:
             tensors["trunk_stats"] = np.ascontiguousarray(ex.trunk_stats, np.float32)
         if ex.trunk_acts is not None:
             tensors["trunk_acts"] = np.ascontiguousarray(ex.trunk_acts, np.float32)
         path = self._path(key)
-        # a unique temp name: several devices may share one cache and write the same key at once
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
-        os.close(fd)
+        tmp = None
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # a unique temp name: several devices may share one cache and write the same key at once
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
+            os.close(fd)
             save_file(tensors, tmp, metadata={"failed": json.dumps(ex.failed), "seconds": str(ex.seconds)})
             os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("feature cache %s not written (%s); carrying on without it", self.root, reason)
+            return None
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
         return path

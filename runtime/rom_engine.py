@@ -19,7 +19,10 @@ biases but spinning thread pools (``ort_session_options``).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import time
@@ -38,6 +41,37 @@ log = logging.getLogger(__name__)
 
 PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
 _ORT = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+#: What each backend is called in output: ONNX Runtime's provider names, and TensorRT for the
+#: engine's own TensorRT path (``export.trt``), which does not go through ONNX Runtime.
+BACKEND_NAMES = {"tensorrt": "TensorRT", **_ORT}
+#: Spellings ``providers=`` accepts besides the short names: ONNX Runtime's own provider names
+#: (so ``--provider CUDAExecutionProvider`` works as in ``onnxruntime.InferenceSession``) and ``trt``.
+#: ORT's ``TensorrtExecutionProvider`` selects the engine's TensorRT path.
+_PROVIDER_ALIASES = {"tensorrtexecutionprovider": "tensorrt", "trt": "tensorrt",
+                     "cudaexecutionprovider": "cuda", "cpuexecutionprovider": "cpu"}
+
+
+class ProviderError(ValueError):
+    """A backend name that is neither a short name (tensorrt, cuda, cpu) nor ONNX Runtime's name for one."""
+
+
+def normalize_providers(names: Sequence[str]) -> list[str]:
+    """Short backend names for ``names`` (``CUDAExecutionProvider`` -> ``cuda``), in order, without repeats.
+
+    Raises ``ProviderError`` naming every unknown entry and the accepted spellings."""
+    out, bad = [], []
+    for name in names:
+        key = str(name).strip().lower()
+        short = key if key in PROVIDER_NAMES else _PROVIDER_ALIASES.get(key)
+        if short is None:
+            bad.append(str(name))
+        elif short not in out:
+            out.append(short)
+    if bad:
+        raise ProviderError(f"unknown provider(s) {', '.join(map(repr, bad))}; choose from "
+                            f"{', '.join(PROVIDER_NAMES)} or ONNX Runtime's names "
+                            f"TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider")
+    return out
 
 
 @dataclass
@@ -199,6 +233,14 @@ def bind_biases(model: bytes, bb: np.ndarray, input_name: str = "bb") -> bytes:
     return proto.SerializeToString()
 
 
+@functools.lru_cache(maxsize=1)
+def _can_bind() -> bool:
+    """Whether ``bind_biases`` can rewrite graphs here: it needs the ``onnx`` package, which the light
+    device install leaves out.  Without it the tail takes its biases through the ``bb`` input, which
+    costs about 2 % of a whole pass on Lite0 (benchmarks/results/rom_throughput.json)."""
+    return importlib.util.find_spec("onnx") is not None
+
+
 def optimized_op_counts(model: Path | bytes, threads: int | None = None) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime (CPU) actually runs after its optimizations, with the
     engine's session options: shows whether biases were folded away or still cost an ``Add``."""
@@ -237,12 +279,13 @@ def available_providers() -> list[str]:
 
 
 def _cuda_device_present() -> bool:
+    """Whether the CUDA driver sees a GPU, asked through ``libcuda`` itself (no torch on a device)."""
     try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover - torch is a hard dependency
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
         return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 class RomEngine:
@@ -259,10 +302,7 @@ class RomEngine:
         self.manifest: RomManifest = verify_rom(self.rom_dir) if verify else RomManifest.read(self.rom_dir)
         self.preprocessing = Preprocessing.from_manifest(self.manifest.preprocessing)
         self.threads = threads or int(os.environ.get("SKILL_EDGE_THREADS", "0")) or None
-        wanted = [p.lower() for p in (providers or available_providers())]
-        bad = [p for p in wanted if p not in PROVIDER_NAMES]
-        if bad:
-            raise ValueError(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDER_NAMES)}")
+        wanted = normalize_providers(providers or available_providers())
         self.provider, self._graphs = self._open(wanted)
         self.bound_sessions = max(0, int(bound_sessions))
         self._bound: OrderedDict[bytes, _OrtGraph] = OrderedDict()
@@ -284,6 +324,12 @@ class RomEngine:
                 errors.append(f"{p}: {exc}")
                 log.info("provider %s unavailable: %s", p, exc)
         raise RomError("no usable backend for this ROM: " + "; ".join(errors))
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs, as users know it: ``CPUExecutionProvider``, ``CUDAExecutionProvider``
+        or ``TensorRT``."""
+        return BACKEND_NAMES[self.provider]
 
     @property
     def fingerprint(self) -> str:
@@ -333,7 +379,7 @@ class RomEngine:
 
     def _bound_tail(self, bb: np.ndarray) -> _OrtGraph | None:
         """The cached tail session with ``bb``'s one vector bound in, or None (mixed rows, a GPU, cache off)."""
-        if self.provider != "cpu" or not self.bound_sessions or not len(bb):
+        if self.provider != "cpu" or not self.bound_sessions or not len(bb) or not _can_bind():
             return None  # the fold pays off on ORT CPU; on a GPU each bound session is one more warm-up
         row = bb[0]
         if bb.strides[0] != 0 and not np.array_equal(bb, np.broadcast_to(row, bb.shape)):

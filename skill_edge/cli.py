@@ -15,8 +15,25 @@ import sys
 
 import typer
 
-app = typer.Typer(help="skill-edge: shared-knowledge lifelong learning on edge devices.",
+app = typer.Typer(help="skill-edge: shared-knowledge lifelong learning on edge devices.\n\n"
+                       "Environment: SKILL_EDGE_HOME (device home, default ~/.skill-edge), SKILL_EDGE_ROM (ROM "
+                       "directory), SKILL_EDGE_LOG (log level: DEBUG, INFO, WARNING (default), ERROR; log "
+                       "lines go to stderr).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from skill_edge import __version__
+
+        typer.echo(f"skill-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
 
 # (module, attribute, how to register, name)
 _COMMANDS: list[tuple[str, str, str, str]] = [
@@ -24,6 +41,7 @@ _COMMANDS: list[tuple[str, str, str, str]] = [
     ("skill_edge.export.cli", "rom_app", "group", "rom"),
     ("skill_edge.runtime.cli", "learn_command", "command", "learn"),
     ("skill_edge.runtime.cli", "classify_command", "command", "classify"),
+    ("skill_edge.runtime.cli_eval", "eval_command", "command", "eval"),
     ("skill_edge.runtime.cli_bank", "app", "group", "bank"),
     ("skill_edge.runtime.cli_packets", "keys_app", "group", "keys"),
     ("skill_edge.runtime.cli_packets", "packet_app", "group", "packet"),
@@ -45,9 +63,22 @@ for module_name, attr, kind, name in _COMMANDS:
         app.add_typer(obj, name=name)
 
 
+def log_level(value: str | None) -> tuple[int, str | None]:
+    """SKILL_EDGE_LOG as a logging level (a name such as INFO, or a number), and a complaint if it is neither."""
+    text = (value or "WARNING").strip()
+    if text.isdigit():
+        return int(text), None
+    level = logging.getLevelName(text.upper())
+    if isinstance(level, int):
+        return level, None
+    return logging.WARNING, f"SKILL_EDGE_LOG={value!r} is not a log level (DEBUG, INFO, WARNING, ERROR); using WARNING"
+
+
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("SKILL_EDGE_LOG", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+    level, complaint = log_level(os.environ.get("SKILL_EDGE_LOG"))
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if complaint:
+        logging.getLogger("skill_edge").warning(complaint)
     if _missing and os.environ.get("SKILL_EDGE_DEBUG"):
         print("commands unavailable: " + "; ".join(_missing), file=sys.stderr)
     app()
