@@ -29,6 +29,16 @@ at chunks the broker already holds.  A receiver keeps the chunks it has across r
 after a reconnect, subscribes only to the chunk topics it still lacks (the broker re-sends
 those retained chunks), then checks size and sha256 before handing the packet on.
 
+A manifest is unauthenticated (anyone who may publish to the broker can send one), so what it
+can make a receiver hold is bounded: at most ``MAX_CHUNKS`` chunks (``MAX_PACKET_BYTES`` /
+``MIN_CHUNK_BYTES``), at most ``max_transfers`` transfers and ``max_inflight_bytes`` claimed
+bytes at once, the missing chunks are never listed (only counted and walked lazily), a transfer
+is dropped when a new message replaces its manifest or when no new chunk came for
+``stall_drop`` s, and a dropped transfer's sha256 is remembered (a bounded set) so its retained
+manifest does not start it again.  A manifest refused because the limits were full is fetched
+again (the task wildcard is re-subscribed, the broker re-sends its retained messages) once a
+transfer ends, so an honest packet that arrived during a flood is delayed, not lost.
+
 Reconnects: paho's network thread reconnects with exponential backoff
 (``reconnect_delay_set(min, max)``); the first connection uses the same backoff in our own
 loop.  After every reconnect the transport re-subscribes and re-publishes its own retained
@@ -38,6 +48,7 @@ messages, so a broker that restarted without persistence is refilled by its devi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -47,6 +58,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -55,6 +67,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from skill_edge.runtime.packet import MAX_PACKET_BYTES
 
 from .base import (
     ReceivedPacket,
@@ -77,6 +91,14 @@ QOS = 1
 _AUTH_REFUSALS = {134, 135, 138, 140, 4, 5}
 # Above this many missing chunks a resume subscribes to the chunk wildcard instead of each topic.
 _MAX_RESUME_TOPICS = 512
+#: Smallest chunk a chunked packet may use (its last chunk aside); with MAX_PACKET_BYTES it caps
+#: the chunk count of any manifest, so no manifest can claim millions of one-byte chunks.
+MIN_CHUNK_BYTES = 512
+MAX_CHUNKS = math.ceil(MAX_PACKET_BYTES / MIN_CHUNK_BYTES)
+#: A manifest is ~200 bytes of JSON; anything much longer is not one (and is not parsed).
+MAX_MANIFEST_BYTES = 1024
+#: How many dropped transfers (sha256) are remembered, so their retained manifests stay ignored.
+_ABANDONED_MEMORY = 16384
 
 
 @dataclass
@@ -87,7 +109,7 @@ class MqttConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     topic_root: str = "skill"
-    chunk_size: int = 256 * 1024
+    chunk_size: int = 256 * 1024  # MIN_CHUNK_BYTES at least
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -100,16 +122,26 @@ class MqttConfig:
     reconnect_max_delay: float = 30.0
     connect_timeout: float = 15.0
     publish_timeout: float = 60.0
-    max_packet_bytes: int = 256 * 1024 * 1024
+    max_packet_bytes: int = MAX_PACKET_BYTES
     republish_on_reconnect: bool = True
     stall_rerequest: float = 3.0  # s without a new chunk before asking again for the missing ones
     # (doubling after each fruitless ask, up to 60 s)
+    stall_drop: float = 180.0  # s without a new chunk before a transfer is dropped for good
+    max_transfers: int = 16  # chunked packets assembled at once; further manifests wait
+    max_inflight_bytes: int = MAX_PACKET_BYTES  # sum of the sizes their manifests claim
 
     def __post_init__(self) -> None:
         check_name("fleet", self.fleet)
         check_name("topic root", self.topic_root)
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 byte, got {self.chunk_size}")
+        if self.chunk_size < MIN_CHUNK_BYTES:
+            raise ValueError(f"chunk_size must be >= {MIN_CHUNK_BYTES} bytes, got {self.chunk_size}")
+        if not 0 < self.max_packet_bytes <= MAX_PACKET_BYTES:
+            raise ValueError(f"max_packet_bytes must be in 1..{MAX_PACKET_BYTES}, got {self.max_packet_bytes}")
+        if self.max_transfers < 1 or self.max_inflight_bytes < self.max_packet_bytes:
+            raise ValueError("need max_transfers >= 1 and max_inflight_bytes >= max_packet_bytes "
+                             "(else a packet of the largest size could never be received)")
+        if not 0 < self.stall_rerequest <= self.stall_drop:
+            raise ValueError("need 0 < stall_rerequest <= stall_drop")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
             raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -167,6 +199,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, max_size: int) -> "Manifest":
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"bad chunk manifest: {len(raw)} bytes, a manifest has at most {MAX_MANIFEST_BYTES}")
         try:
             d = json.loads(raw)
             if d.get("format") != MANIFEST_FORMAT:
@@ -181,6 +215,9 @@ class Manifest:
             raise ValueError(f"bad chunk manifest: size {m.size} outside 1..{max_size}")
         if m.chunk_size < 1 or m.chunks != math.ceil(m.size / m.chunk_size):
             raise ValueError("bad chunk manifest: chunk count does not match size / chunk_size")
+        if m.chunks > 1 and m.chunk_size < MIN_CHUNK_BYTES or m.chunks > MAX_CHUNKS:
+            raise ValueError(f"bad chunk manifest: {m.chunks} chunks of {m.chunk_size} bytes; chunks are at "
+                             f"least {MIN_CHUNK_BYTES} bytes and at most {MAX_CHUNKS} per packet")
         return m
 
     def chunk_length(self, index: int) -> int:
@@ -196,13 +233,15 @@ class _Assembly:
     task: str
     agent_id: str
     origin: str
-    parts: dict[int, bytes] = field(default_factory=dict)
+    parts: dict[int, bytes] = field(default_factory=dict)  # only chunks that arrived: <= manifest.size bytes
     subscribed: set[str] = field(default_factory=set)  # chunk topic filters we asked the broker for
-    last_progress: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)  # last new chunk or re-request
+    last_chunk: float = field(default_factory=time.monotonic)  # last new chunk (or the manifest)
     rerequests: int = 0  # asks since the last new chunk
 
-    def missing(self) -> list[int]:
-        return [i for i in range(self.manifest.chunks) if i not in self.parts]
+    def missing(self, limit: int) -> list[int]:
+        """The first ``limit`` chunk indices not held yet: memory O(limit), never O(claimed chunks)."""
+        return list(itertools.islice((i for i in range(self.manifest.chunks) if i not in self.parts), limit))
 
 
 @dataclass
@@ -220,6 +259,8 @@ class MqttStats:
     chunks_in: int = 0  # chunk messages stored
     chunks_ignored: int = 0  # chunk messages we already had, or for no pending packet
     corrupt: int = 0  # manifests / chunks / packets that failed a check
+    deferred: int = 0  # manifests not started because max_transfers / max_inflight_bytes were reached
+    dropped: int = 0  # transfers given up: replaced by a newer message on their topic, or stalled
     connects: int = 0
     disconnects: int = 0
     republished: int = 0
@@ -236,6 +277,10 @@ class MqttTransport(Transport):
         self._rx_lock = threading.RLock()  # guards _seen and _assemblies (network thread + callers)
         self._seen: set[str] = set()  # sha256 of packets delivered or published by us
         self._assemblies: dict[str, _Assembly] = {}
+        self._by_topic: dict[str, str] = {}  # task topic -> sha256 of the transfer its manifest started
+        self._abandoned: OrderedDict[str, None] = OrderedDict()  # sha256 of dropped transfers (bounded)
+        self._refill = False  # a manifest was deferred: fetch the retained task messages again later
+        self._room_freed = False  # a transfer ended since the last deferral: the refill may start
         self._tx_lock = threading.RLock()  # guards _own
         self._own: dict[str, _OwnMessage] = {}  # topic -> our retained message
         self._acks = threading.Condition()  # notified on every PUBACK / (re)connect
@@ -349,17 +394,19 @@ class MqttTransport(Transport):
 
     def _subscribe_all(self) -> None:
         """(Re)subscribe to every task topic of the fleet and to the chunks still missing."""
-        c = self.config
-        topics = [(f"{c.topic_root}/{c.fleet}/tasks/+/+", QOS)]
+        topics = [(self._tasks_filter(), QOS)]
         with self._rx_lock:
             for sha, asm in self._assemblies.items():
                 topics += self._chunk_subscriptions(sha, asm)
         for i in range(0, len(topics), 64):  # keep each SUBSCRIBE packet small
             self._client.subscribe(topics[i:i + 64])
 
+    def _tasks_filter(self) -> str:
+        return f"{self.config.topic_root}/{self.config.fleet}/tasks/+/+"
+
     def _chunk_subscriptions(self, sha: str, asm: _Assembly) -> list[tuple[str, int]]:
         """Resume: ask only for the chunks we lack (the broker re-sends their retained copies)."""
-        missing = asm.missing()
+        missing = asm.missing(limit=_MAX_RESUME_TOPICS + 1)
         if not asm.parts or len(missing) > _MAX_RESUME_TOPICS:
             filters = [self.config.chunk_topic(asm.fleet, asm.agent_id, sha, "+")]
         else:
@@ -496,16 +543,33 @@ class MqttTransport(Transport):
         if content_type == MANIFEST_CONTENT_TYPE:
             manifest = Manifest.from_json(msg.payload, self.config.max_packet_bytes)
             with self._rx_lock:
-                if manifest.sha256 in self._seen or manifest.sha256 in self._assemblies:
+                sha = manifest.sha256
+                if sha in self._seen or sha in self._assemblies or sha in self._abandoned:
                     return
-                asm = _Assembly(manifest, fleet, task, agent_id, msg.topic)
-                self._assemblies[manifest.sha256] = asm
-                subs = self._chunk_subscriptions(manifest.sha256, asm)
-            self.last_activity = time.monotonic()
-            self._client.subscribe(subs)
+                stale = self._drop_transfer_of(msg.topic, "a newer manifest replaced it")
+                stale += self._make_room(manifest)
+                subs: list[tuple[str, int]] = []
+                if self._room_for(manifest):
+                    asm = _Assembly(manifest, fleet, task, agent_id, msg.topic)
+                    self._assemblies[sha] = asm
+                    self._by_topic[msg.topic] = sha
+                    subs = self._chunk_subscriptions(sha, asm)
+                else:
+                    self.stats.deferred += 1
+                    self._refill, self._room_freed = True, False
+                    log.warning("deferring the chunked packet on %s (%d bytes): %d transfers / %d bytes in "
+                                "flight already", msg.topic, manifest.size, len(self._assemblies),
+                                self._inflight_bytes())
+            self._unsubscribe(stale)
+            if subs:
+                self.last_activity = time.monotonic()
+                self._client.subscribe(subs)
             return
         if content_type != PACKET_CONTENT_TYPE:
             raise ValueError(f"unknown content type {content_type!r}")
+        with self._rx_lock:
+            stale = self._drop_transfer_of(msg.topic, "a whole packet replaced its manifest")
+        self._unsubscribe(stale)
         sha = hashlib.sha256(msg.payload).hexdigest()
         self._deliver(sha, ReceivedPacket(bytes(msg.payload), fleet, task, agent_id, seq, msg.topic))
 
@@ -520,16 +584,18 @@ class MqttTransport(Transport):
                 raise ValueError(f"chunk {index} of {sha[:12]} has {len(msg.payload)} bytes, "
                                  f"expected {m.chunk_length(index) if index < m.chunks else 'no chunk'}")
             asm.parts[index] = bytes(msg.payload)
-            asm.last_progress = self.last_activity = time.monotonic()
+            asm.last_progress = asm.last_chunk = self.last_activity = time.monotonic()
             asm.rerequests = 0
             self.stats.chunks_in += 1
             if len(asm.parts) < m.chunks:
                 return
-            del self._assemblies[sha]
-        self._client.unsubscribe(sorted(asm.subscribed))
+            self._end_transfer(sha)
+        self._unsubscribe(sorted(asm.subscribed))
         data = b"".join(asm.parts[i] for i in range(m.chunks))
         got = hashlib.sha256(data).hexdigest()
         if len(data) != m.size or got != sha:
+            with self._rx_lock:
+                self._remember_abandoned(sha)  # its retained manifest must not start it again
             raise ValueError(f"reassembled packet has {len(data)} bytes and sha256 {got[:12]}, manifest says "
                              f"{m.size} bytes and {sha[:12]}; dropped")
         self._deliver(sha, ReceivedPacket(data, asm.fleet, asm.task, asm.agent_id, m.seq, asm.origin))
@@ -555,12 +621,81 @@ class MqttTransport(Transport):
             pass
         return out
 
+    # ------------------------------------------------------------------ transfer limits
+    def _inflight_bytes(self) -> int:
+        return sum(a.manifest.size for a in self._assemblies.values())
+
+    def _room_for(self, manifest: Manifest) -> bool:
+        """Whether one more transfer fits ``max_transfers`` and ``max_inflight_bytes`` (under _rx_lock)."""
+        return (len(self._assemblies) < self.config.max_transfers
+                and self._inflight_bytes() + manifest.size <= self.config.max_inflight_bytes)
+
+    def _make_room(self, manifest: Manifest) -> list[str]:
+        """Drop stalled transfers (no new chunk for ``stall_rerequest`` s; those that never got a
+        chunk first, then the longest stalled) until ``manifest`` fits (under _rx_lock).  A transfer
+        that is moving is never dropped for a newcomer, so a flood of manifests whose chunks never
+        come cannot push an honest transfer out; it only fills the slots it gets, until they stall."""
+        now = time.monotonic()
+        stalled = sorted((a for a in self._assemblies.values() if now - a.last_chunk > self.config.stall_rerequest),
+                         key=lambda a: (bool(a.parts), a.last_chunk))
+        stale: list[str] = []
+        for asm in stalled:
+            if self._room_for(manifest):
+                break
+            stale += self._abandon(asm.manifest.sha256, "stalled, and its slot went to a newer manifest")
+        return stale
+
+    def _drop_transfer_of(self, topic: str, why: str) -> list[str]:
+        """Give up the transfer a task topic's earlier manifest started (under _rx_lock); returns
+        the chunk filters to unsubscribe from once the lock is released."""
+        sha = self._by_topic.get(topic)
+        return self._abandon(sha, why) if sha is not None and sha in self._assemblies else []
+
+    def _abandon(self, sha: str, why: str) -> list[str]:
+        """Drop a transfer and remember its sha256, so its retained manifest does not restart it."""
+        asm = self._end_transfer(sha)
+        self._remember_abandoned(sha)
+        self.stats.dropped += 1
+        log.warning("dropped the chunked packet %s on %s (%d of %d chunks held): %s", sha[:12], asm.origin,
+                    len(asm.parts), asm.manifest.chunks, why)
+        return sorted(asm.subscribed)
+
+    def _remember_abandoned(self, sha: str) -> None:
+        self._abandoned[sha] = None
+        while len(self._abandoned) > _ABANDONED_MEMORY:
+            self._abandoned.popitem(last=False)
+
+    def _end_transfer(self, sha: str) -> _Assembly:
+        """Forget a transfer, complete or dropped (under _rx_lock; the caller unsubscribes from
+        ``asm.subscribed`` after releasing it: paho is never called with our lock held)."""
+        asm = self._assemblies.pop(sha)
+        if self._by_topic.get(asm.origin) == sha:
+            del self._by_topic[asm.origin]
+        self._room_freed = True
+        return asm
+
+    def _unsubscribe(self, filters: list[str]) -> None:
+        for i in range(0, len(filters), 64):
+            self._client.unsubscribe(filters[i:i + 64])
+
     def _rerequest_stalled(self) -> None:
         """Ask again for chunks of a transfer that stopped moving (e.g. the broker dropped some
-        of a long burst of retained messages because its per-client queue was full)."""
+        of a long burst of retained messages because its per-client queue was full); drop one
+        that got no new chunk for ``stall_drop`` s; once there is room again after a deferred
+        manifest, re-subscribe to the task topics so the broker re-sends the retained manifests."""
+        now = time.monotonic()
+        refill = False
+        stale: list[str] = []
+        with self._rx_lock:
+            for sha in [s for s, a in self._assemblies.items() if now - a.last_chunk > self.config.stall_drop]:
+                stale += self._abandon(sha, f"no new chunk for {self.config.stall_drop:g} s")
+            if self._connected.is_set() and self._refill and self._room_freed:
+                self._refill, refill = False, True
         if not self._connected.is_set():
             return
-        now = time.monotonic()
+        self._unsubscribe(stale)
+        if refill:
+            self._client.subscribe([(self._tasks_filter(), QOS)])
         subs: list[tuple[str, int]] = []
         with self._rx_lock:
             for sha, asm in self._assemblies.items():
