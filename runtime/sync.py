@@ -13,6 +13,15 @@ and, once the transport holds it durably, moved to ``outbox/sent/``.  The device
 packets that come back from the transport (their sha256 is in ``sent/`` or was published by
 this service) are skipped instead of being re-stored over the device's own records.
 
+The receive order: the transport offers a packet, the receiver decides, the bank stores it
+(accepted) or keeps it aside (quarantined), or it is rejected; only *then* is the packet acked
+to the transport (``Transport.ack``), which records it as delivered.  A device killed anywhere
+in between is offered the packet again by its next run, and the receiver's duplicate check
+makes the second look harmless.  A packet that could not be stored is not acked but
+``forget``-ed (offered again later).  A packet rejected because its signer is not trusted is
+acked with a *hold* on the trust store's fingerprint: once ``keys add`` changes the trust
+store, it is offered again.
+
 Quarantine is not final.  The plausibility check measures capture against the tasks the
 device knows *now*; early in a sync it knows few, and its Mahalanobis tied covariance, pooled
 from few exemplars, makes an honest sibling task (CIFAR-10 deer/dog next to bird/cat) look
@@ -35,6 +44,7 @@ from typing import Literal
 import numpy as np
 
 from skill_edge.runtime.bank import BankError, KnowledgeBank
+from skill_edge.runtime.keys import KeyStoreError
 from skill_edge.runtime.knowledge import TaskKnowledge
 from skill_edge.runtime.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
 from skill_edge.runtime.receive import PacketReceiver, ReceiveStateError
@@ -42,6 +52,8 @@ from skill_edge.runtime.transport import ReceivedPacket, Transport, TransportErr
 
 log = logging.getLogger(__name__)
 
+#: Rejections that the trust store decided; such packets are offered again once it changes.
+TRUST_CODES = frozenset({"unknown-signer"})
 EventKind = Literal["published", "accepted", "released", "duplicate", "rejected", "quarantined", "own", "error"]
 SENT_DIR = "sent"
 
@@ -101,6 +113,8 @@ class SyncService:
         self._own: set[str] = set()  # sha256 of packets this device published
         self._codec = PacketCodec()
         self._checked_state: tuple | None = None  # the bank as quarantine was last rechecked against
+        self._reoffered_for: tuple | None = None  # the bank as removed tasks were last re-offered for
+        self._trust_token: str | None = None  # the trust store's fingerprint as holds were last released
         if self.outbox is not None:
             (self.outbox / SENT_DIR).mkdir(parents=True, exist_ok=True)
             for f in (self.outbox / SENT_DIR).glob("*.skp"):
@@ -158,6 +172,7 @@ class SyncService:
                      origin=incoming.origin)
         self.stats.arrived += 1
         if hashlib.sha256(data).hexdigest() in self._own:
+            self.transport.ack(incoming)
             return self._emit(SyncEvent("own", reason="this device's own packet", **where))
 
         try:
@@ -182,17 +197,57 @@ class SyncService:
                                             **where))
         elif result.status == "rejected":
             log.warning("rejected packet from %s: %s", incoming.origin, result.reason)
+        # decided (stored, kept aside or refused): only now is it marked delivered
+        hold = None
+        if result.code in TRUST_CODES:  # trusting the signer later (keys add) must bring it back
+            hold = self._trust_token if self._trust_token is not None else self._trust_fingerprint()
+        self.transport.ack(incoming, hold=hold)
         return self._emit(SyncEvent(result.status, reason=result.reason, **where))
 
     def receive_available(self, timeout: float = 0.0) -> list[SyncEvent]:
         """Handle whatever the transport has now (waiting up to ``timeout`` s for something)."""
+        self.reoffer_changed()
         events = [self.handle(p) for p in self.transport.poll(timeout)]
         return events + self.recheck_quarantine()
 
     def drain(self, idle: float = 1.0, timeout: float = 60.0) -> list[SyncEvent]:
         """Handle packets until the transport has been quiet for ``idle`` s (or ``timeout`` passed)."""
+        self.reoffer_changed()
         events = [self.handle(p) for p in self.transport.drain(idle=idle, timeout=timeout)]
         return events + self.recheck_quarantine()
+
+    def reoffer_changed(self) -> None:
+        """Ask the transport again for what an earlier decision no longer covers.
+
+        * the trust store changed (``keys add``): packets rejected for their signer come back;
+        * a received task is no longer in the bank (``bank rm``): its packets come back, and
+          the receiver, which checks the bank, takes the newest one again.
+        """
+        token = self._trust_fingerprint()
+        if token != self._trust_token:
+            self._trust_token = token
+            self.transport.release_holds(token)
+        bank_state = self._bank_state()
+        if bank_state == self._reoffered_for:
+            return
+        self._reoffered_for = bank_state
+        held = {(e.agent, e.task) for e in self.bank.entries()}
+        try:
+            streams = self.receiver.state.load()
+        except ReceiveStateError as exc:
+            log.warning("not re-offering removed tasks: %s", exc)
+            return
+        for agent, task in sorted(set(streams) - held):
+            self.transport.reoffer(task, agent)
+
+    def _trust_fingerprint(self) -> str:
+        """A digest of the trusted key ids: changes whenever ``keys add`` / ``keys rm`` did something."""
+        try:
+            ids = sorted(k.key_id for k in self.receiver.trust.keys())
+        except (KeyStoreError, OSError) as exc:  # a malformed key file: keep the last token, say why
+            log.warning("cannot read the trust store: %s", exc)
+            return self._trust_token or ""
+        return hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16]
 
     def recheck_quarantine(self) -> list[SyncEvent]:
         """Run quarantined packets through the receiver again if the bank changed since the last look.

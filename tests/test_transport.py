@@ -72,7 +72,9 @@ def test_state_file_remembers_delivered_files(tmp_path: Path) -> None:
     share, state = tmp_path / "share", tmp_path / "state" / "seen.json"
     DirectoryTransport(share, "lab").publish(b"p1", fleet="lab", task="t", agent_id="a", seq=1)
     first = DirectoryTransport(share, "lab", state_file=state)
-    assert [p.data for p in first.poll()] == [b"p1"]
+    (p1,) = first.poll()
+    assert p1.data == b"p1"
+    first.ack(p1)
     first.close()
 
     second = DirectoryTransport(share, "lab", state_file=state)
@@ -82,6 +84,56 @@ def test_state_file_remembers_delivered_files(tmp_path: Path) -> None:
 
     state.write_text("{not json")
     assert [p.data for p in DirectoryTransport(share, "lab", state_file=state).poll()] == [b"p2-new"]
+
+
+def test_a_packet_is_delivered_for_good_only_once_acked(tmp_path: Path) -> None:
+    """Polled but not acked (the device died before the bank decided): the next run gets it again."""
+    share, state = tmp_path / "share", tmp_path / "state" / "seen.json"
+    for seq in (1, 2, 3):
+        DirectoryTransport(share, "lab").publish(b"p%d" % seq, fleet="lab", task="t", agent_id="a", seq=seq)
+    first = DirectoryTransport(share, "lab", state_file=state)
+    got = first.poll()
+    assert [p.data for p in got] == [b"p1", b"p2", b"p3"]
+    assert first.poll() == [], "within one run an offered packet is not offered twice"
+    first.ack(got[0])  # then the process is killed: no close(), no more acks
+    assert not state.with_name(state.name + ".tmp").exists()
+
+    second = DirectoryTransport(share, "lab", state_file=state)
+    again = second.poll()
+    assert [p.data for p in again] == [b"p2", b"p3"], "unacked packets are offered again, the acked one is not"
+    second.forget(again[0])  # could not store it: offered again after retry_delay, never marked delivered
+    second.ack(again[1])
+    assert [p.data for p in DirectoryTransport(share, "lab", state_file=state).poll()] == [b"p2"]
+
+
+def test_held_packets_come_back_when_the_hold_is_released(tmp_path: Path) -> None:
+    share, state = tmp_path / "share", tmp_path / "seen.json"
+    DirectoryTransport(share, "lab").publish(b"untrusted", fleet="lab", task="t", agent_id="a", seq=1)
+    DirectoryTransport(share, "lab").publish(b"done", fleet="lab", task="u", agent_id="a", seq=1)
+    rx = DirectoryTransport(share, "lab", state_file=state)
+    held, done = sorted(rx.poll(), key=lambda p: p.task)
+    rx.ack(held, hold="trust-v1")
+    rx.ack(done)
+    rx.close()
+    rx = DirectoryTransport(share, "lab", state_file=state)
+    rx.release_holds("trust-v1")
+    assert rx.poll() == [], "same trust store: nothing comes back"
+    rx.release_holds("trust-v2")
+    assert [p.data for p in rx.poll()] == [b"untrusted"], "only the held packet is offered again"
+
+
+def test_reoffer_brings_back_one_agents_packets_of_one_task(tmp_path: Path) -> None:
+    share, state = tmp_path / "share", tmp_path / "seen.json"
+    pub = DirectoryTransport(share, "lab")
+    for task, agent, seq in (("t", "a", 1), ("t", "a", 2), ("t", "b", 1), ("t x", "a-1", 1), ("u", "a", 1)):
+        pub.publish(f"{task}/{agent}/{seq}".encode(), fleet="lab", task=task, agent_id=agent, seq=seq)
+    rx = DirectoryTransport(share, "lab", state_file=state)
+    for p in rx.poll():
+        rx.ack(p)
+    rx.reoffer("t", "a")
+    assert sorted(p.data for p in rx.poll()) == [b"t/a/1", b"t/a/2"]
+    rx.reoffer("t x", "a-1")
+    assert [p.data for p in rx.poll()] == [b"t x/a-1/1"]
 
 
 def test_republish_same_name_replaces_atomically(tmp_path: Path) -> None:

@@ -76,8 +76,16 @@ class ReceivedPacket:
 class Transport(ABC):
     """Publish packet bytes to a fleet and poll for packets other devices published.
 
-    Implementations remember what they have already delivered (and what they published
-    themselves), so ``poll`` only returns packets that are new to this transport object.
+    The receive contract: ``poll`` offers a packet; the caller decides (stores, rejects or
+    quarantines it) and only then calls ``ack``.  A transport that remembers deliveries across
+    runs (the folder transport's state file) records a packet as delivered at ``ack``, never at
+    ``poll``, so a device killed between the two is offered the packet again on its next run
+    instead of losing it.  ``forget`` is the opposite of ``ack``: not handled, offer it again.
+    Within one transport object a packet offered and not yet acked is not offered twice.
+
+    ``ack(packet, hold=TOKEN)`` marks a decision that depended on something that can change
+    (a packet rejected because its signer was not trusted *yet*); ``release_holds(TOKEN2)``
+    offers again every packet acked with a hold other than ``TOKEN2`` (the trust store changed).
     """
 
     #: monotonic time of the last incoming activity (a packet, a chunk); drives ``drain``.
@@ -91,6 +99,16 @@ class Transport(ABC):
     @abstractmethod
     def poll(self, timeout: float = 0.0) -> list[ReceivedPacket]:
         """Return packets that arrived since the last call, waiting up to ``timeout`` s for at least one."""
+
+    def ack(self, packet: ReceivedPacket, *, hold: str | None = None) -> None:
+        """``packet`` was stored, rejected or quarantined: never offer it again (see the class
+        docstring for ``hold``).  Transports that keep nothing across runs need do nothing."""
+
+    def release_holds(self, current: str) -> None:
+        """Offer again the packets acked with a ``hold`` other than ``current``."""
+
+    def reoffer(self, task: str, agent_id: str) -> None:
+        """Offer again the acked packets of ``agent_id`` for ``task`` (the bank no longer holds that task)."""
 
     def forget(self, packet: ReceivedPacket) -> None:
         """Deliver ``packet`` again when it next shows up (e.g. storing it failed: nothing is lost)."""
