@@ -143,8 +143,9 @@ class EncodingPlan:
             raise PlanError(f"encoding plan fields {sorted(d)} != expected {sorted(expected)}")
         if d["format"] != PLAN_FORMAT or isinstance(d["format"], bool):
             raise PlanError(f"encoding plan format {d['format']!r} unsupported (this build reads {PLAN_FORMAT})")
-        if not isinstance(d["step"], str) or not 0 < len(d["step"]) <= 100:
-            raise PlanError("encoding plan step must be a short string")
+        if not isinstance(d["step"], str) or not _STEP_CHARS.fullmatch(d["step"]):
+            raise PlanError("encoding plan step must be a short step name (letters, digits and _+=.-; "
+                            "it is shown by `packet inspect`, so nothing that could reach a terminal raw)")
         if d["compression"] not in ("zstd", "none"):
             raise PlanError(f"encoding plan compression {d['compression']!r} is not 'zstd' or 'none'")
         tensors = d["tensors"]
@@ -399,6 +400,7 @@ _INT3 = _INT4 | {"head.weight": "i3c", "maha.exemplars": "i3c"}
 PRECISIONS: dict[str, dict[str, str]] = {"fp32": _FP32, "fp16": _FP16, "int8": _INT8, "int4": _INT4, "int3": _INT3}
 """Ladder precisions: the encoding of every tensor (BB stays f16 below fp32 until ``+bb_int8``)."""
 
+_STEP_CHARS = re.compile(r"[A-Za-z0-9_+=.\-]{1,100}")  # what any step name is made of (EncodingPlan.from_dict)
 _STEP_RE = re.compile(r"^(?P<precision>[a-z0-9]+)(?:\+gmmc_k=(?P<k>[1-9][0-9]{0,6}))?(?P<bb>\+bb_int8)?"
                       r"(?:\+exemplars=(?P<m>[1-9][0-9]{0,6}))?(?P<head>\+head_int2)?$")
 

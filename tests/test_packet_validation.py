@@ -324,3 +324,15 @@ def test_the_encoder_and_the_bank_apply_the_same_rule(key, tmp_path):
             PacketCodec().encode(replace(k, task=name), key)
         with pytest.raises(KnowledgeError):
             KnowledgeBank(tmp_path / "bank").put(replace(k, task=name))
+
+
+def test_the_plan_step_that_packet_inspect_shows_cannot_carry_escapes(key, trust):
+    data = fp32(honest("t", 15), key)
+    for step in ("\x1b]0;pwned\x07", "int8\u202e", "a" * 101, ""):
+        with pytest.raises(PacketError) as exc:
+            PacketCodec().decode(resign(data, key, metadata=lambda md, s=step: md["meta"]["encoding"].update(step=s)),
+                                 trust=trust)
+        assert exc.value.code == "bad-metadata" and "step" in exc.value.reason and "\x1b" not in exc.value.reason
+    for step in ("fp32", "int3+gmmc_k=5+bb_int8+exemplars=2+head_int2"):
+        ok = resign(data, key, metadata=lambda md, s=step: md["meta"]["encoding"].update(step=s))
+        assert PacketCodec().decode(ok, trust=trust).plan.step == step
