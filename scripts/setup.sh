@@ -22,7 +22,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch/torchvision are pinned in pyproject (torch==2.14.1, torchvision==0.29.1)
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: a venv holding both has a
+# broken mix.  The test set-up is CPU-only and takes onnxruntime (a venv made before the install
+# profiles holds onnxruntime-gpu: swap it).  See README, "Install profiles", for the GPU swap.
+if .venv/bin/python -m pip show -q onnxruntime-gpu >/dev/null 2>&1; then
+  echo "[setup] swapping onnxruntime-gpu for onnxruntime (CPU)"
+  .venv/bin/python -m pip uninstall -q -y onnxruntime-gpu onnxruntime
+fi
+# torch/torchvision are pinned in the extras that bring them (torch==2.14.1, torchvision==0.29.1)
 echo "[setup] pip install -e .[test]"
 .venv/bin/python -m pip install -q -e ".[test]"
-echo "[setup] done: $(.venv/bin/python -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)')"
+echo "[setup] done: $(.venv/bin/python -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__, onnxruntime.get_available_providers())')"
