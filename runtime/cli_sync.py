@@ -135,7 +135,7 @@ def sync_command(
                       "(add peers with: skill-edge keys add NAME FILE)")
         fingerprint = resolve_rom_fingerprint(rom, rom_fingerprint, bank)
         check = BankPlausibility(bank) if plausibility else None
-        receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check)
+        receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check, bank=bank)
         mqtt_options = dict(chunk_size=chunk, username=username, password=password, tls_ca=tls_ca,
                             tls_cert=tls_cert, tls_key=tls_key, connect_timeout=connect_timeout)
         tx = open_transport(transport, fleet, state_dir=state_dir, **mqtt_options)

@@ -8,7 +8,10 @@ A packet is accepted only if, in this order:
 3. it is new: the same bytes accepted before are a no-op ("duplicate"); an older sequence number
    than one already accepted for the same (agent, task) is a rollback and rejected (as TUF does
    for metadata versions); the same sequence number with different bytes is an equivocating
-   sender and rejected too;
+   sender and rejected too.  "Already accepted" is what the state file says *or* what the bank
+   holds for that (agent, task) (``bank=``): the bank record carries its seq, so deleting the
+   state file does not re-open rollbacks.  A packet accepted before whose task has since left
+   the bank (``bank rm``) is accepted again, so a removed task can come back;
 4. the optional ``plausibility`` check (hijack detection) passes, else it is "quarantined".
 
 The (agent, task) -> newest sequence number state lives in one small JSON file, rewritten
@@ -29,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from skill_edge.runtime.keys import TrustStore
 from skill_edge.runtime.knowledge import KnowledgeError, RomShape, TaskKnowledge
@@ -43,6 +46,35 @@ REMEMBERED_DIGESTS = 16  # per (agent, task): how many accepted packets are stil
 
 Status = Literal["accepted", "duplicate", "rejected", "quarantined"]
 Plausibility = Callable[[TaskKnowledge], tuple[bool, str]]
+
+
+class _BankEntryLike(Protocol):
+    task: str
+    agent: str
+    seq: int
+    content_hash: str
+
+
+class BankIndex(Protocol):
+    """What the receiver reads of the bank: its index (``KnowledgeBank.entries``)."""
+
+    def entries(self) -> list[_BankEntryLike]: ...
+
+
+@dataclass(frozen=True)
+class HeldVersion:
+    """The version of one (agent, task) the bank holds: a rollback floor that lives with the knowledge."""
+
+    seq: int
+    content_hash: str
+    packet_sha256: str = ""  # "" for records stored without their packet bytes
+
+    def is_packet(self, packet: Packet) -> bool:
+        if self.seq != packet.seq:
+            return False
+        if self.packet_sha256:
+            return self.packet_sha256 == packet.sha256
+        return self.content_hash == packet.knowledge.content_hash()
 
 
 class ReceiveStateError(RuntimeError):
@@ -139,7 +171,7 @@ class PacketReceiver:
 
     def __init__(self, trust: TrustStore, rom_fingerprint: str, state: ReceiveState | str | Path,
                  plausibility: Plausibility | None = None, codec: PacketCodec | None = None,
-                 rom_shape: RomShape | None = None) -> None:
+                 rom_shape: RomShape | None = None, bank: BankIndex | None = None) -> None:
         if rom_shape is not None and rom_shape.fingerprint != rom_fingerprint:
             raise ValueError("rom_shape is of another ROM than rom_fingerprint")
         self.rom_shape = rom_shape  # the device's own widths (RomShape.from_manifest); None: not checked
@@ -148,6 +180,7 @@ class PacketReceiver:
         self.state = state if isinstance(state, ReceiveState) else ReceiveState(state)
         self.plausibility = plausibility
         self.codec = codec or PacketCodec()
+        self.bank = bank  # the bank this receiver feeds: its records are the second rollback floor
 
     def receive(self, data: bytes, on_accept: Callable[[Packet, bytes], None] | None = None) -> ReceiveResult:
         """Decide what to do with one packet.  ``on_accept(packet, data)`` (e.g. storing into the bank)
@@ -169,17 +202,29 @@ class PacketReceiver:
             return self._reject(f"{who}: {exc}", "wrong-shape", packet)
         with self.state.locked() as streams:
             stream = streams.get((packet.agent_id, packet.task))
-            if stream is not None:
-                if packet.sha256 in stream.digests:
-                    log.info("duplicate %s: already accepted", who)
-                    return ReceiveResult("duplicate", f"{who}: already accepted", packet, "duplicate")
-                if packet.seq < stream.seq:
-                    return self._reject(f"{who}: rollback, seq {stream.seq} was already accepted for this "
-                                        f"agent and task", "rollback", packet)
-                if packet.seq == stream.seq:
-                    return self._reject(f"{who}: a different packet with the same seq was already accepted "
-                                        f"(the sender must increase seq for every new version)", "equivocation",
-                                        packet)
+            held = self._held(packet)
+            known = stream is not None and packet.sha256 in stream.digests
+            if held is not None and held.is_packet(packet):
+                if not known:  # stored, then the state write was cut short (or the state file was lost)
+                    streams[(packet.agent_id, packet.task)] = _with(stream, packet)
+                log.info("duplicate %s: the bank holds it", who)
+                return ReceiveResult("duplicate", f"{who}: already accepted (the bank holds it)", packet,
+                                     "duplicate")
+            stale = stream is not None and packet.seq < stream.seq
+            if known and (self.bank is None or stale or (held is not None and held.seq >= packet.seq)):
+                log.info("duplicate %s: already accepted", who)
+                return ReceiveResult("duplicate", f"{who}: already accepted", packet, "duplicate")
+            # known here: the newest accepted packet, but the bank no longer holds it (bank rm): take it again
+            floors = [(stream.seq, "was already accepted")] if stream is not None else []
+            floors += [(held.seq, "is in the bank")] if held is not None else []
+            floor, where = max(floors, default=(-1, ""))
+            if packet.seq < floor:
+                return self._reject(f"{who}: rollback, seq {floor} {where} for this agent and task", "rollback",
+                                    packet)
+            if packet.seq == floor and not known:
+                return self._reject(f"{who}: a different packet with the same seq {where} "
+                                    f"(the sender must increase seq for every new version)", "equivocation",
+                                    packet)
             if self.plausibility is not None:
                 ok, why = self.plausibility(packet.knowledge)
                 if not ok:
@@ -187,12 +232,27 @@ class PacketReceiver:
                     return ReceiveResult("quarantined", f"{who}: {why}", packet, "implausible")
             if on_accept is not None:
                 on_accept(packet, data)
-            digests = (stream.digests if stream else []) + [packet.sha256]
-            streams[(packet.agent_id, packet.task)] = StreamState(packet.seq, digests[-REMEMBERED_DIGESTS:])
+            streams[(packet.agent_id, packet.task)] = _with(stream, packet)
         log.info("accepted %s", who)
         return ReceiveResult("accepted", f"{who}: accepted", packet, "accepted")
+
+    def _held(self, packet: Packet) -> HeldVersion | None:
+        """What the bank holds for the packet's (agent, task), if this receiver has a bank."""
+        if self.bank is None:
+            return None
+        for e in self.bank.entries():
+            if e.agent == packet.agent_id and e.task == packet.task:
+                return HeldVersion(int(e.seq), e.content_hash, getattr(e, "packet_sha256", "") or "")
+        return None
 
     @staticmethod
     def _reject(reason: str, code: str, packet: Packet | None = None) -> ReceiveResult:
         log.warning("rejected packet: %s", reason)
         return ReceiveResult("rejected", reason, packet, code)
+
+
+def _with(stream: StreamState | None, packet: Packet) -> StreamState:
+    """The stream after accepting ``packet``: its digest remembered (the newest few), its seq the floor
+    unless the stream already knew a newer one."""
+    digests = [d for d in (stream.digests if stream else []) if d != packet.sha256] + [packet.sha256]
+    return StreamState(max(packet.seq, stream.seq if stream else -1), digests[-REMEMBERED_DIGESTS:])

@@ -105,6 +105,8 @@ class SyncService:
         self.transport = transport
         self.bank = bank
         self.receiver = receiver
+        if receiver.bank is None:  # the bank's records are the receiver's second rollback floor
+            receiver.bank = bank
         self.fleet = fleet
         self.outbox = Path(outbox) if outbox is not None else None
         self.on_event = on_event

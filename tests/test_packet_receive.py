@@ -179,3 +179,57 @@ def test_state_file_is_replaced_atomically(receiver, key, tmp_path):
     leftovers = [p.name for p in (tmp_path / "state").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
     assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["streams"][0]["seq"] == 2
+
+
+# ---------------------------------------------------------------------------- the bank as second floor
+
+
+@pytest.fixture()
+def banked(trust, tmp_path):
+    """A receiver that feeds a real bank (and checks versions against it), plus that bank."""
+    from skill_edge.runtime.bank import KnowledgeBank
+
+    bank = KnowledgeBank(tmp_path / "bank")
+    rx = PacketReceiver(trust, ROM, tmp_path / "state", bank=bank)
+    return rx, bank
+
+
+def store_into(bank):
+    return lambda packet, raw: bank.put(packet.knowledge, packet_bytes=raw)
+
+
+def test_deleting_the_state_file_does_not_reopen_rollbacks(banked, key, tmp_path):
+    rx, bank = banked
+    v1, v2 = PacketCodec().encode(version(1), key), PacketCodec().encode(version(2), key)
+    assert rx.receive(v2, on_accept=store_into(bank)).status == "accepted"
+    (tmp_path / "state" / STATE_FILE).unlink()
+    r = rx.receive(v1, on_accept=lambda p, raw: pytest.fail("rolled the bank back"))
+    assert r.status == "rejected" and r.code == "rollback" and "seq 2 is in the bank" in r.reason
+    assert [(e.task, e.seq) for e in bank.entries()] == [("task-a", 2)]
+    other = PacketCodec().encode(version(2, seed=7), key)  # seq 2 again, other content: equivocation
+    assert rx.receive(other).code == "equivocation"
+    r = rx.receive(v2)
+    assert r.status == "duplicate" and "the bank holds it" in r.reason
+    assert rx.state.latest("agent-a", "task-a") == 2, "the state file catches up with the bank"
+
+
+def test_a_store_cut_short_before_the_state_write_is_a_duplicate_next_time(banked, key):
+    """The process died after the bank stored the packet and before the state file recorded it."""
+    rx, bank = banked
+    data = PacketCodec().encode(version(3), key)
+    bank.put(rx.codec.decode(data).knowledge, packet_bytes=data)
+    r = rx.receive(data, on_accept=lambda p, raw: pytest.fail("stored twice"))
+    assert r.status == "duplicate" and rx.state.latest("agent-a", "task-a") == 3
+
+
+def test_a_task_removed_from_the_bank_can_be_received_again(banked, key):
+    rx, bank = banked
+    v1, v2 = PacketCodec().encode(version(1), key), PacketCodec().encode(version(2), key)
+    rx.receive(v1, on_accept=store_into(bank))
+    rx.receive(v2, on_accept=store_into(bank))
+    bank.remove("task-a")
+    assert rx.receive(v1).status == "duplicate", "an older accepted version stays a no-op"
+    r = rx.receive(v2, on_accept=store_into(bank))
+    assert r.status == "accepted", r.reason
+    assert [(e.task, e.seq) for e in bank.entries()] == [("task-a", 2)]
+    assert rx.receive(v2).status == "duplicate"
