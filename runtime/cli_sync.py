@@ -31,9 +31,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from skill_edge.export.manifest import RomError, RomManifest
 from skill_edge.runtime.bank import BankError, KnowledgeBank
 from skill_edge.runtime.codec import format_size, parse_size
 from skill_edge.runtime.keys import HOME_ENV, KeyStoreError, TrustStore, skill_edge_home
+from skill_edge.runtime.knowledge import RomShape
 from skill_edge.runtime.receive import PacketReceiver
 from skill_edge.runtime.sync import BankPlausibility, SyncEvent, SyncService, SyncStats
 from skill_edge.runtime.transport import TransportError, open_transport
@@ -134,12 +136,14 @@ def sync_command(
             err.print(f"[yellow]warning:[/] trust store {trust_dir} is empty: every packet will be rejected "
                       "(add peers with: skill-edge keys add NAME FILE)")
         fingerprint = resolve_rom_fingerprint(rom, rom_fingerprint, bank)
+        shape = RomShape.from_manifest(RomManifest.read(rom)) if rom is not None else None  # packet widths
         check = BankPlausibility(bank) if plausibility else None
-        receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check, bank=bank)
+        receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check, bank=bank,
+                                  rom_shape=shape)
         mqtt_options = dict(chunk_size=chunk, username=username, password=password, tls_ca=tls_ca,
                             tls_cert=tls_cert, tls_key=tls_key, connect_timeout=connect_timeout)
         tx = open_transport(transport, fleet, state_dir=state_dir, **mqtt_options)
-    except (ValueError, KeyStoreError, BankError, TransportError, OSError) as exc:
+    except (ValueError, KeyStoreError, BankError, TransportError, OSError, RomError) as exc:
         _fail(str(exc))
     view = WatchView(fleet, transport) if watch else None
     service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox,
