@@ -207,3 +207,26 @@ def test_learn_stages_all_complete(learned: dict, tmp_path: Path) -> None:
     assert all(done == total for done, total in stages.values()), stages
     assert stages["train head"] == (1, 1) and stages["fit anchors"] == (1, 1)
     assert "task: shapes2" in res.stdout and "backend: CPUExecutionProvider" in res.stdout
+
+
+def test_stage_bars_complete_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage reported only at its start (0/1), as learn reports its head and anchor fits, ends at 1/1."""
+    import io
+
+    from rich.console import Console
+
+    from skill_edge.runtime import cli_output
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli_output, "console", Console(file=buf, force_terminal=True, width=100))
+    with cli_output.StageProgress("learn") as prog:
+        prog.update("extract train", 16, 48)
+        prog.update("extract train", 48, 48)
+        prog.update("train head", 0, 1)
+        prog.update("fit anchors", 0, 1)
+        bars = prog._progress.tasks
+        assert [(t.description, t.completed, t.total) for t in bars] == [
+            ("extract train", 48, 48), ("train head", 1, 1), ("fit anchors", 0, 1)]
+    assert all(t.completed == t.total for t in bars)
+    final = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).split("\r")[-1]
+    assert "train head" in final and "fit anchors" in final and "0/1" not in final

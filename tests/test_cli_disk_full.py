@@ -87,3 +87,20 @@ def test_log_level_accepts_names_and_numbers(value: str) -> None:
     level, complaint = log_level(value or None)
     assert complaint is None and level == {"": logging.WARNING, "INFO": logging.INFO, "10": 10}[value]
     assert log_level("loud")[1] is not None
+
+
+def test_outbox_write_on_a_full_disk_leaves_no_temp_file(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from skill_edge.runtime.cli import write_outbox
+        outbox = Path({str(tmp_path / "outbox")!r})
+        try:
+            write_outbox(outbox, "t-1.skp", b"x" * 200_000)
+        except OSError as exc:
+            print("OSError", exc.errno)
+        print(sorted(p.name for p in outbox.iterdir()))
+        print(write_outbox(outbox, "small-1.skp", b"y" * 100).name)
+    """)
+    res = _run([sys.executable, "-c", script], limit=64 * 1024)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["OSError 27", "[]", "small-1.skp"]  # EFBIG, nothing left, then a write fits
