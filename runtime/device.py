@@ -23,7 +23,7 @@ from .anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
 from .bank import KnowledgeBank
 from .datasets import ImageFolderTask, load_image_folder
 from .feature_cache import FeatureCache
-from .knowledge import KnowledgeError, TaskKnowledge, TaskMeta, validate_name
+from .knowledge import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
 from .learn import head_accuracy, train_bb, train_head
 from .mapper import TaskMapper, build_mapper
 from .preprocess import ImageInput
@@ -275,7 +275,8 @@ class Device:
     def mapper(self, kind: str = "gmmc") -> tuple[TaskMapper, list[TaskKnowledge]]:
         """The task mapper over every task in the bank (rebuilt when the bank changes)."""
         kind = MAPPER_ALIASES[kind]
-        tasks = [k for k in self.knowledge() if (k.gmmc if kind == "gmmc" else k.maha) is not None]
+        tasks = [k for k in self.knowledge() if (k.gmmc if kind == "gmmc" else k.maha) is not None
+                 and self._fits_rom(k)]
         if not tasks:
             raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
         stamp = ",".join(f"{k.task}:{k.content_hash()[:12]}" for k in tasks)
@@ -284,6 +285,16 @@ class Device:
             self._mappers[kind] = (stamp, build_mapper(kind, tasks))
             self._tasks_cache = tasks
         return self._mappers[kind][1], tasks
+
+    def _fits_rom(self, k: TaskKnowledge) -> bool:
+        """Whether a bank task has this ROM's widths.  One that does not (stored before receivers
+        checked them, issue 15) is left out of the mapper with a warning: it must not crash classify."""
+        try:
+            k.check_rom_shape(RomShape.from_manifest(self.engine.manifest))
+        except KnowledgeError as exc:
+            log.warning("left out of the task mapper: %s", exc)
+            return False
+        return True
 
     def featurize(self, images: Sequence[ImageInput]) -> tuple[FeatureBatch, list[tuple[int, str]], np.ndarray]:
         ex = self.engine.extract(images, keep_trunk=True)
