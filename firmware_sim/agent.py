@@ -222,6 +222,7 @@ class DeviceReport:
     test_labels: dict[str, list[int]] = field(default_factory=dict)
     prediction_digest: str = ""
     eval_files: dict[str, str] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # the device process's peak RSS (its whole life, this boot)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DeviceReport":
@@ -229,13 +230,49 @@ class DeviceReport:
 
 
 # ---------------------------------------------------------------------------- small helpers
+class _BBFlopCounter:
+    """Torch's FLOP counter around BB training, and nothing (no torch import) without BB.
+
+    The head is fitted in numpy/scipy and reports its own MACs (``head_train_macs`` in the task's
+    metrics); only BB training runs in torch, where ``FlopCounterMode`` measures it."""
+
+    def __init__(self, bb: bool) -> None:
+        self._mode = None
+        if bb:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._mode = FlopCounterMode(display=False)
+
+    def __enter__(self) -> "_BBFlopCounter":
+        if self._mode is not None:
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+
+    def macs(self) -> int:
+        return int(self._mode.get_total_flops() // 2) if self._mode is not None else 0
+
+
 def limit_threads(n: int) -> None:
-    """One device, ``n`` threads: BLAS/OpenMP (for libraries not loaded yet) and torch."""
+    """One device, ``n`` threads: BLAS/OpenMP (for libraries not loaded yet), and torch if it is loaded.
+
+    A device imports no torch (a simulated one neither, unless it learns BB), which is what lets the
+    lab hold a hundred of them on one machine."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    import torch
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
-    torch.set_num_threads(n)
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -363,8 +400,6 @@ class Agent:
         return rec
 
     def _learn(self, src: TaskSource) -> dict:
-        from torch.utils.flop_counter import FlopCounterMode
-
         from skill_edge.runtime.learn import head_accuracy
 
         spec = self.spec
@@ -374,7 +409,7 @@ class Agent:
             if what.startswith("extract"):
                 self.emit("extract", done, total)
 
-        counter = FlopCounterMode(display=False)
+        counter = _BBFlopCounter(spec.bb)
         if src.kind == "images":
             from skill_edge.runtime.datasets import load_image_folder
 
@@ -415,7 +450,8 @@ class Agent:
             task=src.name, agent=spec.name, n_train=int(n_train), n_classes=knowledge.num_classes,
             feature_dim=knowledge.feature_dim, anchor_dim=knowledge.anchor_dim or 0,
             backbone_macs_per_image=int(macs["full"]),
-            tail_macs_per_image=int(macs.get("tail", 0)), train_macs_measured=int(counter.get_total_flops() // 2),
+            tail_macs_per_image=int(macs.get("tail", 0)),
+            train_macs_measured=int(knowledge.meta.metrics.get("head_train_macs", 0)) + counter.macs(),
             bb=knowledge.bb is not None, bb_epochs=spec.bb_epochs if spec.bb else 0,
             gmmc_k=knowledge.gmmc.k if knowledge.gmmc is not None else 0,
             maha_exemplars=int(knowledge.maha.exemplars.shape[0]) if knowledge.maha is not None else 0,
@@ -669,7 +705,8 @@ class Agent:
             learn_records=records, link=self.iface.to_dict(), received=self.received, sync=stats, bank=bank,
             bank_digest=hashlib.sha256(json.dumps(bank, sort_keys=True).encode()).hexdigest(),
             bank_bytes=int(self.device.bank.used_bytes()),
-            quarantined=[f"{q.task}: {q.reason}" for q in self.device.bank.quarantined()], **results)
+            quarantined=[f"{q.task}: {q.reason}" for q in self.device.bank.quarantined()],
+            peak_rss_mb=round(peak_rss_mb(), 1), **results)
         self.emit("done", 1, 1)
         return report
 

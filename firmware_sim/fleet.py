@@ -385,7 +385,7 @@ def _result(cfg: FleetConfig, plan: _Plan, manifest, reports: dict[str, DeviceRe
                         "wire_bytes_received": link["received"]["wire_bytes"],
                         "sim_receive_s": link["received"]["seconds"],
                         "retransmissions_received": link["received"]["retransmissions"],
-                        "bank_bytes": reports[n].bank_bytes}
+                        "bank_bytes": reports[n].bank_bytes, "peak_rss_mb": reports[n].peak_rss_mb}
     comm_per_task = {t: dict(records[t]["packet_bytes_by_anchor"]) for t in task_names if t in records}
     student_bytes: dict[str, dict[str, int]] = {}
     for mp in cfg.mappers:

@@ -30,6 +30,7 @@ class HeadFit:
     val_accuracy: float
     weight_decay: float
     history: dict[str, float] = field(default_factory=dict)
+    train_macs: int = 0  # multiply-accumulates spent fitting (the fleet lab's teacher cost, paper Fig. 9)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,11 +47,13 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def fit_logistic_lbfgs(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, max_iter: int,
-                       init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise ``mean CE(x W^T + b, y) + wd/2 ||W||^2`` with L-BFGS; returns ``(W [C, D], b [C])``.
+                       init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Minimise ``mean CE(x W^T + b, y) + wd/2 ||W||^2`` with L-BFGS; returns ``(W [C, D], b [C], MACs)``.
 
     The objective is the one the torch head minimised (bias not decayed), with the same
     iteration budget and curvature memory (20 pairs); the gradient is exact and analytic.
+    Each evaluation costs two ``N x D x C`` products (logits and the weight gradient): that is
+    the MAC count returned.
     """
     n, d = x.shape
     x = np.ascontiguousarray(x, np.float32)  # the products run in float32, as the torch head's did
@@ -72,7 +75,7 @@ def fit_logistic_lbfgs(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float
                    options={"maxiter": max_iter, "maxfun": int(max_iter * 1.25), "maxcor": 20,
                             "gtol": 1e-6, "ftol": 1e-12})
     theta = res.x
-    return theta[:num_classes * d].reshape(num_classes, d), theta[num_classes * d:]
+    return theta[:num_classes * d].reshape(num_classes, d), theta[num_classes * d:], 2 * n * d * num_classes * res.nfev
 
 
 def train_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, val_fraction: float = 0.15,
@@ -87,19 +90,21 @@ def train_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, va
     keep, held = stratified_split(y, val_fraction, seed)
     history: dict[str, float] = {}
     best_wd, best_acc = weight_decays[-1], -1.0
-    init = None
+    init, macs = None, 0
     if len(held) > 0:
         for wd in weight_decays:
-            w, b = init = fit_logistic_lbfgs(xs[keep], y[keep], num_classes, wd, max_iter, init)
+            w, b, spent = fit_logistic_lbfgs(xs[keep], y[keep], num_classes, wd, max_iter, init)
+            init, macs = (w, b), macs + spent
             acc = float(np.mean((xs[held] @ w.T + b).argmax(1) == y[held]))
             history[f"val_acc@wd={wd:g}"] = acc
             if acc > best_acc + 1e-9 or (abs(acc - best_acc) <= 1e-9 and wd > best_wd):
                 best_wd, best_acc = wd, acc
-    w, b = fit_logistic_lbfgs(xs, y, num_classes, best_wd, max_iter)
+    w, b, spent = fit_logistic_lbfgs(xs, y, num_classes, best_wd, max_iter)
     # fold the standardisation into the head: W (x - mu) / sigma + b
     w_raw = w / sigma
     b_raw = b - (w * (mu / sigma)).sum(1)
-    return HeadFit(w_raw.astype(np.float32), b_raw.astype(np.float32), max(best_acc, 0.0), best_wd, history)
+    return HeadFit(w_raw.astype(np.float32), b_raw.astype(np.float32), max(best_acc, 0.0), best_wd, history,
+                   macs + spent)
 
 
 def head_accuracy(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
