@@ -11,8 +11,11 @@ Where things live (``--home``/``--keys``, default ``$SKILL_EDGE_HOME`` or ``~/.s
     outbox/     packets to publish; moved to outbox/sent/ once the transport holds them
     sync/       receive state (newest seq per agent and task) and the folder transport's memory
 
-Exit status: 0 when everything went through, 1 when something could not be published or
-stored (it stays queued and is retried next time) or the transport failed.
+Exit status (also in ``--help``): 0 when everything that arrived was taken in; 1 when something
+could not be published, stored or received intact (it is retried next time), or the transport or
+a setting failed; 2 for bad command-line usage; 3 when there were no such failures but some
+packets were refused (rejected, or quarantined and not released).  Every packet is reported on
+one line, then one summary line; off a terminal the lines are plain text, never wrapped.
 
 Wire into the root command with ``app.command("sync")(sync_command)``.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -65,8 +69,19 @@ def _close_within(tx, seconds: float) -> None:
         err.print(f"[yellow]warning:[/] the transport did not close within {seconds:g} s; exiting anyway")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+#: Exit codes of ``skill-edge sync`` (see the module docstring and the command's help).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+
+
+def exit_code(stats: SyncStats) -> int:
+    """Failures (retried next time) outrank refusals; a run with neither exits 0."""
+    if stats.failed:
+        return EXIT_FAILED
+    return EXIT_REFUSED if stats.refused else EXIT_OK
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -122,7 +137,13 @@ def sync_command(
     timeout: float = typer.Option(300.0, "--timeout", help="one-shot: stop receiving after this many seconds"),
     connect_timeout: float = typer.Option(15.0, "--connect-timeout", help="MQTT: give up connecting after this"),
 ) -> None:
-    """Publish this device's outbox and store what the fleet sends (one-shot, or --watch)."""
+    """Publish this device's packets and store what the fleet sends (one-shot, or --watch).
+
+    Prints one line per packet and a summary line.  Exit status: 0 everything that arrived was
+    taken in (or nothing new came); 1 something could not be published, stored or received
+    intact (retried on the next run), or the transport or a setting failed; 2 bad usage; 3 no
+    failures, but some packets were refused (rejected, or left in quarantine).
+    """
     home_dir = skill_edge_home(home)
     bank_dir = bank_dir or home_dir / "bank"
     trust_dir = trust_dir or home_dir / "trust"
@@ -134,7 +155,7 @@ def sync_command(
         trust = TrustStore(trust_dir)
         if not trust.keys():
             err.print(f"[yellow]warning:[/] trust store {trust_dir} is empty: every packet will be rejected "
-                      "(add peers with: skill-edge keys add NAME FILE)")
+                      "(add peers with: skill-edge keys add NAME FILE)", soft_wrap=True)
         fingerprint = resolve_rom_fingerprint(rom, rom_fingerprint, bank)
         shape = RomShape.from_manifest(RomManifest.read(rom)) if rom is not None else None  # packet widths
         check = BankPlausibility(bank) if plausibility else None
@@ -167,9 +188,10 @@ def sync_command(
         _close_within(tx, CLOSE_TIMEOUT_S)
         _fail(str(exc))
     _close_within(tx, CLOSE_TIMEOUT_S)
+    code = exit_code(service.stats)
     if view is None or not view.used_live:  # the live view's last frame already shows the counts
-        console.print(_stats_line(service.stats, transport, fleet))
-    raise typer.Exit(1 if service.stats.errors else 0)
+        console.print(_stats_line(service.stats, transport, fleet) + _verdict(service.stats, code), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 app.command("sync")(sync_command)
@@ -184,9 +206,20 @@ def _print_event(e: SyncEvent) -> None:
 
 
 def _stats_line(s: SyncStats, transport: str, fleet: str) -> str:
-    return (f"sync {fleet} via {transport}: published {s.published}, arrived {s.arrived}, "
+    corrupt = f" ({s.corrupt} damaged in transit)" if s.corrupt else ""
+    return (f"sync {escape(fleet)} via {escape(transport)}: published {s.published}, arrived {s.arrived}, "
             f"accepted [green]{s.accepted}[/], duplicate {s.duplicate}, rejected [red]{s.rejected}[/], "
-            f"quarantined [yellow]{s.quarantined}[/] (released later {s.released}), own {s.own}, errors {s.errors}")
+            f"quarantined [yellow]{s.quarantined}[/] (released later {s.released}), own {s.own}, "
+            f"errors {s.failed}{corrupt}")
+
+
+def _verdict(s: SyncStats, code: int) -> str:
+    """Why the exit status is what it is, in words, at the end of the summary line."""
+    if code == EXIT_FAILED:
+        return f"; exit {code}: {s.failed} failed and will be retried"
+    if code == EXIT_REFUSED:
+        return f"; exit {code}: {s.refused} packet(s) refused"
+    return ""
 
 
 class WatchView:

@@ -228,7 +228,7 @@ class PacketReceiver:
             if self.plausibility is not None:
                 ok, why = self.plausibility(packet.knowledge)
                 if not ok:
-                    log.warning("quarantined %s: %s", who, why)
+                    log.info("quarantined %s: %s", who, why)
                     return ReceiveResult("quarantined", f"{who}: {why}", packet, "implausible")
             if on_accept is not None:
                 on_accept(packet, data)
@@ -247,7 +247,8 @@ class PacketReceiver:
 
     @staticmethod
     def _reject(reason: str, code: str, packet: Packet | None = None) -> ReceiveResult:
-        log.warning("rejected packet: %s", reason)
+        # INFO: the caller reports the decision (SyncService as one event); a warning here printed it twice
+        log.info("rejected packet: %s", reason)
         return ReceiveResult("rejected", reason, packet, code)
 
 

@@ -69,10 +69,10 @@ def test_same_packet_twice_is_a_duplicate_no_op(receiver, key, tmp_path):
 def test_rollback_to_an_older_seq_is_rejected(receiver, key, caplog):
     old, new = PacketCodec().encode(version(1), key), PacketCodec().encode(version(2), key)
     assert receiver.receive(new).status == "accepted"
-    with caplog.at_level(logging.WARNING, logger="skill_edge.runtime.receive"):
+    with caplog.at_level(logging.INFO, logger="skill_edge.runtime.receive"):
         r = receiver.receive(old)
     assert r.status == "rejected" and r.code == "rollback" and "seq 2 was already accepted" in r.reason
-    assert "rollback" in caplog.text  # the reason is logged
+    assert "rollback" in caplog.text  # the reason is logged (at INFO: SyncService reports the decision once)
     assert receiver.state.latest("agent-a", "task-a") == 2
 
 

@@ -113,6 +113,11 @@ class Transport(ABC):
     def forget(self, packet: ReceivedPacket) -> None:
         """Deliver ``packet`` again when it next shows up (e.g. storing it failed: nothing is lost)."""
 
+    def faults(self) -> int:
+        """Messages this transport dropped itself since it was opened, because they arrived damaged
+        (a corrupt chunk or manifest, a reassembled packet failing its sha256, an unreadable file)."""
+        return 0
+
     def pending(self) -> int:
         """Transfers started but not complete (e.g. chunked packets still missing chunks)."""
         return 0

@@ -109,6 +109,7 @@ class DirectoryTransport(Transport):
         self._seen: dict[str, Delivered] = self._load_state()  # acked files (persisted)
         self._offered: dict[str, FileSignature] = {}  # polled, not yet acked (this object only)
         self._warned: set[str] = set()
+        self._faults = 0  # packet files skipped as oversized or unreadable
         try:
             (self.root / self.fleet).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -163,14 +164,15 @@ class DirectoryTransport(Transport):
                 if before[0] == 0:
                     continue  # being created by a non-atomic writer
                 if before[0] > self.max_packet_bytes:
-                    self._warn_once(path, f"{before[0]} bytes is over the {self.max_packet_bytes}-byte limit")
+                    self._warn_once(path, f"{before[0]} bytes is over the {self.max_packet_bytes}-byte limit",
+                                    fault=True)
                     continue
                 data = path.read_bytes()
                 after = _signature(path.stat())
             except FileNotFoundError:
                 continue  # renamed or removed between listing and reading
             except OSError as exc:
-                self._warn_once(path, f"unreadable: {exc}")
+                self._warn_once(path, f"unreadable: {exc}", fault=True)
                 continue
             if after != before or len(data) != after[0]:
                 continue  # still being written: read it on a later scan
@@ -213,6 +215,9 @@ class DirectoryTransport(Transport):
             self._save_state()
         self._retry_at[key] = time.monotonic() + self.retry_delay
 
+    def faults(self) -> int:
+        return self._faults
+
     # ------------------------------------------------------------------ bookkeeping
     def close(self) -> None:
         if not self.closed:
@@ -232,9 +237,10 @@ class DirectoryTransport(Transport):
         if self.closed:
             raise TransportError("directory transport is closed")
 
-    def _warn_once(self, path: Path, why: str) -> None:
+    def _warn_once(self, path: Path, why: str, *, fault: bool = False) -> None:
         if str(path) not in self._warned:
             self._warned.add(str(path))
+            self._faults += fault
             log.warning("skipping %s: %s", path, why)
 
     def _load_state(self) -> dict[str, Delivered]:

@@ -713,6 +713,9 @@ class MqttTransport(Transport):
         with self._rx_lock:
             self._seen.discard(hashlib.sha256(packet.data).hexdigest())
 
+    def faults(self) -> int:
+        return self.stats.corrupt
+
     def pending(self) -> int:
         with self._rx_lock:
             return len(self._assemblies)

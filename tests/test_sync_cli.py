@@ -1,0 +1,89 @@
+"""`skill-edge sync` as users and scripts meet it: exit codes, one line per packet, a summary line.
+
+Run as a real subprocess where stdout is a pipe (not a terminal), as in cron or CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from typer.testing import CliRunner
+
+from mqtt_broker import MosquittoBroker, mosquitto, needs_mosquitto  # noqa: F401
+from skill_edge.runtime.cli_sync import app as sync_app
+from skill_edge.runtime.keys import TrustStore
+from skill_edge.runtime.transport import open_transport
+from test_sync import ROM_FP, make_fleet
+
+SKILL_EDGE = Path(sys.executable).parent / "skill-edge"
+
+
+def run_sync(device, transport: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SKILL_EDGE), "sync", *device.cli_args(transport, "lab"), "--idle", "0.3", *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_all_rejected_exits_3_with_one_line_per_packet_and_a_summary(tmp_path: Path) -> None:
+    a, b = make_fleet(tmp_path, ["dev-a", "dev-b"], trusted=["dev-b"])  # b does not trust a yet
+    share = f"dir:{tmp_path / 'share'}"
+    a.learn("birds")
+    a.learn("cars")
+    assert run_sync(a, share).returncode == 0
+
+    r = run_sync(b, share)
+    assert r.returncode == 3, r.stdout + r.stderr
+    text = r.stdout + r.stderr
+    for task in ("birds", "cars"):
+        lines = [ln for ln in text.splitlines() if task in ln]
+        assert len(lines) == 1 and lines[0].startswith("rejected"), f"{task} reported {len(lines)} times:\n{text}"
+    assert "Traceback" not in text
+    summary = r.stdout.splitlines()[-1]
+    assert summary.startswith("sync lab via dir:") and "arrived 2," in summary and "rejected 2," in summary
+    assert "errors 0" in summary and summary.endswith("exit 3: 2 packet(s) refused"), summary
+    assert "\x1b[" not in r.stdout, "no colour codes off a terminal"
+
+    TrustStore(b.trust).add("dev-a", a.key.public_key)
+    r = run_sync(b, share)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "accepted 2," in r.stdout.splitlines()[-1]
+
+
+def test_help_documents_the_exit_codes() -> None:
+    r = CliRunner().invoke(sync_app, ["--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    flat = " ".join(r.output.split())
+    assert "Exit status: 0" in flat and "1 something could not be published" in flat and "3 no failures" in flat
+
+
+@needs_mosquitto
+@pytest.mark.mqtt
+def test_a_corrupt_chunk_is_an_error(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    a, b = make_fleet(tmp_path, ["dev-a", "dev-b"])
+    fleet = f"f{uuid.uuid4().hex[:8]}"
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    data = a.learn("big", dim=256)
+    pub = open_transport(url, fleet, chunk_size=2048)
+    pub.publish(data, fleet=fleet, task="big", agent_id="dev-a", seq=1)
+    pub.close()
+    sha = hashlib.sha256(data).hexdigest()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(mosquitto.host, mosquitto.port)
+    c.loop_start()
+    bad = bytearray(data[2048:4096])
+    bad[5] ^= 0xFF  # same length: reassembly completes, the sha256 check fails
+    c.publish(f"skill/{fleet}/chunks/dev-a/{sha}/1", bytes(bad), qos=1, retain=True).wait_for_publish(5)
+    c.loop_stop()
+
+    r = subprocess.run([str(SKILL_EDGE), "sync", "--transport", url, "--fleet", fleet, "--home", str(b.home),
+                        "--trust", str(b.trust), "--rom-fingerprint", ROM_FP, "--idle", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = r.stdout.splitlines()[-1]
+    assert "arrived 0," in summary and "errors 1 (1 damaged in transit)" in summary, summary
+    assert "big" not in b.tasks()
