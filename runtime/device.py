@@ -289,8 +289,10 @@ class Device:
     def _fits_rom(self, k: TaskKnowledge) -> bool:
         """Whether a bank task has this ROM's widths.  One that does not (stored before receivers
         checked them, issue 15) is left out of the mapper with a warning: it must not crash classify."""
+        if getattr(self, "_rom_shape", None) is None:  # read once: the ROM cannot change under a device
+            self._rom_shape = RomShape.from_manifest(self.engine.manifest)
         try:
-            k.check_rom_shape(RomShape.from_manifest(self.engine.manifest))
+            k.check_rom_shape(self._rom_shape)
         except KnowledgeError as exc:
             log.warning("left out of the task mapper: %s", exc)
             return False
