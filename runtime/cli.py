@@ -36,6 +36,8 @@ ProviderOption = typer.Option(None, "--provider",
                               help="Backend order override (repeatable): tensorrt, cuda, cpu, or ONNX Runtime's "
                                    "names TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider. "
                                    "The backend that runs is printed to stderr ('backend: ...').")
+MapperOption = typer.Option("gmmc", "--mapper", help="Task mapper: gmmc or mahalanobis.")
+NoOpenSetOption = typer.Option(False, "--no-open-set", help="Never answer unknown.")
 CameraHelp = ("Video source: 0 (= V4L2 /dev/video0; a CSI camera is csi://0, unlike jetson-inference where 0 "
               "means CSI), v4l2:///dev/video0, csi://0, file://clip.mp4, rtsp://...")
 
@@ -66,6 +68,15 @@ def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
     except ProviderError as exc:
         console.print(f"[red]bad --provider:[/red] {exc}", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
+
+
+def check_mapper(mapper: str) -> None:
+    """``--mapper`` of classify and eval: gmmc, maha or mahalanobis, else a usage error (exit 2)."""
+    from .device import MAPPER_ALIASES
+
+    if mapper not in MAPPER_ALIASES:
+        console.print(f"[red]--mapper must be gmmc or mahalanobis, not {mapper!r}[/red]", highlight=False)
+        raise typer.Exit(EXIT_USAGE)
 
 
 def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[List[str]], *, need_key: bool = False):
@@ -326,8 +337,8 @@ def classify_command(
     camera: Optional[str] = typer.Option(None, "--camera", "-c", help="Classify frames from a video source. "
                                          + CameraHelp.split(": ", 1)[1]),
     frames: int = typer.Option(30, "--frames", help="Frames to classify from --camera."),
-    mapper: str = typer.Option("gmmc", "--mapper", help="Task mapper: gmmc or mahalanobis."),
-    no_open_set: bool = typer.Option(False, "--no-open-set", help="Never answer unknown."),
+    mapper: str = MapperOption,
+    no_open_set: bool = NoOpenSetOption,
     home: Optional[Path] = HomeOption,
     rom: Optional[Path] = RomOption,
     provider: Optional[List[str]] = ProviderOption,
@@ -340,11 +351,9 @@ def classify_command(
     1 some inputs missing or unreadable (the others are still classified and printed);
     2 a bad option, no ROM, nothing to classify, or no task in the bank.
     """
-    from .device import MAPPER_ALIASES, LearnError, Prediction
+    from .device import LearnError, Prediction
 
-    if mapper not in MAPPER_ALIASES:
-        console.print(f"[red]--mapper must be gmmc or mahalanobis, not {mapper!r}[/red]")
-        raise typer.Exit(EXIT_USAGE)
+    check_mapper(mapper)
     if camera is None and not images:
         console.print("[red]nothing to classify: give image files/folders or --camera[/red]")
         raise typer.Exit(EXIT_USAGE)

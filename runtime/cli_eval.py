@@ -28,8 +28,11 @@ from .cli import (
     EXIT_INPUT_FAILED,
     EXIT_USAGE,
     HomeOption,
+    MapperOption,
+    NoOpenSetOption,
     ProviderOption,
     RomOption,
+    check_mapper,
     open_device,
 )
 from .cli_output import StageProgress, console, out, print_table
@@ -176,13 +179,13 @@ def eval_command(
     split: str = typer.Option("test", "--split",
                               help="test: the folder's test split (or the same seeded hold-out learn used when it "
                                    "has none); all: every image."),
-    mapper: str = typer.Option("gmmc", "--mapper", help="Task mapper: gmmc or mahalanobis."),
-    no_open_set: bool = typer.Option(False, "--no-open-set", help="Never answer unknown."),
+    mapper: str = MapperOption,
+    no_open_set: bool = NoOpenSetOption,
     seed: int = typer.Option(0, "--seed", help="Seed of the hold-out split (as given to learn)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results (and the confusion matrices) as JSON."),
     home: Optional[Path] = HomeOption,
     rom: Optional[Path] = RomOption,
     provider: Optional[List[str]] = ProviderOption,
-    as_json: bool = typer.Option(False, "--json", help="Print the results (and the confusion matrices) as JSON."),
 ) -> None:
     """Accuracy and confusion of this device on labelled folders, with no task oracle.
 
@@ -192,11 +195,9 @@ def eval_command(
     2 a bad option, no ROM, a folder that is no task of the bank, or an empty bank.
     """
     from .datasets import DatasetError
-    from .device import MAPPER_ALIASES, LearnError
+    from .device import LearnError
 
-    if mapper not in MAPPER_ALIASES:
-        console.print(f"[red]--mapper must be gmmc or mahalanobis, not {mapper!r}[/red]")
-        raise typer.Exit(EXIT_USAGE)
+    check_mapper(mapper)
     if split not in ("test", "all"):
         console.print(f"[red]--split must be test or all, not {split!r}[/red]")
         raise typer.Exit(EXIT_USAGE)
