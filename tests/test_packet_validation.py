@@ -20,7 +20,7 @@ from bench_modules import load_benchmark
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from skill_edge.runtime.bank import KnowledgeBank
-from skill_edge.runtime.keys import DeviceKey, TrustStore
+from skill_edge.runtime.keys import DeviceKey
 from skill_edge.runtime.knowledge import (
     CREATED_RANGE,
     GmmcAnchor,
@@ -35,7 +35,7 @@ from skill_edge.runtime.packet import HEADER, PacketCodec, PacketError, parse_fr
 from skill_edge.runtime.receive import PacketReceiver
 from skill_edge.runtime.sync import BankPlausibility
 
-ROM = load_benchmark("fuzz_packets").ROM_FINGERPRINT
+ROM = load_benchmark("fuzz_packets").ROM_FINGERPRINT  # the fixtures key and trust ("peer") are conftest.py's
 #: A small ROM: 64 features, 8 trunk channels (so sqrt_l2_trunk anchors are 64 + 16 = 80 wide), 40 tail BB slots.
 SHAPE = RomShape(ROM, feature_dim=64, trunk_channels=8, tail_bias_total=40,
                  tail_layout_hash=hashlib.sha256(b"tail layout").hexdigest()[:32])
@@ -63,18 +63,6 @@ def honest(task: str, seed: int = 0, *, d: int = SHAPE.feature_dim, trunk: int =
                                labels.astype(np.float32)),
         thresholds={"gmmc": -50.0, "maha": -5.0},
     ).validate()
-
-
-@pytest.fixture()
-def key() -> DeviceKey:
-    return DeviceKey.generate()
-
-
-@pytest.fixture()
-def trust(key, tmp_path) -> TrustStore:
-    t = TrustStore(tmp_path / "trust")
-    t.add("peer", key.public_key)
-    return t
 
 
 def resign(data: bytes, key: DeviceKey, *, metadata=None, tensors: dict[str, np.ndarray] | None = None) -> bytes:
