@@ -4,10 +4,18 @@ A record is exactly the pair a knowledge packet carries -- ``TaskKnowledge.metad
 ``TaskKnowledge.tensors()`` as one safetensors file -- plus, optionally, the raw packet bytes it was
 decoded from.  Nothing is ever pickled.
 
+Tasks are keyed by their fleet-wide identity ``TaskKey(task, agent)`` (``runtime.identity``): the
+origin agent plus the name.  Two agents' ``cifar`` are two entries; a newer version from the same
+origin replaces the older one; and a task the device learned itself (``own``) is never replaced by
+anyone else's packet.  An own task's record also holds the signed packet the device broadcasts for
+it, written in the same atomic step as the task, so publishing is a function of the bank.
+
 On-disk layout (``root`` is e.g. ``~/.skill-edge/bank``)::
 
     lock                    flock()ed by the single writer; holds its pid for error messages
-    index.json              current generation: task -> record hash + summary; sha256 of itself inside
+    index.json              current generation: a list of (task, agent) -> record hash + summary
+                            entries; sha256 of itself inside.  Format /1 (keyed by task name alone)
+                            is still read, and rewritten as /2 by the next writer
     index.prev.json         previous generation; used when index.json fails its checksum
     index.json.corrupt      the last index.json that failed its checksum (kept for forensics)
     records/<sha256>/       one immutable record per directory, named by the sha256 of its record.json:
@@ -39,7 +47,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +55,11 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from skill_edge.runtime.identity import TaskKey, display_names, match, short_agent
 from skill_edge.runtime.knowledge import KnowledgeError, TaskKnowledge
 
-INDEX_FORMAT = "skill-edge-bank-index/1"
+INDEX_FORMAT = "skill-edge-bank-index/2"
+LEGACY_INDEX_FORMAT = "skill-edge-bank-index/1"  # keyed by task name; read, never written
 RECORD_FORMAT = "skill-edge-bank-record/1"
 MANIFEST = "record.json"
 METADATA = "metadata.json"
@@ -77,6 +87,18 @@ class UnknownTaskError(BankError):
     """The bank holds no task (or quarantined item) of that name."""
 
 
+class AmbiguousTaskError(BankError):
+    """A bare task name that several agents' tasks share; the message lists them as ``task@agent``."""
+
+    def __init__(self, message: str, candidates: list[TaskKey]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
+class OwnTaskError(BankError):
+    """Another agent's knowledge would replace a task this device learned itself; nothing was written."""
+
+
 @dataclass(frozen=True)
 class BankEntry:
     """Summary of one stored task, kept in the index so listing never reads the records."""
@@ -94,6 +116,13 @@ class BankEntry:
     has_bb: bool
     anchors: tuple[str, ...]  # subset of ("gmmc", "maha")
     has_packet: bool
+    own: bool = False  # learned by this device (never replaced by another agent's packet)
+    packet_sha256: str = ""  # sha256 of the stored packet bytes ("" without them)
+
+    @property
+    def key(self) -> TaskKey:
+        """The task's fleet-wide identity: origin agent + name."""
+        return TaskKey(self.task, self.agent)
 
 
 @dataclass(frozen=True)
@@ -139,27 +168,39 @@ class VerifyReport:
 @dataclass
 class _Index:
     generation: int
-    tasks: dict[str, BankEntry]
+    tasks: dict[TaskKey, BankEntry]
+    legacy: bool = False  # read from a format /1 index: own flags inferred, packet digests not yet known
 
     def to_bytes(self) -> bytes:
         body = {"format": INDEX_FORMAT, "generation": self.generation,
-                "tasks": {t: asdict(e) for t, e in sorted(self.tasks.items())}}
+                "tasks": [asdict(e) for _, e in sorted(self.tasks.items())]}
         return json.dumps({**body, "sha256": _index_digest(body)}, sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "_Index":
         """Parse and check the embedded sha256; raises ``ValueError`` on any mismatch."""
         doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        if fmt not in (INDEX_FORMAT, LEGACY_INDEX_FORMAT):
             raise ValueError("not a skill-edge bank index")
         claimed = doc.pop("sha256", None)
         if claimed != _index_digest(doc):
             raise ValueError("checksum mismatch")
-        tasks = {t: BankEntry(**{**e, "anchors": tuple(e["anchors"])}) for t, e in doc["tasks"].items()}
-        return cls(int(doc["generation"]), tasks)
+        if fmt == INDEX_FORMAT:
+            entries = [BankEntry(**{**e, "anchors": tuple(e["anchors"])}) for e in doc["tasks"]]
+        else:  # /1 had no own flag: what a device stored from a packet has source "packet:<sha256>"
+            entries = [BankEntry(**{**e, "anchors": tuple(e["anchors"]),
+                                    "own": not str(e["source"]).startswith("packet:")})
+                       for e in doc["tasks"].values()]
+        return cls(int(doc["generation"]), {e.key: e for e in entries}, legacy=fmt != INDEX_FORMAT)
 
     def records(self) -> set[str]:
         return {e.record for e in self.tasks.values()}
+
+
+def _what(entry: BankEntry) -> str:
+    """How error messages name a stored task: its name and origin."""
+    return f"task {entry.task!r} from agent {short_agent(entry.agent)}"
 
 
 def _index_digest(body: dict[str, Any]) -> str:
@@ -228,29 +269,43 @@ class KnowledgeBank:
 
     # ------------------------------------------------------------------ reading
     def entries(self) -> list[BankEntry]:
-        """Every stored task, sorted by name (from the index alone)."""
+        """Every stored task, sorted by name, then origin agent (from the index alone)."""
         index, _ = self._read_index()
-        return [index.tasks[t] for t in sorted(index.tasks)]
+        return [index.tasks[k] for k in sorted(index.tasks)]
 
-    def __contains__(self, task: str) -> bool:
-        return task in self._read_index()[0].tasks
+    def __contains__(self, ref: str | TaskKey) -> bool:
+        try:
+            self.resolve(ref)
+        except UnknownTaskError:
+            return False
+        return True
 
-    def get(self, task: str) -> TaskKnowledge:
-        """The task's knowledge, every byte checked against its sha256 first."""
-        entry, files = self._read_live(task)
+    def resolve(self, ref: str | TaskKey) -> BankEntry:
+        """The one entry ``ref`` names: a ``TaskKey``, a task name that only one agent taught, or
+        ``TASK@AGENT`` with the agent id or a prefix of it.
+
+        Raises ``UnknownTaskError`` when nothing matches and ``AmbiguousTaskError`` (listing the
+        candidates as ``task@agent``) when several do.
+        """
+        return self._resolve(self._read_index()[0], ref)
+
+    def get(self, ref: str | TaskKey) -> TaskKnowledge:
+        """The task's knowledge, every byte checked against its sha256 first (``ref`` as for ``resolve``)."""
+        entry, files = self._read_live(ref)
         return self._knowledge_from(entry, files)
 
-    def packet_bytes(self, task: str) -> bytes | None:
+    def packet_bytes(self, ref: str | TaskKey) -> bytes | None:
         """The packet bytes the task was stored with, or None."""
-        _, files = self._read_live(task)
+        _, files = self._read_live(ref)
         return files.get(PACKET)
 
     def load_all(self) -> list[TaskKnowledge]:
-        """Every task, from one consistent index generation; raises on the first corrupt record."""
+        """Every task, from one consistent index generation, in ``entries()`` order; raises on the first
+        corrupt record."""
         for _ in range(5):
             index, _ = self._read_index()
             try:
-                return [self._knowledge_from(e, self._read_record(self.records_dir, e.record, f"task {e.task!r}"))
+                return [self._knowledge_from(e, self._read_record(self.records_dir, e.record, _what(e)))
                         for _, e in sorted(index.tasks.items())]
             except FileNotFoundError:
                 if self._read_index()[0].generation == index.generation:
@@ -263,10 +318,20 @@ class KnowledgeBank:
         return sum(e.bytes for e in index.tasks.values()) + sum(q.bytes for q in self.quarantined())
 
     # ------------------------------------------------------------------ writing
-    def put(self, knowledge: TaskKnowledge, *, packet_bytes: bytes | None = None) -> BankEntry:
-        """Store ``knowledge``, atomically replacing any task of the same name."""
+    def put(self, knowledge: TaskKnowledge, *, packet_bytes: bytes | None = None, own: bool = False) -> BankEntry:
+        """Store ``knowledge`` under its identity ``(task, meta.agent_id)``, atomically.
+
+        ``own=True`` means this device learned it (pass the signed packet it broadcasts as
+        ``packet_bytes``, so the two are stored together): it replaces the device's previous own
+        version(s) of that name, whatever agent id they were learned under, and any copy of the
+        task that came back from the fleet.  ``own=False`` means it came from a packet: it replaces
+        an earlier version from the same origin and sits beside other agents' tasks of the same
+        name.  It never replaces an own task: an identical copy is a no-op that returns the stored
+        entry, anything else raises ``OwnTaskError``.
+        """
         knowledge.validate()
         task = knowledge.task
+        key = TaskKey(task, knowledge.meta.agent_id)
         files = {METADATA: json.dumps(knowledge.metadata(), sort_keys=True, indent=1).encode(),
                  TENSORS: save_safetensors(knowledge.tensors())}
         if packet_bytes is not None:
@@ -279,34 +344,45 @@ class KnowledgeBank:
             agent=knowledge.meta.agent_id, source=knowledge.meta.source, created=float(knowledge.meta.created),
             stored=time.time(), content_hash=content_hash, record=record, has_bb=knowledge.bb is not None,
             anchors=tuple(a for a in ("gmmc", "maha") if getattr(knowledge, a) is not None),
-            has_packet=packet_bytes is not None)
+            has_packet=packet_bytes is not None, own=own,
+            packet_sha256=_sha256(files[PACKET]) if packet_bytes is not None else "")
+        what = f"task {task!r} from agent {short_agent(key.agent)}"
         with self._locked():
             index = self._recover()
-            old = index.tasks.get(task)
-            self._check_quota(f"task {task!r}", size, freed=old.bytes if old else 0)
+            old = index.tasks.get(key)
+            if old is not None and old.own and not own:
+                if old.content_hash == content_hash:
+                    return old  # this device's own task, come back from the fleet
+                raise OwnTaskError(
+                    f"{what} (seq {entry.seq}) would replace the task this device learned itself (seq "
+                    f"{old.seq}); refused. A device's own tasks change only when it learns them again")
+            replaced = {key} | ({k for k, e in index.tasks.items() if e.own and e.task == task} if own else set())
+            replaced &= set(index.tasks)
+            self._check_quota(what, size, freed=sum(index.tasks[k].bytes for k in replaced))
             created = False
             try:
                 created = self._store_record(self.records_dir, record, files, manifest)
-                self._commit(index, {**index.tasks, task: entry})
+                kept = {k: e for k, e in index.tasks.items() if k not in replaced}
+                self._commit(index, {**kept, key: entry})
             except OSError as exc:
                 if created:
                     with contextlib.suppress(OSError):
                         self._delete_dir(self.records_dir / record)
-                raise self._write_error(f"storing task {task!r} ({size:,} bytes)", exc) from exc
+                raise self._write_error(f"storing {what} ({size:,} bytes)", exc) from exc
             self._collect_garbage()
         return entry
 
-    def remove(self, task: str) -> None:
-        """Forget a task (atomically); raises ``UnknownTaskError`` if there is none."""
+    def remove(self, ref: str | TaskKey) -> BankEntry:
+        """Forget a task (atomically) and return its entry; ``ref`` as for ``resolve``."""
         with self._locked():
             index = self._recover()
-            if task not in index.tasks:
-                raise UnknownTaskError(f"no task {task!r} in the bank at {self.root}")
+            entry = self._resolve(index, ref)
             try:
-                self._commit(index, {t: e for t, e in index.tasks.items() if t != task})
+                self._commit(index, {k: e for k, e in index.tasks.items() if k != entry.key})
             except OSError as exc:
-                raise self._write_error(f"removing task {task!r}", exc) from exc
+                raise self._write_error(f"removing {_what(entry)}", exc) from exc
             self._collect_garbage()
+        return entry
 
     # ------------------------------------------------------------------ quarantine
     def quarantine(self, knowledge: TaskKnowledge | None, reason: str, packet_bytes: bytes | None = None
@@ -372,11 +448,13 @@ class KnowledgeBank:
                     report.index_file = name
             live = current or prev
             if live is not None:
-                for task, entry in sorted(live.tasks.items()):
+                keys = sorted(live.tasks)
+                for key, label in zip(keys, display_names(keys)):
+                    entry = live.tasks[key]
                     try:
-                        self._knowledge_from(entry, self._read_record(self.records_dir, entry.record, f"task {task!r}",
+                        self._knowledge_from(entry, self._read_record(self.records_dir, entry.record, _what(entry),
                                                                       missing_ok=False))
-                        report.tasks_checked.append(task)
+                        report.tasks_checked.append(label)
                     except BankError as exc:
                         report.problems.append(str(exc))
             referenced = (current.records() if current else set()) | (prev.records() if prev else set())
@@ -408,20 +486,33 @@ class KnowledgeBank:
             f"no usable index in {self.root}: {'; '.join(errors)}. The records under {self.records_dir} are "
             "untouched; move the bank aside and re-import them, or restore index.json from a backup")
 
-    def _read_live(self, task: str) -> tuple[BankEntry, dict[str, bytes]]:
+    def _resolve(self, index: _Index, ref: str | TaskKey) -> BankEntry:
+        if isinstance(ref, TaskKey):
+            if ref in index.tasks:
+                return index.tasks[ref]
+            raise UnknownTaskError(f"no task {ref.task!r} from agent {ref.agent!r} in the bank at {self.root}")
+        hits = sorted(match(ref, index.tasks))
+        if len(hits) == 1:
+            return index.tasks[hits[0]]
+        if not hits:
+            raise UnknownTaskError(f"no task {ref!r} in the bank at {self.root}")
+        listed = ", ".join(f"{label} ({'own' if index.tasks[k].own else 'received'})"
+                           for k, label in zip(hits, display_names(hits)))
+        raise AmbiguousTaskError(f"{len(hits)} tasks match {ref!r}: {listed}; name one as TASK@AGENT "
+                                 "(an agent id prefix is enough)", hits)
+
+    def _read_live(self, ref: str | TaskKey) -> tuple[BankEntry, dict[str, bytes]]:
         """Index entry + checked files; re-reads the index if a writer replaced the record meanwhile."""
         for _ in range(5):
             index, _ = self._read_index()
-            if task not in index.tasks:
-                raise UnknownTaskError(f"no task {task!r} in the bank at {self.root}")
-            entry = index.tasks[task]
+            entry = self._resolve(index, ref)
             try:
-                return entry, self._read_record(self.records_dir, entry.record, f"task {task!r}")
+                return entry, self._read_record(self.records_dir, entry.record, _what(entry))
             except FileNotFoundError:
                 if self._read_index()[0].generation == index.generation:
                     raise BankCorruptError(
-                        f"task {task!r}: record directory {self.records_dir / entry.record} is missing") from None
-        raise BankError(f"task {task!r} kept changing while being read from {self.root}; try again")
+                        f"{_what(entry)}: record directory {self.records_dir / entry.record} is missing") from None
+        raise BankError(f"task {ref!r} kept changing while being read from {self.root}; try again")
 
     def _read_record(self, area: Path, record: str, what: str, *, missing_ok: bool = True) -> dict[str, bytes]:
         """All files of one record, each checked against the manifest, the manifest against ``record``.
@@ -464,9 +555,10 @@ class KnowledgeBank:
         try:
             knowledge = TaskKnowledge.from_parts(json.loads(files[METADATA]), load_safetensors(files[TENSORS]))
         except (KnowledgeError, KeyError, ValueError) as exc:
-            raise BankCorruptError(f"task {entry.task!r}: record {entry.record[:12]} does not decode: {exc}") from exc
-        if knowledge.task != entry.task or knowledge.content_hash() != entry.content_hash:
-            raise BankCorruptError(f"task {entry.task!r}: record {entry.record[:12]} holds different knowledge "
+            raise BankCorruptError(f"{_what(entry)}: record {entry.record[:12]} does not decode: {exc}") from exc
+        if (knowledge.task, knowledge.meta.agent_id) != (entry.task, entry.agent) \
+                or knowledge.content_hash() != entry.content_hash:
+            raise BankCorruptError(f"{_what(entry)}: record {entry.record[:12]} holds different knowledge "
                                    "than the index says")
         return knowledge
 
@@ -513,10 +605,25 @@ class KnowledgeBank:
                 self._repair_index(index)
             elif source == "(empty)":
                 self._write_index_file("index.json", index.to_bytes())
+            if index.legacy:
+                index = self._migrate(index)
         except OSError as exc:
             raise self._write_error("repairing the index", exc) from exc
         self._collect_garbage()
         return index
+
+    def _migrate(self, legacy: _Index) -> _Index:
+        """Rewrite a format /1 index as /2, taking each packet's sha256 from its record manifest."""
+        tasks = {}
+        for key, entry in legacy.tasks.items():
+            digest = ""
+            if entry.has_packet:
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    manifest = json.loads((self.records_dir / entry.record / MANIFEST).read_bytes())
+                    digest = str(manifest["files"][PACKET]["sha256"])
+            tasks[key] = replace(entry, packet_sha256=digest)
+        self._commit(legacy, tasks)
+        return _Index(legacy.generation + 1, tasks)
 
     def _repair_index(self, prev: _Index) -> None:
         """index.json is missing or corrupt: salvage its records into quarantine, then reinstate prev."""

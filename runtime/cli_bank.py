@@ -1,4 +1,8 @@
-"""``skill-edge bank ls|show|rm|verify``: look into and tidy the device's knowledge bank."""
+"""``skill-edge bank ls|show|rm|verify``: look into and tidy the device's knowledge bank.
+
+Tasks are named as users know them: ``TASK`` when one agent taught that name, ``TASK@AGENT`` (an
+agent id prefix is enough) when several did; listings show the origin agent of every task.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,36 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from skill_edge.runtime.bank import BankError, KnowledgeBank
+from skill_edge.runtime.bank import BankEntry, BankError, KnowledgeBank
+from skill_edge.runtime.identity import display_names, short_agent
 
 app = typer.Typer(help="Inspect and manage the on-device knowledge bank.", no_args_is_help=True)
 console = Console()
 
 BankOption = Annotated[
     Optional[Path],
-    typer.Option("--bank", help="Bank directory [default: $SKILL_EDGE_HOME/bank or ~/.skill-edge/bank]"),
+    typer.Option("--bank", help="Bank directory [default: HOME/bank]"),
 ]
+HomeOption = Annotated[
+    Optional[Path],
+    typer.Option("--home", envvar="SKILL_EDGE_HOME",
+                 help="Device home (bank, keys, outbox); default ~/.skill-edge. --bank overrides its bank/."),
+]
+TaskArgument = Annotated[str, typer.Argument(help="Task name, or TASK@AGENT (agent id prefix) when several "
+                                                  "agents taught that name")]
 
 
-def default_bank_dir() -> Path:
-    """``$SKILL_EDGE_HOME/bank``, or ``~/.skill-edge/bank`` when the variable is unset."""
-    home = os.environ.get("SKILL_EDGE_HOME")
-    return (Path(home) if home else Path.home() / ".skill-edge") / "bank"
+def default_bank_dir(home: Path | None = None) -> Path:
+    """``HOME/bank``: ``--home``, else ``$SKILL_EDGE_HOME``, else ``~/.skill-edge``."""
+    home = home or (Path(os.environ["SKILL_EDGE_HOME"]) if os.environ.get("SKILL_EDGE_HOME") else None)
+    return (home or Path.home() / ".skill-edge") / "bank"
 
 
-def _open(bank: Path | None) -> KnowledgeBank:
-    root = bank or default_bank_dir()
+def _open(bank: Path | None, home: Path | None = None) -> KnowledgeBank:
+    root = bank or default_bank_dir(home)
     if not (root / "index.json").exists() and not (root / "index.prev.json").exists():
         console.print(f"[yellow]no bank at {root}[/]")
         raise typer.Exit(1)
@@ -44,21 +57,27 @@ def _when(t: float) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
 
 
+def _origin(e: BankEntry) -> str:
+    """Who taught it: ``own`` for this device's tasks, else ``received``; with or without its packet."""
+    return f"{'own' if e.own else 'received'}{'' if e.has_packet else ', no packet'}"
+
+
 @app.command("ls")
-def list_tasks(bank: BankOption = None) -> None:
-    """List stored tasks (and quarantined items)."""
-    root = bank or default_bank_dir()
+def list_tasks(bank: BankOption = None, home: HomeOption = None) -> None:
+    """List stored tasks with their origin agent (and quarantined items)."""
+    root = bank or default_bank_dir(home)
     if not (root / "index.json").exists() and not (root / "index.prev.json").exists():
         console.print(f"no bank at {root} (it is created by the first stored task)")
         return
     kb = _open(root)
     table = Table(title=f"Knowledge bank {root}")
-    for col in ("task", "classes", "anchors", "BB", "seq", "agent", "source", "created", "bytes"):
+    for col in ("task", "agent", "origin", "classes", "anchors", "BB", "seq", "source", "created", "bytes"):
         numeric = col in ("classes", "seq", "bytes")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "BB")
-    for e in kb.entries():
-        table.add_row(e.task, str(e.classes), " ".join(e.anchors) or "-", "yes" if e.has_bb else "-", str(e.seq),
-                      e.agent, e.source, _when(e.created), f"{e.bytes:,}")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col in ("BB", "agent"))
+    entries = kb.entries()
+    for e, label in zip(entries, display_names([e.key for e in entries])):
+        table.add_row(label, short_agent(e.agent), _origin(e), str(e.classes), " ".join(e.anchors) or "-",
+                      "yes" if e.has_bb else "-", str(e.seq), e.source, _when(e.created), f"{e.bytes:,}")
     console.print(table)
     quarantined = kb.quarantined()
     if quarantined:
@@ -73,17 +92,18 @@ def list_tasks(bank: BankOption = None) -> None:
 
 
 @app.command()
-def show(task: str, bank: BankOption = None) -> None:
-    """Print one task: labels, tensor shapes, metadata, metrics, source."""
-    kb = _open(bank)
+def show(task: TaskArgument, bank: BankOption = None, home: HomeOption = None) -> None:
+    """Print one task: origin, labels, tensor shapes, metadata, metrics, source."""
+    kb = _open(bank, home)
     try:
-        knowledge = kb.get(task)
-        entry = next(e for e in kb.entries() if e.task == task)
-    except (BankError, StopIteration) as exc:
+        entry = kb.resolve(task)
+        knowledge = kb.get(entry.key)
+    except BankError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
     m = knowledge.meta
-    console.print(f"[bold]{task}[/]  {knowledge.num_classes} classes, feature dim {knowledge.feature_dim}")
+    console.print(f"[bold]{escape(entry.key.short)}[/]  {knowledge.num_classes} classes, feature dim "
+                  f"{knowledge.feature_dim}, {_origin(entry)}")
     console.print(f"labels: {', '.join(knowledge.labels)}")
     tensors = Table(title="tensors")
     tensors.add_column("name")
@@ -96,7 +116,8 @@ def show(task: str, bank: BankOption = None) -> None:
     meta.add_column("key", no_wrap=True)
     meta.add_column("value", overflow="fold")
     thresholds = ", ".join(f"{k}={v:.4g}" for k, v in sorted(knowledge.thresholds.items())) or "-"
-    for key, value in [("source", m.source), ("agent", m.agent_id), ("seq", m.seq), ("created", _when(m.created)),
+    for key, value in [("task", entry.task), ("agent", m.agent_id), ("origin", _origin(entry)), ("source", m.source),
+                       ("seq", m.seq), ("created", _when(m.created)),
                        ("stored", _when(entry.stored)), ("n_train", m.n_train),
                        ("feature transform", m.feature_transform), ("ROM fingerprint", m.rom_fingerprint or "-"),
                        ("BB layout", m.bb_layout_hash or "-"), ("thresholds", thresholds),
@@ -115,30 +136,33 @@ def show(task: str, bank: BankOption = None) -> None:
 
 @app.command("rm")
 def remove(
-    name: Annotated[str, typer.Argument(help="Task name, or a quarantine id with --quarantined")],
+    name: Annotated[str, typer.Argument(help="Task name (TASK@AGENT when several agents taught it), or a "
+                                              "quarantine id with --quarantined")],
     quarantined: Annotated[bool, typer.Option("--quarantined", help="Remove a quarantined item")] = False,
     bank: BankOption = None,
+    home: HomeOption = None,
 ) -> None:
     """Remove a task (or, with --quarantined, a quarantined item by id or id prefix)."""
-    kb = _open(bank)
+    kb = _open(bank, home)
     try:
         if quarantined:
             matches = [q.id for q in kb.quarantined() if q.id.startswith(name)]
             if len(matches) != 1:
                 raise BankError(f"{len(matches)} quarantined items match {name!r}; give more of the id")
             kb.remove_quarantined(matches[0])
+            what = f"quarantined item {name}"
         else:
-            kb.remove(name)
+            what = f"task {kb.remove(name).key.short}"
     except BankError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
-    console.print(f"removed {'quarantined item' if quarantined else 'task'} {name}")
+    console.print(f"removed {escape(what)}")
 
 
 @app.command()
-def verify(bank: BankOption = None) -> None:
+def verify(bank: BankOption = None, home: HomeOption = None) -> None:
     """Check every record against its sha256; exit 1 on any problem."""
-    kb = _open(bank)
+    kb = _open(bank, home)
     try:
         report = kb.verify()
     except BankError as exc:

@@ -21,10 +21,11 @@ import numpy as np
 
 from .anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
 from .bank import KnowledgeBank
+from .identity import TaskKey, display_names
 from .datasets import ImageFolderTask, load_image_folder
 from .feature_cache import FeatureCache
 from .knowledge import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
-from .learn import head_accuracy, train_bb, train_head
+from .learn import head_accuracy, train_head
 from .mapper import TaskMapper, build_mapper
 from .preprocess import ImageInput
 from .rom_engine import Extraction, RomEngine
@@ -53,6 +54,7 @@ class LearnReport:
     bb_test_acc: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     knowledge: TaskKnowledge | None = None
+    packet: bytes | None = None  # the signed packet stored with the task (None when stored without a key)
 
 
 @dataclass
@@ -64,9 +66,12 @@ class Prediction:
     class_confidence: float
     unknown: bool = False
     error: str | None = None
+    agent: str | None = None  # the chosen task's origin agent: with ``task``, its fleet-wide identity
+    task_label: str | None = None  # ``task``, or ``task@agent`` when several stored tasks share the name
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "task": self.task, "label": self.label,
+        return {"source": self.source, "task": self.task, "agent": self.agent, "task_label": self.task_label,
+                "label": self.label,
                 "task_confidence": round(self.task_confidence, 4), "class_confidence": round(self.class_confidence, 4),
                 "unknown": self.unknown, "error": self.error}
 
@@ -85,6 +90,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _require_bb() -> None:
+    """A ``LearnError`` naming the install command when this install cannot learn beneficial biases."""
+    from .bb_train import BBUnavailable, require_bb
+
+    try:
+        require_bb()
+    except BBUnavailable as exc:
+        raise LearnError(str(exc)) from None
 
 
 def _check_task_name(task: str) -> None:
@@ -116,10 +131,15 @@ class Device:
 
     # ------------------------------------------------------------------ identity
     def _key_id(self) -> str | None:
+        key = self._device_key()
+        return key.key_id if key is not None else None
+
+    def _device_key(self):
+        """The device's signing key from ``home/keys``, or None when it has none yet."""
         try:
             from .keys import load_device_key
 
-            return load_device_key(self.home).key_id
+            return load_device_key(self.home)
         except Exception:  # noqa: BLE001 - no key yet is normal
             return None
 
@@ -144,10 +164,18 @@ class Device:
     # ------------------------------------------------------------------ learn (teacher)
     def learn(self, task: str, data: str | Path | ImageFolderTask, *, bb: bool = False,
               mappers: Sequence[str] = ("gmmc", "maha"), transform: str = DEFAULT_TRANSFORM, k: int = 25, m: int = 5,
-              seed: int = 0, bb_epochs: int = 8, store: bool = True,
+              seed: int = 0, bb_epochs: int = 8, store: bool = True, key=None, budget: int | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
-        """Learn a task from an ImageFolder directory and (by default) store it in the bank."""
+        """Learn a task from an ImageFolder directory and (by default) store it in the bank as this
+        device's own task, together with its signed packet.
+
+        ``key`` (a ``DeviceKey``; default: the device's key in ``home/keys``, if it has one) signs the
+        packet and ``budget`` bounds its bytes.  Task and packet go into the bank in one atomic write,
+        so a crash can never leave a stored version whose packet is lost: publishing reads the bank.
+        The packet is encoded before anything is stored, so a ``BudgetError`` stores nothing."""
         _check_task_name(task)
+        if bb:
+            _require_bb()  # before any image is read: this install may lack the [bb] extra
         ds = data if isinstance(data, ImageFolderTask) else load_image_folder(data, seed=seed)
         t0 = time.perf_counter()
         done = [0]
@@ -191,12 +219,27 @@ class Device:
             knowledge.meta.metrics["test_acc"] = float(test_acc)
             if bb_test is not None:
                 knowledge.meta.metrics["bb_test_acc"] = float(bb_test)
-        if store:
-            self.bank.put(knowledge)
-            self._mappers.clear()
+        packet = self.store_own(knowledge, key=key, budget=budget) if store else None
         return LearnReport(task, list(ds.classes), int(len(ex.index)), int(len(ds.test)), skipped,
                            float(metrics["head_val_acc"]), float(test_acc), metrics.get("bb_val_acc"), bb_test,
-                           {"extract": t_extract, "fit": t_fit, "total": time.perf_counter() - t0}, knowledge)
+                           {"extract": t_extract, "fit": t_fit, "total": time.perf_counter() - t0}, knowledge,
+                           packet)
+
+    def store_own(self, knowledge: TaskKnowledge, *, key=None, budget: int | None = None) -> bytes | None:
+        """Encode ``knowledge``'s signed packet, then store both as this device's own task in one bank write.
+
+        ``key`` defaults to the device key in ``home/keys``; without any key the task is stored
+        without a packet (and cannot be published until it is learned again with one).  Returns the
+        packet bytes.  Raises ``BudgetError`` (nothing stored) or ``BankError`` (bank unchanged)."""
+        key = key if key is not None else self._device_key()
+        packet = None
+        if key is not None:
+            from .packet import PacketCodec
+
+            packet = PacketCodec(budget).encode(knowledge, key)
+        self.bank.put(knowledge, packet_bytes=packet, own=True)
+        self._mappers.clear()
+        return packet
 
     def learn_features(self, task: str, classes: Sequence[str], features: np.ndarray, labels: np.ndarray, *,
                        trunk_stats: np.ndarray | None = None, trunk_acts: np.ndarray | None = None,
@@ -228,8 +271,11 @@ class Device:
         metrics: dict = {"head_val_acc": head.val_accuracy, "plain_head": head}
         bb_vec, bb_hash = None, ""
         if bb:
+            _require_bb()
             if trunk_acts is None:
                 raise LearnError("BB training needs trunk activations (extract with keep_trunk=True)")
+            from .bb_train import train_bb
+
             fit = train_bb(self.engine.rom_dir, trunk_acts, labels, len(classes), head, epochs=bb_epochs, seed=seed,
                            progress=(lambda e, n, a: progress("train BB", e, n)) if progress else None)
             metrics["bb_val_acc"] = fit.val_accuracy
@@ -256,17 +302,20 @@ class Device:
         return knowledge, metrics
 
     def _bank_transform(self, besides: str) -> str | None:
-        """The anchor space of the bank's tasks other than ``besides`` (one record read), None if none."""
+        """The anchor space of the bank's tasks other than this device's own ``besides`` (one record
+        read), None if none."""
         for e in self.bank.entries():
-            if e.task != besides and e.anchors:
-                return self.bank.get(e.task).meta.feature_transform
+            if not self._is_mine(e, besides) and e.anchors:
+                return self.bank.get(e.key).meta.feature_transform
         return None
 
     def _previous_seq(self, task: str) -> int:
-        for e in self.bank.entries():
-            if e.task == task:
-                return int(e.seq)
-        return 0
+        """The newest seq this device used for ``task``: a relearn must outdate it at every peer."""
+        return max((int(e.seq) for e in self.bank.entries() if self._is_mine(e, task)), default=0)
+
+    def _is_mine(self, entry, task: str) -> bool:
+        """Whether ``entry`` is this device's ``task``: learned here, or its own packet come back."""
+        return entry.task == task and (entry.own or entry.agent == self.agent_id)
 
     # ------------------------------------------------------------------ classify (student)
     def knowledge(self) -> list[TaskKnowledge]:
@@ -279,7 +328,7 @@ class Device:
                  and self._fits_rom(k)]
         if not tasks:
             raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
-        stamp = ",".join(f"{k.task}:{k.content_hash()[:12]}" for k in tasks)
+        stamp = ",".join(f"{k.task}@{k.meta.agent_id}:{k.content_hash()[:12]}" for k in tasks)
         cached = self._mappers.get(kind)
         if cached is None or cached[0] != stamp:
             self._mappers[kind] = (stamp, build_mapper(kind, tasks))
@@ -321,7 +370,9 @@ class Device:
             p = _softmax(feats @ k.head_weight.T + k.head_bias)
             cls[rows] = p.argmax(1)
             cls_conf[rows] = p.max(1)
-        return {"task_index": res.task_index, "task_names": [k.task for k in tasks], "class_index": cls,
+        keys = [TaskKey(k.task, k.meta.agent_id) for k in tasks]
+        return {"task_index": res.task_index, "task_names": [k.task for k in tasks],
+                "task_agents": [k.agent for k in keys], "task_labels": display_names(keys), "class_index": cls,
                 "task_confidence": res.confidence, "class_confidence": cls_conf,
                 "unknown": res.unknown if open_set else np.zeros(n, bool), "labels": [k.labels for k in tasks]}
 
@@ -342,5 +393,7 @@ class Device:
                 unknown = bool(r["unknown"][row])
                 out[i] = Prediction(names[i], None if unknown else r["task_names"][t],
                                     None if unknown else r["labels"][t][int(r["class_index"][row])],
-                                    float(r["task_confidence"][row]), float(r["class_confidence"][row]), unknown)
+                                    float(r["task_confidence"][row]), float(r["class_confidence"][row]), unknown,
+                                    agent=None if unknown else r["task_agents"][t],
+                                    task_label=None if unknown else r["task_labels"][t])
         return [p for p in out if p is not None]

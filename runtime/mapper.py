@@ -30,12 +30,9 @@ from typing import Literal, Sequence
 import numpy as np
 from scipy.linalg.lapack import dtrtri
 
-try:  # torch's MKL sgemm is ~2x OpenBLAS's on AVX-512 CPUs for these shapes (measured); optional
-    import torch
-except ImportError:  # pragma: no cover - numpy fallback
-    torch = None
 
 from .anchors import FEATURE_TRANSFORMS, AnchorError, transform_features
+from .identity import TaskKey, display_names
 from .knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -68,10 +65,8 @@ class MapperResult:
 
 # ---------------------------------------------------------------------------- helpers
 def matmul_nt(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b.T`` for float32 arrays, through torch when it is installed (no copies either way)."""
-    if torch is None:
-        return a @ b.T
-    return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
+    """``a @ b.T`` for float32 arrays (numpy's BLAS; the device path imports no torch)."""
+    return a @ b.T
 
 
 def _softmax_max(scores: np.ndarray) -> np.ndarray:
@@ -195,7 +190,9 @@ class TaskMapper:
             other = next(v for k, v in _ANCHOR_NAMES.items() if k != cls.kind)
             raise MapperError(f"tasks {missing} carry no {_ANCHOR_NAMES[cls.kind]} anchor; "
                               f"use the {other} mapper or refit them")
-        return cls([k.task for k in knowledge], [getattr(k, cls.kind) for k in knowledge],
+        # two agents may teach one name: their tasks are named task@agent here (runtime.identity)
+        names = display_names([TaskKey(k.task, k.meta.agent_id) for k in knowledge])
+        return cls(names, [getattr(k, cls.kind) for k in knowledge],
                    feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, cls.kind),
                    **kwargs)
     task_names: list[str]

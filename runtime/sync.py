@@ -8,10 +8,14 @@
 * the ``KnowledgeBank`` that stores what was accepted (atomically, via the receiver's
   ``on_accept`` hook, so the receiver only records a packet as seen once it is stored).
 
-Outgoing packets come from an *outbox* folder: any ``*.skp`` file put there is published
+Outgoing packets come from the bank: every task the device learned itself (``own``) is
+stored with its signed packet, and ``sync_once`` / ``run`` publish those (a broker restarted
+empty is refilled by the next sync; a ``learn`` killed before it wrote its outbox file loses
+nothing).  An *outbox* folder is still honoured: any ``*.skp`` file put there is published
 and, once the transport holds it durably, moved to ``outbox/sent/``.  The device's own
-packets that come back from the transport (their sha256 is in ``sent/`` or was published by
-this service) are skipped instead of being re-stored over the device's own records.
+packets that come back from the transport (their sha256 is an own bank task's packet, is in
+``sent/`` or was published by this service) are skipped, and the bank never lets another
+agent's packet replace an own task (``OwnTaskError``: reported as "rejected").
 
 The receive order: the transport offers a packet, the receiver decides, the bank stores it
 (accepted) or keeps it aside (quarantined), or it is rejected; only *then* is the packet acked
@@ -43,7 +47,7 @@ from typing import Literal
 
 import numpy as np
 
-from skill_edge.runtime.bank import BankError, KnowledgeBank
+from skill_edge.runtime.bank import BankError, KnowledgeBank, OwnTaskError
 from skill_edge.runtime.keys import KeyStoreError
 from skill_edge.runtime.knowledge import TaskKnowledge
 from skill_edge.runtime.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
@@ -83,17 +87,6 @@ class SyncStats:
     released: int = 0  # quarantined packets accepted on a later look, once the bank had changed
     own: int = 0  # our own packets coming back: skipped
     errors: int = 0  # could not publish or store; the packet is retried later
-    corrupt: int = 0  # messages the transport dropped as damaged (corrupt chunk, bad manifest, unreadable file)
-
-    @property
-    def failed(self) -> int:
-        """Things that went wrong and are retried: publish / store errors plus damaged transfers."""
-        return self.errors + self.corrupt
-
-    @property
-    def refused(self) -> int:
-        """Packets the receiver turned down for good: rejected, or quarantined and not released later."""
-        return self.rejected + max(0, self.quarantined - self.released)
 
     def count(self, kind: EventKind) -> None:
         attr = {"error": "errors"}.get(kind, kind)
@@ -124,11 +117,11 @@ class SyncService:
         self.stats = SyncStats()
         self.events: list[SyncEvent] = []
         self._own: set[str] = set()  # sha256 of packets this device published
+        self._published: set[str] = set()  # sha256 of packets this service published in this session
         self._codec = PacketCodec()
         self._checked_state: tuple | None = None  # the bank as quarantine was last rechecked against
         self._reoffered_for: tuple | None = None  # the bank as removed tasks were last re-offered for
         self._trust_token: str | None = None  # the trust store's fingerprint as holds were last released
-        self._faults_before = transport.faults()  # stats.corrupt counts this service's share only
         if self.outbox is not None:
             (self.outbox / SENT_DIR).mkdir(parents=True, exist_ok=True)
             for f in (self.outbox / SENT_DIR).glob("*.skp"):
@@ -143,6 +136,7 @@ class SyncService:
             raise PacketError(f"refusing to publish {origin or 'packet'}: {exc.reason}", exc.code) from None
         self.transport.publish(data, fleet=self.fleet, task=packet.task, agent_id=packet.agent_id, seq=packet.seq)
         self._own.add(packet.sha256)
+        self._published.add(packet.sha256)
         return self._emit(SyncEvent("published", packet.task, packet.agent_id, packet.seq, len(data),
                                     "published", origin))
 
@@ -167,16 +161,35 @@ class SyncService:
             out.append(event)
         return out
 
-    def publish_bank(self, agent_id: str) -> list[SyncEvent]:
-        """Publish the stored packet of every bank task this device (``agent_id``) learned."""
+    def publish_bank(self, agent_id: str | None = None) -> list[SyncEvent]:
+        """Publish stored packets straight from the bank.
+
+        With ``agent_id``: every stored packet of that agent's tasks, each time (to refill a broker
+        that restarted empty).  Without: this device's own tasks whose packet this service has not
+        published yet in this session (what ``sync_once`` and ``run`` do).  A packet that cannot be
+        published is reported as an "error" event and tried again on the next call.
+        """
         out = []
         for entry in self.bank.entries():
-            if entry.agent != agent_id or not entry.has_packet:
+            if not entry.has_packet:
                 continue
-            data = self.bank.packet_bytes(entry.task)
-            if data is not None:
-                out.append(self.publish(data, origin=f"bank:{entry.task}"))
+            if agent_id is None and (not entry.own or entry.packet_sha256 in self._published):
+                continue
+            if agent_id is not None and entry.agent != agent_id:
+                continue
+            origin = f"bank:{entry.key.short}"
+            try:
+                data = self.bank.packet_bytes(entry.key)
+                if data is not None:
+                    out.append(self.publish(data, origin=origin))
+            except (BankError, PacketError, TransportError) as exc:
+                out.append(self._emit(SyncEvent("error", entry.task, entry.agent, entry.seq, 0,
+                                                f"cannot publish: {exc}", origin)))
         return out
+
+    def _own_packets(self) -> set[str]:
+        """sha256 of every packet this device sent or holds as an own task's packet."""
+        return self._own | {e.packet_sha256 for e in self.bank.entries() if e.own and e.packet_sha256}
 
     # ------------------------------------------------------------------ incoming
     def handle(self, incoming: ReceivedPacket) -> SyncEvent:
@@ -185,12 +198,15 @@ class SyncService:
         where = dict(task=incoming.task, agent_id=incoming.agent_id, seq=incoming.seq, size=len(data),
                      origin=incoming.origin)
         self.stats.arrived += 1
-        if hashlib.sha256(data).hexdigest() in self._own:
+        if hashlib.sha256(data).hexdigest() in self._own_packets():
             self.transport.ack(incoming)
             return self._emit(SyncEvent("own", reason="this device's own packet", **where))
 
         try:
             result = self.receiver.receive(data, on_accept=self._store)
+        except OwnTaskError as exc:  # final: the same packet meets the same own task next time
+            self.transport.ack(incoming)
+            return self._emit(SyncEvent("rejected", reason=str(exc), **where))
         except (BankError, ReceiveStateError, OSError) as exc:
             self.transport.forget(incoming)  # not stored, not recorded: take it again later
             return self._emit(SyncEvent("error", reason=f"could not store: {exc}", **where))
@@ -209,6 +225,8 @@ class SyncService:
                 self.transport.forget(incoming)
                 return self._emit(SyncEvent("error", reason=f"could not quarantine ({result.reason}): {exc}",
                                             **where))
+        elif result.status == "rejected":
+            log.warning("rejected packet from %s: %s", incoming.origin, result.reason)
         # decided (stored, kept aside or refused): only now is it marked delivered
         hold = None
         if result.code in TRUST_CODES:  # trusting the signer later (keys add) must bring it back
@@ -220,14 +238,12 @@ class SyncService:
         """Handle whatever the transport has now (waiting up to ``timeout`` s for something)."""
         self.reoffer_changed()
         events = [self.handle(p) for p in self.transport.poll(timeout)]
-        self.stats.corrupt = self.transport.faults() - self._faults_before
         return events + self.recheck_quarantine()
 
     def drain(self, idle: float = 1.0, timeout: float = 60.0) -> list[SyncEvent]:
         """Handle packets until the transport has been quiet for ``idle`` s (or ``timeout`` passed)."""
         self.reoffer_changed()
         events = [self.handle(p) for p in self.transport.drain(idle=idle, timeout=timeout)]
-        self.stats.corrupt = self.transport.faults() - self._faults_before
         return events + self.recheck_quarantine()
 
     def reoffer_changed(self) -> None:
@@ -302,8 +318,9 @@ class SyncService:
 
     # ------------------------------------------------------------------ modes
     def sync_once(self, idle: float = 1.0, timeout: float = 60.0) -> SyncStats:
-        """Publish the outbox, take in everything the fleet has, return the counts."""
+        """Publish the outbox and the own tasks' packets, take in everything the fleet has, return the counts."""
         self.publish_outbox()
+        self.publish_bank()
         self.drain(idle=idle, timeout=timeout)
         return self.stats
 
@@ -311,6 +328,7 @@ class SyncService:
         """Keep syncing until ``stop`` is set: new outbox files are published, arrivals handled."""
         while not stop.is_set():
             self.publish_outbox()
+            self.publish_bank()
             self.receive_available(timeout=poll)
         return self.stats
 
@@ -319,9 +337,7 @@ class SyncService:
         self.events.append(event)
         if len(self.events) > 1000:
             del self.events[:-500]
-        # Warn only when nobody else shows the event: with on_event (the CLI) it would be printed twice.
-        warn = event.kind in ("rejected", "quarantined", "error") and self.on_event is None
-        level = logging.WARNING if warn else logging.INFO
+        level = logging.WARNING if event.kind in ("rejected", "quarantined", "error") else logging.INFO
         log.log(level, "%s %s/%s seq %s (%d bytes): %s", event.kind, event.task, event.agent_id, event.seq,
                 event.size, event.reason)
         if self.on_event is not None:
@@ -348,9 +364,11 @@ class BankPlausibility:
     def __call__(self, knowledge: TaskKnowledge) -> tuple[bool, str]:
         from skill_edge.runtime.plausibility import PlausibilityCheck
 
-        key = (knowledge.task, *((e.task, e.content_hash) for e in self.bank.entries()))
+        identity = (knowledge.task, knowledge.meta.agent_id)  # a peer's same-name task is checked against ours
+        key = (identity, *((e.key, e.content_hash) for e in self.bank.entries()))
         if self._check is None or key != self._key:
-            existing: Sequence[TaskKnowledge] = [k for k in self.bank.load_all() if k.task != knowledge.task]
+            existing: Sequence[TaskKnowledge] = [k for k in self.bank.load_all()
+                                                 if (k.task, k.meta.agent_id) != identity]
             self._check = PlausibilityCheck(self.reference_features, existing)
             self._key = key
         return self._check(knowledge)

@@ -36,8 +36,10 @@ def _rng(task: str, seq: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{task}/{seq}".encode()).digest()[:8], "little"))
 
 
-def make_knowledge(task: str, seq: int, dim: int = FEATURE_DIM) -> TaskKnowledge:
-    """Version ``seq`` of ``task``: recognisable, ~100 kB, with BB/anchors varying by version."""
+def make_knowledge(task: str, seq: int, dim: int = FEATURE_DIM, agent: str = "agent-1") -> TaskKnowledge:
+    """Version ``seq`` of ``task`` from ``agent``: recognisable, ~100 kB, with BB/anchors varying by version.
+
+    Versions of one task share their origin agent: the bank keys tasks by (task, agent)."""
     rng = _rng(task, seq)
     c = 3 + seq % 4
     k = TaskKnowledge(
@@ -45,7 +47,7 @@ def make_knowledge(task: str, seq: int, dim: int = FEATURE_DIM) -> TaskKnowledge
         labels=[f"{task}-class{i}" for i in range(c)],
         head_weight=rng.standard_normal((c, dim)).astype(np.float32),
         head_bias=rng.standard_normal(c).astype(np.float32),
-        meta=TaskMeta(agent_id=f"agent-{seq % 3}", seq=seq, created=1_700_000_000.0 + seq, n_train=10 * c,
+        meta=TaskMeta(agent_id=agent, seq=seq, created=1_700_000_000.0 + seq, n_train=10 * c,
                       source=f"learned:/data/{task}", metrics={"val_acc": float(rng.uniform(0.5, 1.0))}),
         thresholds={"gmmc": float(rng.uniform(-50, 0))},
     )

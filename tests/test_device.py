@@ -157,7 +157,7 @@ def test_bb_tail_is_rerun_per_task(learned: Path, rom_dir: Path, tasks: dict[str
     k: TaskKnowledge = dev.bank.get("shapes")
     bb = (0.3 * np.random.default_rng(0).standard_normal(dev.engine.tail_bias_total)).astype(np.float32)
     k.bb, k.meta.bb_layout_hash = bb, dev.engine.manifest.tail_layout_hash()
-    dev.bank.put(k.validate())
+    dev.bank.put(k.validate(), own=True)  # the device's own task: only an own write may replace it
     files = sorted((tasks["shapes"] / "test").glob("*/*.png"))
     batch, failed, _ = dev.featurize(files)
     assert not failed and batch.trunk_acts is not None
