@@ -120,7 +120,7 @@ class SyncService:
         self._published: set[str] = set()  # sha256 of packets this service published in this session
         self._codec = PacketCodec()
         self._checked_state: tuple | None = None  # the bank as quarantine was last rechecked against
-        self._reoffered_for: tuple | None = None  # the bank as removed tasks were last re-offered for
+        self._reoffered: set[tuple[str, str]] = set()  # (agent, task) received, not in the bank, re-offered
         self._trust_token: str | None = None  # the trust store's fingerprint as holds were last released
         if self.outbox is not None:
             (self.outbox / SENT_DIR).mkdir(parents=True, exist_ok=True)
@@ -257,18 +257,16 @@ class SyncService:
         if token != self._trust_token:
             self._trust_token = token
             self.transport.release_holds(token)
-        bank_state = self._bank_state()
-        if bank_state == self._reoffered_for:
-            return
-        self._reoffered_for = bank_state
         held = {(e.agent, e.task) for e in self.bank.entries()}
         try:
             streams = self.receiver.state.load()
         except ReceiveStateError as exc:
             log.warning("not re-offering removed tasks: %s", exc)
             return
-        for agent, task in sorted(set(streams) - held):
+        missing = set(streams) - held
+        for agent, task in sorted(missing - self._reoffered):  # once each time a task goes missing
             self.transport.reoffer(task, agent)
+        self._reoffered = missing
 
     def _trust_fingerprint(self) -> str:
         """A digest of the trusted key ids: changes whenever ``keys add`` / ``keys rm`` did something."""

@@ -7,11 +7,13 @@ was reported as "duplicate" (or not offered at all) by every later sync.
 
 from __future__ import annotations
 
-import threading
+import uuid
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from mqtt_broker import MosquittoBroker, mosquitto, needs_mosquitto  # noqa: F401
 from skill_edge.runtime.cli_sync import app as sync_app
 from skill_edge.runtime.keys import TrustStore
 from skill_edge.runtime.transport import open_transport
@@ -78,3 +80,26 @@ def test_a_removed_task_comes_back_on_the_next_sync(tmp_path: Path) -> None:
     r = runner.invoke(sync_app, b.cli_args(f"dir:{share}", "lab") + ["--idle", "0.2", "--no-plausibility"])
     assert r.exit_code == 0, r.output
     assert "cars" in b.tasks() and "accepted 1," in r.output and "duplicate 0," in r.output
+
+
+@needs_mosquitto
+@pytest.mark.mqtt
+def test_over_mqtt_a_watching_device_gets_the_packet_after_keys_add_and_bank_rm(
+        mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """The broker keeps every packet retained; a watching device asks for it again (no restart)."""
+    a, b = make_fleet(tmp_path, ["dev-a", "dev-b"], trusted=["dev-b"])
+    fleet = f"f{uuid.uuid4().hex[:8]}"
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    a.learn("birds")
+    sa = a.service(open_transport(url, fleet, chunk_size=1024), fleet)  # chunked: the manifest is re-fetched too
+    sa.publish_outbox()
+    sb = b.service(open_transport(url, fleet), fleet, plausibility=False)
+    kinds = lambda: [e.kind for e in sb.drain(idle=0.5, timeout=10)]  # noqa: E731
+    assert kinds() == ["rejected"]
+    TrustStore(b.trust).add("dev-a", a.key.public_key)
+    assert kinds() == ["accepted"]
+    b.bank().remove("birds")
+    assert kinds() == ["accepted"] and "birds" in b.tasks()
+    assert kinds() == []
+    sa.transport.close()
+    sb.transport.close()

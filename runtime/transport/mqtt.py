@@ -278,6 +278,8 @@ class MqttTransport(Transport):
         self._seen: set[str] = set()  # sha256 of packets delivered or published by us
         self._assemblies: dict[str, _Assembly] = {}
         self._by_topic: dict[str, str] = {}  # task topic -> sha256 of the transfer its manifest started
+        self._delivered: dict[str, str] = {}  # task topic -> sha256 of the packet last delivered from it
+        self._held: dict[str, tuple[str, str]] = {}  # sha256 -> (hold, task topic) of packets acked with a hold
         self._abandoned: OrderedDict[str, None] = OrderedDict()  # sha256 of dropped transfers (bounded)
         self._refill = False  # a manifest was deferred: fetch the retained task messages again later
         self._room_freed = False  # a transfer ended since the last deferral: the refill may start
@@ -605,6 +607,7 @@ class MqttTransport(Transport):
             if sha in self._seen:
                 return
             self._seen.add(sha)
+            self._delivered[packet.origin] = sha
         self.stats.packets_in += 1
         self.last_activity = time.monotonic()
         self._inbox.put(packet)
@@ -712,6 +715,37 @@ class MqttTransport(Transport):
         (re)subscription, i.e. at the latest on the next run)."""
         with self._rx_lock:
             self._seen.discard(hashlib.sha256(packet.data).hexdigest())
+
+    # Nothing is persisted here: a new run gets every retained packet again and the receiver
+    # sorts out duplicates, so ``ack`` only matters for holds, and re-offering within a run
+    # means forgetting the packet and asking the broker for its topic's retained copy again.
+    def ack(self, packet: ReceivedPacket, *, hold: str | None = None) -> None:
+        if hold is not None:
+            with self._rx_lock:
+                self._held[hashlib.sha256(packet.data).hexdigest()] = (hold, packet.origin)
+
+    def release_holds(self, current: str) -> None:
+        with self._rx_lock:
+            released = {sha: topic for sha, (hold, topic) in self._held.items() if hold != current}
+            for sha in released:
+                del self._held[sha]
+                self._seen.discard(sha)
+        self._fetch_again(sorted(set(released.values())))
+
+    def reoffer(self, task: str, agent_id: str) -> None:
+        topic = self.config.packet_topic(self.config.fleet, task, agent_id)
+        with self._rx_lock:
+            sha = self._delivered.pop(topic, None)
+            if sha is None:
+                return  # nothing came on that topic in this run: there is nothing to ask again for
+            self._seen.discard(sha)
+        self._fetch_again([topic])
+
+    def _fetch_again(self, topics: list[str]) -> None:
+        """Subscribe to these task topics once more: the broker re-sends their retained messages."""
+        if topics and self._connected.is_set():
+            for i in range(0, len(topics), 64):
+                self._client.subscribe([(t, QOS) for t in topics[i:i + 64]])
 
     def faults(self) -> int:
         return self.stats.corrupt
