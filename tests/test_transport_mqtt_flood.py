@@ -76,17 +76,19 @@ def test_manifest_flood_keeps_memory_and_transfers_bounded(mosquitto: MosquittoB
             attacker.publish(f"skill/{fleet}/tasks/t{i}/evil", crafted(2**20, 512), qos=1, retain=True,
                              properties=manifest_props()).wait_for_publish(5)
         held = []
-        deadline = time.monotonic() + 3.0  # stall re-requests every 0.2 s (backing off), then drops at 2 s
+        deadline = time.monotonic() + 4.0  # stall re-requests every 0.2 s (backing off), then drops at 2 s
         while time.monotonic() < deadline:
             rx.poll(timeout=0.05)
             held.append(rx.pending())
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+    print(f"peak {peak / 2**20:.2f} MiB, held at most {max(held)}, {rx.stats}")
     assert peak < 8 * 2**20, f"the flood made the transport allocate {peak / 2**20:.1f} MiB"
     assert max(held) <= 8, f"at most max_transfers transfers at once, held up to {max(held)}"
     assert rx.stats.corrupt >= 3, "manifests of 2 M one-byte chunks are refused outright"
-    assert rx.stats.deferred >= 100, "the manifests beyond the limit waited instead of being started"
+    # each manifest beyond the 8 slots either waited, or pushed out a transfer that had stalled
+    assert rx.stats.deferred + rx.stats.dropped >= 112, rx.stats
     assert rx.stats.dropped >= 8, "transfers whose chunks never came were dropped"
 
     # an honest chunked packet published after the flood is still delivered
