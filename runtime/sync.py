@@ -87,6 +87,17 @@ class SyncStats:
     released: int = 0  # quarantined packets accepted on a later look, once the bank had changed
     own: int = 0  # our own packets coming back: skipped
     errors: int = 0  # could not publish or store; the packet is retried later
+    corrupt: int = 0  # messages the transport dropped as damaged (corrupt chunk, bad manifest, unreadable file)
+
+    @property
+    def failed(self) -> int:
+        """Things that went wrong and are retried: publish / store errors plus damaged transfers."""
+        return self.errors + self.corrupt
+
+    @property
+    def refused(self) -> int:
+        """Packets the receiver turned down for good: rejected, or quarantined and not released later."""
+        return self.rejected + max(0, self.quarantined - self.released)
 
     def count(self, kind: EventKind) -> None:
         attr = {"error": "errors"}.get(kind, kind)
@@ -122,6 +133,7 @@ class SyncService:
         self._checked_state: tuple | None = None  # the bank as quarantine was last rechecked against
         self._reoffered: set[tuple[str, str]] = set()  # (agent, task) received, not in the bank, re-offered
         self._trust_token: str | None = None  # the trust store's fingerprint as holds were last released
+        self._faults_before = transport.faults()  # stats.corrupt counts this service's share only
         if self.outbox is not None:
             (self.outbox / SENT_DIR).mkdir(parents=True, exist_ok=True)
             for f in (self.outbox / SENT_DIR).glob("*.skp"):
@@ -225,8 +237,6 @@ class SyncService:
                 self.transport.forget(incoming)
                 return self._emit(SyncEvent("error", reason=f"could not quarantine ({result.reason}): {exc}",
                                             **where))
-        elif result.status == "rejected":
-            log.warning("rejected packet from %s: %s", incoming.origin, result.reason)
         # decided (stored, kept aside or refused): only now is it marked delivered
         hold = None
         if result.code in TRUST_CODES:  # trusting the signer later (keys add) must bring it back
@@ -238,12 +248,14 @@ class SyncService:
         """Handle whatever the transport has now (waiting up to ``timeout`` s for something)."""
         self.reoffer_changed()
         events = [self.handle(p) for p in self.transport.poll(timeout)]
+        self.stats.corrupt = self.transport.faults() - self._faults_before
         return events + self.recheck_quarantine()
 
     def drain(self, idle: float = 1.0, timeout: float = 60.0) -> list[SyncEvent]:
         """Handle packets until the transport has been quiet for ``idle`` s (or ``timeout`` passed)."""
         self.reoffer_changed()
         events = [self.handle(p) for p in self.transport.drain(idle=idle, timeout=timeout)]
+        self.stats.corrupt = self.transport.faults() - self._faults_before
         return events + self.recheck_quarantine()
 
     def reoffer_changed(self) -> None:
@@ -335,7 +347,9 @@ class SyncService:
         self.events.append(event)
         if len(self.events) > 1000:
             del self.events[:-500]
-        level = logging.WARNING if event.kind in ("rejected", "quarantined", "error") else logging.INFO
+        # Warn only when nobody else shows the event: with on_event (the CLI) it would be printed twice.
+        warn = event.kind in ("rejected", "quarantined", "error") and self.on_event is None
+        level = logging.WARNING if warn else logging.INFO
         log.log(level, "%s %s/%s seq %s (%d bytes): %s", event.kind, event.task, event.agent_id, event.seq,
                 event.size, event.reason)
         if self.on_event is not None:
