@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .cli_output import StageProgress, console, out, print_record, print_table
+from .cli_output import StageProgress, console, out, print_record, print_table, say_error
 from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS
 
 #: Exit codes of the device verbs (``--help`` and README.md list them too).
@@ -51,8 +51,8 @@ def resolve_rom(rom: Optional[Path]) -> Path:
 
     path = Path(rom) if rom else default_rom_dir()
     if not (path / "manifest.json").exists():
-        console.print(f"[red]no ROM at {path}[/red]: build it with `skill-edge export --backbone efficientnet_lite0`"
-                      f"{' --out ' + str(path) if rom else ''}")
+        say_error(f"no ROM at {path}:", "build it with `skill-edge export --backbone efficientnet_lite0`"
+                  f"{' --out ' + str(path) if rom else ''}")
         raise typer.Exit(2)
     return path
 
@@ -66,7 +66,7 @@ def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
     try:
         return normalize_providers(provider)
     except ProviderError as exc:
-        console.print(f"[red]bad --provider:[/red] {exc}", highlight=False)
+        say_error("bad --provider:", exc)
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -75,7 +75,7 @@ def check_mapper(mapper: str) -> None:
     from .device import MAPPER_ALIASES
 
     if mapper not in MAPPER_ALIASES:
-        console.print(f"[red]--mapper must be gmmc or mahalanobis, not {mapper!r}[/red]", highlight=False)
+        say_error(f"--mapper must be gmmc or mahalanobis, not {mapper!r}")
         raise typer.Exit(EXIT_USAGE)
 
 
@@ -96,13 +96,14 @@ def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[Li
                 key = init_device_key(h)
                 TrustStore.at_home(h).add("self", key.public_key, overwrite=True)  # as `keys init` does
             except (KeyStoreError, OSError) as exc:
-                console.print(f"[red]cannot create the device key in {h / 'keys'}:[/red] {_os_reason(exc)}")
+                say_error(f"cannot create the device key in {h / 'keys'}:", _os_reason(exc))
                 raise typer.Exit(EXIT_INPUT_FAILED) from None
-            console.print(f"created device key {key.key_id} in {h / 'keys'} (share keys/device.pub with the fleet)")
+            console.print(f"created device key {key.key_id} in {h / 'keys'} (share keys/device.pub with the fleet)",
+                          markup=False, highlight=False)
     try:
         dev = Device(h, resolve_rom(rom), providers=providers)
     except RomError as exc:
-        console.print(f"[red]ROM problem:[/red] {exc}")
+        say_error("ROM problem:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     console.print(f"backend: {dev.engine.backend}", highlight=False)
     return dev
@@ -181,15 +182,15 @@ def learn_command(
         raise typer.Exit(EXIT_USAGE)
     kinds = {"gmmc": ("gmmc",), "mahalanobis": ("maha",), "maha": ("maha",), "both": ("gmmc", "maha")}.get(mapper)
     if kinds is None:
-        console.print(f"[red]--mapper must be gmmc, mahalanobis or both, not {mapper!r}[/red]")
+        say_error(f"--mapper must be gmmc, mahalanobis or both, not {mapper!r}")
         raise typer.Exit(EXIT_USAGE)
     if anchor_space not in FEATURE_TRANSFORMS:
-        console.print(f"[red]--anchor-space must be one of {', '.join(FEATURE_TRANSFORMS)}, not {anchor_space!r}[/red]")
+        say_error(f"--anchor-space must be one of {', '.join(FEATURE_TRANSFORMS)}, not {anchor_space!r}")
         raise typer.Exit(EXIT_USAGE)
     try:
         budget_bytes = parse_size(budget) if budget else None
     except ValueError as exc:
-        console.print(f"[red]bad --budget:[/red] {exc}")
+        say_error("bad --budget:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     dev = open_device(home, rom, provider, need_key=True)
     if camera is not None:
@@ -206,7 +207,7 @@ def learn_command(
         console.print(f"[red]cannot learn {task!r}: no packet fits the budget, so nothing was stored:[/red] {exc}")
         raise typer.Exit(EXIT_NO_PACKET) from None
     except (BankError, OSError) as exc:
-        console.print(f"[red]cannot store {task!r}:[/red] {_os_reason(exc)}")
+        say_error(f"cannot store {task!r}:", _os_reason(exc))
         raise typer.Exit(EXIT_INPUT_FAILED) from None
     knowledge, packet = report.knowledge, report.packet  # stored together in the bank
     try:
@@ -231,7 +232,7 @@ def learn_command(
         return
     print_record(f"learned {task!r}", summary)
     for path, why in report.skipped[:10]:
-        console.print(f"[yellow]skipped[/yellow] {why}", markup=True, highlight=False)
+        say_error("skipped", why, style="yellow")
     if len(report.skipped) > 10:
         console.print(f"[yellow]... and {len(report.skipped) - 10} more unreadable images[/yellow]")
 
@@ -264,17 +265,18 @@ def _capture(home: Path, task: str, camera: str, labels: Optional[str], frames: 
         prepare_capture_dir(target, previous or "refuse")
         with VideoSource(camera) as src:
             rep = capture_labelled(src, names, target, frames_per_label=frames, countdown=countdown,
-                                   interactive=interactive, say=lambda s: console.print(s, highlight=False))
+                                   interactive=interactive,
+                                   say=lambda s: console.print(s, markup=False, highlight=False))
     except CaptureExistsError as exc:
-        console.print(f"[red]{exc}[/red]")
+        say_error(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
     except (VideoSourceError, ValueError) as exc:
-        console.print(f"[red]capture failed:[/red] {exc}")
+        say_error("capture failed:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     except OSError as exc:
-        console.print(f"[red]capture failed:[/red] {_os_reason(exc)}")
+        say_error("capture failed:", _os_reason(exc))
         raise typer.Exit(EXIT_INPUT_FAILED) from None
-    console.print(f"captured {rep.counts} into {target} ({rep.mode})", highlight=False)
+    console.print(f"captured {rep.counts} into {target} ({rep.mode})", markup=False, highlight=False)
     return target
 
 
@@ -366,7 +368,7 @@ def classify_command(
             with VideoSource(camera) as src:
                 items = list(src.frames(frames))
         except VideoSourceError as exc:
-            console.print(f"[red]{exc}[/red]")
+            say_error(str(exc))
             raise typer.Exit(EXIT_USAGE) from None
         names = [f"{camera}#{i}" for i in range(len(items))]
     else:
@@ -375,7 +377,7 @@ def classify_command(
     try:
         preds = classify_items(dev, items, names, mapper=mapper, open_set=not no_open_set) if items else []
     except LearnError as exc:
-        console.print(f"[red]{exc}[/red]")
+        say_error(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
     preds += [Prediction(name, None, None, 0.0, 0.0, error=why) for name, why in missing]
     if as_json:

@@ -35,7 +35,7 @@ from .cli import (
     check_mapper,
     open_device,
 )
-from .cli_output import StageProgress, console, out, print_table
+from .cli_output import StageProgress, console, out, print_table, say_error
 
 OTHER_TASK = "other task"
 UNKNOWN = "unknown"
@@ -199,7 +199,7 @@ def eval_command(
 
     check_mapper(mapper)
     if split not in ("test", "all"):
-        console.print(f"[red]--split must be test or all, not {split!r}[/red]")
+        say_error(f"--split must be test or all, not {split!r}")
         raise typer.Exit(EXIT_USAGE)
     if task is not None and len(data) > 1:
         console.print("[red]--task names the task of a single --data folder[/red]")
@@ -210,7 +210,7 @@ def eval_command(
             results = [evaluate_folder(dev, Path(d), task=task, split=split, mapper=mapper,
                                        open_set=not no_open_set, seed=seed, progress=prog) for d in data]
     except (DatasetError, EvalError, LearnError) as exc:
-        console.print(f"[red]cannot evaluate:[/red] {exc}", highlight=False)
+        say_error("cannot evaluate:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     total = _total(results)
     report = {"backend": dev.engine.backend, "mapper": mapper, "open_set": not no_open_set, "split": split,

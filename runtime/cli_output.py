@@ -26,6 +26,17 @@ out = Console(soft_wrap=True)  # results
 PLAIN_PROGRESS_EVERY_S = 5.0
 
 
+def say_error(prefix: str, detail: object = "", *, style: str = "red") -> None:
+    """``prefix`` in colour on stderr, then ``detail`` (an exception, a path) as literal text.
+
+    Details carry file names and task names, and a ``[b]`` in one of them must neither vanish
+    as rich markup nor break the line as a markup error."""
+    text = Text(prefix, style=style)
+    if str(detail):
+        text.append(" " + str(detail))
+    console.print(text, highlight=False)
+
+
 def shorten_path(name: str, width: int) -> str:
     """``name`` in at most ``width`` characters, cut at the start (``…/class/img.jpg``) so the end stays.
 

@@ -230,3 +230,14 @@ def test_stage_bars_complete_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> N
     assert all(t.completed == t.total for t in bars)
     final = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).split("\r")[-1]
     assert "train head" in final and "fit anchors" in final and "0/1" not in final
+
+
+def test_names_with_brackets_are_printed_as_they_are(learned: dict, tmp_path: Path) -> None:
+    """A file called ``[b]x[i].png`` is text, not rich markup, in the table and in error lines."""
+    odd = tmp_path / "[b]photo[i].png"
+    odd.write_bytes(next((learned["tasks"]["shapes"] / "test" / "disc").glob("*.png")).read_bytes())
+    res = runner.invoke(app, ["classify", str(odd), str(tmp_path / "[red]gone.png"), *_common(learned)])
+    assert res.exit_code == 1, res.output
+    assert f"{odd}  shapes  disc" in res.stdout and str(tmp_path / "[red]gone.png") in res.stdout
+    bad = runner.invoke(app, ["classify", str(odd), *_common(learned), "--mapper", "[bold]x"])
+    assert bad.exit_code == 2 and "not '[bold]x'" in bad.output
