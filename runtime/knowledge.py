@@ -15,6 +15,7 @@ import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import numpy as np
 
@@ -38,10 +39,14 @@ class KnowledgeError(ValueError):
 
 
 # ---------------------------------------------------------------------------- names
-#: Longest task name, label, agent id or metrics key, in characters and in UTF-8 bytes: a task
-#: name becomes a file name (``outbox/<task>-<seq>.skp``), and file systems stop at 255 bytes.
+#: Longest task name, label, agent id or metrics key, in characters, and once percent-encoded
+#: the way the transports name a folder or an MQTT topic level (``transport.base.encode_segment``:
+#: every byte outside ``A-Z a-z 0-9 _ . : @ = - ~`` becomes ``%XX``, so a non-ASCII character
+#: counts 6 to 12).  Both are 200: a name that passes always fits a path segment, and its UTF-8
+#: bytes (at most the encoded length) keep ``outbox/<task>-<seq>.skp`` under 255 bytes.
 MAX_NAME_CHARS = 200
-MAX_NAME_BYTES = 255
+MAX_NAME_ENCODED = 200
+_SEGMENT_SAFE = "_.:@=-"  # what encode_segment leaves as it is, besides letters, digits and ~
 #: Unicode categories no name may contain: controls (NUL, ESC and so every ANSI/OSC escape),
 #: format characters (bidi overrides such as U+202E, zero-width joiners), lone surrogates,
 #: private-use and unassigned code points, and line/paragraph separators.
@@ -53,7 +58,7 @@ def validate_name(name: Any, what: str = "task name") -> str:
 
     One rule, applied where a name enters the device (``Device.learn``) and where it arrives
     (packet decode), so nothing stored can later break a file name, a JSON encoder or a
-    terminal: 1-200 characters and at most 255 UTF-8 bytes; printable (no character of
+    terminal: 1-200 characters, also once percent-encoded for a path; printable (no character of
     ``REFUSED_CATEGORIES``); no ``/`` or ``\\``; not starting with ``.`` (so neither ``.``
     nor ``..``) and without leading or trailing white space.
     """
@@ -65,11 +70,13 @@ def validate_name(name: Any, what: str = "task name") -> str:
     if len(name) > MAX_NAME_CHARS:
         raise KnowledgeError(f"{what} {shown} has {len(name)} characters; at most {MAX_NAME_CHARS} are allowed")
     try:
-        n_bytes = len(name.encode("utf-8"))
+        encoded = len(quote(name.encode("utf-8"), safe=_SEGMENT_SAFE))
     except UnicodeEncodeError:
         raise KnowledgeError(f"{what} {shown} is not valid Unicode (it holds a lone surrogate)") from None
-    if n_bytes > MAX_NAME_BYTES:
-        raise KnowledgeError(f"{what} {shown} is {n_bytes} bytes in UTF-8; at most {MAX_NAME_BYTES} are allowed")
+    if encoded > MAX_NAME_ENCODED:
+        raise KnowledgeError(f"{what} {shown} is {encoded} characters once percent-encoded for a folder or MQTT "
+                             f"topic; at most {MAX_NAME_ENCODED} are allowed (each byte of a character outside "
+                             f"A-Z a-z 0-9 _.:@=-~ counts 3)")
     bad = next((ch for ch in name if unicodedata.category(ch) in REFUSED_CATEGORIES), None)
     if bad is not None:
         raise KnowledgeError(f"{what} {shown} holds the unprintable character U+{ord(bad):04X} "

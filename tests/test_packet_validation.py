@@ -255,12 +255,13 @@ BAD_NAMES = {
     "private-use": "a\ue000b",
     "line-separator": "a\u2028b",
     "201-chars": "a" * 201,
-    "256-bytes": "\u00e9" * 128,  # 128 characters, 256 bytes in UTF-8
+    "201-encoded": "\u00e9" * 33 + "ab" + "c",  # 36 characters, 201 once percent-encoded (each \u00e9 is %C3%A9)
+    "cjk-67": "\u732b" * 67,  # 67 characters, 201 bytes, 603 once percent-encoded
     "leading-space": " task",
     "trailing-space": "task ",
 }
-GOOD_NAMES = ["flowers", "cifar10 pair 3", "Blumen-\u00c4", "\u732b\u3068\u72ac", "a" * 200, "\u00e9" * 127,
-              "task.v2", "x_y-z (1)"]
+GOOD_NAMES = ["flowers", "cifar10 pair 3", "Blumen-\u00c4", "\u732b\u3068\u72ac", "a" * 200, "\u00e9" * 33 + "ab",
+              "\u732b" * 22 + "ab", "task.v2", "x_y-z (1)", "a~b"]
 
 
 @pytest.mark.parametrize("name", list(BAD_NAMES.values()), ids=list(BAD_NAMES))
@@ -324,3 +325,29 @@ def test_the_plan_step_that_packet_inspect_shows_cannot_carry_escapes(key, trust
     for step in ("fp32", "int3+gmmc_k=5+bb_int8+exemplars=2+head_int2"):
         ok = resign(data, key, metadata=lambda md, s=step: md["meta"]["encoding"].update(step=s))
         assert PacketCodec().decode(ok, trust=trust).plan.step == step
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES + ["\u00e9" * 33 + "abc", "\u732b" * 23, "a b" * 50, "z" * 200])
+def test_a_name_that_passes_always_fits_a_transport_path_and_an_outbox_file(name, tmp_path):
+    """The rule's length limit is the transports' own: the percent-encoded folder name / MQTT topic
+    level of ``transport.base.encode_segment`` (200 characters).  Names used to pass decode and then
+    fail at publish; now a name passes exactly when it can travel."""
+    from skill_edge.runtime.transport.base import encode_segment
+    from skill_edge.runtime.transport.directory import packet_path
+
+    try:
+        validate_name(name)
+        passes = True
+    except KnowledgeError:
+        passes = False
+    try:
+        encode_segment("task", name)
+        travels = True
+    except ValueError:
+        travels = False
+    assert passes == travels
+    if passes:
+        path = packet_path(tmp_path, "default", name, "agent-a", 2**63 - 1)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")  # no ENAMETOOLONG
+        (tmp_path / f"{name}-{2**63 - 1}.skp").write_bytes(b"x")  # the outbox name learn writes
