@@ -100,3 +100,42 @@ def test_learn_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, rom
         assert leftovers == [] and not list(home.rglob("*.skp")), leftovers
     finally:
         subprocess.run(["umount", str(home)], check=True)
+
+
+def test_learn_killed_right_after_the_bank_write_loses_no_packet(tmp_path: Path, rom_dir: Path) -> None:
+    """SIGKILL ``skill-edge learn`` the moment its task appears in the bank index (before it can
+    write the outbox copy): the bank record already holds the signed packet, and the next sync
+    publishes it, so the version reaches the fleet anyway."""
+    import signal
+    import sys
+    import time
+
+    from skill_edge.runtime.packet import PacketCodec
+
+    data = _digit_task(tmp_path / "digits", [0, 1, 2])
+    home, share = tmp_path / "home", tmp_path / "share"
+    index = home / "bank" / "index.json"
+    proc = subprocess.Popen([sys.executable, "-m", "skill_edge", "learn", "--task", "digits", "--data", str(data),
+                             "--home", str(home), "--rom", str(rom_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    try:
+        while not (index.exists() and b'"task": "digits"' in index.read_bytes()):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "learn never stored its task"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    entry = KnowledgeBank(home / "bank").resolve("digits")
+    assert entry.own and entry.has_packet
+    packet = KnowledgeBank(home / "bank").packet_bytes("digits")
+    decoded = PacketCodec().decode(packet)
+    assert (decoded.task, decoded.agent_id, decoded.seq) == ("digits", load_device_key(home).key_id, 1)
+
+    r = runner.invoke(app, ["sync", "--transport", f"dir:{share}", "--fleet", "lab", "--idle", "0.3",
+                            "--home", str(home), "--rom", str(rom_dir)])
+    assert r.exit_code == 0, r.output
+    assert [f.read_bytes() for f in (share / "lab").rglob("*.skp")] == [packet]
