@@ -8,6 +8,7 @@ packet lives in its bank record, so sync publishes it even when no outbox file e
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -245,9 +246,12 @@ def test_index_written_before_task_identity_is_read_and_migrated(tmp_path: Path)
     (root / "index.json").write_text(json.dumps({**body, "sha256": _index_digest(body)}))
     (root / "index.prev.json").unlink()
 
-    reader = KnowledgeBank.__new__(KnowledgeBank)  # a reader that never writes: sees /1 as it is
-    reader.root, reader.records_dir = root, root / "records"
-    assert {e.task: e.own for e in reader.entries()} == {"mnist": True, "cifar": False}
+    with open(root / "lock", "a") as lock:  # another writer holds the lock: a reader sees /1 as it is
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reader = KnowledgeBank(root)
+        assert {e.task: e.own for e in reader.entries()} == {"mnist": True, "cifar": False}
+        assert reader.resolve("mnist").packet_sha256 == ""  # not known until a writer migrates
+        assert json.loads((root / "index.json").read_text())["format"] == "skill-edge-bank-index/1"
 
     again = KnowledgeBank(root)  # a writer: migrates to /2, with the packet digest from the record
     assert json.loads((root / "index.json").read_text())["format"] == INDEX_FORMAT
