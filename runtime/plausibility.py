@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .anchors import DEFAULT_TRANSFORM, transform_features
+from .identity import TaskKey, display_names
 from .knowledge import KnowledgeError, TaskKnowledge
 from .mapper import GmmcMapper, MahalanobisMapper, OwnExemplarMetric, ScatterStats, exemplar_scatter
 
@@ -57,7 +58,8 @@ class CaptureReport:
 class PlausibilityCheck:
     """Refuses anchors that are out of scale or would capture the device's own tasks' inputs.
 
-    ``reference_features`` maps task name -> *raw* features the device trusts for that task,
+    ``reference_features`` maps task name (standing for every stored task of that name) or
+    ``TaskKey`` -> *raw* features the device trusts for that task,
     as an array or, for transforms that read trunk statistics, a ``(features, trunk_stats)`` pair;
     best its own *held-out* features (e.g. the threshold-calibration split): an anchor fits
     its own training features better than new inputs, which understates capture.  200 per
@@ -97,12 +99,19 @@ class PlausibilityCheck:
             raise ValueError(f"reference features and bank disagree on the feature size: {sorted(dims)}")
         self.feature_dim = dims.pop() if dims else None
         rng = np.random.default_rng(seed)
-        self.points: dict[str, np.ndarray] = {}
+        keys = [_identity(k) for k in self.existing]
+        self._shown = dict(zip(keys, display_names(keys)))  # "task", or "task@agent" where names repeat
+        same_name: dict[str, list[TaskKey]] = {}
+        for key in keys:
+            same_name.setdefault(key.task, []).append(key)
+        self.points: dict[TaskKey, np.ndarray] = {}
         for task, (feats, stats) in pairs.items():
             x = transform_features(np.asarray(feats, dtype=np.float32), self.feature_transform, stats)
             if x.shape[0] > max_points_per_task:
                 x = x[np.sort(rng.choice(x.shape[0], max_points_per_task, replace=False))]
-            self.points[task] = x
+            # a name stands for every stored task of that name (the device's own and a peer's alike)
+            for key in [task] if isinstance(task, TaskKey) else same_name.get(task, [TaskKey(task, "")]):
+                self.points[key] = x
         self.reference = dict(self.points)  # raw reference only, before anchors' points are added
         widths = {x.shape[1] for x in self.points.values()} | {k.anchor_dim for k in self.existing
                                                                if k.anchor_dim is not None}
@@ -110,13 +119,13 @@ class PlausibilityCheck:
             raise ValueError(f"reference features and bank disagree on the anchor width: {sorted(widths)}")
         self.anchor_dim = widths.pop() if widths else None
         for k in self.existing:
-            if k.task in self.points:  # real features beat synthetic ones (draws from an anchor favour it)
+            if _identity(k) in self.points:  # real features beat synthetic ones (draws from an anchor favour it)
                 continue
             # no features of this task here: its anchors are generative models, draw from them
             extra = [x for x in (_sample_gmmc(k, synthetic_per_task, rng), _sample_maha(k, synthetic_per_task, rng))
                      if x is not None]
             if extra:
-                self.points[k.task] = np.concatenate(extra).astype(np.float32)
+                self.points[_identity(k)] = np.concatenate(extra).astype(np.float32)
         self._gmmc_range = self._seen_gmmc_log_scale()
         self._maha_range = self._seen_maha_log_scale()
 
@@ -145,7 +154,8 @@ class PlausibilityCheck:
 
     def capture(self, knowledge: TaskKnowledge) -> list[CaptureReport]:
         """Fraction of each known task's reference points that change task once ``knowledge`` joins."""
-        others = [k for k in self.existing if k.task != knowledge.task]  # same name = an update, replaced
+        me = _identity(knowledge)  # the same (task, agent) is an update and replaces it; another agent's
+        others = [k for k in self.existing if _identity(k) != me]  # same-name task is judged like any other
         reports = []
         if knowledge.gmmc is not None:
             reports.append(self._gmmc_capture(knowledge, [k for k in others if k.gmmc is not None]))
@@ -206,7 +216,7 @@ class PlausibilityCheck:
         return ""
 
     # ------------------------------------------------------------------ 3. capture
-    def _labelled_points(self, exclude: str) -> list[tuple[str, np.ndarray]]:
+    def _labelled_points(self, exclude: TaskKey) -> list[tuple[TaskKey, np.ndarray]]:
         return [(t, x) for t, x in self.points.items() if t != exclude and x.shape[0]]
 
     def _gmmc_capture(self, k: TaskKnowledge, others: list[TaskKnowledge]) -> CaptureReport:
@@ -219,7 +229,7 @@ class PlausibilityCheck:
         if not others:
             return rep
         mapper = GmmcMapper.from_knowledge(others + [k])
-        for task, own, x in self._known_points(k.task, others):
+        for task, own, x in self._known_points(k, others):
             scores = mapper.task_scores(x)
             rep.moved[task] = _captured(scores, own, scores[:, :-1].argmax(axis=1))
         return rep
@@ -235,26 +245,33 @@ class PlausibilityCheck:
         stats.add(k.maha.exemplars.astype(np.float64) - k.maha.class_means.astype(np.float64)[lab])
         old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
         new = MahalanobisMapper.from_knowledge(others + [k], covariance=stats.shrunk()[0])
-        for task, own, x in self._known_points(k.task, others):
+        for task, own, x in self._known_points(k, others):
             rep.moved[task] = _captured(new.task_scores(x), own, old.task_scores(x).argmax(axis=1))
         return rep
 
-    def _known_points(self, newcomer: str, others: list[TaskKnowledge]) -> list[tuple[str, int, np.ndarray]]:
-        """``(task, its index in others, its reference points)`` for the tasks this mapper holds.
+    def _known_points(self, newcomer: TaskKnowledge,
+                      others: list[TaskKnowledge]) -> list[tuple[str, int, np.ndarray]]:
+        """``(task as shown, its index in others, its reference points)`` for the tasks this mapper holds.
 
         A task without this kind of anchor (a GMMC-only task, for the Mahalanobis mapper) is never
         chosen by that mapper, so none of its points is "correct" and none can be captured:
         counting them as correct would quarantine every honest newcomer near them.
         """
-        index = {o.task: i for i, o in enumerate(others)}
-        return [(t, index[t], x) for t, x in self._labelled_points(newcomer) if t in index]
+        index = {_identity(o): i for i, o in enumerate(others)}
+        return [(self._shown.get(t, t.task), index[t], x) for t, x in self._labelled_points(_identity(newcomer))
+                if t in index]
 
     def _scatter(self, others: list[TaskKnowledge]) -> ScatterStats:
-        key = tuple(o.task for o in others)
+        key = tuple(_identity(o) for o in others)
         cached = getattr(self, "_scatter_cache", None)
         if cached is None or cached[0] != key:
             self._scatter_cache = (key, exemplar_scatter([o.maha for o in others]))
         return self._scatter_cache[1]  # callers copy before adding to it
+
+
+def _identity(k: TaskKnowledge) -> TaskKey:
+    """A task's fleet-wide identity (``runtime.identity``): its name and its origin agent."""
+    return TaskKey(k.task, k.meta.agent_id)
 
 
 #: Scores within this relative distance of each other are a tie (float32 rounding of equal anchors).

@@ -222,3 +222,23 @@ def test_honest_mahalanobis_newcomer_is_accepted_beside_a_gmmc_only_task(world):
     # the GMMC mapper still guards gm5's points: a GMMC copy of task5 would take them
     (gm_report,) = check.capture(dataclasses.replace(knowledge["task5"], maha=None).validate())
     assert gm_report.moved["gm5"] > 0.2
+
+
+def test_a_peers_copy_under_the_same_name_is_judged_like_any_other_task(world):
+    """Tasks are (name, origin agent) now (runtime.identity), and a bank keeps two agents' same-name
+    tasks side by side; so another agent's "task0" carrying the victim's anchor ties with it
+    everywhere and must be refused.  Only the same agent's newer version replaces, and is not
+    judged against the version it replaces."""
+    _, knowledge, existing, own, _ = world
+    mine = [dataclasses.replace(k, meta=dataclasses.replace(k.meta, agent_id="me")) for k in existing]
+    victim = mine[0]
+    peer_copy = dataclasses.replace(victim, meta=dataclasses.replace(victim.meta, agent_id="peer"))
+    check = PlausibilityCheck(own, mine)
+    ok, reason = check.check(peer_copy)
+    assert not ok and "would take 100% of known task 'task0'" in reason
+    assert check.check(victim)[0]  # the same (task, agent): an update
+    # with the peer's task0 already stored, both are shown by identity
+    both = PlausibilityCheck({}, mine + [dataclasses.replace(knowledge["task5"], task="task0",
+                                                            meta=dataclasses.replace(victim.meta, agent_id="peer"))])
+    ok, reason = both.check(dataclasses.replace(victim, task="aaa"))
+    assert not ok and "'task0@me'" in reason
