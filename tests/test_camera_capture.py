@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skill_edge.cli import app
+from test_cli_classify import _run_in_pty
 
 cv2 = pytest.importorskip("cv2")
 runner = CliRunner()
@@ -100,3 +101,17 @@ def test_capture_dir_policy_without_a_camera(tmp_path: Path) -> None:
     assert prepare_capture_dir(target, "replace") == 1 and not (target / "train").exists()
     with pytest.raises(ValueError):
         prepare_capture_dir(target, "merge")
+
+
+def test_recapture_on_a_terminal_asks(clip: Path, tmp_path: Path, rom_dir: Path) -> None:
+    """At a terminal, learn asks what to do with an earlier capture instead of refusing."""
+    home = tmp_path / "h"
+    assert _learn(clip, home, rom_dir, "--headless").exit_code == 0
+    args = ["learn", "--task", "colours", "--camera", f"file://{clip}", "--labels", "red,blue", "--frames",
+            str(FRAMES), "--home", str(home), "--rom", str(rom_dir), "--headless"]
+    code, screen = _run_in_pty(args, answers={"[a]ppend, [r]eplace or [q]uit": "a"})
+    assert code == 0, screen
+    assert f"already holds {2 * FRAMES} captured frames" in screen
+    assert _frames(home) == {"blue": 2 * FRAMES, "red": 2 * FRAMES}
+    code, screen = _run_in_pty(args, answers={"[a]ppend, [r]eplace or [q]uit": "q"})
+    assert code == 2 and _frames(home) == {"blue": 2 * FRAMES, "red": 2 * FRAMES}, screen

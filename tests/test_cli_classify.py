@@ -45,13 +45,16 @@ def _run(args: list[str], env: dict | None = None, **kw) -> subprocess.Completed
                           env={**os.environ, **(env or {})}, **kw)
 
 
-def _run_in_pty(args: list[str], columns: int = 80) -> str:
-    """The real command on a real pseudo-terminal (what a user at a shell sees), escape codes removed."""
+def _run_in_pty(args: list[str], columns: int = 80, answers: dict[str, str] | None = None,
+                env: dict | None = None) -> tuple[int, str]:
+    """The real command on a real pseudo-terminal (what a user at a shell sees): (exit code, the screen
+    with escape codes removed).  ``answers`` types a reply once the screen shows a prompt's text."""
     master, slave = pty.openpty()
-    env = {**os.environ, "COLUMNS": str(columns), "LINES": "40", "TERM": "xterm"}
+    env = {**os.environ, "COLUMNS": str(columns), "LINES": "40", "TERM": "xterm", **(env or {})}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen([*SKILL_EDGE, *args], stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
+    pending = dict(answers or {})
     chunks = []
     while True:
         ready, _, _ = select.select([master], [], [], 300)
@@ -65,9 +68,12 @@ def _run_in_pty(args: list[str], columns: int = 80) -> str:
         if not data:
             break
         chunks.append(data)
-    proc.wait(timeout=60)
+        screen = b"".join(chunks).decode("utf-8", "replace")
+        for prompt in [k for k in pending if k in screen]:
+            os.write(master, pending.pop(prompt).encode() + b"\n")
+    code = proc.wait(timeout=60)
     os.close(master)
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
 
 
 def _common(learned: dict) -> list[str]:
@@ -133,7 +139,8 @@ def test_terminal_table_keeps_the_end_of_each_path(learned: dict, tmp_path: Path
     names = [f"holiday_picture_{i:04d}_{p.parent.name}.png" for i, p in enumerate(src)]
     for p, n in zip(src, names):
         (deep / n).write_bytes(p.read_bytes())
-    screen = _run_in_pty(["classify", *[str(deep / n) for n in names], *_common(learned)])
+    code, screen = _run_in_pty(["classify", *[str(deep / n) for n in names], *_common(learned)])
+    assert code == 0, screen
     assert "3 inputs: shapes 3" in screen, screen
     rows = [ln for ln in screen.splitlines() if "shapes" in ln and "│" in ln]
     assert len(rows) == 3, screen
