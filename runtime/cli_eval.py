@@ -123,8 +123,15 @@ def evaluate_folder(dev, data: Path, *, task: str | None, split: str, mapper: st
     """Classify one labelled folder with no task oracle and count what came out (see the module docstring)."""
     from .datasets import load_image_folder
 
+    from .device import MAPPER_ALIASES
+
     ds = load_image_folder(data, seed=seed)
     k = _bank_task(dev, data, ds.classes, task)
+    kind = MAPPER_ALIASES[mapper]
+    if getattr(k, kind) is None:  # the mapper could never pick it: every image would count as a miss
+        other = "mahalanobis" if kind == "gmmc" else "gmmc"
+        raise EvalError(f"task {k.task!r} has no {mapper} anchor, so this mapper never picks it; "
+                        f"use --mapper {other}")
     parts = [ds.test] if split == "test" else [ds.train, ds.val, ds.test]
     paths = [p for s in parts for p in s.paths]
     truth = np.array([k.labels.index(ds.classes[y]) for s in parts for y in s.labels], np.int64)

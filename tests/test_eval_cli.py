@@ -97,3 +97,15 @@ def test_eval_refuses_folders_it_cannot_score(learned: dict, tmp_path: Path) -> 
     assert res.exit_code == 2 and "is not a directory" in " ".join(res.output.split())
     res = runner.invoke(app, [*_args(learned, other), "--split", "half"])
     assert res.exit_code == 2 and "--split must be test or all" in res.output
+
+
+def test_eval_with_a_mapper_the_task_has_no_anchor_for(learned: dict, tmp_path: Path) -> None:  # noqa: F811
+    home = tmp_path / "home"
+    shutil.copytree(learned["home"], home)
+    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(learned["tasks"]["shapes"]), "--home",
+                              str(home), "--rom", str(learned["rom"]), "--mapper", "gmmc", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", "--data", str(learned["tasks"]["shapes"]), "--home", str(home), "--rom",
+                              str(learned["rom"]), "--mapper", "mahalanobis"])
+    assert res.exit_code == 2
+    assert "task 'shapes' has no mahalanobis anchor" in " ".join(res.output.split()) and "--mapper gmmc" in res.output
