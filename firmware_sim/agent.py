@@ -233,7 +233,7 @@ class DeviceReport:
 class _BBFlopCounter:
     """Torch's FLOP counter around BB training, and nothing (no torch import) without BB.
 
-    The head is fitted in numpy/scipy and reports its own MACs (``head_train_macs`` in the task's
+    The head is fitted in numpy/scipy and reports its own MACs (``head_train_gmacs`` in the task's
     metrics); only BB training runs in torch, where ``FlopCounterMode`` measures it."""
 
     def __init__(self, bb: bool) -> None:
@@ -451,7 +451,7 @@ class Agent:
             feature_dim=knowledge.feature_dim, anchor_dim=knowledge.anchor_dim or 0,
             backbone_macs_per_image=int(macs["full"]),
             tail_macs_per_image=int(macs.get("tail", 0)),
-            train_macs_measured=int(knowledge.meta.metrics.get("head_train_macs", 0)) + counter.macs(),
+            train_macs_measured=int(knowledge.meta.metrics.get("head_train_gmacs", 0.0) * 1e9) + counter.macs(),
             bb=knowledge.bb is not None, bb_epochs=spec.bb_epochs if spec.bb else 0,
             gmmc_k=knowledge.gmmc.k if knowledge.gmmc is not None else 0,
             maha_exemplars=int(knowledge.maha.exemplars.shape[0]) if knowledge.maha is not None else 0,
@@ -469,7 +469,7 @@ class Agent:
                "learned_at": time.time(), "boot": self.boots}
         # the record first: a bank entry without its record is simply learned again after a crash
         _write_json(self.life.learn_record_path(src.name), rec)
-        self.device.bank.put(stored, packet_bytes=packet)
+        self.device.bank.put(stored, packet_bytes=packet, own=True)
         return rec
 
     def _feature_task(self, src: TaskSource) -> FeatureTask:
@@ -535,6 +535,7 @@ class Agent:
     # ------------------------------------------------------------------ 3. share
     def share(self, records: list[dict]) -> tuple[bool, list[str], dict[str, int]]:
         from skill_edge.runtime.keys import TrustStore
+        from skill_edge.runtime.knowledge import RomShape
         from skill_edge.runtime.receive import PacketReceiver
         from skill_edge.runtime.sync import BankPlausibility, SyncService
         from skill_edge.runtime.transport import open_transport
@@ -546,7 +547,8 @@ class Agent:
         try:
             check = BankPlausibility(bank, self._reference_features()) if spec.plausibility else None
             receiver = PacketReceiver(TrustStore(self.home / "trust"), self.device.fingerprint,
-                                      self.home / "sync" / "receive", plausibility=check)
+                                      self.home / "sync" / "receive", plausibility=check,
+                                      rom_shape=RomShape.from_manifest(self.device.engine.manifest))
             service = SyncService(tx, bank, receiver, fleet=spec.fleet)
             t0 = time.perf_counter()
             for rec in records:

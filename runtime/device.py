@@ -294,6 +294,7 @@ class Device:
                         bb_layout_hash=bb_hash, feature_transform=anchors.feature_transform,
                         n_train=int(len(labels)), source=source,
                         metrics={"head_val_acc": float(head.val_accuracy), "weight_decay": float(head.weight_decay),
+                                 "head_train_gmacs": metrics["plain_head"].train_macs / 1e9,
                                  **({"bb_val_acc": float(metrics["bb_val_acc"]),
                                      "bb_val_acc_without": float(metrics["bb_val_acc_without"])} if bb else {})})
         knowledge = TaskKnowledge(task=task, labels=[str(c) for c in classes], head_weight=head.weight,
