@@ -12,7 +12,11 @@ A packet is accepted only if, in this order:
    holds for that (agent, task) (``bank=``): the bank record carries its seq, so deleting the
    state file does not re-open rollbacks.  A packet accepted before whose task has since left
    the bank (``bank rm``) is accepted again, so a removed task can come back;
-4. the optional ``plausibility`` check (hijack detection) passes, else it is "quarantined".
+4. its agent id belongs to its signer: the first accepted packet of an agent id binds that id to
+   the signing key (trust on first use, kept in the state file), and a packet naming that agent
+   but signed by another trusted key is rejected ("agent-key-mismatch"), so one trusted peer
+   cannot replace another peer's tasks by claiming its agent id;
+5. the optional ``plausibility`` check (hijack detection) passes, else it is "quarantined".
 
 The (agent, task) -> newest sequence number state lives in one small JSON file, rewritten
 atomically (tmp + fsync + rename) under a lock, so a crash or a second process never
@@ -99,6 +103,7 @@ class StreamState:
 
     seq: int
     digests: list[str]  # sha256 of accepted packets, newest last
+    signer: str = ""  # hex key id that signed them: binds the agent id to a key ("" in files before it)
 
 
 class ReceiveState:
@@ -130,7 +135,8 @@ class ReceiveState:
             raw = json.loads(self.path.read_text())
             if raw.get("version") != STATE_VERSION:
                 raise ValueError(f"version {raw.get('version')!r}, expected {STATE_VERSION}")
-            return {(s["agent"], s["task"]): StreamState(int(s["seq"]), [str(d) for d in s["digests"]])
+            return {(s["agent"], s["task"]): StreamState(int(s["seq"]), [str(d) for d in s["digests"]],
+                                                         str(s.get("signer", "")))
                     for s in raw["streams"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ReceiveStateError(
@@ -140,7 +146,8 @@ class ReceiveState:
     @staticmethod
     def _to_json(streams: dict[tuple[str, str], StreamState]) -> dict:
         return {"version": STATE_VERSION,
-                "streams": [{"agent": a, "task": t, "seq": s.seq, "digests": s.digests}
+                "streams": [{"agent": a, "task": t, "seq": s.seq, "digests": s.digests,
+                             **({"signer": s.signer} if s.signer else {})}
                             for (a, t), s in sorted(streams.items())]}
 
     def _save(self, streams: dict[tuple[str, str], StreamState]) -> None:
@@ -225,6 +232,11 @@ class PacketReceiver:
                 return self._reject(f"{who}: a different packet with the same seq {where} "
                                     f"(the sender must increase seq for every new version)", "equivocation",
                                     packet)
+            bound = {st.signer for (agent, _), st in streams.items() if agent == packet.agent_id and st.signer}
+            if bound and packet.signer not in bound:
+                return self._reject(f"{who}: agent {packet.agent_id!r} is bound to key "
+                                    f"{', '.join(sorted(k[:16] for k in bound))}, not {(packet.signer or '')[:16]}; "
+                                    f"a peer may not speak for another agent", "agent-key-mismatch", packet)
             if self.plausibility is not None:
                 ok, why = self.plausibility(packet.knowledge)
                 if not ok:
@@ -256,4 +268,5 @@ def _with(stream: StreamState | None, packet: Packet) -> StreamState:
     """The stream after accepting ``packet``: its digest remembered (the newest few), its seq the floor
     unless the stream already knew a newer one."""
     digests = [d for d in (stream.digests if stream else []) if d != packet.sha256] + [packet.sha256]
-    return StreamState(max(packet.seq, stream.seq if stream else -1), digests[-REMEMBERED_DIGESTS:])
+    return StreamState(max(packet.seq, stream.seq if stream else -1), digests[-REMEMBERED_DIGESTS:],
+                       (stream.signer if stream and stream.signer else "") or (packet.signer or ""))

@@ -53,7 +53,8 @@ def test_accepts_a_trusted_packet_and_records_it(receiver, key, tmp_path):
     assert r.status == "accepted" and r.accepted and r.packet.seq == 1
     assert len(stored) == 1 and stored[0][1] == data and stored[0][0].knowledge.task == "task-a"
     state = json.loads((tmp_path / "state" / STATE_FILE).read_text())
-    assert state["streams"] == [{"agent": "agent-a", "task": "task-a", "seq": 1, "digests": [r.packet.sha256]}]
+    assert state["streams"] == [{"agent": "agent-a", "task": "task-a", "seq": 1, "digests": [r.packet.sha256],
+                                 "signer": key.key_id}]
 
 
 def test_same_packet_twice_is_a_duplicate_no_op(receiver, key, tmp_path):
@@ -97,6 +98,19 @@ def test_streams_are_per_agent_and_task(receiver, key):
     assert receiver.receive(PacketCodec().encode(version(5), key)).status == "accepted"
     assert receiver.receive(PacketCodec().encode(version(1, agent="agent-b"), key)).status == "accepted"
     assert receiver.receive(PacketCodec().encode(version(1, task="task-b"), key)).status == "accepted"
+
+
+def test_a_peer_may_not_speak_for_another_agent(receiver, trust, key):
+    """Two trusted keys: the second may not publish (any task) under the agent id the first one owns."""
+    other = DeviceKey.generate()
+    trust.add("other", other.public_key)
+    assert receiver.receive(PacketCodec().encode(version(1), key)).status == "accepted"
+    for spoof in (version(2), version(1, task="task-b")):  # a newer version of a's task, and a new task as a
+        r = receiver.receive(PacketCodec().encode(spoof, other))
+        assert (r.status, r.code) == ("rejected", "agent-key-mismatch"), r.reason
+        assert "agent-a" in r.reason
+    assert receiver.receive(PacketCodec().encode(version(1, agent="agent-o"), other)).status == "accepted"
+    assert receiver.receive(PacketCodec().encode(version(2), key)).status == "accepted"  # the owner still can
 
 
 def test_unknown_signer_and_unsigned_are_rejected(receiver):
