@@ -192,6 +192,16 @@ def learn_command(
     except ValueError as exc:
         say_error("bad --budget:", exc)
         raise typer.Exit(EXIT_USAGE) from None
+    from .knowledge import KnowledgeError, validate_name
+
+    try:  # before anything is written: the name becomes a folder (captures/<task>) and a file name
+        validate_name(task)
+        for label in (labels or "").split(",") if camera is not None else ():
+            if label.strip():
+                validate_name(label.strip(), "label")
+    except KnowledgeError as exc:
+        say_error("cannot learn:", exc)
+        raise typer.Exit(EXIT_USAGE) from None
     dev = open_device(home, rom, provider, need_key=True)
     if camera is not None:
         data = _capture(dev.home, task, camera, labels, frames, countdown, headless=headless,

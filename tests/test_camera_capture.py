@@ -115,3 +115,16 @@ def test_recapture_on_a_terminal_asks(clip: Path, tmp_path: Path, rom_dir: Path)
     assert _frames(home) == {"blue": 2 * FRAMES, "red": 2 * FRAMES}
     code, screen = _run_in_pty(args, answers={"[a]ppend, [r]eplace or [q]uit": "q"})
     assert code == 2 and _frames(home) == {"blue": 2 * FRAMES, "red": 2 * FRAMES}, screen
+
+
+@pytest.mark.parametrize("task,labels", [("../escape", "red,blue"), ("ok", "red,../../x"), ("ok", "red,\x1b[2Jx")])
+def test_a_bad_task_name_or_label_is_refused_before_anything_is_captured(clip: Path, tmp_path: Path, rom_dir: Path,
+                                                                          task: str, labels: str) -> None:
+    """The task name and every label become folders under captures/: they are checked before capture."""
+    home = tmp_path / "h"
+    res = runner.invoke(app, ["learn", "--task", task, "--camera", f"file://{clip}", "--labels", labels,
+                              "--frames", str(FRAMES), "--home", str(home), "--rom", str(rom_dir), "--headless"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "\x1b[2J" not in res.output
+    assert not (tmp_path / "escape").exists() and not (home / "captures").exists()
+    assert not list(tmp_path.rglob("*.jpg"))
