@@ -503,7 +503,7 @@ def classify_ok(run: CliRun) -> tuple[bool, str]:
         return False, f"classify output unreadable ({exc}): {ascii(run.out[:200])}"
     if not all(math.isfinite(c) for c in conf):
         return False, f"classify gave non-finite confidences {conf}"
-    return True, f"classify ok ({rows[0].get('task')})"
+    return True, f"classify ok (the probe image: {rows[0].get('task') or 'unknown'})"
 
 
 def stat(run: CliRun, word: str) -> int | None:
@@ -597,7 +597,9 @@ def m9_learn_kills(lab: Lab, tally: KillTally) -> Scenario:
         if not tally.record(lab.learn(home, kill=kill), home, f"learn kill {kills + 1}"):
             continue
         kills += 1
-        lab.sync(home, f"dir:{share}", "--publish-bank-of", lab.agent, fleet="pub", idle=0.2)
+        pub = lab.sync(home, f"dir:{share}", "--publish-bank-of", lab.agent, fleet="pub", idle=0.2)
+        if pub.traceback or pub.rc == 2:
+            tally.notes.append(f"learn kill {kills}: publishing sync {pub.brief(120)}")
         own = [e for e in lab.entries(home) if e.task == "mnist" and e.agent == lab.agent]
         for e in own:
             if not packet_path(share, "pub", "mnist", lab.agent, int(e.seq)).exists() and e.seq not in unpublished:
