@@ -110,8 +110,8 @@ class Plan:
         if quick:
             return cls(True, sync_kills=8, learn_kills=2, kills_per_round=4, packets_per_round=12,
                        flood_manifests=3, flood_partial=2, flood_seconds=8.0, settle_seconds=2.0)
-        return cls(False, sync_kills=180, learn_kills=25, kills_per_round=10, packets_per_round=24,
-                   flood_manifests=20, flood_partial=8, flood_seconds=20.0, settle_seconds=5.0)
+        return cls(False, sync_kills=185, learn_kills=20, kills_per_round=10, packets_per_round=24,
+                   flood_manifests=20, flood_partial=8, flood_seconds=15.0, settle_seconds=5.0)
 
 
 @dataclass
