@@ -65,7 +65,8 @@ cp scripts/aarch64_steps.py "$ROOT/opt/check/"
 if [ ! -x "$ROOT/opt/venv/bin/python" ]; then in_root python3 -m venv /opt/venv; fi
 say "pip install skill-edge (base profile) from PyPI's aarch64 wheels"
 t0=$(date +%s)
-in_root /opt/venv/bin/python -m pip install -q --upgrade --force-reinstall --no-cache-dir /opt/check/wheel/*.whl \
+whl=$(basename "$(ls "$WORK"/wheel/*.whl)")
+in_root /opt/venv/bin/python -m pip install -q --upgrade --force-reinstall --no-cache-dir "/opt/check/wheel/$whl" \
   >"$WORK/pip-install.log" 2>&1 || { tail -30 "$WORK/pip-install.log"; exit 1; }
 install_s=$(( $(date +%s) - t0 ))
 in_root /opt/venv/bin/python -m pip list --format json >"$WORK/pip-list.json"
