@@ -67,12 +67,15 @@ def kmeans_labels(x: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarr
     for _ in range(KMEANS_MAX_ITER):
         dist = _sq_dist(x, centers, (centers * centers).sum(1))
         labels = dist.argmin(1)
-        new = np.zeros_like(centers)
-        np.add.at(new, labels, x)
-        counts = np.bincount(labels, minlength=k)
-        far = np.argsort(-dist[np.arange(len(x)), labels])
-        for j, c in enumerate(np.flatnonzero(counts == 0)):
-            new[c], counts[c] = x[far[j]], 1
+        onehot = np.zeros((len(x), k))
+        onehot[np.arange(len(x)), labels] = 1.0
+        new = onehot.T @ x  # per-cluster sums as one product (np.add.at is 10x slower here)
+        counts = onehot.sum(0)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            far = np.argsort(-dist[np.arange(len(x)), labels])
+            for j, c in enumerate(empty):
+                new[c], counts[c] = x[far[j]], 1
         new /= counts[:, None]
         shift = float(((new - centers) ** 2).sum())
         centers = new
@@ -81,16 +84,17 @@ def kmeans_labels(x: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarr
     return _sq_dist(x, centers, (centers * centers).sum(1)).argmin(1) if len(x) else labels
 
 
-def _m_step(x: np.ndarray, resp: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _m_step(x: np.ndarray, x2: np.ndarray, resp: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nk = resp.sum(0) + 10 * np.finfo(resp.dtype).eps
     means = resp.T @ x / nk[:, None]
-    variances = resp.T @ (x * x) / nk[:, None] - means ** 2 + reg
+    variances = resp.T @ x2 / nk[:, None] - means ** 2 + reg
     return nk / x.shape[0], means, np.maximum(variances, reg)
 
 
-def _weighted_log_prob(x: np.ndarray, weights: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.ndarray:
+def _weighted_log_prob(x: np.ndarray, x2: np.ndarray, weights: np.ndarray, means: np.ndarray,
+                       variances: np.ndarray) -> np.ndarray:
     prec = 1.0 / variances
-    maha = (means ** 2 * prec).sum(1)[None, :] - 2.0 * (x @ (means * prec).T) + (x * x) @ prec.T
+    maha = (means ** 2 * prec).sum(1)[None, :] - 2.0 * (x @ (means * prec).T) + x2 @ prec.T
     return -0.5 * (x.shape[1] * np.log(2 * np.pi) + maha) - 0.5 * np.log(variances).sum(1) + np.log(weights)
 
 
@@ -102,14 +106,15 @@ def fit_diag_mixture(x: np.ndarray, k: int, *, reg_covar: float, seed: int = 0, 
     rng = np.random.RandomState(seed)
     resp = np.zeros((x.shape[0], k))
     resp[np.arange(x.shape[0]), kmeans_labels(x, k, rng)] = 1.0
-    weights, means, variances = _m_step(x, resp, reg_covar)
+    x2 = x * x
+    weights, means, variances = _m_step(x, x2, resp, reg_covar)
     lower, converged, it = -np.inf, False, 0
     for it in range(1, max_iter + 1):
-        wlp = _weighted_log_prob(x, weights, means, variances)
+        wlp = _weighted_log_prob(x, x2, weights, means, variances)
         top = wlp.max(1, keepdims=True)
         norm = top[:, 0] + np.log(np.exp(wlp - top).sum(1))
         resp = np.exp(wlp - norm[:, None])
-        weights, means, variances = _m_step(x, resp, reg_covar)
+        weights, means, variances = _m_step(x, x2, resp, reg_covar)
         prev, lower = lower, float(norm.mean())
         if abs(lower - prev) < EM_TOL:
             converged = True
