@@ -164,7 +164,8 @@ elif cmd == "latency":
 
 
 def worker(venv: Path, env: dict[str, str], *args: str) -> dict:
-    proc = subprocess.run([str(venv / "bin" / "python"), "-c", WORKER, *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", WORKER, *args], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir())  # not the repo: its skill_edge/ folder would shadow the install
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args[0]} in {venv.name} failed: {proc.stderr[-1500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

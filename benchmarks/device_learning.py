@@ -166,10 +166,10 @@ def main() -> None:
     update_readme("device_learning", f"""## The light device learns what the torch device learned (`device_learning.py`)
 
 21 skill-bench tasks, the same ROM features, one run. *control*: the head by torch's L-BFGS and GMMC by
-scikit-learn (the device before the split); *device*: the head by scipy's L-BFGS (`runtime/learn.py`) and
+scikit-learn (the device before the split); *device*: the head by numpy L-BFGS (`runtime/learn.py`) and
 GMMC by the numpy EM (`runtime/gmm.py`). Means over tasks; no-oracle columns are closed-set.
 
-{md_table(["", "control (torch, scikit-learn)", "device (scipy, numpy)", "difference"], rows)}
+{md_table(["", "control (torch, scikit-learn)", "device (numpy)", "difference"], rows)}
 
 Machine and command: `results/device_learning.json`.
 """)

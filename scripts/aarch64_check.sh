@@ -62,7 +62,8 @@ rm -rf "$ROOT/opt/check"; mkdir -p "$ROOT/opt/check"
 cp -r "$WORK/wheel" "$WORK/task" "$ROOT/opt/check/"
 cp -r "$ROM" "$ROOT/opt/check/rom"
 cp scripts/aarch64_steps.py "$ROOT/opt/check/"
-if [ ! -x "$ROOT/opt/venv/bin/python" ]; then in_root python3 -m venv /opt/venv; fi
+rm -rf "$ROOT/opt/venv"  # a fresh venv every run: it must hold only what the base profile brings
+in_root python3 -m venv /opt/venv
 say "pip install skill-edge (base profile) from PyPI's aarch64 wheels"
 t0=$(date +%s)
 whl=$(basename "$(ls "$WORK"/wheel/*.whl)")

@@ -24,7 +24,7 @@ import numpy as np
 
 LABELS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
 FEATURE_RTOL = 1e-4
-HEAVY = ("torch", "timm", "sklearn", "matplotlib", "ray", "cv2", "onnx")
+HEAVY = ("torch", "timm", "sklearn", "scipy", "matplotlib", "ray", "cv2", "onnx")
 
 
 def make_task(root: Path, n_train: int = 12, n_test: int = 4, seed: int = 0) -> None:
