@@ -383,6 +383,7 @@ class Lab:
         from skill_edge.export.manifest import RomManifest
 
         self.work, self.rom, self.plan, self.say = work, rom, plan, say
+        self.deadlines: dict[str, float] = {}  # loop name -> monotonic time it must stop by (--budget)
         self.manifest = RomManifest.read(rom)
         self.images = shape_task(work / "images" / "mnist")
         self.probe = next(iter(sorted((self.images / "test").rglob("*.png"))))
@@ -406,6 +407,9 @@ class Lab:
             raise RuntimeError(f"setup: the honest derived packet was not accepted ({r.brief()}):\n{r.text[-3000:]}")
 
     # -- devices
+    def out_of_time(self, loop: str) -> bool:
+        return time.monotonic() > self.deadlines.get(loop, math.inf)
+
     def learn(self, home: Path, task: str = "mnist", kill: Kill | None = None, env: dict | None = None,
               timeout: float = 300.0) -> CliRun:
         return run_cli(["learn", "--task", task, "--data", str(self.images), "--home", str(home),
@@ -546,6 +550,9 @@ def h2_sync_kills(lab: Lab, tally: KillTally) -> Scenario:
     rng = random.Random(15)
     kills_before = tally.kills
     while tally.kills - kills_before < plan.sync_kills:
+        if lab.out_of_time("sync kills"):
+            tally.notes.append(f"sync kills stopped at {tally.kills - kills_before} by the time budget")
+            break
         rounds += 1
         home = lab.copy(lab.base, "kill-sync")
         killed = attempts = 0
@@ -589,6 +596,9 @@ def m9_learn_kills(lab: Lab, tally: KillTally) -> Scenario:
     kills = 0
     attempts = 0
     while kills < lab.plan.learn_kills and attempts < 3 * lab.plan.learn_kills + 5:
+        if lab.out_of_time("learn kills"):
+            tally.notes.append(f"learn kills stopped at {kills} by the time budget")
+            break
         attempts += 1
         if attempts % 2:
             kill = Kill(trigger=home / "bank" / "index.json", after=rng.uniform(0.0, 0.05), give_up=span * 1.5)
@@ -1193,7 +1203,7 @@ def low_corrupt_chunk(lab: Lab, broker) -> Scenario:
 
 
 def run(plan: Plan, work: Path, rom: Path | None = None, say: Callable[[str], None] = print,
-        only: tuple[str, ...] = ()) -> dict:
+        only: tuple[str, ...] = (), budget_s: float | None = None) -> dict:
     """Every scenario of ``plan`` (or those whose name starts with one of ``only``); returns the
     result record (without machine/command)."""
     from mqtt_broker import MosquittoBroker
@@ -1202,6 +1212,8 @@ def run(plan: Plan, work: Path, rom: Path | None = None, say: Callable[[str], No
     rom = ensure_rom(rom)
     say(f"ROM {rom}")
     lab = Lab(work, rom, plan, say)
+    if budget_s:  # the kill loops yield to the time budget (the MQTT part needs ~2 min after them)
+        lab.deadlines = {"sync kills": t_start + 0.62 * budget_s, "learn kills": t_start + 0.8 * budget_s}
     say(f"device learned mnist in {lab.learn_seconds:.1f} s (agent {lab.agent})")
     scenarios: list[Scenario] = []
     skipped: list[str] = []
@@ -1279,6 +1291,7 @@ def run(plan: Plan, work: Path, rom: Path | None = None, say: Callable[[str], No
                       and tally.inconsistent_banks == 0,
                       f"peak RSS <= {RSS_GOAL}x idle": bool(idle) and peak <= RSS_GOAL * idle},
             "kill_runs": tally.runs, "kill_notes": tally.notes[:20], "skipped": skipped,
+            "budget_s": budget_s,
             "rom": "models/rom/efficientnet_lite0" if rom == ROOT / "models/rom/efficientnet_lite0"
             else f"EfficientNet-Lite0, random init ({rom})",
             "learn_seconds": round(lab.learn_seconds, 1),
@@ -1325,6 +1338,8 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="full run: print only, write neither result nor README")
     ap.add_argument("--only", default="", help="comma-separated scenario prefixes, e.g. high-2,medium-9d "
                                                 "(debugging; implies --no-write)")
+    ap.add_argument("--budget", type=float, default=14.0, help="full run: minutes the kill loops fit into "
+                                                                 "(they stop early rather than overrun)")
     args = ap.parse_args()
     only = tuple(x for x in args.only.split(",") if x)
     args.no_write |= bool(only)
@@ -1332,7 +1347,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sync-faults-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = run(plan, work, args.rom, only=only)
+        result = run(plan, work, args.rom, only=only, budget_s=None if args.quick else 60 * args.budget)
     print(json.dumps({k: result[k] for k in ("kills", "lost_packets", "idle_rss_mb", "peak_rss_mb_under_flood")}
                      | {"passed": result["summary"]["scenarios_passed"], "of": result["summary"]["scenarios"]}))
     if not (args.no_write or args.quick):  # the quick share is CI's; only full runs are recorded
