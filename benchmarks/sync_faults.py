@@ -411,7 +411,7 @@ class Lab:
         return time.monotonic() > self.deadlines.get(loop, math.inf)
 
     def learn(self, home: Path, task: str = "mnist", kill: Kill | None = None, env: dict | None = None,
-              timeout: float = 300.0) -> CliRun:
+              timeout: float = 900.0) -> CliRun:
         return run_cli(["learn", "--task", task, "--data", str(self.images), "--home", str(home),
                         "--rom", str(self.rom), "--json"], kill=kill, env=env, timeout=timeout)
 
