@@ -31,7 +31,9 @@ file in the home stops it doing so again after the restart), which is how the la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -42,7 +44,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -180,6 +182,8 @@ class AgentSpec:
     eval_dir: str | None = None  # write each task's test features here (the reference device)
     save_trunk: bool = False  # also write trunk activations there (BB runs; ~37 KB per image)
     report_path: str | None = None
+    eval_slots: int | None = None  # at most this many devices of the fleet evaluate at once (None: no limit)
+    eval_slot_dir: str | None = None  # where the slots' lock files live (shared by the fleet)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -266,6 +270,34 @@ def limit_threads(n: int) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _evaluation_slot(folder: str | None, slots: int | None) -> Iterator[None]:
+    """Hold one of ``slots`` fleet-wide evaluation slots (``flock`` on ``folder/slot-<i>``) while inside.
+
+    Classifying every task's test set is the memory peak of a simulated device (the fleet's test
+    features and both mappers at once); a hundred devices doing it together need more RAM than
+    the machine has.  The lock goes with the process, so a killed device frees its slot."""
+    if not folder or not slots:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in range(slots):
+            f = open(Path(folder) / f"slot-{i}", "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            return
+        time.sleep(0.5)
 
 
 def peak_rss_mb() -> float:
@@ -698,7 +730,10 @@ class Agent:
         records, learned, recovered = self.learn_all()
         self.life.maybe_kill(self.spec.kill, "after_learn")
         converged, missing, stats = self.share(records)
-        results = self.evaluate() if self.spec.evaluate else {}
+        results = {}
+        if self.spec.evaluate:
+            with _evaluation_slot(self.spec.eval_slot_dir, self.spec.eval_slots):
+                results = self.evaluate()
         entries = self.device.bank.entries()
         bank = {e.task: e.content_hash for e in sorted(entries, key=lambda e: e.task)}
         report = DeviceReport(

@@ -82,6 +82,9 @@ class FleetConfig:
     save_eval_features: bool = True  # write each task's test features + labels under <workdir>/eval
     save_trunk: bool = False  # ... and trunk activations (BB curves; ~37 KB per image for Lite0)
     resume: bool = False  # reuse an existing workdir (devices recover from their banks)
+    # at most this many devices classify the fleet's test sets at once (None: all).  Each device's own
+    # peak memory is what it is; this bounds the sum, so 100+ devices fit one machine's RAM
+    max_concurrent_evaluations: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, with secrets (an MQTT password) redacted: this ends up in result files."""
@@ -269,7 +272,8 @@ def _spec(cfg: FleetConfig, plan: _Plan, name: str, home: Path, learn: list[str]
         bb_epochs=cfg.bb_epochs, mappers=list(cfg.mappers), k=cfg.k, m=cfg.m, seed=cfg.seed, budget=plan.budget,
         link=asdict(cfg.link), plausibility=cfg.plausibility, kill=cfg.kill.get(name),
         converge_timeout=cfg.converge_timeout, evaluate=evaluate, eval_dir=str(eval_dir) if eval_dir else None,
-        save_trunk=cfg.save_trunk)
+        save_trunk=cfg.save_trunk, eval_slots=cfg.max_concurrent_evaluations,
+        eval_slot_dir=str(Path(cfg.workdir) / "eval-slots") if cfg.max_concurrent_evaluations else None)
 
 
 def _engine(cfg: FleetConfig):

@@ -575,7 +575,10 @@ class KnowledgeBank:
     def _locked(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the bank's writer lock; raise ``BankLockedError`` after ``timeout`` seconds of waiting."""
         lock_path = self.root / "lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._write_error("opening the bank's lock file", exc) from None
         try:
             wait = self.lock_timeout if timeout is None else timeout
             deadline = time.monotonic() + wait
@@ -590,7 +593,10 @@ class KnowledgeBank:
                             f"the bank at {self.root} is locked by another writer (pid {holder}) and stayed "
                             f"locked for {wait:.1f}s; retry when it has finished") from None
                     time.sleep(0.01)
-            os.pwrite(fd, f"{os.getpid():<12}\n".encode(), 0)  # fixed width: no truncate, no block churn
+            try:  # the pid only names the holder in error messages: a full disk must not stop the lock
+                os.pwrite(fd, f"{os.getpid():<12}\n".encode(), 0)  # fixed width: no truncate, no block churn
+            except OSError:
+                pass
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock

@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -211,14 +211,12 @@ class SyncService:
                      origin=incoming.origin)
         self.stats.arrived += 1
         if hashlib.sha256(data).hexdigest() in self._own_packets():
-            self.transport.ack(incoming)
-            return self._emit(SyncEvent("own", reason="this device's own packet", **where))
+            return self._acked(incoming, SyncEvent("own", reason="this device's own packet", **where))
 
         try:
             result = self.receiver.receive(data, on_accept=self._store)
         except OwnTaskError as exc:  # final: the same packet meets the same own task next time
-            self.transport.ack(incoming)
-            return self._emit(SyncEvent("rejected", reason=str(exc), **where))
+            return self._acked(incoming, SyncEvent("rejected", reason=str(exc), **where))
         except (BankError, ReceiveStateError, OSError) as exc:
             self.transport.forget(incoming)  # not stored, not recorded: take it again later
             return self._emit(SyncEvent("error", reason=f"could not store: {exc}", **where))
@@ -241,8 +239,19 @@ class SyncService:
         hold = None
         if result.code in TRUST_CODES:  # trusting the signer later (keys add) must bring it back
             hold = self._trust_token if self._trust_token is not None else self._trust_fingerprint()
-        self.transport.ack(incoming, hold=hold)
-        return self._emit(SyncEvent(result.status, reason=result.reason, **where))
+        return self._acked(incoming, SyncEvent(result.status, reason=result.reason, **where), hold=hold)
+
+    def _acked(self, incoming: ReceivedPacket, event: SyncEvent, hold: str | None = None) -> SyncEvent:
+        """Mark the packet delivered and report ``event``; if the mark cannot be written (a full disk),
+        report an error instead: the packet is offered again next time, and what the bank stored makes
+        it a duplicate then, so nothing is lost either way."""
+        try:
+            self.transport.ack(incoming, hold=hold)
+        except TransportError as exc:
+            self.transport.forget(incoming)
+            return self._emit(replace(event, kind="error",
+                                      reason=f"{event.kind}, but not marked delivered (offered again later): {exc}"))
+        return self._emit(event)
 
     def receive_available(self, timeout: float = 0.0) -> list[SyncEvent]:
         """Handle whatever the transport has now (waiting up to ``timeout`` s for something)."""

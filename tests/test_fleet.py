@@ -300,3 +300,31 @@ def test_feature_task_files_round_trip_and_refuse_bad_input(tmp_path: Path) -> N
         load_feature_task(tmp_path / "junk.safetensors")
     with pytest.raises(AgentError, match="does not exist"):
         load_feature_task(tmp_path / "none.safetensors")
+
+
+def test_evaluation_slots_let_only_so_many_devices_evaluate_at_once(tmp_path):
+    """The fleet-wide evaluation slots (flock files) admit at most ``slots`` holders at a time."""
+    import threading
+    import time as _time
+
+    from skill_edge.firmware_sim.agent import _evaluation_slot
+
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def device() -> None:
+        with _evaluation_slot(str(tmp_path / "slots"), 2):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            _time.sleep(0.3)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=device) for _ in range(5)]
+    t0 = _time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2
+    assert _time.monotonic() - t0 >= 0.8  # 5 holders, 2 at a time, 0.3 s each: three rounds
