@@ -12,7 +12,9 @@ whether the banks converged and whether every device made the same predictions.
 At most ``--eval-slots`` devices classify the test sets at the same time (a fleet-wide ``flock``
 slot): that step holds every share's test features and both mappers, about 250 MB per device, and
 119 devices doing it at once would need more RAM than the machine has.  Each device's own peak
-RSS is unchanged by this; only the sum is bounded.  Each bank gets ``--quota-mb`` (119 lossless
+RSS is unchanged by this; only the sum is bounded.  Each device classifies ``--eval-per-task``
+test images of every share (the same seeded rows on every device, so agreement is still checked
+image by image): at 119 x 119 full test sets the classification alone would take an hour here.  Each bank gets ``--quota-mb`` (119 lossless
 packets outgrow the 64 MiB default).
 
 Plausibility checks are off in this run (``--plausibility`` turns them on): today every check
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--converge-timeout", type=float, default=3600.0)
     ap.add_argument("--eval-slots", type=int, default=8,
                     help="devices classifying the fleet's test sets at once (each holds them all: ~250 MB)")
+    ap.add_argument("--eval-per-task", type=int, default=20,
+                    help="test images per share each device classifies (the same rows on every device)")
     ap.add_argument("--quota-mb", type=int, default=512,
                     help="each device's bank quota: 119 lossless packets of up to 1 MB each outgrow the 64 MiB default")
     args = ap.parse_args()
@@ -93,7 +97,8 @@ def main() -> None:
     cfg = FleetConfig(rom_dir=args.rom, tasks={k: str(v) for k, v in files.items()}, workdir=args.work / "fleet",
                       threads=1, mappers=tuple(args.mappers), plausibility=args.plausibility,
                       converge_timeout=args.converge_timeout, save_eval_features=False,
-                      quota_bytes=args.quota_mb * 2**20, max_concurrent_evaluations=args.eval_slots)
+                      quota_bytes=args.quota_mb * 2**20, max_concurrent_evaluations=args.eval_slots,
+                      eval_max_per_task=args.eval_per_task)
     last = [0.0]
 
     def progress(stage: str, device: str, done: int, total: int) -> None:
@@ -112,7 +117,8 @@ def main() -> None:
         "sum_peak_rss_gb": round(sum(rss.values()) / 1024, 2),
         "tasks": len(result.tasks), "classes_per_device": args.classes_per_device, "threads_per_device": 1,
         "plausibility": args.plausibility, "mappers": list(result.mappers), "engine": result.engine,
-        "bank_quota_mb": args.quota_mb, "concurrent_evaluations": args.eval_slots, "bank_mb_per_device": round(max(d["bank_bytes"] for d in result.bytes.values()) / 2**20, 1),
+        "bank_quota_mb": args.quota_mb, "concurrent_evaluations": args.eval_slots,
+        "eval_images_per_task": args.eval_per_task, "bank_mb_per_device": round(max(d["bank_bytes"] for d in result.bytes.values()) / 2**20, 1),
         "transport": "dir (shared folder)", "wall_s": round(wall, 1),
         "mean_no_oracle_acc": result.mean_no_oracle_acc, "mean_task_id_acc": result.mean_task_id_acc,
         "mean_oracle_acc": result.mean_oracle_acc, "problems": result.problems[:20],

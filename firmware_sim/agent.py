@@ -183,6 +183,7 @@ class AgentSpec:
     save_trunk: bool = False  # also write trunk activations there (BB runs; ~37 KB per image)
     report_path: str | None = None
     eval_slots: int | None = None  # at most this many devices of the fleet evaluate at once (None: no limit)
+    eval_max_per_task: int | None = None  # classify at most this many test images per task (seeded; None: all)
     eval_slot_dir: str | None = None  # where the slots' lock files live (shared by the fleet)
 
     def to_json(self) -> str:
@@ -663,6 +664,11 @@ class Agent:
         for ti, src in enumerate(spec.fleet_tasks):
             self.emit("evaluate", ti, len(names))
             feats, acts, stats, labels, classes = self._test_data(src)
+            if spec.eval_max_per_task and len(labels) > spec.eval_max_per_task:  # the same rows on every device
+                keep = np.sort(np.random.default_rng(spec.seed + ti).permutation(len(labels))[:spec.eval_max_per_task])
+                feats, labels = feats[keep], labels[keep]
+                acts = acts[keep] if acts is not None else None
+                stats = stats[keep] if stats is not None else None
             out["n_test"][src.name] = int(len(labels))
             out["test_labels"][src.name] = labels.tolist()
             if spec.eval_dir:

@@ -85,6 +85,7 @@ class FleetConfig:
     # at most this many devices classify the fleet's test sets at once (None: all).  Each device's own
     # peak memory is what it is; this bounds the sum, so 100+ devices fit one machine's RAM
     max_concurrent_evaluations: int | None = None
+    eval_max_per_task: int | None = None  # classify at most this many test images per task (the same on every device)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, with secrets (an MQTT password) redacted: this ends up in result files."""
@@ -272,7 +273,7 @@ def _spec(cfg: FleetConfig, plan: _Plan, name: str, home: Path, learn: list[str]
         bb_epochs=cfg.bb_epochs, mappers=list(cfg.mappers), k=cfg.k, m=cfg.m, seed=cfg.seed, budget=plan.budget,
         link=asdict(cfg.link), plausibility=cfg.plausibility, kill=cfg.kill.get(name),
         converge_timeout=cfg.converge_timeout, evaluate=evaluate, eval_dir=str(eval_dir) if eval_dir else None,
-        save_trunk=cfg.save_trunk, eval_slots=cfg.max_concurrent_evaluations,
+        save_trunk=cfg.save_trunk, eval_slots=cfg.max_concurrent_evaluations, eval_max_per_task=cfg.eval_max_per_task,
         eval_slot_dir=str(Path(cfg.workdir) / "eval-slots") if cfg.max_concurrent_evaluations else None)
 
 

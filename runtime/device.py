@@ -127,7 +127,7 @@ class Device:
         cache_root = Path(cache_dir or os.environ.get("SKILL_EDGE_CACHE") or self.home / "cache")
         self.cache = FeatureCache(cache_root, self.engine.fingerprint)
         self.agent_id = agent_id or self._key_id() or default_agent_id()
-        self._mappers: dict[str, tuple[str, TaskMapper]] = {}
+        self._mappers: dict[str, tuple[str, TaskMapper, list[TaskKnowledge]]] = {}
 
     # ------------------------------------------------------------------ identity
     def _key_id(self) -> str | None:
@@ -323,18 +323,21 @@ class Device:
         return self.bank.load_all()
 
     def mapper(self, kind: str = "gmmc") -> tuple[TaskMapper, list[TaskKnowledge]]:
-        """The task mapper over every task in the bank (rebuilt when the bank changes)."""
+        """The task mapper over every task in the bank, rebuilt only when the bank changes.
+
+        The bank's index (one small file) says whether it changed; the records themselves, every
+        task's tensors read and hash-checked, are loaded only then.  Before, every call loaded them
+        all: with 119 tasks that was 180 MB of reads per call, and most of a fleet device's time."""
         kind = MAPPER_ALIASES[kind]
-        tasks = [k for k in self.knowledge() if (k.gmmc if kind == "gmmc" else k.maha) is not None
-                 and self._fits_rom(k)]
-        if not tasks:
-            raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
-        stamp = ",".join(f"{k.task}@{k.meta.agent_id}:{k.content_hash()[:12]}" for k in tasks)
+        stamp = ",".join(sorted(f"{e.task}@{e.agent}:{e.record}" for e in self.bank.entries()))
         cached = self._mappers.get(kind)
         if cached is None or cached[0] != stamp:
-            self._mappers[kind] = (stamp, build_mapper(kind, tasks))
-            self._tasks_cache = tasks
-        return self._mappers[kind][1], tasks
+            tasks = [k for k in self.knowledge() if (k.gmmc if kind == "gmmc" else k.maha) is not None
+                     and self._fits_rom(k)]
+            if not tasks:
+                raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
+            self._mappers[kind] = (stamp, build_mapper(kind, tasks), tasks)
+        return self._mappers[kind][1], self._mappers[kind][2]
 
     def _fits_rom(self, k: TaskKnowledge) -> bool:
         """Whether a bank task has this ROM's widths.  One that does not (stored before receivers
