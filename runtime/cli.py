@@ -100,11 +100,16 @@ def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[Li
                 raise typer.Exit(EXIT_INPUT_FAILED) from None
             console.print(f"created device key {key.key_id} in {h / 'keys'} (share keys/device.pub with the fleet)",
                           markup=False, highlight=False)
+    from .bank import BankError
+
     try:
         dev = Device(h, resolve_rom(rom), providers=providers)
     except RomError as exc:
         say_error("ROM problem:", exc)
         raise typer.Exit(EXIT_USAGE) from None
+    except BankError as exc:  # e.g. a full disk while the bank repairs its index on opening
+        say_error("cannot open the bank:", exc)
+        raise typer.Exit(EXIT_INPUT_FAILED) from None
     console.print(f"backend: {dev.engine.backend}", highlight=False)
     return dev
 

@@ -62,7 +62,14 @@ def _close_within(tx, seconds: float) -> None:
     Everything accepted is already in the bank (stored atomically before it was acknowledged),
     so abandoning a stuck disconnect loses nothing; the next run resumes from the transport.
     """
-    t = threading.Thread(target=tx.close, name="transport-close", daemon=True)
+    def close() -> None:
+        try:
+            tx.close()
+        except (TransportError, OSError) as exc:  # e.g. a full disk when the delivery marks are saved
+            err.print(f"[yellow]warning:[/] closing the transport: {escape(str(exc))} (what was accepted is "
+                      "in the bank; the rest is offered again next time)")
+
+    t = threading.Thread(target=close, name="transport-close", daemon=True)
     t.start()
     t.join(seconds)
     if t.is_alive():
