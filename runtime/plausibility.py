@@ -23,6 +23,7 @@ meant to be handed to the packet receiver as ``plausibility=``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -31,7 +32,7 @@ import numpy as np
 from .anchors import DEFAULT_TRANSFORM, transform_features
 from .identity import TaskKey, display_names
 from .knowledge import KnowledgeError, TaskKnowledge
-from .mapper import GmmcMapper, MahalanobisMapper, OwnExemplarMetric, ScatterStats, exemplar_scatter
+from .mapper import MahalanobisMapper, OwnExemplarMetric, ScatterStats
 
 #: Default largest fraction of one known task's reference points a newcomer may take over.
 #: On the 21 real benchmark tasks a legitimate newcomer took at most ~12 % of any other
@@ -99,42 +100,118 @@ class PlausibilityCheck:
             raise ValueError(f"reference features and bank disagree on the feature size: {sorted(dims)}")
         self.feature_dim = dims.pop() if dims else None
         rng = np.random.default_rng(seed)
-        keys = [_identity(k) for k in self.existing]
-        self._shown = dict(zip(keys, display_names(keys)))  # "task", or "task@agent" where names repeat
-        same_name: dict[str, list[TaskKey]] = {}
-        for key in keys:
-            same_name.setdefault(key.task, []).append(key)
-        self.points: dict[TaskKey, np.ndarray] = {}
+        self.seed = seed
+        self.synthetic_per_task = synthetic_per_task
+        self._raw: dict[str | TaskKey, tuple[np.ndarray, np.ndarray | None]] = {}  # the chosen rows, raw
         for task, (feats, stats) in pairs.items():
-            x = transform_features(np.asarray(feats, dtype=np.float32), self.feature_transform, stats)
-            if x.shape[0] > max_points_per_task:
-                x = x[np.sort(rng.choice(x.shape[0], max_points_per_task, replace=False))]
-            # a name stands for every stored task of that name (the device's own and a peer's alike)
-            for key in [task] if isinstance(task, TaskKey) else same_name.get(task, [TaskKey(task, "")]):
-                self.points[key] = x
-        self.reference = dict(self.points)  # raw reference only, before anchors' points are added
-        widths = {x.shape[1] for x in self.points.values()} | {k.anchor_dim for k in self.existing
-                                                               if k.anchor_dim is not None}
+            feats = np.asarray(feats, dtype=np.float32)
+            if feats.shape[0] > max_points_per_task:
+                rows = np.sort(rng.choice(feats.shape[0], max_points_per_task, replace=False))
+                feats, stats = feats[rows], None if stats is None else np.asarray(stats)[rows]
+            self._raw[task] = (feats, stats)
+        self._ref: dict[str | TaskKey, np.ndarray] = {}  # transformed reference points, by name or TaskKey
+        self._transform_reference()
+        widths = {x.shape[1] for x in self._ref.values()} | {k.anchor_dim for k in self.existing
+                                                             if k.anchor_dim is not None}
         if len(widths) > 1:
             raise ValueError(f"reference features and bank disagree on the anchor width: {sorted(widths)}")
         self.anchor_dim = widths.pop() if widths else None
-        for k in self.existing:
-            if _identity(k) in self.points:  # real features beat synthetic ones (draws from an anchor favour it)
-                continue
-            # no features of this task here: its anchors are generative models, draw from them
-            extra = [x for x in (_sample_gmmc(k, synthetic_per_task, rng), _sample_maha(k, synthetic_per_task, rng))
-                     if x is not None]
+        # Incremental state, kept per stored task so that a bank change costs work for the changed
+        # task only (``add`` / ``remove``), and a check costs work linear in the stored tasks.
+        self.points: dict[TaskKey, np.ndarray] = {}  # every stored task's reference points
+        self._tasks: dict[TaskKey, TaskKnowledge] = {}
+        self._gmmc_scale: dict[TaskKey, np.ndarray] = {}  # log mean variance per component
+        self._maha_scale: dict[TaskKey, float] = {}
+        self._maha_stats: ScatterStats | None = None  # exemplar scatter of every stored task
+        self._ids: dict[TaskKey, int] = {}
+        self._next_id = 0
+        self._gmmc_top: dict[TaskKey, _Top2] = {}  # per point owner: best two stored GMMC tasks per point
+        self._before: tuple | None = None  # Mahalanobis choices of the bank's mapper, per point owner
+        self.existing = []
+        for k in existing:
+            self.add(k)
+
+    def _transform_reference(self) -> None:
+        self._ref = {t: transform_features(f, self.feature_transform, st) for t, (f, st) in self._raw.items()}
+
+    # ------------------------------------------------------------------ the bank changes
+    def add(self, knowledge: TaskKnowledge) -> None:
+        """Take a stored task into the check (replacing an older version of the same identity).
+
+        Costs the new task's own points scored against every stored GMMC task, and every stored
+        task's points scored against the new one: linear in the number of stored tasks."""
+        key = _identity(knowledge)
+        if key in self._tasks:
+            self.remove(key)
+        if not self._tasks and knowledge.meta.feature_transform != self.feature_transform:
+            self.feature_transform = knowledge.meta.feature_transform  # the space of the bank's tasks
+            self._transform_reference()
+        self._tasks[key] = knowledge
+        self.existing = list(self._tasks.values())
+        self._ids[key] = self._next_id  # ids follow the stored order, as a mapper's columns do (ties)
+        self._next_id += 1
+        if self.feature_dim is None:
+            self.feature_dim = knowledge.feature_dim
+        if self.anchor_dim is None:
+            self.anchor_dim = knowledge.anchor_dim
+        ref = self._ref.get(key, self._ref.get(knowledge.task))
+        if ref is not None:  # real features beat synthetic ones (draws from an anchor favour it)
+            self.points[key] = ref
+        else:  # no features of this task here: its anchors are generative models, draw from them
+            rng = _task_rng(self.seed, key)
+            extra = [x for x in (_sample_gmmc(knowledge, self.synthetic_per_task, rng),
+                                 _sample_maha(knowledge, self.synthetic_per_task, rng)) if x is not None]
             if extra:
-                self.points[_identity(k)] = np.concatenate(extra).astype(np.float32)
-        self._gmmc_range = self._seen_gmmc_log_scale()
-        self._maha_range = self._seen_maha_log_scale()
+                self.points[key] = np.concatenate(extra).astype(np.float32)
+        if knowledge.gmmc is not None:
+            self._gmmc_scale[key] = _log_mean_variance(knowledge.gmmc.variances)
+            mine = self._ids[key]
+            for owner, top in self._gmmc_top.items():
+                top.offer(mine, _gmmc_scores(knowledge, self.points[owner]))
+            if key in self.points:
+                top = _Top2(self.points[key].shape[0])
+                for other, k in self._tasks.items():
+                    if k.gmmc is not None:
+                        top.offer(self._ids[other], _gmmc_scores(k, self.points[key]))
+                self._gmmc_top[key] = top
+        if knowledge.maha is not None:
+            s = _exemplar_log_scatter(knowledge)
+            if s is not None:
+                self._maha_scale[key] = s
+            if self._maha_stats is None:
+                self._maha_stats = ScatterStats.empty(int(knowledge.maha.class_means.shape[1]))
+            self._maha_stats.add(_centred_exemplars(knowledge))
+        self._before = None
+
+    def remove(self, key: TaskKey) -> None:
+        """Drop a stored task (removed from the bank, or about to be replaced by a newer version)."""
+        k = self._tasks.pop(key, None)
+        if k is None:
+            return
+        self.existing = list(self._tasks.values())
+        self.points.pop(key, None)
+        self._gmmc_scale.pop(key, None)
+        self._maha_scale.pop(key, None)
+        self._gmmc_top.pop(key, None)
+        if k.gmmc is not None:
+            gone = self._ids[key]
+            scorers = [(self._ids[o], t) for o, t in self._tasks.items() if t.gmmc is not None]
+            for owner, top in self._gmmc_top.items():
+                top.forget(gone, lambda rows, x=self.points[owner]: [(i, _gmmc_scores(t, x[rows]))
+                                                                      for i, t in scorers])
+        if k.maha is not None:
+            self._maha_stats = (_without(self._maha_stats, _centred_exemplars(k))
+                                if any(t.maha is not None for t in self.existing) else None)
+        self._before = None
 
     # ------------------------------------------------------------------ public
     def __call__(self, knowledge: TaskKnowledge) -> tuple[bool, str]:
         return self.check(knowledge)
 
     def check(self, knowledge: TaskKnowledge) -> tuple[bool, str]:
-        """``(True, "ok: ...")`` or ``(False, why)`` for a received task record."""
+        """``(True, "ok: ...")`` or ``(False, why)`` for a received task record.
+
+        It is judged against every stored task but an older version of itself (same identity)."""
         try:
             knowledge.validate()
         except KnowledgeError as exc:
@@ -156,6 +233,8 @@ class PlausibilityCheck:
         """Fraction of each known task's reference points that change task once ``knowledge`` joins."""
         me = _identity(knowledge)  # the same (task, agent) is an update and replaces it; another agent's
         others = [k for k in self.existing if _identity(k) != me]  # same-name task is judged like any other
+        shown = display_names([_identity(k) for k in others])
+        self._shown = dict(zip([_identity(k) for k in others], shown))  # "task", or "task@agent" where names repeat
         reports = []
         if knowledge.gmmc is not None:
             reports.append(self._gmmc_capture(knowledge, [k for k in others if k.gmmc is not None]))
@@ -165,7 +244,7 @@ class PlausibilityCheck:
 
     # ------------------------------------------------------------------ 1. structure
     def _structure(self, k: TaskKnowledge) -> str:
-        if self.existing and k.meta.feature_transform != self.feature_transform:
+        if any(key != _identity(k) for key in self._tasks) and k.meta.feature_transform != self.feature_transform:
             return (f"feature transform {k.meta.feature_transform!r} differs from the bank's "
                     f"{self.feature_transform!r}")
         if self.feature_dim is not None and k.feature_dim != self.feature_dim:
@@ -182,33 +261,32 @@ class PlausibilityCheck:
         return ""
 
     # ------------------------------------------------------------------ 2. scale
-    def _seen_gmmc_log_scale(self) -> tuple[float, float] | None:
+    def _seen_gmmc_log_scale(self, me: TaskKey | None = None) -> tuple[float, float] | None:
         """Range of log mean variance: per stored GMMC component, and of each reference task's raw data."""
-        vals = [_log_mean_variance(k.gmmc.variances) for k in self.existing if k.gmmc is not None]
-        vals += [_log_mean_variance(x.var(axis=0, dtype=np.float64)[None])
-                 for x in self.reference.values() if x.shape[0] > 1]
+        vals = [v for key, v in self._gmmc_scale.items() if key != me]
+        vals += [_log_mean_variance(x.var(axis=0, dtype=np.float64)[None]) for x in self._ref.values() if x.shape[0] > 1]
         if not vals:
             return None
         v = np.concatenate(vals)
         return float(v.min()), float(v.max())
 
-    def _seen_maha_log_scale(self) -> tuple[float, float] | None:
+    def _seen_maha_log_scale(self, me: TaskKey | None = None) -> tuple[float, float] | None:
         """Range of per-task log mean exemplar scatter (variance around class means)."""
-        vals = [_exemplar_log_scatter(k) for k in self.existing if k.maha is not None]
-        vals = [v for v in vals if v is not None]
+        vals = [v for key, v in self._maha_scale.items() if key != me]
         return (min(vals), max(vals)) if vals else None
 
     def _scale(self, k: TaskKnowledge) -> str:
-        if k.gmmc is not None and self._gmmc_range is not None:
-            lo, hi = self._gmmc_range
+        gmmc_range, maha_range = self._seen_gmmc_log_scale(_identity(k)), self._seen_maha_log_scale(_identity(k))
+        if k.gmmc is not None and gmmc_range is not None:
+            lo, hi = gmmc_range
             comp = _log_mean_variance(k.gmmc.variances)
             bad = comp[(comp < lo - self.log_slack) | (comp > hi + self.log_slack)]
             if bad.size:
                 return (f"GMMC variances out of range: a component's typical variance is {np.exp(bad[0]):.3g}, "
                         f"the device has seen {np.exp(lo):.3g} .. {np.exp(hi):.3g} "
                         f"(slack x{np.exp(self.log_slack):.0f})")
-        if k.maha is not None and self._maha_range is not None:
-            lo, hi = self._maha_range
+        if k.maha is not None and maha_range is not None:
+            lo, hi = maha_range
             s = _exemplar_log_scatter(k)
             if s is not None and not (lo - self.log_slack <= s <= hi + self.log_slack):
                 return (f"Mahalanobis exemplar scatter {np.exp(s):.3g} is outside the range seen "
@@ -222,51 +300,136 @@ class PlausibilityCheck:
     def _gmmc_capture(self, k: TaskKnowledge, others: list[TaskKnowledge]) -> CaptureReport:
         """GMMC scores are per task, so the newcomer only has to reach each point's current winner.
 
-        Old tasks and newcomer are scored by one mapper, so an exact copy of a known anchor gets
-        exactly the known task's scores; such a tie counts as a capture (``_captured``).
+        Each point's best stored task (and the runner-up, for when the best is an older version of
+        the newcomer) is kept from ``add``; a check scores the points against the newcomer's
+        mixture alone, so it costs one pass over the points: linear in the stored tasks.  Every
+        task is scored by the same function of its own anchor, so an exact copy of a known anchor
+        gets exactly the known task's scores; such a tie counts as a capture (``_captured``).
         """
         rep = CaptureReport("gmmc")
         if not others:
             return rep
-        mapper = GmmcMapper.from_knowledge(others + [k])
-        for task, own, x in self._known_points(k, others):
-            scores = mapper.task_scores(x)
-            rep.moved[task] = _captured(scores, own, scores[:, :-1].argmax(axis=1))
+        me = self._ids.get(_identity(k), -1)
+        for task, key, x in self._known_points(k, others):
+            top = self._gmmc_top[key]
+            best, best_id = top.best_without(me)
+            new = _gmmc_scores(k, x)
+            ties = new >= best - TIE_RTOL * np.maximum(np.abs(best), 1.0)
+            rep.moved[task] = float(np.mean((best_id == self._ids[key]) & ties)) if len(x) else 0.0
         return rep
 
     def _maha_capture(self, k: TaskKnowledge, others: list[TaskKnowledge]) -> CaptureReport:
-        """The newcomer's exemplars change the tied covariance, so every task is re-scored."""
+        """The newcomer's exemplars change the tied covariance, so every task is re-scored.
+
+        That re-scoring is every point against every class (points and classes both grow with the
+        stored tasks); the old mapper's choices depend on the bank alone and are kept until it
+        changes, and the scatter statistics are running sums."""
         rep = CaptureReport("maha")
         if not others:
             return rep
-        base = self._scatter(others)
+        me = _identity(k)
+        base = self._maha_stats
+        if me in self._tasks and self._tasks[me].maha is not None:
+            base = _without(base, _centred_exemplars(self._tasks[me]))
         stats = ScatterStats(base.n, base.sxx.copy(), base.sum_norm4)
-        lab = k.maha.exemplar_labels.astype(np.int64)
-        stats.add(k.maha.exemplars.astype(np.float64) - k.maha.class_means.astype(np.float64)[lab])
-        old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
+        stats.add(_centred_exemplars(k))
+        known = self._known_points(k, others)
+        key = tuple(_identity(o) for o in others)
+        if self._before is None or self._before[0] != key:
+            old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
+            self._before = (key, {t: old.task_scores(x).argmax(axis=1) for _, t, x in known})
+        before = self._before[1]
         new = MahalanobisMapper.from_knowledge(others + [k], covariance=stats.shrunk()[0])
-        for task, own, x in self._known_points(k, others):
-            rep.moved[task] = _captured(new.task_scores(x), own, old.task_scores(x).argmax(axis=1))
+        index = {_identity(o): i for i, o in enumerate(others)}
+        for task, t, x in known:
+            rep.moved[task] = _captured(new.task_scores(x), index[t], before[t])
         return rep
 
     def _known_points(self, newcomer: TaskKnowledge,
-                      others: list[TaskKnowledge]) -> list[tuple[str, int, np.ndarray]]:
-        """``(task as shown, its index in others, its reference points)`` for the tasks this mapper holds.
+                      others: list[TaskKnowledge]) -> list[tuple[str, TaskKey, np.ndarray]]:
+        """``(task as shown, its identity, its reference points)`` for the tasks this mapper holds.
 
         A task without this kind of anchor (a GMMC-only task, for the Mahalanobis mapper) is never
         chosen by that mapper, so none of its points is "correct" and none can be captured:
         counting them as correct would quarantine every honest newcomer near them.
         """
-        index = {_identity(o): i for i, o in enumerate(others)}
-        return [(self._shown.get(t, t.task), index[t], x) for t, x in self._labelled_points(_identity(newcomer))
+        index = {_identity(o) for o in others}
+        return [(self._shown.get(t, t.task), t, x) for t, x in self._labelled_points(_identity(newcomer))
                 if t in index]
 
-    def _scatter(self, others: list[TaskKnowledge]) -> ScatterStats:
-        key = tuple(_identity(o) for o in others)
-        cached = getattr(self, "_scatter_cache", None)
-        if cached is None or cached[0] != key:
-            self._scatter_cache = (key, exemplar_scatter([o.maha for o in others]))
-        return self._scatter_cache[1]  # callers copy before adding to it
+
+class _Top2:
+    """Per reference point: the best two stored tasks' scores and ids (``-1``: none yet)."""
+
+    def __init__(self, n: int) -> None:
+        self.s1 = np.full(n, -np.inf)
+        self.s2 = np.full(n, -np.inf)
+        self.i1 = np.full(n, -1, dtype=np.int64)
+        self.i2 = np.full(n, -1, dtype=np.int64)
+
+    def offer(self, task_id: int, scores: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Fold in one task's scores (ties keep the earlier task, as ``argmax`` over stored order does)."""
+        r = slice(None) if rows is None else rows
+        s1, s2, i1, i2 = self.s1[r], self.s2[r], self.i1[r], self.i2[r]
+        first = (scores > s1) | ((scores == s1) & (task_id < i1))
+        second = ~first & ((scores > s2) | ((scores == s2) & (task_id < i2)))
+        s2 = np.where(first, s1, np.where(second, scores, s2))
+        i2 = np.where(first, i1, np.where(second, task_id, i2))
+        s1 = np.where(first, scores, s1)
+        i1 = np.where(first, task_id, i1)
+        self.s1[r], self.s2[r], self.i1[r], self.i2[r] = s1, s2, i1, i2
+
+    def forget(self, task_id: int, rescore) -> None:
+        """Drop a task: points that had it among their best two are scored again against all tasks
+        (``rescore(rows) -> [(task id, scores)]``)."""
+        rows = np.flatnonzero((self.i1 == task_id) | (self.i2 == task_id))
+        if not len(rows):
+            return
+        self.s1[rows] = self.s2[rows] = -np.inf
+        self.i1[rows] = self.i2[rows] = -1
+        for i, sc in rescore(rows):
+            self.offer(i, sc, rows)
+
+    def best_without(self, task_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(best score, its task id) per point, leaving out ``task_id``."""
+        use2 = self.i1 == task_id
+        return np.where(use2, self.s2, self.s1), np.where(use2, self.i2, self.i1)
+
+
+def _gmmc_scores(k: TaskKnowledge, x: np.ndarray) -> np.ndarray:
+    """log p(x | task) under one task's GMMC mixture, in float64, for transformed points [N, D] -> [N].
+
+    A function of the task's anchor and the points alone, whatever else is stored, so that scores
+    kept from an earlier bank are exactly those a fresh check would compute."""
+    g = k.gmmc
+    var = g.variances.astype(np.float64)
+    center = g.means.astype(np.float64).mean(axis=0)
+    mu = g.means.astype(np.float64) - center
+    inv = 1.0 / var
+    const = (np.log(np.maximum(g.weights.astype(np.float64), 1e-300))
+             - 0.5 * ((mu * mu * inv).sum(axis=1) + np.log(var).sum(axis=1) + var.shape[1] * np.log(2 * np.pi)))
+    xc = np.asarray(x, dtype=np.float64) - center
+    s = (xc * xc) @ (-0.5 * inv).T + xc @ (mu * inv).T + const
+    mx = s.max(axis=1, keepdims=True)
+    return np.log(np.exp(s - mx).sum(axis=1)) + mx[:, 0]
+
+
+def _centred_exemplars(k: TaskKnowledge) -> np.ndarray:
+    lab = k.maha.exemplar_labels.astype(np.int64)
+    return k.maha.exemplars.astype(np.float64) - k.maha.class_means.astype(np.float64)[lab]
+
+
+def _without(stats: ScatterStats, centred: np.ndarray) -> ScatterStats:
+    """The scatter statistics minus one task's centred exemplars."""
+    return ScatterStats(stats.n - centred.shape[0], stats.sxx - centred.T @ centred,
+                        stats.sum_norm4 - float(((centred * centred).sum(axis=1) ** 2).sum()))
+
+
+def _task_rng(seed: int, key: TaskKey) -> np.random.Generator:
+    """The random draws of one task's synthetic points, fixed by the seed and the task's identity
+    (not by which tasks were stored before it)."""
+    digest = hashlib.sha256(f"{key.task}\0{key.agent}".encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
 
 
 def _identity(k: TaskKnowledge) -> TaskKey:

@@ -367,10 +367,13 @@ class SyncService:
 
 
 class BankPlausibility:
-    """A ``PlausibilityCheck`` against the bank's current tasks, rebuilt whenever the bank changes.
+    """A ``PlausibilityCheck`` that follows the bank: a task the bank took in, replaced or dropped
+    since the last packet is added to or removed from the check, and only that task's record is read.
 
-    The receiver asks it about every new packet; after an accept the bank holds one more task,
-    so the next check must test against that too.
+    The receiver asks it about every new packet; after an accept the bank holds one more task, so
+    the next check must test against that too.  Updating costs work for the changed task alone
+    (``PlausibilityCheck.add``), so a packet's check grows linearly with the stored tasks instead
+    of rebuilding (every record read, every task's points drawn and scored) each time.
     """
 
     def __init__(self, bank: KnowledgeBank,
@@ -379,20 +382,25 @@ class BankPlausibility:
         """``reference_features``: as for ``PlausibilityCheck`` (task -> features, or (features, trunk_stats))."""
         self.bank = bank
         self.reference_features = reference_features or {}
-        self._key: tuple = ()
-        self._check: Callable[[TaskKnowledge], tuple[bool, str]] | None = None
+        self._held: dict = {}  # TaskKey -> content hash the check holds
+        self._check = None
 
     def __call__(self, knowledge: TaskKnowledge) -> tuple[bool, str]:
         from skill_edge.runtime.plausibility import PlausibilityCheck
 
-        identity = (knowledge.task, knowledge.meta.agent_id)  # a peer's same-name task is checked against ours
-        key = (identity, *((e.key, e.content_hash) for e in self.bank.entries()))
-        if self._check is None or key != self._key:
-            existing: Sequence[TaskKnowledge] = [k for k in self.bank.load_all()
-                                                 if (k.task, k.meta.agent_id) != identity]
-            self._check = PlausibilityCheck(self.reference_features, existing)
-            self._key = key
-        return self._check(knowledge)
+        entries = {e.key: e.content_hash for e in self.bank.entries()}
+        if self._check is None:
+            self._check = PlausibilityCheck(self.reference_features, [self.bank.get(k) for k in entries])
+            self._held = dict(entries)
+        else:
+            for key in [k for k in self._held if entries.get(k) != self._held[k]]:
+                self._check.remove(key)
+                del self._held[key]
+            for key, content in entries.items():
+                if key not in self._held:
+                    self._check.add(self.bank.get(key))
+                    self._held[key] = content
+        return self._check(knowledge)  # judged against every stored task but an older version of itself
 
 
 def _read_packet_file(path: Path) -> bytes:
