@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, md_table, update_readme, write_result  # noqa: E402
-from skill_scale import learned, load_tasks, log, mapper_kinds  # noqa: E402
+from skill_scale import learned, load_tasks, log, mapper_kinds, scrub_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROL_REV = "ff937d5"  # the last commit with the rebuild-per-packet plausibility check
@@ -227,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                           [r["decision"] for r in arms["rebuild"]["rows"]]
     result = {"tasks": args.tasks, "seed": args.seed, "control_rev": args.control_rev, "budget": args.budget,
               "blas_threads": 1, "decisions_equal": decisions_equal, "summary": summary, "arms": arms}
-    path = write_result("student_scale", result)
-    data = json.loads(path.read_text())
-    cmd = data["command"]
-    for i, root in enumerate(args.features):
-        cmd = cmd.replace(str(root), "FEATURES_DIR" if i == 0 else f"FEATURES_DIR_{i + 1}")
-    data["command"] = cmd.replace(str(args.cache), "CACHE_DIR")
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    scrub_command(write_result("student_scale", result), args.features, args.cache)
     plot(result, RESULTS / "student_scale.png")
     log(json.dumps(summary, indent=1))
     return 0
