@@ -81,6 +81,36 @@ class RomManifest:
         tail = self.bias_layout[len(self.bias_layout) - self._tail_slot_count():]
         return hashlib.sha256(json.dumps([self.fingerprint, tail]).encode()).hexdigest()[:32]
 
+    # ------------------------------------------------------------------ BB split points
+    # A BB split point is the index of the first stage whose biases a task learns (issue 16): the
+    # tail split (``tail_split``), an earlier stage, or 0 (the whole network).  Bias slots are
+    # named ``<stage>.<path>`` in layout order, so a split's biases are a suffix of the layout.
+    @property
+    def stage_count(self) -> int:
+        return 1 + max(int(layer.split(".", 1)[0]) for layer, _ in self.bias_layout)
+
+    @property
+    def tail_split(self) -> int:
+        """The stage ``tail.onnx`` starts at."""
+        return self.stage_count - self.tail_blocks
+
+    def bias_suffix_total(self, split: int) -> int:
+        """How many bias values the stages from ``split`` on hold (``bias_total`` for 0)."""
+        return sum(int(ch) for layer, ch in self.bias_layout if int(layer.split(".", 1)[0]) >= int(split))
+
+    def split_of_bias_total(self, n: int) -> int | None:
+        """The split point whose suffix holds exactly ``n`` biases, None if no stage boundary does."""
+        for s in range(self.stage_count):
+            if self.bias_suffix_total(s) == int(n):
+                return s
+        return None
+
+    def bias_layout_hash(self, split: int) -> str:
+        """Identifies the layout of the biases learned from stage ``split`` on (32 hex digits); for the
+        tail split it equals ``tail_layout_hash()``."""
+        suffix = [list(x) for x in self.bias_layout if int(x[0].split(".", 1)[0]) >= int(split)]
+        return hashlib.sha256(json.dumps([self.fingerprint, suffix]).encode()).hexdigest()[:32]
+
     def _tail_slot_count(self) -> int:
         n, total = 0, 0
         for _, ch in reversed(self.bias_layout):

@@ -1,10 +1,21 @@
-"""Beneficial biases: learn one bias per ROM-tail channel, jointly with the head (the ``[bb]`` extra).
+"""Beneficial biases: learn one bias per BN channel of a ROM *suffix*, jointly with the head (the ``[bb]`` extra).
 
-BB training reruns only the ROM *tail* in torch (built from the ROM's own, fingerprinted
-weights), on cached trunk activations: the trunk is frozen and bias-free, so it never needs
-rerunning.  This is the one learning step that needs torch and timm, so it lives apart from
-``learn.py`` and is imported only when a task is learned with ``--bb``; ``require_bb`` says what
-to install before any work starts.
+BB training reruns a suffix of the ROM's stages in torch (built from the ROM's own, fingerprinted
+weights) on activations cached at the *split point*: everything before the split is frozen and
+bias-free, so it runs once per image, never per epoch.  The split point is the index of the first
+stage whose biases are learned (``export.manifest.RomManifest.stage_count``):
+
+* the tail split (``stage_count - tail_blocks``) is what ``tail.onnx`` reruns; its cached inputs are
+  the trunk activations the ROM computes anyway;
+* an earlier stage (Lite0: 5 = from the 80-channel blocks, 6 = from the 112-channel blocks) learns
+  many more biases (16,912 of Lite0's 21,008 from stage 5); its inputs come from a torch pass over
+  ``stages[:split]`` (``prefix_activations``), stored as float16;
+* stage 0 is the whole network (every BN slot, what ``full.onnx`` takes).
+
+Classify-time reruns need no torch: the device runs ``tail.onnx`` or ``full.onnx`` with the biases
+bound (``runtime/rom_engine.py``).  This is the one learning step that needs torch and timm, so it
+lives apart from ``learn.py`` and is imported only when a task is learned with ``--bb``;
+``require_bb`` says what to install before any work starts.
 """
 
 from __future__ import annotations
@@ -12,9 +23,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -37,97 +49,214 @@ def require_bb() -> None:
                             f"install leaves out; install them with: {BB_EXTRA_HINT}")
 
 
+@dataclass(frozen=True)
+class BBRecipe:
+    """How biases and head are trained (chosen on validation splits: benchmarks/bb_gain.py).
+
+    ``optimizer``: ``"adam"`` for both, or ``"sign"``: the paper's sign-gradient step on the biases
+    (``bb -= lr * sign(grad)``) with Adam on the head.  Training stops after ``patience`` epochs
+    without a better validation accuracy; the best epoch is kept."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-2  # biases
+    lr_head: float = 1e-3
+    epochs: int = 8
+    batch_size: int = 64
+    patience: int | None = None
+    min_val_gain: float = 0.0  # BB is kept only when it beats the plain head on validation by more than this
+
+    def to_dict(self) -> dict:
+        return {"optimizer": self.optimizer, "lr": self.lr, "lr_head": self.lr_head, "epochs": self.epochs,
+                "batch_size": self.batch_size, "patience": self.patience, "min_val_gain": self.min_val_gain}
+
+
+#: The recipe the device used before issue 16: tail only, Adam 1e-2 / 1e-3, 8 epochs.
+TAIL_RECIPE_V1 = BBRecipe()
+
+
 @dataclass
 class BBFit:
-    bb: np.ndarray  # [B_tail]
+    bb: np.ndarray  # [B_split]: the biases of stages[split:], in layout order
     head: HeadFit
     val_accuracy: float
     val_accuracy_without_bb: float
     epochs_run: int
+    split: int = -1  # first stage whose biases were learned
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)  # validation accuracy per epoch
+
+    @property
+    def kept(self) -> bool:
+        """Whether the biases beat the plain head on validation (the safety rule)."""
+        return self.head.history.get("bb_best_epoch", 0) > 0
 
 
-def build_torch_tail(rom_dir: Path):
-    """The ROM tail as a differentiable torch module, from the ROM's own (fingerprinted) weights."""
-    from skill_edge.export.backbone import GlobalPool, build_backbone
-    from skill_edge.export.bias import BiasedStages
+def _rom(rom_dir: Path):
+    from skill_edge.export.backbone import build_backbone
     from skill_edge.export.manifest import RomManifest
 
     m = RomManifest.read(rom_dir)
-    bk = build_backbone(m.backbone, weights=Path(rom_dir) / m.weights_file)
-    split = len(bk.stages) - m.tail_blocks
-    tail = BiasedStages(bk.stages[split:], GlobalPool(), first_stage=split).eval()
-    if tail.layout.total != m.tail_bias_total:
-        raise RuntimeError(f"tail layout mismatch: torch has {tail.layout.total}, ROM says {m.tail_bias_total}")
-    for p in tail.parameters():
+    return m, build_backbone(m.backbone, weights=Path(rom_dir) / m.weights_file)
+
+
+def build_torch_suffix(rom_dir: Path, split: int | None = None):
+    """``stages[split:]`` + pool as a differentiable torch module (``forward(act, bb)``), from the ROM's
+    own weights; ``split=None`` is the ROM's tail."""
+    from skill_edge.export.backbone import GlobalPool
+    from skill_edge.export.bias import BiasedStages
+
+    m, bk = _rom(rom_dir)
+    split = m.tail_split if split is None else int(split)
+    if not 0 <= split < len(bk.stages):
+        raise ValueError(f"BB split must be a stage in 0..{len(bk.stages) - 1}, got {split}")
+    mod = BiasedStages(bk.stages[split:], GlobalPool(), first_stage=split).eval()
+    if mod.layout.total != m.bias_suffix_total(split):
+        raise RuntimeError(f"bias layout mismatch from stage {split}: torch has {mod.layout.total}, "
+                           f"the ROM says {m.bias_suffix_total(split)}")
+    for p in mod.parameters():
         p.requires_grad_(False)
-    return tail
+    return mod
 
 
-def train_bb(rom_dir: Path, trunk_acts: np.ndarray, labels: np.ndarray, num_classes: int, head: HeadFit, *,
-             epochs: int = 8, lr: float = 1e-2, batch_size: int = 64, val_fraction: float = 0.15, seed: int = 0,
-             weight_decay: float | None = None,
+def build_torch_tail(rom_dir: Path):
+    """The ROM tail as a differentiable torch module."""
+    return build_torch_suffix(rom_dir, None)
+
+
+def prefix_activations(rom_dir: Path, batches: Iterable[np.ndarray], splits: Iterable[int],
+                       dtype=np.float16, backbone=None) -> dict[int, np.ndarray]:
+    """Plain (bias-free) activations entering each stage in ``splits``, for preprocessed image batches
+    ``[n, 3, H, W]``: what BB training from those splits caches.  Key ``-1`` holds the pooled features."""
+    import torch
+
+    from skill_edge.export.backbone import GlobalPool
+
+    bk = _rom(rom_dir)[1] if backbone is None else backbone
+    want = sorted({int(s) for s in splits})
+    out: dict[int, list[np.ndarray]] = {s: [] for s in [*want, -1]}
+    pool = GlobalPool()
+    with torch.no_grad():
+        for x in batches:
+            a = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+            for i, stage in enumerate(bk.stages):
+                if i in out:
+                    out[i].append(a.numpy().astype(dtype))
+                a = stage(a)
+            out[-1].append(pool(a).numpy().astype(np.float32))
+    return {s: np.concatenate(v) if v else np.zeros((0,)) for s, v in out.items()}
+
+
+def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: int, head: HeadFit, *,
+             split: int | None = None, recipe: BBRecipe | None = None, epochs: int | None = None,
+             lr: float | None = None, batch_size: int | None = None, val_fraction: float = 0.15, seed: int = 0,
+             weight_decay: float | None = None, plain_features: np.ndarray | None = None, suffix=None,
              progress: Callable[[int, int, float], None] | None = None) -> BBFit:
-    """Learn tail biases + head jointly (backbone weights frozen), keeping the best validation epoch.
+    """Learn the biases of ``stages[split:]`` + head jointly (backbone weights frozen), keeping the best
+    validation epoch.  ``acts`` are the plain activations entering stage ``split`` (the trunk
+    activations for the tail split), float32 or float16.  ``suffix`` may pass the module
+    ``build_torch_suffix(rom_dir, split)`` built (it is not modified, so runs can share it).
 
-    The head starts from the plain-feature head, so epoch 0 is exactly "no BB"; BB is only
-    kept if it beats that on validation.
+    The head starts from a plain head fitted on the fitting part, so epoch 0 is exactly "no BB";
+    BB is only kept if it beats that on validation.
     """
     import torch
     import torch.nn.functional as F
 
+    t0 = time.perf_counter()
+    r = recipe or TAIL_RECIPE_V1
+    r = BBRecipe(r.optimizer, r.lr if lr is None else lr, r.lr_head if lr is None else lr * 0.1,
+                 r.epochs if epochs is None else int(epochs), r.batch_size if batch_size is None else int(batch_size),
+                 r.patience, r.min_val_gain)
+    if r.optimizer not in ("adam", "sign"):
+        raise ValueError(f"unknown BB optimizer {r.optimizer!r} (adam or sign)")
     torch.manual_seed(seed)
-    tail = build_torch_tail(rom_dir)
+    suffix = build_torch_suffix(rom_dir, split) if suffix is None else suffix
+    split_used = int(split) if split is not None else _rom_tail_split(rom_dir)
     y = np.asarray(labels, np.int64)
     keep, held = stratified_split(y, val_fraction, seed)
-    acts = torch.from_numpy(np.asarray(trunk_acts, np.float32))
+    acts_t = torch.from_numpy(np.asarray(acts))
     yt = torch.from_numpy(y)
+
+    def rows(j: torch.Tensor) -> torch.Tensor:
+        return acts_t[j].float()
+
     # The plain head passed in was refit on *all* of train, validation part included, so it cannot
     # judge BB.  Start from a plain head fitted on the fitting part only (same weight decay): epoch 0
     # is then exactly "no BB", scored on data neither model has seen.
-    with torch.no_grad():
-        plain = torch.cat([tail(acts[i:i + 256]) for i in range(0, len(acts), 256)]).numpy()
+    if plain_features is None:
+        with torch.no_grad():
+            plain = torch.cat([suffix(acts_t[i:i + 128].float()) for i in range(0, len(acts_t), 128)]).numpy()
+    else:
+        plain = np.asarray(plain_features, np.float32)
     wd = head.weight_decay if weight_decay is None else weight_decay
     start = train_head(plain[keep], y[keep], num_classes, val_fraction=0.0, weight_decays=(wd,), seed=seed)
-    bb = torch.zeros(tail.layout.total, requires_grad=True)
+    bb = torch.zeros(suffix.layout.total, requires_grad=True)
     w = torch.tensor(start.weight, requires_grad=True)
     b = torch.tensor(start.bias, requires_grad=True)
-    opt = torch.optim.Adam([{"params": [bb], "lr": lr}, {"params": [w, b], "lr": lr * 0.1}])
+    if r.optimizer == "adam":
+        opt = torch.optim.Adam([{"params": [bb], "lr": r.lr}, {"params": [w, b], "lr": r.lr_head}])
+    else:
+        opt = torch.optim.Adam([w, b], lr=r.lr_head)
 
     def evaluate(idx: np.ndarray, use_bb: bool) -> float:
         if len(idx) == 0:
             return float("nan")
+        if not use_bb:
+            return float(((plain[idx] @ w.detach().numpy().T + b.detach().numpy()).argmax(1) == y[idx]).mean())
         correct = 0
         with torch.no_grad():
-            for i in range(0, len(idx), 256):
-                j = torch.from_numpy(idx[i:i + 256])
-                f = tail(acts[j], bb.detach().expand(len(j), -1) if use_bb else None)
+            for i in range(0, len(idx), 128):
+                j = torch.from_numpy(idx[i:i + 128])
+                f = suffix(rows(j), bb.detach().expand(len(j), -1))
                 correct += int(((f @ w.T + b).argmax(1) == yt[j]).sum())
         return correct / len(idx)
 
     base = evaluate(held, use_bb=False)
     best = (base, bb.detach().clone(), w.detach().clone(), b.detach().clone(), 0)
     rng = np.random.default_rng(seed)
-    steps_per_epoch = max(1, math.ceil(len(keep) / batch_size))
-    for epoch in range(1, epochs + 1):
+    steps_per_epoch = max(1, math.ceil(len(keep) / r.batch_size))
+    history, since_best, ran = [], 0, 0
+    for epoch in range(1, r.epochs + 1):
         order = rng.permutation(keep)
         total = 0.0
         for s in range(steps_per_epoch):
-            j = torch.from_numpy(order[s * batch_size:(s + 1) * batch_size])
+            j = torch.from_numpy(order[s * r.batch_size:(s + 1) * r.batch_size])
             if len(j) == 0:
                 continue
-            f = tail(acts[j], bb.expand(len(j), -1))
+            f = suffix(rows(j), bb.expand(len(j), -1))
             loss = F.cross_entropy(f @ w.T + b, yt[j]) + 0.5 * wd * (w * w).sum() / len(keep)
             opt.zero_grad()
+            if bb.grad is not None:
+                bb.grad = None
             loss.backward()
             opt.step()
+            if r.optimizer == "sign":
+                with torch.no_grad():
+                    bb -= r.lr * torch.sign(bb.grad)
             total += float(loss.detach()) * len(j)
+        ran = epoch
         acc = evaluate(held, use_bb=True)
+        history.append(acc)
         if progress:
-            progress(epoch, epochs, acc)
-        log.info("BB epoch %d loss %.4f val acc %.4f", epoch, total / len(keep), acc)
+            progress(epoch, r.epochs, acc)
+        log.info("BB split %d epoch %d loss %.4f val acc %.4f", split_used, epoch, total / len(keep), acc)
         if acc > best[0] + 1e-9:
             best = (acc, bb.detach().clone(), w.detach().clone(), b.detach().clone(), epoch)
+            since_best = 0
+        else:
+            since_best += 1
+            if r.patience is not None and since_best >= r.patience:
+                break
+    if best[4] > 0 and best[0] <= base + r.min_val_gain:
+        best = (base, bb.detach().clone().zero_(), torch.tensor(start.weight), torch.tensor(start.bias), 0)
     acc, bb_best, w_best, b_best, ep = best
     fitted = HeadFit(w_best.numpy().astype(np.float32), b_best.numpy().astype(np.float32), acc, wd,
                      {"bb_best_epoch": ep})
-    return BBFit(bb_best.numpy().astype(np.float32), fitted, acc, base, epochs)
+    return BBFit(bb_best.numpy().astype(np.float32), fitted, acc, base, ran, split_used,
+                 time.perf_counter() - t0, history)
+
+
+def _rom_tail_split(rom_dir: Path) -> int:
+    from skill_edge.export.manifest import RomManifest
+
+    return RomManifest.read(rom_dir).tail_split

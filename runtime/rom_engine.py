@@ -356,42 +356,79 @@ class RomEngine:
     def tail(self, acts: np.ndarray, bb: np.ndarray | None = None) -> np.ndarray:
         """Trunk activations + per-sample tail biases (``[N,B]``, ``[B]`` or None for zeros) -> features."""
         n = acts.shape[0]
-        b = self.manifest.tail_bias_total
-        if bb is None:
-            bb = np.zeros((n, b), np.float32)
-        bb = np.asarray(bb, np.float32)
-        if bb.ndim == 1:
-            bb = np.broadcast_to(bb, (n, b))
-        if bb.shape != (n, b):
-            raise ValueError(f"tail biases must have shape [{n}, {b}] for this ROM, got {list(bb.shape)}")
-        bound = self._bound_tail(bb)
+        bb = self._bias_rows(bb, n, self.manifest.tail_bias_total, "tail")
+        bound = self._bound_graph("tail", bb)
         if bound is not None:
             return bound(trunk_act=acts)
         return self._graphs["tail"](trunk_act=acts, bb=bb)
 
-    def _verified_tail_bytes(self) -> bytes:
-        """The tail graph file, checked against the manifest again (it is read after load)."""
-        info = self.manifest.graphs["tail"]
+    def full(self, images: np.ndarray, bb: np.ndarray | None = None) -> np.ndarray:
+        """Preprocessed images + biases for every BN slot (``[N,B]``, ``[B]``, or a suffix of the layout:
+        the biases of the stages from a BB split point on, the rest zero) -> features, through
+        ``full.onnx``.  A BB task split before the tail reruns this (issue 16); the session opens on
+        first use, so a device without such tasks never loads the full graph."""
+        n = images.shape[0]
+        total = self.manifest.bias_total
+        if bb is not None:
+            bb = np.asarray(bb, np.float32)
+            if bb.shape[-1] < total:  # a suffix: the stages before the split point keep zero biases
+                pad = np.zeros((*bb.shape[:-1], total - bb.shape[-1]), np.float32)
+                bb = np.concatenate([pad, bb], axis=-1)
+        bb = self._bias_rows(bb, n, total, "full graph")
+        bound = self._bound_graph("full", bb)
+        if bound is not None:
+            return bound(image=images)
+        if "full" not in self._graphs:
+            self._graphs["full"] = _OrtGraph(self.rom_dir / self.manifest.graphs["full"].file, self.provider,
+                                             self.threads, self._batch_buckets, self._cuda_options) \
+                if self.provider != "tensorrt" else self._tensorrt_full()
+        return self._graphs["full"](image=images, bb=bb)
+
+    def _tensorrt_full(self):
+        raise RomError("whole-network BB reruns need the full graph, which this ROM has no TensorRT engine for; "
+                       "run this device on ORT (--providers cuda or cpu)")
+
+    @staticmethod
+    def _bias_rows(bb: np.ndarray | None, n: int, b: int, what: str) -> np.ndarray:
+        if bb is None:
+            return np.zeros((n, b), np.float32)
+        bb = np.asarray(bb, np.float32)
+        if bb.ndim == 1:
+            bb = np.broadcast_to(bb, (n, b)) if bb.shape[0] == b else bb[None]
+        if bb.shape != (n, b):
+            raise ValueError(f"{what} biases must have shape [{n}, {b}] for this ROM, got {list(bb.shape)}")
+        return bb
+
+    def _verified_graph_bytes(self, name: str) -> bytes:
+        """A graph file, checked against the manifest again (it is read after load)."""
+        info = self.manifest.graphs[name]
         data = (self.rom_dir / info.file).read_bytes()
         if hashlib.sha256(data).hexdigest() != info.sha256:
             raise RomError(f"{self.rom_dir / info.file}: file changed since the ROM was verified (sha256 differs)")
         return data
 
+    def _verified_tail_bytes(self) -> bytes:
+        return self._verified_graph_bytes("tail")
+
     def _bound_tail(self, bb: np.ndarray) -> _OrtGraph | None:
-        """The cached tail session with ``bb``'s one vector bound in, or None (mixed rows, a GPU, cache off)."""
+        return self._bound_graph("tail", bb)
+
+    def _bound_graph(self, name: str, bb: np.ndarray) -> _OrtGraph | None:
+        """The cached session of graph ``name`` with ``bb``'s one vector bound in, or None (mixed rows, a
+        GPU, cache off)."""
         if self.provider != "cpu" or not self.bound_sessions or not len(bb) or not _can_bind():
             return None  # the fold pays off on ORT CPU; on a GPU each bound session is one more warm-up
         row = bb[0]
         if bb.strides[0] != 0 and not np.array_equal(bb, np.broadcast_to(row, bb.shape)):
             return None
-        key = hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest()
+        key = name.encode() + hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest()
         graph = self._bound.get(key)
         if graph is not None:
             self._bound.move_to_end(key)
             return graph
         if len(bb) < BIND_MIN_ROWS and np.any(row):  # zeros: always worth binding (every extraction)
             return None
-        graph = _OrtGraph(bind_biases(self._verified_tail_bytes(), row), self.provider, self.threads)
+        graph = _OrtGraph(bind_biases(self._verified_graph_bytes(name), row), self.provider, self.threads)
         self._bound[key] = graph
         while len(self._bound) > self.bound_sessions:
             self._bound.popitem(last=False)
