@@ -85,7 +85,10 @@ class RebuildBankPlausibility:
 
     def nbytes(self) -> int:
         c = self._check
-        return 0 if c is None else sum(x.nbytes for x in c.points.values())
+        if c is None:
+            return 0
+        cached = getattr(c, "_scatter_cache", None)  # its D x D scatter sums, like the incremental one's
+        return sum(x.nbytes for x in c.points.values()) + (cached[1].sxx.nbytes if cached else 0)
 
 
 def check_nbytes(plaus) -> int:
@@ -229,8 +232,35 @@ def main(argv: list[str] | None = None) -> int:
               "blas_threads": 1, "decisions_equal": decisions_equal, "summary": summary, "arms": arms}
     scrub_command(write_result("student_scale", result), args.features, args.cache)
     plot(result, RESULTS / "student_scale.png")
+    (RESULTS / "student_scale.md").write_text("# The student at scale\n\n" + markdown(result) + "\n")
     log(json.dumps(summary, indent=1))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """Per-packet CPU at a few bank sizes, per arm, with the growth fits and memory."""
+    lines = []
+    for arm, a in result["arms"].items():
+        rows = {r["stored_before"]: r for r in a["rows"]}
+        ks = sorted(rows)
+        pick = sorted({ks[0], *[k for k in (5, 10, 20, 35, 50) if k in rows], ks[-1]})
+        kinds = a["kinds"]
+        table = [[k, rows[k]["decision"], f"{rows[k]['total_cpu_s']:.2f}", f"{rows[k]['receive_cpu_s']:.2f}",
+                  f"{rows[k]['plausibility_cpu_s']:.2f}", f"{rows[k]['store_cpu_s']:.3f}",
+                  *[f"{rows[k][f'mapper_{m}_cpu_s']:.2f}" for m in kinds], f"{rows[k]['rss_mb']:.0f}",
+                  f"{rows[k]['check_mb']:.1f}", f"{rows[k]['mappers_mb']:.1f}", f"{rows[k]['bank_mb']:.1f}"]
+                 for k in pick]
+        sm = result["summary"][arm]
+        q = sm["growth_plausibility_s"]["quadratic"]
+        lines += [f"**{arm}** ({sm['accepted']} accepted, {sm['quarantined']} quarantined; {sm['sum_total_cpu_s']:.0f} "
+                  f"CPU s for all {len(a['rows'])} packets, {sm['sum_plausibility_cpu_s']:.0f} of them in the check; "
+                  f"peak RSS {sm['peak_rss_mb']:.0f} MB; check CPU per packet ~ {q['a']:.3f} + {q['b_T']:.4f} T "
+                  f"+ {q['c_T2']:.6f} T^2 s)", "",
+                  md_table(["stored", "decision", "CPU s total", "receive", "of it: check", "of it: store",
+                            *[f"{m} mapper" for m in kinds], "RSS MB", "check MB", "mappers MB", "bank MB"], table), ""]
+    if result.get("decisions_equal") is not None:
+        lines.append(f"Same decision for every packet in both arms: {result['decisions_equal']}.")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
