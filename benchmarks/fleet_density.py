@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
@@ -46,25 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shares(features: Path, tasks: list[str], per_device: int, rom_fingerprint: str, out: Path) -> dict[str, Path]:
     """Feature-task files, one per share of ``per_device`` classes (a trailing single class joins the last)."""
-    from skill_edge.firmware_sim.agent import FeatureTask, save_feature_task
+    from skill_edge.firmware_sim.tasks import feature_task_files
 
-    files: dict[str, Path] = {}
-    for task in tasks:
-        tr, te = np.load(features / task / "train.npz"), np.load(features / task / "test.npz")
-        classes = [str(c) for c in tr["classes"]]
-        groups = [list(range(i, min(i + per_device, len(classes)))) for i in range(0, len(classes), per_device)]
-        if len(groups) > 1 and len(groups[-1]) < 2:
-            groups[-2] += groups.pop()
-        for g, group in enumerate(groups):
-            name = task if len(groups) == 1 else f"{task}-part{g + 1:02d}"
-            remap = {c: i for i, c in enumerate(group)}
-            a, b = np.isin(tr["labels"], group), np.isin(te["labels"], group)
-            ft = FeatureTask([classes[c] for c in group], tr["features"][a],
-                             np.array([remap[int(c)] for c in tr["labels"][a]]), te["features"][b],
-                             np.array([remap[int(c)] for c in te["labels"][b]]), rom_fingerprint,
-                             tr["trunk_stats"][a], te["trunk_stats"][b])
-            files[name] = save_feature_task(out / f"{name}.safetensors", ft)
-    return files
+    return feature_task_files([features], tasks, rom_fingerprint, out, classes_per_share=per_device)
 
 
 def main() -> None:

@@ -174,6 +174,7 @@ class AgentSpec:
     m: int = 5
     seed: int = 0
     budget: int | None = None
+    anchor_budgets: dict[str, int] | None = None  # mapper kind -> byte cap of its single-anchor packet
     link: dict[str, Any] = field(default_factory=dict)  # LinkModel fields
     plausibility: bool = True
     kill: str | None = None  # one of KILL_POINTS: SIGKILL self there, once
@@ -232,6 +233,55 @@ class DeviceReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DeviceReport":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------- per-mapper packet budgets
+_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int3")  # the codec's ladder precisions, least lossy first
+
+
+def anchor_kinds(knowledge) -> list[str]:
+    """The mapper kinds whose anchors ``knowledge`` carries (an attribute per kind of ``metrics.MAPPERS``)."""
+    from .metrics import MAPPERS
+
+    return [k for k in MAPPERS if getattr(knowledge, k, None) is not None]
+
+
+def single_anchor(knowledge, kind: str):
+    """``knowledge`` with only the ``kind`` anchor (and its threshold): what a one-mapper fleet sends."""
+    others = {o: None for o in anchor_kinds(knowledge) if o != kind}
+    return dataclasses.replace(knowledge, **others,
+                               thresholds={k: v for k, v in knowledge.thresholds.items() if k == kind})
+
+
+def _step_parts(step: str) -> tuple[str, dict[str, str]]:
+    precision, *rest = step.split("+")
+    return precision, {t.split("=", 1)[0]: (t.split("=", 1)[1] if "=" in t else "") for t in rest}
+
+
+def compose_steps(steps: list[str]) -> str:
+    """The codec step at least as lossy as every one of ``steps`` on each of its axes.
+
+    The lowest precision, the fewest GMMC components and exemplars per class, int8 BB and the
+    ternary head if any step has them: ``["int4+gmmc_k=20", "int8+exemplars=2"]`` ->
+    ``"int4+gmmc_k=20+exemplars=2"``.  Steps follow ``codec.plan_for_step``'s grammar."""
+    parts = [_step_parts(s) for s in steps]
+    bad = [p for p, _ in parts if p not in _PRECISIONS]
+    if bad:
+        raise ValueError(f"unknown precision {bad[0]!r} in {steps}")
+    out = max((p for p, _ in parts), key=_PRECISIONS.index)
+    for token in ("gmmc_k", "bb_int8", "exemplars", "head_int2"):
+        values = [t[token] for _, t in parts if token in t]
+        if not values:
+            continue
+        out += f"+{token}" if values[0] == "" else f"+{token}={min(int(v) for v in values)}"
+    return out
+
+
+def step_for(step: str, knowledge) -> str:
+    """``step`` without the parts that do not apply to ``knowledge`` (no GMMC: no gmmc_k, ...)."""
+    precision, tokens = _step_parts(step)
+    drop = {"gmmc_k": knowledge.gmmc is None, "exemplars": knowledge.maha is None, "bb_int8": knowledge.bb is None}
+    return "+".join([precision] + [t if v == "" else f"{t}={v}" for t, v in tokens.items() if not drop.get(t)])
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -521,25 +571,43 @@ class Agent:
         return PacketCodec(self.spec.budget)
 
     def _encode(self, knowledge) -> tuple[bytes, dict[str, int], str]:
-        """The packet, plus the size each single-anchor variant would have (for the per-mapper cost rows)."""
-        from skill_edge.runtime.packet import BudgetError
+        """The packet, plus the size each single-anchor variant would have (for the per-mapper cost rows).
+
+        With ``anchor_budgets`` the budget is per mapper: each single-anchor packet (head + that anchor,
+        what a fleet running only that mapper sends) gets its own cap, and the lab's packet, which
+        carries every anchor so that one run measures every mapper, is encoded at the step that
+        satisfies all of them (``compose_steps``).  The sizes recorded per mapper are those
+        single-anchor packets at that same step, so bytes and accuracy describe the same anchors."""
+        from skill_edge.runtime.packet import BudgetError, PacketCodec
 
         codec = self._codec()
+        kinds = anchor_kinds(knowledge)
+        variants = {kind: single_anchor(knowledge, kind) for kind in kinds} if len(kinds) > 1 else {}
+        budgets = {k: b for k, b in (self.spec.anchor_budgets or {}).items() if k in kinds}
         try:
-            packet = codec.encode(knowledge, self.key)
+            if budgets:
+                steps = []
+                for kind, b in budgets.items():
+                    alone = PacketCodec(b).encode(variants.get(kind, knowledge), self.key)
+                    steps.append(codec.decode(alone).plan.step)
+                step = compose_steps(steps)
+                packet = codec.encode(knowledge, self.key, plan=step)
+            else:
+                packet = codec.encode(knowledge, self.key)
+                step = None
         except BudgetError as exc:
             raise AgentError(f"task {knowledge.task!r}: {exc}") from None
         sizes = {"as_sent": len(packet)}
-        for kind in ("gmmc", "maha"):
-            if getattr(knowledge, kind) is None:
-                continue
-            other = "maha" if kind == "gmmc" else "gmmc"
-            if getattr(knowledge, other) is None:
+        for kind in kinds:
+            if kind not in variants:
                 sizes[kind] = len(packet)
                 continue
-            variant = dataclasses.replace(knowledge, **{other: None},
-                                          thresholds={k: v for k, v in knowledge.thresholds.items() if k == kind})
-            sizes[kind] = len(codec.encode(variant, self.key))
+            v = variants[kind]
+            sizes[kind] = len(codec.encode(v, self.key, plan=step_for(step, v)) if step else codec.encode(v, self.key))
+        over = [f"{k} {sizes[k]} > {b}" for k, b in budgets.items() if sizes[k] > b]
+        if over:
+            raise AgentError(f"task {knowledge.task!r}: at step {step} the single-anchor packets outgrow their "
+                             f"budgets ({', '.join(over)})")
         return packet, sizes, codec.decode(packet).plan.step
 
     # ------------------------------------------------------------------ link journal

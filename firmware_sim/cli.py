@@ -2,7 +2,12 @@
 
 ``demo`` with no arguments uses the embedded default: six devices, Fashion-MNIST split into
 five 2-class tasks (Debian's ``dataset-fashion-mnist``) plus scikit-learn's digits.
-``--data DIR`` runs every task folder in DIR instead (e.g. the 21-task skill-bench).  The
+``--data DIR`` runs every task folder in DIR instead (e.g. the 21-task skill-bench); ``--data``
+given several times runs every root's tasks in one fleet, root by root in the order given (each
+in its ``tasks.json`` order), and ``--features ROOT`` (repeatable) lets the devices learn from
+features cached by ``benchmarks/extract_features.py`` instead of images.  ``--resume`` continues
+an interrupted run in the same ``--out`` (finished devices are not run again, the others recover
+from their banks); ``--report-only`` rebuilds the report from the saved fleet result.  The
 steps are: export the ROM if it is absent, learn in parallel, make packets, sync them through
 the directory transport (or MQTT), classify with no oracle, then print a table and write the
 report and plots.
@@ -10,7 +15,6 @@ report and plots.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,25 +28,37 @@ from rich.table import Table
 console = Console()
 
 
-def _task_dirs(data: Path) -> dict[str, Path]:
-    order_file = data / "tasks.json"
-    if order_file.exists():
-        names = [t["task"] for t in json.loads(order_file.read_text())]
-    else:
-        names = sorted(p.name for p in data.iterdir() if (p / "train").is_dir())
-    if not names:
-        raise typer.BadParameter(f"{data} holds no task folders laid out as <task>/train/<class>/*")
-    return {n: data / n for n in names}
+def _task_dirs(data: list[Path]) -> dict[str, Path]:
+    """Every task of every root, root by root, in a fixed order (``tasks.discover_tasks``)."""
+    from .tasks import TaskRootError, discover_tasks
+
+    try:
+        return {t.name: t.path for t in discover_tasks(data)}
+    except TaskRootError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _feature_tasks(tasks: dict[str, Path], features: list[Path], rom_dir: Path, out: Path) -> dict[str, Path]:
+    """The same tasks as feature-task files made from cached features (``tasks.feature_task_files``)."""
+    from skill_edge.export.manifest import RomManifest
+
+    from .tasks import TaskRootError, feature_task_files
+
+    try:
+        return feature_task_files(features, list(tasks), RomManifest.read(rom_dir).fingerprint, out)
+    except TaskRootError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, transport: Optional[str],
         agents: Optional[int], budget: Optional[str], bb: bool, baselines: bool, equivalence: Optional[Path],
         builtin_equivalence: bool, kill: Optional[List[str]], title: str, threads: int, fresh: bool,
-        cache: Optional[Path] = None, baseline_epochs: int = 5, converge_timeout: float = 300.0) -> dict:
+        cache: Optional[Path] = None, baseline_epochs: int = 5, converge_timeout: float = 300.0,
+        features: Optional[List[Path]] = None, report_only: bool = False) -> dict:
     from skill_edge.models import default_rom_dir
 
     from .equivalence import EquivalenceMap
-    from .fleet import FleetConfig, run_fleet
+    from .fleet import FleetConfig
     from .report import build_report
 
     rom_dir = rom or default_rom_dir()
@@ -53,29 +69,31 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
             build_rom("efficientnet_lite0", rom_dir)
         console.print(f"exported ROM {rom_dir}")
     work = out / "work"
-    if fresh and work.exists():
+    if fresh and work.exists() and not report_only:
         shutil.rmtree(work)
+    if features:
+        tasks = _feature_tasks(tasks, features, rom_dir, work / "feature-tasks")
+    saved = out / "fleet_result.json"
+    if report_only:
+        if not saved.exists():
+            raise typer.BadParameter(f"--report-only needs a finished run in {out} (no fleet_result.json)")
     kills = {}
     for spec in kill or []:
         dev, _, point = spec.partition(":")
         kills[dev] = point or "after_learn"
     cfg = FleetConfig(rom_dir=rom_dir, tasks={k: str(v) for k, v in tasks.items()}, workdir=work, agents=agents,
                       transport=transport, engine=engine, budget=budget, bb=bb, kill=kills, threads=threads,
-                      cache_dir=cache, converge_timeout=converge_timeout)
+                      cache_dir=cache, converge_timeout=converge_timeout,
+                      resume=not fresh and (work / "devices").exists())
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as prog:
-        bars: dict[str, int] = {}
+    if report_only:
+        from .fleet import FleetResult
 
-        def on_progress(stage: str, device: str, done: int, total: int) -> None:
-            key = f"{device:>9s} {stage}"
-            if key not in bars:
-                bars[key] = prog.add_task(key, total=max(total, 1))
-            prog.update(bars[key], completed=done, total=max(total, 1))
-
-        result = run_fleet(cfg, progress=on_progress)
+        result = FleetResult.load(saved)
+    else:
+        result = _run_with_progress(cfg)
+        result.save(saved)
     t_fleet = time.perf_counter() - t0
-    result.save(out / "fleet_result.json")
     eq = None
     if equivalence is not None:
         eq = EquivalenceMap.load(equivalence)
@@ -87,6 +105,22 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
     rep.summary["seconds"] = {"fleet": t_fleet, "total": time.perf_counter() - t0}
     _print_summary(result, rep.summary, out)
     return rep.summary
+
+
+def _run_with_progress(cfg):
+    from .fleet import run_fleet
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as prog:
+        bars: dict[str, int] = {}
+
+        def on_progress(stage: str, device: str, done: int, total: int) -> None:
+            key = f"{device:>9s} {stage}"
+            if key not in bars:
+                bars[key] = prog.add_task(key, total=max(total, 1))
+            prog.update(bars[key], completed=done, total=max(total, 1))
+
+        return run_fleet(cfg, progress=on_progress)
 
 
 def _print_summary(result, s: dict, out: Path) -> None:
@@ -124,8 +158,13 @@ def _print_summary(result, s: dict, out: Path) -> None:
 
 
 def demo_command(
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder of task folders (e.g. ../shared/data/skill-bench); "
-                                                             "default: embedded Fashion-MNIST x5 + digits."),
+    data: Optional[List[Path]] = typer.Option(
+        None, "--data", help="Folder of task folders (e.g. ../shared/data/skill-bench); repeat it to run several "
+                             "roots as one fleet, in the order given. Default: embedded Fashion-MNIST x5 + digits."),
+    features: Optional[List[Path]] = typer.Option(
+        None, "--features", help="Cached features <root>/<task>/{train,test}.npz (benchmarks/extract_features.py); "
+                                 "repeatable. The devices learn from them instead of the images."),
+    report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report of the run in --out."),
     out: Path = typer.Option(Path("demo-out"), "--out", help="Where the report, plots and fleet.json go."),
     rom: Optional[Path] = typer.Option(None, "--rom", help="ROM directory (exported if absent)."),
     engine: str = typer.Option("process", "--engine", help="process (default) or ray."),
@@ -150,7 +189,7 @@ def demo_command(
     """Run a whole simulated fleet: export, learn in parallel, share packets, classify with no oracle, report."""
     from .demo_data import DemoDataError, build_demo_tasks
 
-    if data is None:
+    if not data:
         try:
             with console.status("writing the embedded demo tasks (Fashion-MNIST x5 + digits)"):
                 dirs = build_demo_tasks(out / "data", train_per_class=train_per_class, test_per_class=test_per_class)
@@ -161,11 +200,12 @@ def demo_command(
         title, builtin_eq = "skill-edge demo: Fashion-MNIST x5 + digits", False
     else:
         tasks = _task_dirs(data)
-        title, builtin_eq = f"skill-edge fleet on {data.name} ({len(tasks)} tasks)", data.name == "skill-bench"
+        title = f"skill-edge fleet on {' + '.join(d.name for d in data)} ({len(tasks)} tasks)"
+        builtin_eq = any(d.name == "skill-bench" for d in data)
     run(tasks, out, rom=rom, engine=engine, transport=transport, agents=agents, budget=budget, bb=bb,
         baselines=baselines, equivalence=equivalence, builtin_equivalence=builtin_eq, kill=kill, title=title,
         threads=threads, fresh=fresh, cache=cache, baseline_epochs=baseline_epochs,
-        converge_timeout=converge_timeout)
+        converge_timeout=converge_timeout, features=features, report_only=report_only)
 
 
 def fleet_command(

@@ -23,6 +23,7 @@ nothing here prints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -70,6 +71,8 @@ class FleetConfig:
     m: int = 5  # Mahalanobis exemplars per class
     seed: int = 0
     budget: str | int | None = None  # packet byte budget ("64KB"); None = lossless
+    # per-mapper budgets, e.g. {"gmmc": "48KB"}: each single-anchor packet under its own cap (agent._encode)
+    anchor_budgets: dict[str, str | int] = field(default_factory=dict)
     quota_bytes: int | None = DEFAULT_QUOTA_BYTES  # each device's bank quota (flash)
     cache_dir: str | Path | None = None  # feature cache shared by all devices; default <workdir>/feature-cache
     link: LinkModel = field(default_factory=LinkModel)
@@ -81,7 +84,9 @@ class FleetConfig:
     sequential_baseline: bool = False  # also run one agent learning every task in sequence (measured)
     save_eval_features: bool = True  # write each task's test features + labels under <workdir>/eval
     save_trunk: bool = False  # ... and trunk activations (BB curves; ~37 KB per image for Lite0)
-    resume: bool = False  # reuse an existing workdir (devices recover from their banks)
+    # reuse an existing workdir: the fleet keeps its name, a device that finished (its report is there,
+    # from the same spec) is not run again, the others recover from their banks and the transport
+    resume: bool = False
     # at most this many devices classify the fleet's test sets at once (None: all).  Each device's own
     # peak memory is what it is; this bounds the sum, so 100+ devices fit one machine's RAM
     max_concurrent_evaluations: int | None = None
@@ -181,6 +186,7 @@ class _Plan:
     fleet: str
     cache_dir: Path
     budget: int | None
+    anchor_budgets: dict[str, int]
 
 
 def _check_feature_task(name: str, path: Path) -> None:
@@ -212,9 +218,10 @@ def _plan(cfg: FleetConfig) -> _Plan:
             raise FleetConfigError(f"task {name!r} is given as features; BB training needs images (bb=False)")
         if tasks[-1].kind == "features":
             _check_feature_task(name, p)
-    bad = [m for m in cfg.mappers if m not in MAPPERS]
+    bad = [m for m in cfg.mappers if m not in MAPPERS] + [m for m in cfg.anchor_budgets if m not in cfg.mappers]
     if bad or not cfg.mappers:
-        raise FleetConfigError(f"mappers must be a non-empty subset of {MAPPERS}, got {list(cfg.mappers)}")
+        raise FleetConfigError(f"mappers must be a non-empty subset of {MAPPERS} and anchor_budgets may only name "
+                               f"them; got mappers {list(cfg.mappers)}, anchor_budgets {sorted(cfg.anchor_budgets)}")
     if cfg.assignment is not None:
         assignment = {str(d): list(ts) for d, ts in cfg.assignment.items()}
         given = [t for ts in assignment.values() for t in ts]
@@ -237,10 +244,32 @@ def _plan(cfg: FleetConfig) -> _Plan:
                                f"or pass resume=True to let the devices recover from their banks")
     rom_dir = Path(cfg.rom_dir).expanduser().resolve()
     transport = cfg.transport or f"dir:{workdir / 'transport'}"
-    fleet = cfg.fleet or f"lab-{uuid.uuid4().hex[:8]}"
+    fleet = cfg.fleet or (_stored_fleet_name(workdir) if cfg.resume else None) or f"lab-{uuid.uuid4().hex[:8]}"
     budget = parse_size(cfg.budget) if cfg.budget is not None else None
+    anchor_budgets = {k: parse_size(v) for k, v in cfg.anchor_budgets.items()}
     cache = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else workdir / "feature-cache"
-    return _Plan(rom_dir, workdir, tasks, assignment, transport, fleet, cache, budget)
+    return _Plan(rom_dir, workdir, tasks, assignment, transport, fleet, cache, budget, anchor_budgets)
+
+
+def _stored_fleet_name(workdir: Path) -> str | None:
+    """The fleet name an earlier run in ``workdir`` used: a resumed run must publish under the same one."""
+    path = workdir / "fleet-name.txt"
+    return (path.read_text().strip() or None) if path.exists() else None
+
+
+def _finished_reports(specs: list[AgentSpec]) -> dict[str, DeviceReport]:
+    """Devices of an interrupted run that finished: their report is in their home, written by a run of the
+    same spec (the process engine writes both).  They are not run again; their packets are in the transport."""
+    out = {}
+    for spec in specs:
+        home = Path(spec.home)
+        report, written = home / "report.json", home / "agent-spec.json"
+        if not (report.exists() and written.exists()):
+            continue
+        same = dataclasses.replace(spec, report_path=str(report)).to_json()
+        if written.read_text() == same:
+            out[spec.name] = DeviceReport.from_dict(json.loads(report.read_text()))
+    return out
 
 
 def provision(homes: dict[str, Path]) -> dict[str, str]:
@@ -271,7 +300,8 @@ def _spec(cfg: FleetConfig, plan: _Plan, name: str, home: Path, learn: list[str]
         mqtt_options=dict(cfg.mqtt_options), quota_bytes=cfg.quota_bytes, cache_dir=str(cache_dir or plan.cache_dir),
         threads=cfg.threads, providers=list(cfg.providers) if cfg.providers else None, bb=cfg.bb,
         bb_epochs=cfg.bb_epochs, mappers=list(cfg.mappers), k=cfg.k, m=cfg.m, seed=cfg.seed, budget=plan.budget,
-        link=asdict(cfg.link), plausibility=cfg.plausibility, kill=cfg.kill.get(name),
+        anchor_budgets=dict(plan.anchor_budgets) or None, link=asdict(cfg.link), plausibility=cfg.plausibility,
+        kill=cfg.kill.get(name),
         converge_timeout=cfg.converge_timeout, evaluate=evaluate, eval_dir=str(eval_dir) if eval_dir else None,
         save_trunk=cfg.save_trunk, eval_slots=cfg.max_concurrent_evaluations, eval_max_per_task=cfg.eval_max_per_task,
         eval_slot_dir=str(Path(cfg.workdir) / "eval-slots") if cfg.max_concurrent_evaluations else None)
@@ -309,13 +339,22 @@ def run_fleet(config: FleetConfig, progress: FleetProgress | None = None) -> Fle
             progress("provision", name, i, len(homes))
         home.mkdir(parents=True, exist_ok=True)
     provision(homes)
+    (plan.workdir / "fleet-name.txt").write_text(plan.fleet + "\n")
     reference = next(iter(plan.assignment))
     eval_dir = plan.workdir / "eval" if config.save_eval_features else None
     specs = [_spec(config, plan, name, homes[name], tasks, eval_dir=eval_dir if name == reference else None)
              for name, tasks in plan.assignment.items()]
     engine = _engine(config)
     t0 = time.time()
-    reports = engine.run(specs, progress)
+    reports = _finished_reports(specs) if config.resume else {}
+    for name in reports:
+        if progress:
+            progress("done", name, 1, 1)
+    todo = [s for s in specs if s.name not in reports]
+    if todo:
+        reports.update(engine.run(todo, progress))
+    if config.resume:  # the clock starts at the first launch of the run, which the devices' reports remember
+        t0 = min([t0] + [r.times.get("process_start", t0) for r in reports.values()])
     t_end = time.time()
     sequential = _sequential_baseline(config, plan, progress) if config.sequential_baseline else None
     return _result(config, plan, manifest, reports, reference, t0, t_end, sequential)
@@ -480,7 +519,7 @@ def _resolved_config(cfg: FleetConfig, plan: _Plan) -> dict[str, Any]:
     d = cfg.to_dict()
     d.update(rom_dir=str(plan.rom_dir), workdir=str(plan.workdir), tasks={t.name: t.path for t in plan.tasks},
              cache_dir=str(plan.cache_dir), transport=plan.transport, fleet=plan.fleet, assignment=plan.assignment,
-             budget=plan.budget)
+             budget=plan.budget, anchor_budgets=plan.anchor_budgets)
     return d
 
 

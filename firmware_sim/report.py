@@ -27,16 +27,29 @@ import numpy as np
 
 from skill_edge.runtime.machine import describe_machine
 
-from .curves import Curves, plot_curves, plot_task_confusion, skill_curves
+from .curves import (PAPER_FIT, Curves, fit_dict, fit_label, incremental_matches, order_curves, plot_curves,
+                     plot_degradation, plot_task_confusion, pooled_fit, replay_from_scores, scores_are_per_task,
+                     task_orders)
 from .equivalence import EquivalenceMap
 from .fleet import FleetResult
+from .metrics import MAPPER_TITLES
+from .tasks import family
 
 log = logging.getLogger(__name__)
 
 BASELINE_NAMES = ("naive", "ewc", "er_10pc", "er_10k", "derpp")
 BASELINE_LABELS = {"naive": "naive fine-tuning", "ewc": "EWC", "er_10pc": "ER (10 img/class)",
                    "er_10k": "ER (10,000 buffer)", "derpp": "DER++", "joint": "joint (upper bound)"}
-MAPPER_LABELS = {"gmmc": "GMMC", "maha": "Mahalanobis"}
+
+
+class _Labels(dict):
+    """Mapper kind -> its title; a kind nobody named yet (a new mapper) is shown as its own name."""
+
+    def __missing__(self, key: str) -> str:
+        return str(key)
+
+
+MAPPER_LABELS = _Labels(MAPPER_TITLES)
 
 
 @dataclass
@@ -146,9 +159,35 @@ def run_baselines(feats: Sequence[TaskFeatures], backbone_macs: int, names: Sequ
     return out
 
 
+def subsample_tests(feats: Sequence[TaskFeatures], max_per_task: int | None, seed: int = 0) -> list[TaskFeatures]:
+    """The same seeded test rows of every task (at most ``max_per_task``), for curves that replay a bank
+    many times; None keeps every row."""
+    if not max_per_task:
+        return list(feats)
+    out = []
+    for i, f in enumerate(feats):
+        if len(f.test_y) <= max_per_task:
+            out.append(f)
+            continue
+        keep = np.sort(np.random.default_rng(seed + i).permutation(len(f.test_y))[:max_per_task])
+        out.append(TaskFeatures(f.name, f.classes, f.train_x, f.train_y, f.test_x[keep], f.test_y[keep],
+                                f.test_trunk_stats[keep] if f.test_trunk_stats is not None else None))
+    return out
+
+
 def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = True,
                  equivalence: EquivalenceMap | None = None, title: str = "skill-edge fleet run",
-                 baseline_epochs: int = 5, progress: Callable[[str], None] | None = None) -> FleetReport:
+                 baseline_epochs: int = 5, progress: Callable[[str], None] | None = None,
+                 baseline_results: dict[str, dict] | None = None, orders: int = 1,
+                 curve_max_per_task: int | None = None, extra: dict | None = None,
+                 slow_order_seconds: float | None = None) -> FleetReport:
+    """``baseline_results``: baselines measured already (``run_baselines`` on the same features), used
+    instead of running them here.  ``orders``: task orders the degradation study replays (the fleet's
+    own order first, then seeded random ones; 1 = the fleet's order only).  ``curve_max_per_task``: the
+    curves and baselines score at most this many seeded test images per task.  ``extra``: more summary
+    keys (how the run was made: roots, budgets).  ``slow_order_seconds``: a mapper whose task scores
+    depend on the whole bank (Mahalanobis) is rebuilt at every step of every order; after this many
+    seconds it starts no further order (each order it did is complete; the report says how many)."""
     from skill_edge.runtime.bank import KnowledgeBank
 
     out = Path(out_dir)
@@ -160,26 +199,55 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
     bank = KnowledgeBank(result.bank_dirs[result.reference_device])
     stored = {k.task: k for k in bank.load_all()}
     knowledge = [stored[t] for t in result.tasks if t in stored]
-    test_sets = {f.name: (f.test_x, f.test_y, f.test_trunk_stats) for f in feats}
+    curve_feats = subsample_tests(feats, curve_max_per_task)
+    test_sets = {f.name: (f.test_x, f.test_y, f.test_trunk_stats) for f in curve_feats}
 
-    say("SKILL curves")
     curves: list[Curves] = []
+    by_mapper: dict[str, list[Curves]] = {}
+    order_list = task_orders(len(knowledge), max(orders, 1), seed=int(result.config.get("seed", 0)))
+    replay: dict[str, dict] = {}
     for mp in result.mappers:
-        if all(getattr(k, mp) is not None for k in knowledge):
-            curves.append(skill_curves(knowledge, test_sets, mp, name=f"SKILL ({MAPPER_LABELS.get(mp, mp)})"))
+        if not all(getattr(k, mp, None) is not None for k in knowledge):
+            continue
+        label = f"SKILL ({MAPPER_LABELS[mp]})"
+        say(f"SKILL curves, {MAPPER_LABELS[mp]}: are its task scores independent of the other tasks?")
+        t0 = time.perf_counter()
+        per_task, scores = scores_are_per_task(mp, knowledge, test_sets)
+        if per_task:
+            by_mapper[mp] = replay_from_scores(knowledge, test_sets, scores, order_list, name=label)
+            how = "one scoring pass of the whole bank (each task scored on its own: checked on random subsets)"
+        else:  # e.g. Mahalanobis: the tied covariance depends on every task held, so each step rebuilds it
+            by_mapper[mp] = []
+            grow = incremental_matches(mp, knowledge, test_sets)
+            for i, order in enumerate(order_list):
+                if i and slow_order_seconds is not None and time.perf_counter() - t0 > slow_order_seconds:
+                    break
+                say(f"SKILL curves, {MAPPER_LABELS[mp]}: order {i + 1} of {len(order_list)}, rebuilt at every step")
+                by_mapper[mp] += order_curves(knowledge, test_sets, mp, [order], name=label, incremental=grow)
+            how = ("the mapper rebuilt from the first T tasks at every step T" +
+                   (" (its covariance's scatter summed task by task: checked equal to a fresh build)" if grow else ""))
+        replay[mp] = {"orders": len(by_mapper[mp]), "method": how, "seconds": time.perf_counter() - t0}
+        curves.append(by_mapper[mp][0])
+    fit_by_mapper = {mp: {**pooled_fit(cs), "replay": replay[mp]} for mp, cs in by_mapper.items()}
     base: dict[str, dict] = {}
-    if baselines:
-        base = run_baselines(feats, int(result.macs_per_image.get("full", 0)), epochs=baseline_epochs,
+    if baseline_results is not None:
+        base = baseline_results
+    elif baselines:
+        base = run_baselines(curve_feats, int(result.macs_per_image.get("full", 0)), epochs=baseline_epochs,
                              progress=lambda n: say(f"baseline {n}"))
-        for name, d in base.items():
-            curves.append(Curves(BASELINE_LABELS.get(name, name), d["acc_matrix"]))
+    for name, d in base.items():
+        curves.append(Curves(BASELINE_LABELS.get(name, name), d["acc_matrix"], d.get("task_names")))
     say("plots")
-    plots = plot_curves(curves, out, title_suffix=f"\n{len(result.tasks)} tasks, {len(result.agents)} agents")
+    suffix = f"\n{len(result.tasks)} tasks, {len(result.agents)} agents"
+    plots = plot_curves(curves, out, title_suffix=suffix, task_names=result.tasks)
+    if len(order_list) > 1 and by_mapper:
+        plots.update(plot_degradation(by_mapper, fit_by_mapper, out, labels=MAPPER_LABELS, family_of=family,
+                                      title_suffix=suffix))
     plots["task_confusion"] = str(task_confusion_plot(result, out / "task_confusion.png"))
 
     skill_curve = {c.name: c.to_dict() for c in curves if c.name.startswith("SKILL")}
     main_mapper = "gmmc" if "gmmc" in result.mappers else result.mappers[0]
-    main_curve = skill_curve.get(f"SKILL ({MAPPER_LABELS.get(main_mapper, main_mapper)})")
+    main_curve = skill_curve.get(f"SKILL ({MAPPER_LABELS[main_mapper]})")
     eq = equivalence_accuracy(result, feats, equivalence) if equivalence is not None else None
 
     def row(setting: str, mapper: str):
@@ -199,6 +267,12 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
         "agents": len(result.agents),
         "tasks": len(result.tasks),
         "task_names": result.tasks,
+        "task_order": result.tasks,  # the run's fixed order: devices, curves and tables follow it
+        "task_orders": len(order_list),
+        "task_order_permutations": order_list,
+        "fit_by_mapper": fit_by_mapper,
+        "paper_fit": PAPER_FIT,
+        "curve_test_images_per_task": curve_max_per_task,
         "engine": result.engine_version,
         "transport": result.transport.split(":")[0],
         "converged": result.converged,
@@ -212,6 +286,10 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
         "wallclock": result.wall,
         "comm_bytes_per_task": float(np.mean(list(comm_per_task.values()))) if comm_per_task else 0.0,
         "comm_bytes_per_task_by_task": comm_per_task,
+        "main_mapper": main_mapper,
+        "packet_bytes_by_mapper": {mp: {"mean": float(np.mean(v)), "max": float(np.max(v))} for mp, v in (
+            (mp, [d[mp] for d in result.comm_bytes_per_task.values() if mp in d])
+            for mp in ["as_sent", *result.mappers]) if v},
         "mean_no_oracle_acc": result.mean_no_oracle_acc,
         "mean_task_id_acc": result.mean_task_id_acc,
         "mean_oracle_acc": result.mean_oracle_acc,
@@ -223,6 +301,7 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
         "mac_rows": [_row_dict(r) for r in result.mac_rows] + _baseline_mac_rows(base, skill_rows.get(main_mapper)),
         "restarts": result.restarts,
         "problems": result.problems,
+        **(extra or {}),
     }
     fleet_json = {**summary, "curves": {c.name: c.to_dict() for c in curves}, "baselines": base,
                   "equivalence_per_task": {mp: d["per_task"] for mp, d in eq.items()} if eq else None,
@@ -231,7 +310,7 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
                   "per_task_oracle_accuracy": result.per_task_oracle_accuracy[result.reference_device],
                   "bytes": result.bytes, "link": result.link, "sync": result.sync, "plots": plots}
     (out / "fleet.json").write_text(json.dumps(fleet_json, indent=1, default=float) + "\n")
-    md = render_markdown(result, summary, curves, base, plots, eq, by_name, out)
+    md = render_markdown(result, summary, curves, base, plots, eq, by_name, out, fit_by_mapper)
     (out / "report.md").write_text(md)
     return FleetReport(out, summary, {c.name: c.to_dict() for c in curves}, base, plots, md)
 
@@ -263,8 +342,8 @@ def task_confusion_plot(result: FleetResult, path: Path) -> Path:
         for ti, t in enumerate(names):
             chosen = np.asarray(result.predictions[mp].get(t, {}).get("task_index", []), dtype=np.int64)
             np.add.at(m[ti], chosen[chosen >= 0], 1)
-        counts[MAPPER_LABELS.get(mp, mp)] = m
-    plot_task_confusion(names, counts, path, title="confusion between tasks (no task oracle)")
+        counts[MAPPER_LABELS[mp]] = m
+    plot_task_confusion(names, counts, path, title="confusion between tasks (no task oracle)", family_of=family)
     return path
 
 
@@ -273,7 +352,7 @@ def _sci(x) -> str:
 
 
 def render_markdown(result: FleetResult, s: dict, curves: list[Curves], base: dict, plots: dict, eq,
-                    feats: dict[str, TaskFeatures], out: Path) -> str:
+                    feats: dict[str, TaskFeatures], out: Path, fits: dict[str, dict] | None = None) -> str:
     rel = {k: Path(v).name for k, v in plots.items()}
     lines = [f"# {s['title']}", "",
              f"{s['agents']} agents, {s['tasks']} tasks, engine {s['engine']}, transport {s['transport']}; "
@@ -295,9 +374,15 @@ def render_markdown(result: FleetResult, s: dict, curves: list[Curves], base: di
     lines.append(f"| wall-clock speedup vs one sequential agent | {s['wallclock_speedup']:.2f}x "
                  f"(fleet {w.get('fleet_learn_share_wall_s', float('nan')):.1f} s; {basis}; all devices share "
                  f"this machine's {os.cpu_count()} cores) |")
-    lines.append(f"| mean packet bytes per task | {s['comm_bytes_per_task']:,.0f} |")
-    if s["normalized_acc_slope"] is not None:
-        lines.append(f"| normalized-accuracy slope per task | {s['normalized_acc_slope']:.5f} |")
+    lines.append(f"| mean packet bytes per task ({MAPPER_LABELS[s.get('main_mapper', 'gmmc')]} packet) | "
+                 f"{s['comm_bytes_per_task']:,.0f} |")
+    for mp, d in s.get("packet_bytes_by_mapper", {}).items():
+        lines.append(f"| {MAPPER_LABELS.get(mp, mp)} packets: mean / max bytes | {d['mean']:,.0f} / {d['max']:,.0f} |")
+    if s.get("packet_budget"):
+        lines.append(f"| packet budget | {s['packet_budget']} |")
+    for name, f in s.get("normalized_acc_fit", {}).items():
+        lines.append(f"| normalized-accuracy fit, {name}, the run's order | "
+                     f"{fit_label(f['slope'], f['intercept'], f['zero_at_tasks'])} |")
     if eq:
         for mp, d in eq.items():
             lines.append(f"| {MAPPER_LABELS.get(mp, mp)} accuracy: strict / equivalence-aware | "
@@ -314,15 +399,56 @@ def render_markdown(result: FleetResult, s: dict, curves: list[Curves], base: di
         sp = "-" if r.get("speedup_xN") is None else f"{r['speedup_xN']:.4f}"
         lines.append(f"| {r['method']} | {_sci(r['teacher_macs'])} | {r['comm_bytes']:,.0f} | {_sci(r['comm_macs'])} "
                      f"| {_sci(r['student_macs'])} | {_sci(r['total_macs'])} | {sp} | {acc} |")
-    lines += ["", "## Curves", "",
-              f"![task 1]({rel['first_task']})", "", f"![normalized]({rel['mean_normalized']})", "",
-              f"![absolute]({rel['mean_absolute']})", "", f"![task confusion]({rel['task_confusion']})", ""]
-    lines += ["| method | final mean accuracy | task-1 accuracy at the end | normalized fit |", "|---|---|---|---|"]
+    first = result.tasks[0] if result.tasks else "-"
+    sub = s.get("curve_test_images_per_task")
+    scored = (f"every curve, SKILL and baselines, scores the same {sub} seeded test images per task (all of a "
+              f"smaller test set)" if sub else "on every test image")
+    lines += ["", "## Curves (the run's fixed task order)", "",
+              f"SKILL's curves replay the reference device's bank in the run's task order (below); {scored}.",
+              "", f"![first task]({rel['first_task']})", "", f"![normalized]({rel['mean_normalized']})", "",
+              f"![absolute]({rel['mean_absolute']})", ""]
+    lines += [f"| method | final mean accuracy | accuracy on the first task ({first}) at the end | normalized fit |",
+              "|---|---|---|---|"]
     for c in curves:
-        slope, intercept, zero = c.normalized_fit()
-        zero_s = f", zero at N = {zero:,.0f}" if np.isfinite(zero) else ""
+        f = fit_dict(*c.normalized_fit())
         lines.append(f"| {c.name} | {c.mean_absolute[-1]:.4f} | {c.first_task[-1]:.4f} | "
-                     f"y = {slope:.5f} x + {intercept:.4f}{zero_s} |")
+                     f"{fit_label(f['slope'], f['intercept'], f['zero_at_tasks'])} |")
+    if fits and s.get("task_orders", 1) > 1:
+        lines += ["", f"## Degradation over {s['task_orders']} task orders", "",
+                  "The bank is replayed in the run's order and in seeded random orders of the same tasks. One line "
+                  "is fitted through every order's normalized-accuracy points (T = 1..{0}); the spread is that of "
+                  "the per-order lines. A fit over T <= {0} says nothing certain beyond it: the predictions at "
+                  "102 and 1,000 tasks are the line, extended.".format(max(c.tasks for c in curves)), "",
+                  "| mapper | orders | fitted line (all orders) | slope: mean of orders +- std [min, max] | final "
+                  "normalized (mean of orders) | final absolute | line at T = 102 | line at T = 1,000 | paper (102 tasks) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for mp, f in fits.items():
+            ps = np.array(f["per_order_slopes"])
+            paper = PAPER_FIT.get(mp)
+            paper_s = "-"
+            if paper and paper["slope"] is not None:
+                paper_s = fit_label(paper["slope"], paper["intercept"], paper["zero_crossing"])
+            elif paper:
+                paper_s = f"zero at T = {paper['zero_crossing']:,.0f}"
+            line = fit_label(f['slope'], f['intercept'], f['zero_at_tasks'])
+            lines.append(f"| {MAPPER_LABELS[mp]} | {f['orders']} | {line} | "
+                         f"{ps.mean():+.5f} +- {f['slope_std']:.5f} [{f['slope_min']:+.5f}, {f['slope_max']:+.5f}] | "
+                         f"{f['final_normalized_mean']:.4f} | {f['final_absolute_mean']:.4f} | "
+                         f"{f['predicted_at']['102']:.3f} | {f['predicted_at']['1000']:.3f} | {paper_s} |")
+        lines += [""] + [f"- {MAPPER_LABELS[mp]}: {f['replay']['orders']} orders, {f['replay']['method']}; "
+                         f"{f['replay']['seconds']:.0f} s." for mp, f in fits.items() if "replay" in f]
+        for key, alt in (("orders_normalized", "normalized, several orders"), ("orders_absolute", "absolute, several orders"),
+                         ("task_id_by_family", "task-ID by family")):
+            if key in rel:
+                lines += ["", f"![{alt}]({rel[key]})"]
+    lines += ["", "## Confusion between tasks", "",
+              "Rows: the true task of a test image; columns: the task the mapper chose (reference device, no "
+              "task oracle). Tasks are grouped by family, families outlined.", "",
+              f"![task confusion]({rel['task_confusion']})", ""]
+    lines += ["## Task order", "", "| # | task | family | task root |", "|---|---|---|---|"]
+    roots = s.get("task_roots_by_task", {})
+    for i, t in enumerate(result.tasks, 1):
+        lines.append(f"| {i} | {t} | {family(t)} | {roots.get(t, '-')} |")
     lines += ["", "## Per task (reference device)", "",
               "| task | classes | test | oracle | " + " | ".join(
                   f"{MAPPER_LABELS.get(mp, mp)} task-ID | {MAPPER_LABELS.get(mp, mp)} no-oracle"

@@ -237,6 +237,32 @@ def test_fleet_on_ray_with_a_crash(rom_dir: Path, digit_tasks: dict[str, Path], 
     assert not ray.is_initialized()  # the engine shut down the Ray it started
 
 
+@pytest.mark.slow
+def test_an_interrupted_fleet_resumes_without_relearning_under_per_mapper_budgets(
+        rom_dir: Path, digit_tasks: dict[str, Path], feature_cache: Path, tmp_path: Path) -> None:
+    cfg = fleet_config(rom_dir, digit_tasks, tmp_path / "fleet", feature_cache, anchor_budgets={"gmmc": "20KB"})
+    first = run_fleet(cfg)
+    check_fleet(first, {})
+    for t in first.tasks:  # the GMMC packet (head + GMMC) fits its cap; the lab packet carries both anchors
+        sizes = first.comm_bytes_per_task[t]
+        assert sizes["gmmc"] <= 20_000 < sizes["as_sent"] and sizes["maha"] < sizes["as_sent"]
+        assert first.learn[t]["packet_plan"] != "fp32"
+    homes = tmp_path / "fleet" / "devices"
+    # the run is interrupted: agent-1 never got to write its report (the others finished)
+    (homes / "agent-1" / "report.json").unlink()
+    with pytest.raises(FleetConfigError, match="resume=True"):
+        run_fleet(cfg)
+    again = run_fleet(dataclasses.replace(cfg, resume=True))
+    check_fleet(again, {"agent-1": "interrupted"})
+    assert again.fleet == first.fleet  # the same fleet name, so the packets in the transport count
+    boots = {d: json.loads((homes / d / "fleet" / "boots.json").read_text())["boots"] for d in again.agents}
+    assert boots == {"agent-0": 1, "agent-1": 2, "agent-2": 1}  # finished devices were not run again
+    rep = json.loads((homes / "agent-1" / "report.json").read_text())
+    assert rep["recovered"] == ["digits-b"] and rep["learned"] == []  # its task came back from its bank
+    assert again.bank_digests == first.bank_digests and again.learn == first.learn
+    assert again.per_task_accuracy == first.per_task_accuracy
+
+
 # ---------------------------------------------------------------------------- configuration and inputs
 
 
