@@ -105,6 +105,13 @@ class RomManifest:
                 return s
         return None
 
+    def bb_splits(self) -> dict[int, tuple[int, str]]:
+        """Every BB split point a device can rerun -> (bias values, layout hash): the tail split through
+        ``tail.onnx``, every earlier stage through ``full.onnx`` with the biases before it zero."""
+        if "full" not in self.graphs:
+            return {self.tail_split: (self.tail_bias_total, self.tail_layout_hash())}
+        return {s: (self.bias_suffix_total(s), self.bias_layout_hash(s)) for s in range(self.tail_split + 1)}
+
     def bias_layout_hash(self, split: int) -> str:
         """Identifies the layout of the biases learned from stage ``split`` on (32 hex digits); for the
         tail split it equals ``tail_layout_hash()``."""

@@ -63,7 +63,7 @@ class BBRecipe:
     epochs: int = 8
     batch_size: int = 64
     patience: int | None = None
-    min_val_gain: float = 0.0  # BB is kept only when it beats the plain head on validation by more than this
+    min_val_gain: float | None = 0.0  # BB kept only when it beats the plain head on validation by more (None: always)
 
     def to_dict(self) -> dict:
         return {"optimizer": self.optimizer, "lr": self.lr, "lr_head": self.lr_head, "epochs": self.epochs,
@@ -72,6 +72,11 @@ class BBRecipe:
 
 #: The recipe the device used before issue 16: tail only, Adam 1e-2 / 1e-3, 8 epochs.
 TAIL_RECIPE_V1 = BBRecipe()
+#: The device's recipe, chosen on validation splits (benchmarks/results/bb_gain.json).
+DEFAULT_BB_RECIPE = BBRecipe("adam", 1e-2, 1e-3, epochs=5, batch_size=32, patience=2, min_val_gain=0.01)
+#: Split points ``learn --bb`` tries by default (``--bb-split auto``): the tail and stage 5 (Lite0: the
+#: 80-channel blocks on, 16,912 of 21,008 biases); the one best on validation is kept.
+DEFAULT_BB_SPLITS: tuple[str | int, ...] = ("tail", 5)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class BBFit:
     split: int = -1  # first stage whose biases were learned
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # validation accuracy per epoch
+    tried: dict[int, float] = field(default_factory=dict)  # split -> validation accuracy, when several were tried
 
     @property
     def kept(self) -> bool:
@@ -212,7 +218,8 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
         return correct / len(idx)
 
     base = evaluate(held, use_bb=False)
-    best = (base, bb.detach().clone(), w.detach().clone(), b.detach().clone(), 0)
+    plain_state = (base, torch.zeros_like(bb), w.detach().clone(), b.detach().clone(), 0)
+    best_bb = None  # the best epoch >= 1
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, math.ceil(len(keep) / r.batch_size))
     history, since_best, ran = [], 0, 0
@@ -240,15 +247,19 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
         if progress:
             progress(epoch, r.epochs, acc)
         log.info("BB split %d epoch %d loss %.4f val acc %.4f", split_used, epoch, total / len(keep), acc)
-        if acc > best[0] + 1e-9:
-            best = (acc, bb.detach().clone(), w.detach().clone(), b.detach().clone(), epoch)
-            since_best = 0
-        else:
-            since_best += 1
-            if r.patience is not None and since_best >= r.patience:
-                break
-    if best[4] > 0 and best[0] <= base + r.min_val_gain:
-        best = (base, bb.detach().clone().zero_(), torch.tensor(start.weight), torch.tensor(start.bias), 0)
+        if best_bb is None or acc > best_bb[0] + 1e-9:
+            improved = acc > max(base, best_bb[0] if best_bb else -1.0) + 1e-9
+            best_bb = (acc, bb.detach().clone(), w.detach().clone(), b.detach().clone(), epoch)
+            if improved:
+                since_best = 0
+                continue
+        since_best += 1
+        if r.patience is not None and since_best >= r.patience:
+            break
+    # the safety rule: BB is kept only when it beats the plain head on validation by more than the margin
+    # (``min_val_gain=None`` keeps the best epoch regardless: for tests and experiments)
+    keep_bb = best_bb is not None and (r.min_val_gain is None or best_bb[0] > base + r.min_val_gain + 1e-9)
+    best = best_bb if keep_bb else plain_state
     acc, bb_best, w_best, b_best, ep = best
     fitted = HeadFit(w_best.numpy().astype(np.float32), b_best.numpy().astype(np.float32), acc, wd,
                      {"bb_best_epoch": ep})

@@ -149,7 +149,11 @@ def learn_command(
                                        "there is no display or OpenCV has no GUI (opencv-python-headless)."),
     append: bool = typer.Option(False, "--append", help="Add the new frames to an earlier capture of this task."),
     replace: bool = typer.Option(False, "--replace", help="Delete an earlier capture of this task first."),
-    bb: bool = typer.Option(False, "--bb", help="Also learn beneficial biases for the ROM tail."),
+    bb: bool = typer.Option(False, "--bb", help="Also learn beneficial biases (kept only if they beat the plain "
+                                                "head on validation)."),
+    bb_split: str = typer.Option("auto", "--bb-split",
+                                 help="Where BB starts: auto (tries the tail and stage 5, keeps the best on "
+                                      "validation), tail, full (the whole network) or a stage index."),
     mapper: str = typer.Option("both", "--mapper", help="Task anchor(s) to fit: gmmc, mahalanobis or both."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Packet byte budget, e.g. 64KB (default: lossless)."),
     k: int = typer.Option(25, "--k", help="GMMC components."),
@@ -213,8 +217,9 @@ def learn_command(
                         previous="append" if append else "replace" if replace else None)
     try:
         with StageProgress("learn") as prog:
-            report = dev.learn(task, data, bb=bb, mappers=kinds, transform=anchor_space, k=k, m=exemplars, seed=seed,
-                               progress=prog.update, key=load_device_key(dev.home), budget=budget_bytes)
+            report = dev.learn(task, data, bb=bb, bb_split=bb_split, mappers=kinds, transform=anchor_space, k=k,
+                               m=exemplars, seed=seed, progress=prog.update, key=load_device_key(dev.home),
+                               budget=budget_bytes)
     except (DatasetError, LearnError) as exc:
         console.print(f"[red]cannot learn {task!r}:[/red] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -237,6 +242,10 @@ def learn_command(
         "skipped_images": len(report.skipped), "head_val_acc": round(report.head_val_acc, 4),
         "test_acc": None if report.test_acc != report.test_acc else round(report.test_acc, 4),
         "bb": knowledge.bb is not None, "bb_test_acc": report.bb_test_acc,
+        **({"bb_val_acc": round(float(report.bb_val_acc), 4),
+            "bb_val_acc_without": round(float(knowledge.meta.metrics.get("bb_val_acc_without", float("nan"))), 4),
+            "bb_split": int(knowledge.meta.bb_split) if knowledge.bb is not None else None,
+            "bb_biases": int(knowledge.bb.size) if knowledge.bb is not None else 0} if bb else {}),
         "anchors": [a for a in ("gmmc", "maha") if getattr(knowledge, a) is not None],
         "packet": str(pkt_path), "packet_bytes": len(packet), "packet_plan": plan.step,
         "backend": dev.engine.backend,
@@ -246,6 +255,14 @@ def learn_command(
         out.print_json(json.dumps(summary))
         return
     print_record(f"learned {task!r}", summary)
+    if bb:
+        without = knowledge.meta.metrics.get("bb_val_acc_without", float("nan"))
+        if knowledge.bb is not None:
+            console.print(f"BB kept: validation accuracy {report.bb_val_acc:.4f} with biases, {without:.4f} without "
+                          f"({knowledge.bb.size} biases from stage {knowledge.meta.bb_split})")
+        else:
+            console.print(f"BB not kept: validation accuracy {report.bb_val_acc:.4f} with biases did not beat "
+                          f"{without:.4f} without; the plain head ships")
     for path, why in report.skipped[:10]:
         say_error("skipped", why, style="yellow")
     if len(report.skipped) > 10:

@@ -27,7 +27,7 @@ from .feature_cache import FeatureCache
 from .knowledge import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
 from .learn import head_accuracy, train_head
 from .mapper import TaskMapper, build_mapper
-from .preprocess import ImageInput
+from .preprocess import ImageInput, iter_batches
 from .rom_engine import Extraction, RomEngine
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class FeatureBatch:
     features: np.ndarray
     trunk_acts: np.ndarray | None
     trunk_stats: np.ndarray | None = None
+    images: np.ndarray | None = None  # preprocessed images, kept only when a stored task reruns the whole graph
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -164,7 +165,8 @@ class Device:
     # ------------------------------------------------------------------ learn (teacher)
     def learn(self, task: str, data: str | Path | ImageFolderTask, *, bb: bool = False,
               mappers: Sequence[str] = ("gmmc", "maha"), transform: str = DEFAULT_TRANSFORM, k: int = 25, m: int = 5,
-              seed: int = 0, bb_epochs: int = 8, store: bool = True, key=None, budget: int | None = None,
+              seed: int = 0, bb_epochs: int | None = None, bb_split: str | int = "auto", store: bool = True,
+              key=None, budget: int | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
         """Learn a task from an ImageFolder directory and (by default) store it in the bank as this
         device's own task, together with its signed packet.
@@ -176,6 +178,7 @@ class Device:
         _check_task_name(task)
         if bb:
             _require_bb()  # before any image is read: this install may lack the [bb] extra
+            self.bb_split_points(bb_split)  # a bad --bb-split fails before any work, too
         ds = data if isinstance(data, ImageFolderTask) else load_image_folder(data, seed=seed)
         t0 = time.perf_counter()
         done = [0]
@@ -197,7 +200,8 @@ class Device:
                              f"of only {len(present)} class; a task needs at least 2")
         t_extract = time.perf_counter() - t0
         knowledge, metrics = self.learn_features(task, ds.classes, ex.features, y, trunk_stats=ex.trunk_stats,
-                                                 trunk_acts=ex.trunk_acts, bb=bb,
+                                                 trunk_acts=ex.trunk_acts, bb=bb, bb_split=bb_split,
+                                                 images=[ds.train.paths[i] for i in ex.index],
                                                  mappers=mappers, transform=transform, k=k, m=m, seed=seed,
                                                  bb_epochs=bb_epochs, source=f"learned:{Path(ds.root).resolve()}",
                                                  progress=progress)
@@ -210,7 +214,7 @@ class Device:
             skipped += [(str(ds.test.paths[i]), why) for i, why in tex.failed]
             ty = np.asarray(ds.test.labels)[tex.index]
             if bb and knowledge.bb is not None:
-                feats = self.engine.tail(tex.trunk_acts, knowledge.bb)
+                feats = self.bb_features(knowledge, tex.trunk_acts, [ds.test.paths[i] for i in tex.index])
                 bb_test = head_accuracy(knowledge.head_weight, knowledge.head_bias, feats, ty)
                 plain_head = metrics["plain_head"]
                 test_acc = head_accuracy(plain_head.weight, plain_head.bias, tex.features, ty)
@@ -244,13 +248,17 @@ class Device:
     def learn_features(self, task: str, classes: Sequence[str], features: np.ndarray, labels: np.ndarray, *,
                        trunk_stats: np.ndarray | None = None, trunk_acts: np.ndarray | None = None,
                        bb: bool = False, mappers: Sequence[str] = ("gmmc", "maha"),
-                       transform: str = DEFAULT_TRANSFORM, k: int = 25, m: int = 5, seed: int = 0, bb_epochs: int = 8,
-                       source: str = "",
+                       transform: str = DEFAULT_TRANSFORM, k: int = 25, m: int = 5, seed: int = 0,
+                       bb_epochs: int | None = None, bb_split: str | int = "auto",
+                       images: Sequence[ImageInput] | None = None, source: str = "",
                        progress: Callable[[str, int, int], None] | None = None) -> tuple[TaskKnowledge, dict]:
         """Fit head (+BB) and anchors from features already extracted with this ROM.
 
         ``trunk_stats`` (``Extraction.trunk_stats``) are what the default anchor transform adds
-        to the features; features alone need ``transform="sqrt_l2"``."""
+        to the features; features alone need ``transform="sqrt_l2"``.  With ``bb``, ``bb_split`` is
+        ``"auto"`` (each split of ``bb_train.DEFAULT_BB_SPLITS`` is trained, the best on validation
+        kept), ``"tail"``, ``"full"`` (the whole network) or a stage index; splits before the tail need
+        ``images`` (the training images, one per feature row) to cache their activations."""
         _check_task_name(task)
         if np.ndim(features) != 2 or np.shape(features)[1] != self.engine.feature_dim:
             raise LearnError(f"features of shape {np.shape(features)} do not fit this device's ROM, whose features "
@@ -269,20 +277,20 @@ class Device:
             progress("train head", 0, 1)
         head = train_head(features, labels, len(classes), seed=seed)
         metrics: dict = {"head_val_acc": head.val_accuracy, "plain_head": head}
-        bb_vec, bb_hash = None, ""
+        bb_vec, bb_hash, bb_at = None, "", -1
         if bb:
             _require_bb()
-            if trunk_acts is None:
-                raise LearnError("BB training needs trunk activations (extract with keep_trunk=True)")
-            from .bb_train import train_bb
-
-            fit = train_bb(self.engine.rom_dir, trunk_acts, labels, len(classes), head, epochs=bb_epochs, seed=seed,
-                           progress=(lambda e, n, a: progress("train BB", e, n)) if progress else None)
-            metrics["bb_val_acc"] = fit.val_accuracy
+            fit = self._train_bb(bb_split, features, labels, len(classes), head, trunk_acts=trunk_acts,
+                                 images=images, epochs=bb_epochs, seed=seed, progress=progress)
+            # kept: the kept fit's validation accuracy; not kept: the best any split reached (the plain head ships)
+            metrics["bb_val_acc"] = fit.val_accuracy if fit.kept else max(fit.tried.values(), default=fit.val_accuracy)
             metrics["bb_val_acc_without"] = fit.val_accuracy_without_bb
-            if fit.head.history.get("bb_best_epoch", 0) > 0:
-                head, bb_vec = fit.head, fit.bb
-                bb_hash = self.engine.manifest.tail_layout_hash()
+            metrics["bb_kept"] = fit.kept
+            metrics["bb_split"] = fit.split
+            metrics["bb_tried"] = fit.tried
+            if fit.kept:
+                head, bb_vec, bb_at = fit.head, fit.bb, fit.split
+                bb_hash = self.engine.manifest.bias_layout_hash(fit.split)
             else:
                 log.info("BB did not beat the plain head on validation for %s; shipping without BB", task)
         if progress:
@@ -291,16 +299,104 @@ class Device:
                                    m=m, seed=seed)
         prev = self._previous_seq(task)
         meta = TaskMeta(agent_id=self.agent_id, seq=prev + 1, rom_fingerprint=self.fingerprint,
-                        bb_layout_hash=bb_hash, feature_transform=anchors.feature_transform,
+                        bb_layout_hash=bb_hash, bb_split=bb_at, feature_transform=anchors.feature_transform,
                         n_train=int(len(labels)), source=source,
                         metrics={"head_val_acc": float(head.val_accuracy), "weight_decay": float(head.weight_decay),
                                  "head_train_gmacs": metrics["plain_head"].train_macs / 1e9,
                                  **({"bb_val_acc": float(metrics["bb_val_acc"]),
-                                     "bb_val_acc_without": float(metrics["bb_val_acc_without"])} if bb else {})})
+                                     "bb_val_acc_without": float(metrics["bb_val_acc_without"]),
+                                     "bb_best_split": float(metrics["bb_split"])} if bb else {})})
         knowledge = TaskKnowledge(task=task, labels=[str(c) for c in classes], head_weight=head.weight,
                                   head_bias=head.bias, meta=meta, bb=bb_vec, gmmc=anchors.gmmc, maha=anchors.maha,
                                   thresholds=dict(anchors.thresholds)).validate()
         return knowledge, metrics
+
+    # ------------------------------------------------------------------ beneficial biases
+    def bb_split_points(self, spec: str | int) -> list[int]:
+        """The split points ``learn --bb-split`` names: ``auto`` (``bb_train.DEFAULT_BB_SPLITS``),
+        ``tail``, ``full`` (stage 0, the whole network) or a stage index this ROM can rerun."""
+        from .bb_train import DEFAULT_BB_SPLITS
+
+        man = self.engine.manifest
+        valid = man.bb_splits()
+
+        def one(x: str | int) -> int:
+            if x == "tail":
+                return man.tail_split
+            if x == "full":
+                return 0
+            try:
+                s = int(x)
+            except (TypeError, ValueError):
+                s = -1
+            if s not in valid:
+                raise LearnError(f"BB split {x!r} is not one this ROM can rerun: give auto, tail, full or a stage "
+                                 f"index in {min(valid)}..{max(valid)} (tail = {man.tail_split})")
+            return s
+
+        if spec == "auto":
+            return list(dict.fromkeys(one(x) for x in DEFAULT_BB_SPLITS if x in ("tail", "full") or int(x) in valid))
+        return [one(spec)]
+
+    def _train_bb(self, spec: str | int, features: np.ndarray, labels: np.ndarray, num_classes: int, head, *,
+                  trunk_acts: np.ndarray | None, images: Sequence[ImageInput] | None, epochs: int | None, seed: int,
+                  progress: Callable[[str, int, int], None] | None):
+        """Train BB from each split point of ``spec``; the fit with the best validation accuracy among those
+        that beat the plain head (on a tie, the later, cheaper split), else the last fit (not kept)."""
+        from .bb_train import DEFAULT_BB_RECIPE, prefix_activations, train_bb
+
+        man = self.engine.manifest
+        fits = []
+        for split in self.bb_split_points(spec):
+            if split == man.tail_split:
+                if trunk_acts is None:
+                    raise LearnError("BB training needs trunk activations (extract with keep_trunk=True)")
+                acts = trunk_acts
+            else:
+                if images is None or len(images) != len(labels):
+                    raise LearnError(f"BB from split point {split} needs the training images (one per feature row) "
+                                     "to cache its activations")
+                if progress:
+                    progress(f"cache activations at stage {split}", 0, 1)
+                batches = (b.x for b in iter_batches(list(images), self.engine.preprocessing, 32, workers=1)
+                           if len(b.index))
+                acts = prefix_activations(self.engine.rom_dir, batches, [split])[split]
+                if len(acts) != len(labels):
+                    raise LearnError("an image that decoded for the features failed for the BB cache")
+            fits.append(train_bb(self.engine.rom_dir, acts, labels, num_classes, head, split=split,
+                                 recipe=DEFAULT_BB_RECIPE, epochs=epochs, seed=seed, plain_features=features,
+                                 progress=(lambda e, n, a, s=split: progress(f"train BB from stage {s}", e, n))
+                                 if progress else None))
+            log.info("BB from stage %d: val %.4f (plain %.4f), kept=%s, %.1f s", split, fits[-1].val_accuracy,
+                     fits[-1].val_accuracy_without_bb, fits[-1].kept, fits[-1].seconds)
+        kept = [f for f in fits if f.kept]
+        best = max(kept, key=lambda f: (f.val_accuracy, f.split)) if kept else fits[-1]
+        best.tried = {int(f.split): float(max(f.history, default=f.val_accuracy)) for f in fits}
+        return best
+
+    def bb_features(self, k: TaskKnowledge, trunk_acts: np.ndarray | None,
+                    images: Sequence[ImageInput] | np.ndarray | None) -> np.ndarray:
+        """Features of ``k``'s BB pass: the tail rerun on trunk activations, or for a task split before the
+        tail, the whole graph on the images (preprocessed ``[N,3,H,W]`` or paths) with its biases bound."""
+        if not self._reruns_full(k):
+            if trunk_acts is None:
+                raise LearnError(f"task {k.task!r} uses BB but no trunk activations were kept")
+            return self.engine.tail(trunk_acts, k.bb)
+        if images is None:
+            raise LearnError(f"task {k.task!r} reruns the whole network with its biases (split point "
+                             f"{k.meta.bb_split}) but the images were not kept")
+        if isinstance(images, np.ndarray):
+            return self.engine.full(images, k.bb)
+        out = []
+        for b in iter_batches(list(images), self.engine.preprocessing, 16, workers=1):
+            if len(b.failed):
+                raise LearnError(f"an image failed to decode for the BB pass: {b.failed[0][1]}")
+            out.append(self.engine.full(b.x, k.bb))
+        return np.concatenate(out) if out else np.zeros((0, self.engine.feature_dim), np.float32)
+
+    def _reruns_full(self, k: TaskKnowledge) -> bool:
+        """Whether ``k``'s biases start before the ROM tail (its BB pass is the full graph)."""
+        return k.bb is not None and 0 <= int(k.meta.bb_split) != self.engine.manifest.tail_split
 
     def _bank_transform(self, besides: str) -> str | None:
         """The anchor space of the bank's tasks other than this device's own ``besides`` (one record
@@ -351,9 +447,11 @@ class Device:
             return False
         return True
 
-    def featurize(self, images: Sequence[ImageInput]) -> tuple[FeatureBatch, list[tuple[int, str]], np.ndarray]:
-        ex = self.engine.extract(images, keep_trunk=True)
-        return FeatureBatch(ex.features, ex.trunk_acts, ex.trunk_stats), ex.failed, ex.index
+    def featurize(self, images: Sequence[ImageInput], *,
+                  keep_images: bool = False) -> tuple[FeatureBatch, list[tuple[int, str]], np.ndarray]:
+        """``keep_images`` keeps the preprocessed images too, for tasks whose BB reruns the whole graph."""
+        ex = self.engine.extract(images, keep_trunk=True, keep_images=keep_images)
+        return FeatureBatch(ex.features, ex.trunk_acts, ex.trunk_stats, ex.images), ex.failed, ex.index
 
     def classify_features(self, batch: FeatureBatch, *, mapper: str = "gmmc",
                           open_set: bool = True) -> dict[str, np.ndarray | list[str]]:
@@ -367,10 +465,9 @@ class Device:
             rows = np.flatnonzero(res.task_index == t)
             k = tasks[t]
             feats = batch.features[rows]
-            if k.bb is not None:
-                if batch.trunk_acts is None:
-                    raise LearnError("task uses BB but no trunk activations were kept")
-                feats = self.engine.tail(batch.trunk_acts[rows], k.bb)  # one tail pass per task
+            if k.bb is not None:  # one BB pass per task: the tail, or the whole graph from the image
+                feats = self.bb_features(k, None if batch.trunk_acts is None else batch.trunk_acts[rows],
+                                         None if batch.images is None else batch.images[rows])
             p = _softmax(feats @ k.head_weight.T + k.head_bias)
             cls[rows] = p.argmax(1)
             cls_conf[rows] = p.max(1)
@@ -386,7 +483,11 @@ class Device:
         items = list(images)
         names = list(names) if names is not None else [str(x) if isinstance(x, (str, Path)) else f"#{i}"
                                                          for i, x in enumerate(items)]
-        batch, failed, index = self.featurize(items)
+        try:
+            keep_images = any(self._reruns_full(k) for k in self.mapper(mapper)[1])
+        except LearnError:
+            keep_images = False  # no task to map to: classify_features says so below
+        batch, failed, index = self.featurize(items, keep_images=keep_images)
         out: list[Prediction | None] = [None] * len(items)
         for i, why in failed:
             out[i] = Prediction(names[i], None, None, 0.0, 0.0, error=why)

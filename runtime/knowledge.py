@@ -100,6 +100,8 @@ class _ManifestLike(Protocol):
 
     def tail_layout_hash(self) -> str: ...
 
+    def bb_splits(self) -> dict[int, tuple[int, str]]: ...
+
 
 @dataclass(frozen=True)
 class RomShape:
@@ -115,12 +117,27 @@ class RomShape:
     trunk_channels: int  # C of the trunk's [N, C, h, w] map: trunk transforms append 2C statistics
     tail_bias_total: int  # length of a BB vector for the tail
     tail_layout_hash: str = ""  # what ``meta.bb_layout_hash`` must say for BB tasks ("" = not checked)
+    #: BB split point -> (bias values, layout hash) for every split this ROM can rerun (issue 16);
+    #: empty: only the tail (``tail_bias_total`` / ``tail_layout_hash``)
+    bb_splits: tuple[tuple[int, int, str], ...] = ()
 
     @classmethod
     def from_manifest(cls, manifest: _ManifestLike) -> "RomShape":
         """The shape of a ROM (``export.manifest.RomManifest``, e.g. ``RomEngine.manifest``)."""
+        splits = getattr(manifest, "bb_splits", None)
         return cls(str(manifest.fingerprint), int(manifest.feature_dim), int(manifest.trunk_output_shape[1]),
-                   int(manifest.tail_bias_total), manifest.tail_layout_hash())
+                   int(manifest.tail_bias_total), manifest.tail_layout_hash(),
+                   tuple((int(s), int(n), str(h)) for s, (n, h) in sorted(splits().items())) if splits else ())
+
+    def bb_slot(self, split: int) -> tuple[int, str] | None:
+        """(bias values, layout hash) of a BB split point (-1: the tail, as before issue 16), None if this
+        ROM has no such split."""
+        if split < 0:
+            return self.tail_bias_total, self.tail_layout_hash
+        for s, n, h in self.bb_splits:
+            if s == split:
+                return n, h
+        return None
 
     def anchor_dim(self, transform: str) -> int:
         """Width of the anchors of ``transform`` on this ROM: the features, plus 2C trunk statistics."""
@@ -186,6 +203,9 @@ class TaskMeta:
     created: float = field(default_factory=time.time)
     rom_fingerprint: str = ""
     bb_layout_hash: str = ""  # sha256 of the tail bias layout the bb vector is for ("" when no BB)
+    #: first ROM stage whose biases ``bb`` holds (issue 16): the tail split, an earlier stage, 0 for the
+    #: whole network; -1: no BB, or a record from before split points (then ``bb`` is the tail's)
+    bb_split: int = -1
     feature_transform: str = "raw"  # the space the anchors live in, see runtime.features.transform_features
     n_train: int = 0
     source: str = ""  # where it came from: "learned:<dir>", "packet:<sha256>", ...
@@ -263,6 +283,8 @@ class TaskKnowledge:
             raise KnowledgeError(f"task {self.task!r}: the head reads {d} features")
         if self.bb is not None and (self.bb.ndim != 1 or self.bb.size == 0):
             raise KnowledgeError(f"beneficial biases must be a non-empty vector, got shape {self.bb.shape}")
+        if self.bb is None and int(self.meta.bb_split) != -1:
+            raise KnowledgeError(f"meta.bb_split is {self.meta.bb_split} but the task carries no beneficial biases")
         a = self._check_anchor_dim(d)  # the anchors' width: d, or d + 2C for trunk transforms
         if self.gmmc is not None:
             g = self.gmmc
@@ -334,13 +356,20 @@ class TaskKnowledge:
             raise KnowledgeError(f"task {self.task!r}: its {self.meta.feature_transform!r} anchors are "
                                  f"{self.anchor_dim} wide, on this device's ROM they are {want} wide")
         if self.bb is not None:
-            if self.bb.shape != (rom.tail_bias_total,):
+            split = int(self.meta.bb_split)
+            slot = rom.bb_slot(split)
+            where = "tail" if split < 0 else f"stages from split point {split}"
+            if slot is None:
+                raise KnowledgeError(f"task {self.task!r}: its beneficial biases start at stage {split}, which "
+                                     f"this device's ROM has no split point for")
+            total, layout_hash = slot
+            if self.bb.shape != (total,):
                 raise KnowledgeError(f"task {self.task!r}: it carries {self.bb.size} beneficial biases, this "
-                                     f"device's ROM tail has {rom.tail_bias_total} bias slots")
-            if rom.tail_layout_hash and self.meta.bb_layout_hash != rom.tail_layout_hash:
-                raise KnowledgeError(f"task {self.task!r}: its beneficial biases are for tail layout "
-                                     f"{self.meta.bb_layout_hash[:16]}..., this device's ROM has "
-                                     f"{rom.tail_layout_hash[:16]}...")
+                                     f"device's ROM {where} has {total} bias slots")
+            if layout_hash and self.meta.bb_layout_hash != layout_hash:
+                raise KnowledgeError(f"task {self.task!r}: its beneficial biases are for layout "
+                                     f"{self.meta.bb_layout_hash[:16]}..., this device's ROM {where} has "
+                                     f"{layout_hash[:16]}...")
         return self
 
     # ------------------------------------------------------------------ (de)serialisation

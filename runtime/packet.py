@@ -302,6 +302,7 @@ _META_TYPES: dict[str, Any] = {  # TaskMeta field -> check
     "created": lambda v: bounded_number(v, *CREATED_RANGE),
     "rom_fingerprint": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
     "bb_layout_hash": lambda v: isinstance(v, str) and (v == "" or bool(_LAYOUT_HASH.match(v))),
+    "bb_split": lambda v: _is_int(v) and -1 <= v <= 4096,
     "feature_transform": lambda v: v in FEATURE_TRANSFORMS,
     "n_train": lambda v: _is_int(v) and 0 <= v <= MAX_COUNT,
     "source": lambda v: isinstance(v, str) and len(v) <= 4096,
@@ -314,11 +315,14 @@ _META_HINT = {
     "created": f"a unix time within [{CREATED_RANGE[0]:.0f}, {CREATED_RANGE[1]:.0f}]",
     "rom_fingerprint": "the 64-hex-digit sha256 fingerprint of the sender's ROM",
     "bb_layout_hash": "'' or the 32 (or 64) hex digits of the ROM's tail layout hash",
+    "bb_split": "an integer within [-1, 4096]: the first ROM stage the biases are for, -1 without BB",
     "feature_transform": f"one of {', '.join(FEATURE_TRANSFORMS)}",
     "n_train": f"an integer within [0, {MAX_COUNT}]",
     "metrics": f"an object of printable names to finite numbers within +-{MAX_ABS_SCORE:g}",
 }
 assert set(_META_TYPES) == set(TaskMeta.__dataclass_fields__), "keep _META_TYPES in step with TaskMeta"
+#: Fields a packet may leave out: those added after packets were first sent (their default applies).
+_META_OPTIONAL = {"bb_split"}
 
 
 def check_metadata(md: Any) -> EncodingPlan:
@@ -347,12 +351,14 @@ def check_metadata(md: Any) -> EncodingPlan:
     meta = md["meta"]
     if not isinstance(meta, dict):
         raise PacketError("metadata 'meta' must be a JSON object", "bad-metadata")
-    missing = set(_META_TYPES) - set(meta)
+    missing = set(_META_TYPES) - set(meta) - _META_OPTIONAL
     extra = set(meta) - set(_META_TYPES)
     if missing or extra:
         raise PacketError(f"metadata 'meta' is missing {sorted(missing)} / has unknown {sorted(extra)}",
                           "bad-metadata")
     for key, ok in _META_TYPES.items():
+        if key in _META_OPTIONAL and key not in meta:
+            continue
         if not ok(meta[key]):
             hint = _META_HINT.get(key, "see docs/PACKET.md")
             raise PacketError(f"metadata meta.{key} = {ascii(_preview(meta[key]))} is invalid: must be {hint}",

@@ -84,6 +84,7 @@ class Extraction:
     trunk_acts: np.ndarray | None = None  # [M, C, h, w] when asked for (BB training)
     seconds: float = 0.0
     trunk_stats: np.ndarray | None = None  # [M, 2C] per-channel mean | std of the trunk map (see trunk_stats)
+    images: np.ndarray | None = None  # [M, 3, H, W] preprocessed, when asked for (whole-network BB reruns)
 
     @property
     def images_per_second(self) -> float:
@@ -455,14 +456,14 @@ class RomEngine:
 
     def extract(self, images: Sequence[ImageInput] | Iterable[ImageInput], *, batch_size: int = 16,
                 keep_trunk: bool = False, workers: int | None = None, decode_nice: int | None = None,
-                progress: Callable[[int], None] | None = None) -> Extraction:
+                progress: Callable[[int], None] | None = None, keep_images: bool = False) -> Extraction:
         """Decode (in parallel) and run every image; corrupt ones are skipped and listed.
 
         ``workers`` / ``decode_nice`` override ``decode_plan()``."""
         plan_workers, plan_nice = self.decode_plan()
         workers = plan_workers if workers is None else int(workers)
         nice = plan_nice if decode_nice is None else int(decode_nice)
-        feats, stats, index, failed, acts = [], [], [], [], []
+        feats, stats, index, failed, acts, xs = [], [], [], [], [], []
         t0 = time.perf_counter()
         for batch in iter_batches(images, self.preprocessing, batch_size, workers=workers, nice=nice):
             failed.extend(batch.failed)
@@ -473,6 +474,8 @@ class RomEngine:
                 index.append(batch.index)
                 if keep_trunk:
                     acts.append(a)
+                if keep_images:
+                    xs.append(batch.x)
             if progress:
                 progress(len(batch.index) + len(batch.failed))
         d = self.manifest.feature_dim
@@ -483,4 +486,5 @@ class RomEngine:
             trunk_acts=(np.concatenate(acts) if acts else None) if keep_trunk else None,
             seconds=time.perf_counter() - t0,
             trunk_stats=np.concatenate(stats) if stats else np.zeros((0, self.trunk_stats_dim), np.float32),
+            images=(np.concatenate(xs) if xs else None) if keep_images else None,
         )
