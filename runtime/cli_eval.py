@@ -141,13 +141,13 @@ def evaluate_folder(dev, data: Path, *, task: str | None, split: str, mapper: st
     for start in range(0, len(paths), CLASSIFY_CHUNK):
         progress.update(stage, start, len(paths))
         chunk = paths[start:start + CLASSIFY_CHUNK]
-        batch, failed, index = dev.featurize(chunk)
+        batch, failed, index = dev.featurize(chunk, keep_images=dev.reruns_full_graph(mapper, k))
         res.unreadable += [(str(chunk[i]), why) for i, why in failed]
         if not len(index):
             continue
         r = dev.classify_features(batch, mapper=mapper, open_set=open_set)
         y = truth[start + np.asarray(index)]
-        feats = batch.features if k.bb is None else dev.engine.tail(batch.trunk_acts, k.bb)
+        feats = batch.features if k.bb is None else dev.bb_features(k, batch.trunk_acts, batch.images)
         oracle = (feats @ k.head_weight.T + k.head_bias).argmax(1)
         res.oracle_correct += int((oracle == y).sum())
         agents = r.get("task_agents")  # a task is its name and its origin agent (runtime.identity)

@@ -338,6 +338,17 @@ class Device:
             return list(dict.fromkeys(one(x) for x in DEFAULT_BB_SPLITS if x in ("tail", "full") or int(x) in valid))
         return [one(spec)]
 
+    def _bb_splits_for(self, spec: str | int, have_images: bool) -> list[int]:
+        """``bb_split_points``; without the training images ``auto`` keeps to the tail (whose inputs, the
+        trunk activations, come with the features), while a named earlier split is an error."""
+        splits = self.bb_split_points(spec)
+        if spec == "auto" and not have_images:
+            tail = self.engine.manifest.tail_split
+            if any(s != tail for s in splits):
+                log.info("BB split auto without the training images: the tail only")
+            return [tail]
+        return splits
+
     def _train_bb(self, spec: str | int, features: np.ndarray, labels: np.ndarray, num_classes: int, head, *,
                   trunk_acts: np.ndarray | None, images: Sequence[ImageInput] | None, epochs: int | None, seed: int,
                   progress: Callable[[str, int, int], None] | None):
@@ -347,7 +358,7 @@ class Device:
 
         man = self.engine.manifest
         fits = []
-        for split in self.bb_split_points(spec):
+        for split in self._bb_splits_for(spec, images is not None):
             if split == man.tail_split:
                 if trunk_acts is None:
                     raise LearnError("BB training needs trunk activations (extract with keep_trunk=True)")
@@ -393,6 +404,15 @@ class Device:
                 raise LearnError(f"an image failed to decode for the BB pass: {b.failed[0][1]}")
             out.append(self.engine.full(b.x, k.bb))
         return np.concatenate(out) if out else np.zeros((0, self.engine.feature_dim), np.float32)
+
+    def reruns_full_graph(self, mapper: str, *also: TaskKnowledge) -> bool:
+        """Whether classifying with this bank (and ``also``) may rerun the whole graph, so that
+        ``featurize`` must keep the preprocessed images."""
+        try:
+            tasks = [*self.mapper(mapper)[1], *also]
+        except LearnError:
+            tasks = list(also)  # no task to map to: classify_features says so
+        return any(self._reruns_full(k) for k in tasks)
 
     def _reruns_full(self, k: TaskKnowledge) -> bool:
         """Whether ``k``'s biases start before the ROM tail (its BB pass is the full graph)."""
@@ -483,11 +503,7 @@ class Device:
         items = list(images)
         names = list(names) if names is not None else [str(x) if isinstance(x, (str, Path)) else f"#{i}"
                                                          for i, x in enumerate(items)]
-        try:
-            keep_images = any(self._reruns_full(k) for k in self.mapper(mapper)[1])
-        except LearnError:
-            keep_images = False  # no task to map to: classify_features says so below
-        batch, failed, index = self.featurize(items, keep_images=keep_images)
+        batch, failed, index = self.featurize(items, keep_images=self.reruns_full_graph(mapper))
         out: list[Prediction | None] = [None] * len(items)
         for i, why in failed:
             out[i] = Prediction(names[i], None, None, 0.0, 0.0, error=why)

@@ -367,8 +367,8 @@ class TaskKnowledge:
                 raise KnowledgeError(f"task {self.task!r}: it carries {self.bb.size} beneficial biases, this "
                                      f"device's ROM {where} has {total} bias slots")
             if layout_hash and self.meta.bb_layout_hash != layout_hash:
-                raise KnowledgeError(f"task {self.task!r}: its beneficial biases are for layout "
-                                     f"{self.meta.bb_layout_hash[:16]}..., this device's ROM {where} has "
+                raise KnowledgeError(f"task {self.task!r}: its beneficial biases are for {where} layout "
+                                     f"{self.meta.bb_layout_hash[:16]}..., this device's ROM has "
                                      f"{layout_hash[:16]}...")
         return self
 
