@@ -71,12 +71,11 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
     work = out / "work"
     if fresh and work.exists() and not report_only:
         shutil.rmtree(work)
+    saved = out / "fleet_result.json"
+    if report_only and not saved.exists():
+        raise typer.BadParameter(f"--report-only needs a finished run in {out} (no fleet_result.json)")
     if features:
         tasks = _feature_tasks(tasks, features, rom_dir, work / "feature-tasks")
-    saved = out / "fleet_result.json"
-    if report_only:
-        if not saved.exists():
-            raise typer.BadParameter(f"--report-only needs a finished run in {out} (no fleet_result.json)")
     kills = {}
     for spec in kill or []:
         dev, _, point = spec.partition(":")

@@ -263,7 +263,8 @@ def pooled_fit(curves: Sequence[Curves]) -> dict:
     slopes = np.array([p[0] for p in per])
     final = np.array([c.mean_normalized[-1] for c in curves])
     final_abs = np.array([c.mean_absolute[-1] for c in curves])
-    return {**fit_dict(slope, intercept, zero), "orders": len(curves), "tasks": max(c.tasks for c in curves),
+    fit = fit_dict(slope, intercept, zero)
+    return {**fit, "zero_crossing": fit["zero_at_tasks"], "orders": len(curves), "tasks": max(c.tasks for c in curves),
             "per_order_slopes": slopes.tolist(), "slope_std": float(slopes.std(ddof=1)) if len(slopes) > 1 else 0.0,
             "slope_min": float(slopes.min()), "slope_max": float(slopes.max()),
             "final_normalized_mean": float(final.mean()), "final_absolute_mean": float(final_abs.mean()),
