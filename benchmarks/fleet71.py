@@ -219,7 +219,10 @@ def report(args, result, baselines, budgets, tasks, work: Path, EquivalenceMap, 
     if out.exists():
         shutil.rmtree(out)
     roots = {t.name: t.root.name for t in tasks}
-    places = {str(REPO) + "/": "", str(REPO): ".", str(work): "WORKDIR"}
+    places = {str(REPO) + "/": "", str(REPO): ".", str(work): "WORKDIR", str(args.rom.resolve()): "ROM_DIR"}
+    results_dir = out.parent if out.parent.name == "results" else None
+    if results_dir is not None:  # e.g. a run from a snapshot of the tree, writing into the checkout's results
+        places[str(out)] = f"benchmarks/results/{out.name}"
     for i, r in enumerate(args.data):
         places[str(r.resolve())] = f"DATA_DIR/{r.resolve().name}"
     for i, r in enumerate(args.features):
@@ -250,7 +253,10 @@ def report(args, result, baselines, budgets, tasks, work: Path, EquivalenceMap, 
     fleet_json.unlink()
     md = out / "report.md"
     md.write_text(scrub(md.read_text(), places))
-    if out.parent == RESULTS.resolve():  # a trial run elsewhere leaves the README alone
+    if results_dir is not None:  # a trial run elsewhere leaves the README alone
+        import _common
+
+        _common.README = results_dir.parent / "README.md"
         readme(args, rep.summary, target)
     print(f"wrote {target} and {md}", flush=True)
 
