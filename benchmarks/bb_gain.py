@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--rom", type=Path, default=Path(__file__).resolve().parents[1] / "models/rom/efficientnet_lite0")
     ap.add_argument("--tasks", nargs="*", default=TASKS)
     ap.add_argument("--splits", nargs="*", type=int, default=[7, 5], help="BB split points (first trained stage)")
-    ap.add_argument("--train-cap", type=int, default=500, help="train images per task (stratified sample)")
+    ap.add_argument("--train-cap", type=int, default=400, help="train images per task (stratified sample)")
     ap.add_argument("--test-cap", type=int, default=300, help="test images per task (stratified sample)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--patience", type=int, default=2)
@@ -156,6 +156,15 @@ def main() -> None:
               f"{len(d['test']['y'])} test", flush=True)
     timings["cache_activations_s"] = time.perf_counter() - t0
 
+    # ------------------------------------------------------------- 1b. inference cost of a routed image
+    t0 = time.perf_counter()
+    cost_paths = data[args.tasks[0]]["test"]["paths"][:64]
+    rng = np.random.default_rng(0)
+    cost = inference_cost(args.rom, cost_paths, rng.normal(0, 0.1, man.tail_bias_total).astype(np.float32),
+                          rng.normal(0, 0.1, man.bias_suffix_total(min(args.splits))).astype(np.float32))
+    timings["inference_cost_s"] = time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
     rows: list[dict] = []
     plain_heads = {}
 
@@ -170,6 +179,8 @@ def main() -> None:
              "bias_bytes_int8": encoded_bytes(bb, "i8r") if bb is not None else 0,
              "n_train": int(len(d["train"]["y"])), "n_test": int(len(d["test"]["y"])), **(extra or {})}
         rows.append(r)
+        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"rows": rows, "timings": timings}, indent=1,
+                                                                     default=float))
         print(f"[{time.perf_counter() - t_start:6.0f}s] {task:18s} {mode:22s} val {val:.4f} (plain {val_without:.4f}) "
               f"test {test:.4f} ({r['test_delta']*100:+.2f}) kept={kept} {seconds:.0f}s", flush=True)
         return r
@@ -201,15 +212,7 @@ def main() -> None:
                     "val_history": fit.history, "bias_values_trained": int(fit.bb.size),
                     **({"explore_sample": int(len(sel))} if idx is not None else {})})
 
-    # ------------------------------------------------------------- 3. today's tail-only BB
-    t0 = time.perf_counter()
-    tail_split = man.tail_split
-    for task in data:
-        if tail_split in args.splits:
-            run(task, "tail_v1", tail_split, TAIL_RECIPE_V1)
-    timings["tail_v1_s"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------- 4. recipe exploration (validation only)
+    # ------------------------------------------------------------- 3. recipe exploration (validation only)
     # The recipes are compared at the (cheap) explore split on every task's whole training sample;
     # the winner's rows there are that split's rows, and it is the recipe for the other splits.
     t0 = time.perf_counter()
@@ -232,7 +235,7 @@ def main() -> None:
     print(f"recipe gains on validation: { {k: round(float(np.nanmean(v)), 4) for k, v in gains.items()} } -> {best_name}",
           flush=True)
 
-    # ------------------------------------------------------------- 5. every split with the chosen recipe
+    # ------------------------------------------------------------- 4. every split with the chosen recipe
     t0 = time.perf_counter()
     per_split: dict[str, dict[int, dict]] = {t: {} for t in data}
     for split in args.splits:
@@ -245,6 +248,14 @@ def main() -> None:
             else:
                 per_split[task][split] = run(task, f"split{split}", split, recipe)
     timings["splits_s"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------- 5. today's tail-only BB
+    t0 = time.perf_counter()
+    tail_split = man.tail_split
+    for task in data:
+        if tail_split in args.splits:
+            run(task, "tail_v1", tail_split, TAIL_RECIPE_V1)
+    timings["tail_v1_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------- 6. the default: auto split on validation
     for task, d in data.items():
@@ -262,13 +273,7 @@ def main() -> None:
             r.update(mode="auto", train_s=spent, chosen_split=None, kept=False)
             rows.append(r)
 
-    # ------------------------------------------------------------- 7. inference cost of a routed image
-    t0 = time.perf_counter()
-    cost_paths = data[args.tasks[0]]["test"]["paths"][:64]
-    rng = np.random.default_rng(0)
-    cost = inference_cost(args.rom, cost_paths, rng.normal(0, 0.1, man.tail_bias_total).astype(np.float32),
-                          rng.normal(0, 0.1, man.bias_suffix_total(min(args.splits))).astype(np.float32))
-    timings["inference_cost_s"] = time.perf_counter() - t0
+    tail_split = man.tail_split
     for r in rows:
         s = r.get("chosen_split", r["split"]) if r["mode"] == "auto" else r["split"]
         r["inference_cost_ratio"] = (1.0 if not r["kept"] or s is None else
@@ -300,6 +305,7 @@ def main() -> None:
                "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     write_readme(payload, args.name)
 
 
