@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--slow-order-seconds", type=float, default=480.0,
                     help="a mapper rebuilt at every step (Mahalanobis) starts no further order after this long")
     ap.add_argument("--eval-slots", type=int, default=4)
+    ap.add_argument("--learn-slots", type=int, default=8,
+                    help="devices learning at once (a 2,560-image task peaks at ~370 MB; 71 at once outgrow the RAM)")
     ap.add_argument("--quota-mb", type=int, default=512)
     ap.add_argument("--converge-timeout", type=float, default=5400.0)
     ap.add_argument("--baseline-epochs", type=int, default=5)
@@ -187,7 +189,8 @@ def main() -> None:
                               threads=1, mappers=MAPPERS, anchor_budgets=budgets, plausibility=args.plausibility,
                               converge_timeout=args.converge_timeout, save_eval_features=False,
                               quota_bytes=args.quota_mb * 2**20, max_concurrent_evaluations=args.eval_slots,
-                              eval_max_per_task=args.eval_per_task, resume=(fleet_dir / "devices").exists())
+                              eval_max_per_task=args.eval_per_task, max_concurrent_learning=args.learn_slots,
+                              resume=(fleet_dir / "devices").exists())
             last = [0.0]
             counts: dict[str, int] = {}
 
@@ -243,7 +246,8 @@ def report(args, result, baselines, budgets, tasks, work: Path, EquivalenceMap, 
                               "task_roots_by_task": roots, "packet_budget": budget_text,
                               "anchor_budgets": budgets, "plausibility": args.plausibility,
                               "eval_images_per_task": args.eval_per_task,
-                              "concurrent_evaluations": args.eval_slots, "threads_per_device": 1,
+                              "concurrent_evaluations": args.eval_slots, "concurrent_learning": args.learn_slots,
+                              "threads_per_device": 1,
                               "peak_rss_mb_per_device": max(d["peak_rss_mb"] for d in result.bytes.values()),
                               "fleet_wall_s": result.wall["fleet_end_to_end_s"]})
     print(f"report built in {time.time() - t0:.0f} s", flush=True)

@@ -186,6 +186,8 @@ class AgentSpec:
     eval_slots: int | None = None  # at most this many devices of the fleet evaluate at once (None: no limit)
     eval_max_per_task: int | None = None  # classify at most this many test images per task (seeded; None: all)
     eval_slot_dir: str | None = None  # where the slots' lock files live (shared by the fleet)
+    learn_slots: int | None = None  # at most this many devices of the fleet learn at once (None: no limit)
+    learn_slot_dir: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -325,7 +327,8 @@ def limit_threads(n: int) -> None:
 
 @contextlib.contextmanager
 def _evaluation_slot(folder: str | None, slots: int | None) -> Iterator[None]:
-    """Hold one of ``slots`` fleet-wide evaluation slots (``flock`` on ``folder/slot-<i>``) while inside.
+    """Hold one of ``slots`` fleet-wide slots (``flock`` on ``folder/slot-<i>``) while inside: the evaluation
+    slots, and the learning slots (``learn_slots``, learning being the other memory peak).
 
     Classifying every task's test set is the memory peak of a simulated device (the fleet's test
     features and both mappers at once); a hundred devices doing it together need more RAM than
@@ -806,7 +809,10 @@ class Agent:
     # ------------------------------------------------------------------ all of it
     def run(self) -> DeviceReport:
         self.boot()
-        records, learned, recovered = self.learn_all()
+        # learning is a device's other memory peak (a 2,560-image task: ~370 MB); on a shared machine the fleet
+        # bounds how many learn at once, which costs no time when they share fewer cores than that anyway
+        with _evaluation_slot(self.spec.learn_slot_dir, self.spec.learn_slots):
+            records, learned, recovered = self.learn_all()
         self.life.maybe_kill(self.spec.kill, "after_learn")
         converged, missing, stats = self.share(records)
         results = {}

@@ -91,6 +91,7 @@ class FleetConfig:
     # peak memory is what it is; this bounds the sum, so 100+ devices fit one machine's RAM
     max_concurrent_evaluations: int | None = None
     eval_max_per_task: int | None = None  # classify at most this many test images per task (the same on every device)
+    max_concurrent_learning: int | None = None  # at most this many devices learn at once (None: all)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, with secrets (an MQTT password) redacted: this ends up in result files."""
@@ -304,7 +305,9 @@ def _spec(cfg: FleetConfig, plan: _Plan, name: str, home: Path, learn: list[str]
         kill=cfg.kill.get(name),
         converge_timeout=cfg.converge_timeout, evaluate=evaluate, eval_dir=str(eval_dir) if eval_dir else None,
         save_trunk=cfg.save_trunk, eval_slots=cfg.max_concurrent_evaluations, eval_max_per_task=cfg.eval_max_per_task,
-        eval_slot_dir=str(Path(cfg.workdir) / "eval-slots") if cfg.max_concurrent_evaluations else None)
+        eval_slot_dir=str(Path(cfg.workdir) / "eval-slots") if cfg.max_concurrent_evaluations else None,
+        learn_slots=cfg.max_concurrent_learning,
+        learn_slot_dir=str(Path(cfg.workdir) / "learn-slots") if cfg.max_concurrent_learning else None)
 
 
 def _engine(cfg: FleetConfig):
