@@ -103,12 +103,22 @@ def load_tasks(roots: list[Path]) -> list[Task]:
     return out
 
 
-def learned(tasks: list[Task], cache: Path, rom: Path, kinds: list[str]):
-    """Every task's ``TaskKnowledge`` as the device learns it, from the cache when it is there."""
+def learned(tasks: list[Task], cache: Path, rom: Path, kinds: list[str], newest: bool = False):
+    """Every task's ``TaskKnowledge`` as the device learns it, from the cache when it is there.
+
+    ``newest``: take each task's most recently written cache entry, whatever code wrote it (a
+    second benchmark reading what this one just learned, while others commit to the learning code)."""
     from safetensors.numpy import load_file, save_file
 
     from skill_edge.runtime.device import Device
     from skill_edge.runtime.knowledge import TaskKnowledge
+
+    if newest:
+        stems = [max(cache.glob(f"{t.name}-*.json"), key=lambda p: p.stat().st_mtime, default=None) for t in tasks]
+        if all(stems):
+            log(f"heads and anchors: the newest cache entry of each task ({len(stems)} tasks)")
+            return [TaskKnowledge.from_parts(json.loads(p.read_text()), load_file(str(p.with_suffix(".safetensors"))))
+                    for p in stems]
 
     code = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in LEARN_CODE) + ",".join(kinds).encode())
     device = None

@@ -112,7 +112,7 @@ def run_arm(args) -> None:
 
     kinds = mapper_kinds()
     tasks = load_tasks(args.features)
-    knowledge = learned(tasks, args.cache, args.rom, kinds)
+    knowledge = learned(tasks, args.cache, args.rom, kinds, newest=True)  # what skill_scale.py learned last
     order = np.random.default_rng(args.seed).permutation(len(tasks))[: args.tasks]
     own_i = int(order[0])
     home = Path(tempfile.mkdtemp(prefix=f"student-{args.arm}-"))
