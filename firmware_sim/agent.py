@@ -355,7 +355,17 @@ def _evaluation_slot(folder: str | None, slots: int | None) -> Iterator[None]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's own peak resident set size so far, in MB.
+
+    Linux's ``VmHWM`` (the high-water mark of this process image) where there is one: ``ru_maxrss``
+    survives ``execve``, so a device process started by a fleet driver that holds 750 MB of features
+    would report the driver's 750 MB, not its own peak.  Elsewhere ``ru_maxrss`` (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

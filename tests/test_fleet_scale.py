@@ -173,3 +173,18 @@ def test_fast_replays_give_exactly_the_curves_of_rebuilding_the_mapper_at_every_
     plain = order_curves(ks, test_sets, "maha", orders[:2])
     for g, p in zip(grown, plain):
         np.testing.assert_allclose(np.concatenate(g.acc), np.concatenate(p.acc))
+
+
+def test_a_device_reports_its_own_peak_memory_not_its_launchers() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    ballast = np.ones(60_000_000)  # 480 MB in the launcher, like a fleet driver holding every task's features
+    code = ("import resource; from skill_edge.firmware_sim.agent import peak_rss_mb; "
+            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert float(ballast.sum()) == 60_000_000
+    assert own < 200 < 400 < inherited  # ru_maxrss carries the launcher's high-water mark across exec
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 400
