@@ -289,7 +289,7 @@ def log_fit(t: np.ndarray, y: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- simulation
-def synthetic(knowledge, rows: Rows, omni: np.ndarray, n: int, per_task: int, seed: int):
+def synthetic(knowledge, rows: Rows, omni: np.ndarray, n: int, per_task: int, seed: int, scale: float = 1.0):
     """``n`` synthetic tasks: a real parent moved by a family-spread offset; anchors and test rows alike.
 
     Returns (knowledge list, Rows with task = synthetic index, parent index per synthetic task)."""
@@ -303,7 +303,7 @@ def synthetic(knowledge, rows: Rows, omni: np.ndarray, n: int, per_task: int, se
     for s, p in enumerate(parents):
         pool = fam[p][fam[p] != p]
         q, r = rng.choice(pool, 2, replace=False)
-        delta = ((means[q] - means[r]) / np.sqrt(2.0)).astype(np.float32)
+        delta = (scale * (means[q] - means[r]) / np.sqrt(2.0)).astype(np.float32)
         k = knowledge[p]
         g = k.gmmc and GmmcAnchor(k.gmmc.means + delta, k.gmmc.variances, k.gmmc.weights)
         m = k.maha and MahalanobisAnchor(k.maha.class_means + delta, k.maha.exemplars + delta, k.maha.exemplar_labels)
@@ -317,19 +317,39 @@ def synthetic(knowledge, rows: Rows, omni: np.ndarray, n: int, per_task: int, se
     return out, Rows(np.concatenate(zs), np.concatenate(owner), np.concatenate(ok)), parents
 
 
-def simulate(kinds, knowledge, rows, omni, args) -> dict:
-    sim_k, sim_rows, parents = synthetic(knowledge, rows, omni, args.sim_tasks, args.sim_test, args.seed + 1000)
-    sim_omni = omni[parents]
+def simulate(kinds, knowledge, rows, omni, args, real: dict) -> dict:
+    """Per kind: the offset scale calibrated on the real curve (T <= the real task count), then the
+    simulation out to ``--sim-tasks`` at that scale, and at scale 1 (uncalibrated) beside it."""
+    n_real = len(knowledge)
     grid = sorted({t for t in args.sim_grid if t <= args.sim_tasks} | {args.sim_tasks})
+    small = [t for t in grid if t <= n_real] + ([n_real] if n_real not in grid else [])
     orders = [np.random.default_rng(args.seed + 2000 + o).permutation(args.sim_tasks) for o in range(args.sim_orders)]
     out = {"tasks": args.sim_tasks, "test_rows_per_task": args.sim_test, "orders": args.sim_orders, "t": grid,
-           "omniglot_share": float(sim_omni.mean()), "kinds": {}}
+           "calibration_t": small, "kinds": {}}
     for kind in kinds:
-        if not all(_has_anchor(k, kind) for k in sim_k):
+        probe, _, _ = synthetic(knowledge, rows, omni, 2, args.sim_test, args.seed + 1000)
+        if not all(_has_anchor(k, kind) for k in probe):
             log(f"simulation: {kind} skipped (its anchor is not one the simulation knows how to move)")
             continue
-        c = curves(kind, sim_k, sim_rows, orders, grid, sim_omni, args.seed)
-        out["kinds"][kind] = {m: summary(v) for m, v in c.items()}
+        want = np.asarray(real[kind]["curves"]["normalized"]["mean"])[np.asarray(small) - 1]
+        rms = {}
+        for sc in args.sim_scales:  # calibration: n_real synthetic tasks, the real curve's T range
+            sk, sr, par = synthetic(knowledge, rows, omni, n_real, args.sim_test, args.seed + 1000, sc)
+            cal_orders = [np.random.default_rng(args.seed + 3000 + o).permutation(n_real) for o in range(2)]
+            c = curves(kind, sk, sr, cal_orders, small, omni[par], args.seed)
+            rms[sc] = float(np.sqrt(np.mean((c["normalized"].mean(0) - want) ** 2)))
+            log(f"simulation {kind}: offset scale {sc}: rms from the real curve {rms[sc]:.4f}")
+        best = min(rms, key=rms.get)
+        res = {"scale": best, "calibration_rms": rms}
+        for label, sc in (("calibrated", best), ("uncalibrated", 1.0)):
+            if label == "uncalibrated" and best == 1.0:
+                continue
+            sk, sr, par = synthetic(knowledge, rows, omni, args.sim_tasks, args.sim_test, args.seed + 1000, sc)
+            c = curves(kind, sk, sr, orders if label == "calibrated" else orders[:1], grid, omni[par], args.seed)
+            res[label] = {m: summary(v) for m, v in c.items()}
+            res[label]["omniglot_share"] = float(omni[par].mean())
+        res.update(res["calibrated"])  # the calibrated curves are the simulation's answer
+        out["kinds"][kind] = res
     return out
 
 
@@ -350,7 +370,7 @@ def summary(v: np.ndarray) -> dict:
 LABEL = {"gmmc": "GMMC", "maha": "Mahalanobis"}
 
 
-def plots(result: dict, out_dir: Path) -> list[Path]:
+def plots(result: dict, out_dir: Path, prefix: str = "skill_scale") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,7 +417,7 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
             ax.plot(t, p["slope"] * t + p["intercept"], ":", color="C3", lw=2,
                     label=f"paper y = {p['slope']:+.4f} T + {p['intercept']:.3f}{assumed}, zero at {p['zero_at']:,}")
         dress(ax, f"{LABEL.get(kind, kind)}: average normalized accuracy", "no-oracle accuracy / oracle accuracy")
-    save(fig, "skill_scale_normalized.png")
+    save(fig, f"{prefix}_normalized.png")
 
     # Fig. 8: absolute accuracy, with the oracle's
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -405,7 +425,7 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
         band(ax, result["kinds"][kind]["curves"]["absolute"], f"C{i}", f"{LABEL.get(kind, kind)}, no oracle")
     band(ax, result["kinds"][kinds[0]]["curves"]["oracle"], "0.4", "task oracle (same heads)")
     dress(ax, "Average absolute accuracy on the tasks learned so far", "accuracy")
-    save(fig, "skill_scale_absolute.png")
+    save(fig, f"{prefix}_absolute.png")
 
     # task-ID accuracy: Omniglot family vs the rest
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 5), squeeze=False)
@@ -415,7 +435,7 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
         band(ax, c["task_id_rest"], "C2", "the other tasks")
         band(ax, c["task_id"], "C0", "all tasks")
         dress(ax, f"{LABEL.get(kind, kind)}: task-ID accuracy", "fraction of test rows sent to their own task")
-    save(fig, "skill_scale_task_id.png")
+    save(fig, f"{prefix}_task_id.png")
 
     sim = result.get("simulation")
     if sim and sim["kinds"]:
@@ -424,8 +444,12 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
         for i, kind in enumerate(sim["kinds"]):
             s = sim["kinds"][kind]["normalized"]
             ax.fill_between(st, s["min"], s["max"], color=f"C{i}", alpha=0.25, lw=0)
+            sk = sim["kinds"][kind]
             ax.plot(st, s["mean"], "o-", color=f"C{i}", lw=2, ms=4,
-                    label=f"{LABEL.get(kind, kind)}: simulation ({sim['orders']} orders)")
+                    label=f"{LABEL.get(kind, kind)}: simulation, offsets x{sk['scale']:g} (fitted on T <= {int(t[-1])})")
+            if "uncalibrated" in sk:
+                ax.plot(st, sk["uncalibrated"]["normalized"]["mean"], "x:", color=f"C{i}", lw=1, ms=4,
+                        label=f"{LABEL.get(kind, kind)}: simulation, offsets x1 (not fitted)")
             ax.plot(t, result["kinds"][kind]["curves"]["normalized"]["mean"], color=f"C{i}", lw=3, alpha=0.5,
                     label=f"{LABEL.get(kind, kind)}: real tasks")
             f = result["kinds"][kind]["fit"]["mean_curve"]
@@ -445,7 +469,7 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
         ax.set_xlim(1, sim["tasks"])
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=9)
-        save(fig, "skill_scale_simulation.png")
+        save(fig, f"{prefix}_simulation.png")
     return paths
 
 
@@ -472,7 +496,8 @@ def markdown(result: dict) -> str:
             f"{c['task_id_omniglot']['mean'][-1]:.3f} / {c['task_id_rest']['mean'][-1]:.3f}",
             f"{predict(f['mean_curve'], 102):.3f} / {predict(f['mean_curve'], 1000):.3f}",
             f"{f['log_fit']['at_102']:.3f} / {f['log_fit']['at_1000']:.3f}",
-            f"{at(sim and sim['normalized'], 102)} / {at(sim and sim['normalized'], result.get('simulation', {}).get('tasks'))}",
+            f"{at(sim and sim['normalized'], 102)} / {at(sim and sim['normalized'], result.get('simulation', {}).get('tasks'))}"
+            + (f" (offsets x{sim['scale']:g})" if sim else ""),
         ])
     return "\n".join([
         f"{result['tasks']} real tasks ({result['omniglot_tasks']} Omniglot alphabets), {result['orders']} random "
@@ -501,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim-orders", type=int, default=2)
     ap.add_argument("--sim-grid", type=int, nargs="*",
                     default=[1, 2, 5, 10, 20, 35, 50, 71, 102, 150, 200, 300, 500, 700, 1000])
+    ap.add_argument("--sim-scales", type=float, nargs="*", default=[0.5, 0.7, 1.0],
+                    help="offset scales tried when calibrating the simulation on the real curve")
     ap.add_argument("--name", default="skill_scale", help="results/<name>.json and the README section")
     args = ap.parse_args(argv)
 
@@ -524,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         result["kinds"][kind] = {"curves": {m: summary(v) for m, v in c.items()},
                                  "fit": fits(c, t_values, (1, n)), "seconds": round(time.perf_counter() - t0, 1)}
     if args.sim_tasks > 0:
-        result["simulation"] = simulate(kinds, knowledge, rows, omni, args)
-    paths = plots(result, RESULTS)
+        result["simulation"] = simulate(kinds, knowledge, rows, omni, args, result["kinds"])
+    paths = plots(result, RESULTS, args.name)
     result["plots"] = [str(p.relative_to(RESULTS.parent)) for p in paths]
     path = write_result(args.name, result)
     scrub_command(path, args.features, args.cache)

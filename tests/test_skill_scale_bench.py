@@ -92,3 +92,20 @@ def test_a_synthetic_task_is_its_parent_moved(small):
         assert omni[p] == omni[parents[s]]
     # the offsets come from the parent's own family: an Omniglot child moves by an Omniglot spread
     assert dataclasses.is_dataclass(srows)
+
+
+def test_simulation_is_calibrated_on_the_real_curve_and_runs_past_it(small):
+    import types
+
+    _, knowledge, rows, omni = small
+    orders = [np.random.default_rng(o).permutation(6) for o in range(2)]
+    real = {k: {"curves": {m: ss.summary(v) for m, v in ss.curves(k, knowledge, rows, orders, list(range(1, 7)),
+                                                                   omni, 0).items()}} for k in ("gmmc", "maha")}
+    args = types.SimpleNamespace(sim_tasks=12, sim_test=10, sim_orders=2, sim_grid=[1, 3, 6, 9, 12],
+                                 sim_scales=[0.5, 1.0], seed=0)
+    sim = ss.simulate(["gmmc", "maha"], knowledge, rows, omni, args, real)
+    assert sim["t"] == [1, 3, 6, 9, 12] and sim["calibration_t"] == [1, 3, 6]
+    for kind, r in sim["kinds"].items():
+        assert r["scale"] in (0.5, 1.0) and r["scale"] == min(r["calibration_rms"], key=r["calibration_rms"].get)
+        assert r["normalized"]["mean"][0] == 1.0 and len(r["normalized"]["mean"]) == 5
+        assert ("uncalibrated" in r) == (r["scale"] != 1.0)
