@@ -245,6 +245,7 @@ def report(args, result, baselines, budgets, tasks, work: Path, EquivalenceMap, 
                                                                               for r in args.data],
                               "task_roots_by_task": roots, "packet_budget": budget_text,
                               "anchor_budgets": budgets, "plausibility": args.plausibility,
+                              "baseline_train_per_task": args.baseline_train_per_task or None,
                               "eval_images_per_task": args.eval_per_task,
                               "concurrent_evaluations": args.eval_slots, "concurrent_learning": args.learn_slots,
                               "threads_per_device": 1,
@@ -294,7 +295,9 @@ One device per task over {' + '.join(s['task_roots'])}, in that fixed order (lis
 one ONNX Runtime thread per device, learning from cached ROM features, a shared-folder transport; every device
 classifies {s['eval_images_per_task']} seeded test images of every task with every mapper (the same rows on every device,
 so agreement is checked image by image). Plausibility checks {'on' if s['plausibility'] else 'off (their cost at this scale is issue 18, section 4)'}.
-Curves and baselines score {s['curve_test_images_per_task']} seeded test images per task.
+Curves and baselines score {s['curve_test_images_per_task']} seeded test images per task; the baselines train on at most
+{s.get('baseline_train_per_task') or 'all'} seeded training images per task (sampled for time: one torch process learning every image
+into a 1,900-class head five times over does not fit this machine's time), SKILL's teachers on every image.
 
 {md_table(["", "value"], rows)}
 
