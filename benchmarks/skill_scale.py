@@ -210,16 +210,22 @@ METRICS = ("normalized", "absolute", "oracle", "task_id", "task_id_omniglot", "t
 
 
 def curves(kind: str, knowledge, rows: Rows, orders: list[np.ndarray], t_values: list[int], omni: np.ndarray,
-           seed: int, note=None) -> dict[str, np.ndarray]:
-    """metric -> [orders, len(t_values)] for one mapper kind."""
+           seed: int, note=None, rebuilt_t=None, separable_known: bool | None = None) -> dict[str, np.ndarray]:
+    """metric -> [orders, len(t_values)] for one mapper kind.
+
+    A kind that must be rebuilt for every T is measured only at ``rebuilt_t`` (when given; NaN
+    elsewhere): on 2 shared cores a Mahalanobis mapper over T tasks costs its exemplar scatter and a
+    D x D factorisation per T.  ``separable_known=False`` skips the separability probe."""
     n_tasks = len(knowledge)
     oracle = (np.bincount(rows.task, weights=rows.head_ok, minlength=n_tasks)
               / np.maximum(np.bincount(rows.task, minlength=n_tasks), 1))
     out = {m: np.full((len(orders), len(t_values)), np.nan) for m in METRICS}
-    sep, full = separable(kind, knowledge, rows.z, seed)
+    sep, full = (False, None) if separable_known is False else separable(kind, knowledge, rows.z, seed)
     t0 = time.perf_counter()
     for o, order in enumerate(orders):
         for j, t in enumerate(t_values):
+            if not sep and rebuilt_t is not None and t not in rebuilt_t:
+                continue
             held = np.sort(order[:t])
             mask = np.isin(rows.task, held)
             if sep:
@@ -232,7 +238,9 @@ def curves(kind: str, knowledge, rows: Rows, orders: list[np.ndarray], t_values:
         log(f"{kind}: order {o + 1}/{len(orders)} done ({time.perf_counter() - t0:.0f} s); at T = {t_values[-1]}: "
             f"normalized {out['normalized'][o, -1]:.4f}, task-ID {out['task_id'][o, -1]:.4f}")
     if note is not None:
-        note[kind] = "one score matrix, columns per T" if sep else "mapper rebuilt for every T"
+        note[kind] = ("one score matrix, columns per T" if sep else
+                      "mapper rebuilt for every T" if rebuilt_t is None else
+                      f"mapper rebuilt for each T of {sorted(set(rebuilt_t) & set(t_values))}")
     return out
 
 
@@ -262,14 +270,14 @@ def fmt_zero(z: float | None) -> str:
 
 def fits(curve: dict[str, np.ndarray], t_values: list[int], fit_range: tuple[int, int]) -> dict:
     t = np.asarray(t_values, np.float64)
-    sel = (t >= fit_range[0]) & (t <= fit_range[1])
+    sel = (t >= fit_range[0]) & (t <= fit_range[1]) & np.isfinite(curve["normalized"][0])
     per_order = [fit_line(t[sel], row[sel]) for row in curve["normalized"]]
     mean_fit = fit_line(t[sel], curve["normalized"].mean(0)[sel])
     slopes = np.array([f["slope"] for f in per_order])
     inter = np.array([f["intercept"] for f in per_order])
     zeros = [f["zero_at"] for f in per_order]
     # how well a line fitted on the first half predicts the second: where the line is trustworthy
-    half = (t >= fit_range[0]) & (t <= fit_range[1] // 2)
+    half = sel & (t <= fit_range[1] // 2)
     first_half = fit_line(t[half], curve["normalized"].mean(0)[half])
     end = float(curve["normalized"].mean(0)[sel][-1])
     return {"range": list(fit_range), "mean_curve": mean_fit,
@@ -331,24 +339,32 @@ def simulate(kinds, knowledge, rows, omni, args, real: dict) -> dict:
         if not all(_has_anchor(k, kind) for k in probe):
             log(f"simulation: {kind} skipped (its anchor is not one the simulation knows how to move)")
             continue
-        want = np.asarray(real[kind]["curves"]["normalized"]["mean"])[np.asarray(small) - 1]
+        rebuilt = "rebuilt" in real[kind].get("how_scored", "")
+        real_mean = np.asarray(real[kind]["curves"]["normalized"]["mean"], np.float64)
+        cal_t = [t for t in small if np.isfinite(real_mean[t - 1])] if not rebuilt else \
+            [t for t in args.sim_grid_rebuilt if t <= n_real and np.isfinite(real_mean[t - 1])]
+        want = real_mean[np.asarray(cal_t) - 1]
+        grid_k = grid if not rebuilt else sorted({t for t in args.sim_grid_rebuilt if t <= args.sim_tasks})
+        known = False if rebuilt else None
         rms = {}
         for sc in args.sim_scales:  # calibration: n_real synthetic tasks, the real curve's T range
             sk, sr, par = synthetic(knowledge, rows, omni, n_real, args.sim_test, args.seed + 1000, sc)
             cal_orders = [np.random.default_rng(args.seed + 3000 + o).permutation(n_real) for o in range(2)]
-            c = curves(kind, sk, sr, cal_orders, small, omni[par], args.seed)
+            c = curves(kind, sk, sr, cal_orders, cal_t, omni[par], args.seed, separable_known=known)
             rms[sc] = float(np.sqrt(np.mean((c["normalized"].mean(0) - want) ** 2)))
             log(f"simulation {kind}: offset scale {sc}: rms from the real curve {rms[sc]:.4f}")
         best = min(rms, key=rms.get)
-        res = {"scale": best, "calibration_rms": rms}
+        res = {"scale": best, "calibration_rms": rms, "calibration_t": cal_t}
         for label, sc in (("calibrated", best), ("uncalibrated", 1.0)):
             if label == "uncalibrated" and best == 1.0:
                 continue
             sk, sr, par = synthetic(knowledge, rows, omni, args.sim_tasks, args.sim_test, args.seed + 1000, sc)
-            c = curves(kind, sk, sr, orders if label == "calibrated" else orders[:1], grid, omni[par], args.seed)
+            c = curves(kind, sk, sr, orders[:1] if label == "uncalibrated" or rebuilt else orders, grid_k, omni[par],
+                       args.seed, separable_known=known)
             res[label] = {m: summary(v) for m, v in c.items()}
+            res[label]["t"] = grid_k
             res[label]["omniglot_share"] = float(omni[par].mean())
-        res.update(res["calibrated"])  # the calibrated curves are the simulation's answer
+        res.update(res["calibrated"])  # the calibrated curves are the simulation's answer (with their "t")
         out["kinds"][kind] = res
     return out
 
@@ -362,8 +378,10 @@ def _has_anchor(k, kind: str) -> bool:
 
 
 def summary(v: np.ndarray) -> dict:
-    return {"mean": v.mean(0).tolist(), "min": v.min(0).tolist(), "max": v.max(0).tolist(),
-            "std": (v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])).tolist()}
+    """Mean, min, max, std over orders per T (NaN where a T was not measured)."""
+    with np.errstate(invalid="ignore"):
+        return {"mean": v.mean(0).tolist(), "min": v.min(0).tolist(), "max": v.max(0).tolist(),
+                "std": (v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])).tolist()}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -398,9 +416,10 @@ def plots(result: dict, out_dir: Path, prefix: str = "skill_scale") -> list[Path
         plt.close(fig)
 
     def band(ax, s, color, label):
-        mean, lo, hi = map(np.asarray, (s["mean"], s["min"], s["max"]))
-        ax.fill_between(t, lo, hi, color=color, alpha=0.25, lw=0)
-        ax.plot(t, mean, color=color, lw=2, label=label)
+        mean, lo, hi = map(lambda v: np.asarray(v, np.float64), (s["mean"], s["min"], s["max"]))
+        ok = np.isfinite(mean)
+        ax.fill_between(t[ok], lo[ok], hi[ok], color=color, alpha=0.25, lw=0)
+        ax.plot(t[ok], mean[ok], "o-" if ok.sum() < len(t) else "-", color=color, lw=2, ms=3, label=label)
 
     # Fig. 6: normalized accuracy with the fitted line and the paper's
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 5), squeeze=False)
@@ -440,17 +459,19 @@ def plots(result: dict, out_dir: Path, prefix: str = "skill_scale") -> list[Path
     sim = result.get("simulation")
     if sim and sim["kinds"]:
         fig, ax = plt.subplots(figsize=(9, 5.5))
-        st = np.asarray(sim["t"])
         for i, kind in enumerate(sim["kinds"]):
-            s = sim["kinds"][kind]["normalized"]
-            ax.fill_between(st, s["min"], s["max"], color=f"C{i}", alpha=0.25, lw=0)
             sk = sim["kinds"][kind]
+            s = sk["normalized"]
+            st = np.asarray(sk.get("t", sim["t"]))
+            ax.fill_between(st, s["min"], s["max"], color=f"C{i}", alpha=0.25, lw=0)
             ax.plot(st, s["mean"], "o-", color=f"C{i}", lw=2, ms=4,
                     label=f"{LABEL.get(kind, kind)}: simulation, offsets x{sk['scale']:g} (fitted on T <= {int(t[-1])})")
             if "uncalibrated" in sk:
-                ax.plot(st, sk["uncalibrated"]["normalized"]["mean"], "x:", color=f"C{i}", lw=1, ms=4,
+                ax.plot(sk["uncalibrated"].get("t", st), sk["uncalibrated"]["normalized"]["mean"], "x:", color=f"C{i}",
+                        lw=1, ms=4,
                         label=f"{LABEL.get(kind, kind)}: simulation, offsets x1 (not fitted)")
-            ax.plot(t, result["kinds"][kind]["curves"]["normalized"]["mean"], color=f"C{i}", lw=3, alpha=0.5,
+            real = np.asarray(result["kinds"][kind]["curves"]["normalized"]["mean"], np.float64)
+            ax.plot(t[np.isfinite(real)], real[np.isfinite(real)], color=f"C{i}", lw=3, alpha=0.5,
                     label=f"{LABEL.get(kind, kind)}: real tasks")
             f = result["kinds"][kind]["fit"]["mean_curve"]
             tt = np.geomspace(1, sim["tasks"], 300)  # a line is a curve on a log axis: draw it densely
@@ -482,7 +503,7 @@ def markdown(result: dict) -> str:
         z = [fmt_zero(v) for v in f["zero_at_per_order"]]
         c = r["curves"]
         sim = result.get("simulation", {}).get("kinds", {}).get(kind)
-        st = result.get("simulation", {}).get("t", [])
+        st = list(sim.get("t", result["simulation"]["t"])) if sim else []
 
         def at(s, tv):
             return f"{s['mean'][st.index(tv)]:.3f}" if s and tv in st else "-"
@@ -526,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim-orders", type=int, default=2)
     ap.add_argument("--sim-grid", type=int, nargs="*",
                     default=[1, 2, 5, 10, 20, 35, 50, 71, 102, 150, 200, 300, 500, 700, 1000])
+    ap.add_argument("--rebuilt-t", type=int, nargs="*",
+                    default=[*range(1, 11), *range(15, 71, 5), 71],
+                    help="T measured for a mapper rebuilt per T (Mahalanobis); every T for separable ones")
+    ap.add_argument("--sim-grid-rebuilt", type=int, nargs="*", default=[10, 35, 71, 102, 200, 500, 1000],
+                    help="simulated T for a mapper rebuilt per T (one order)")
     ap.add_argument("--sim-scales", type=float, nargs="*", default=[0.5, 0.7, 1.0],
                     help="offset scales tried when calibrating the simulation on the real curve")
     ap.add_argument("--name", default="skill_scale", help="results/<name>.json and the README section")
@@ -547,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
               "how_scored": {}, "kinds": {}}
     for kind in kinds:
         t0 = time.perf_counter()
-        c = curves(kind, knowledge, rows, orders, t_values, omni, args.seed, result["how_scored"])
-        result["kinds"][kind] = {"curves": {m: summary(v) for m, v in c.items()},
+        c = curves(kind, knowledge, rows, orders, t_values, omni, args.seed, result["how_scored"],
+                   rebuilt_t=sorted(set(args.rebuilt_t) | {n}))
+        result["kinds"][kind] = {"curves": {m: summary(v) for m, v in c.items()}, "how_scored": result["how_scored"][kind],
                                  "fit": fits(c, t_values, (1, n)), "seconds": round(time.perf_counter() - t0, 1)}
     if args.sim_tasks > 0:
         result["simulation"] = simulate(kinds, knowledge, rows, omni, args, result["kinds"])
