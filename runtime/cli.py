@@ -416,7 +416,8 @@ def classify_command(
         out.print_json(json.dumps([p.to_dict() for p in preds]))
     else:
         rows = [[p.source, _task_shown(p), p.label or "-", f"{p.task_confidence:.3f}", f"{p.class_confidence:.3f}",
-                 p.error or ("unknown: fits no stored task" if p.unknown else "")] for p in preds]
+                 p.error or (f"unknown: fits no stored task (nearest {p.nearest_task} / {p.nearest_label})"
+                             if p.unknown else "")] for p in preds]
         print_table(f"{len(preds)} inputs, mapper {mapper}", ("input", "task", "class", "task conf", "class conf",
                                                                "note"), rows, shorten=0)
     summary = classify_summary(preds)

@@ -68,12 +68,18 @@ class Prediction:
     error: str | None = None
     agent: str | None = None  # the chosen task's origin agent: with ``task``, its fleet-wide identity
     task_label: str | None = None  # ``task``, or ``task@agent`` when several stored tasks share the name
+    # The stored task (as ``task_label``) and class that came closest, also when the answer is
+    # ``unknown``: the user sees what the input resembled, and ``task_confidence`` (a calibrated
+    # posterior over stored tasks) says how sure the mapper was among them.
+    nearest_task: str | None = None
+    nearest_label: str | None = None
 
     def to_dict(self) -> dict:
         return {"source": self.source, "task": self.task, "agent": self.agent, "task_label": self.task_label,
                 "label": self.label,
                 "task_confidence": round(self.task_confidence, 4), "class_confidence": round(self.class_confidence, 4),
-                "unknown": self.unknown, "error": self.error}
+                "unknown": self.unknown, "nearest_task": self.nearest_task, "nearest_label": self.nearest_label,
+                "error": self.error}
 
 
 @dataclass
@@ -452,6 +458,10 @@ class Device:
                      and self._fits_rom(k)]
             if not tasks:
                 raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
+            # Merge order is the tasks' fleet-wide identity, never arrival order: the mapper's sums
+            # (tied scatter, centres) then come out bit-identical on every device holding the same
+            # packets, so two devices that received them in different orders classify identically.
+            tasks.sort(key=lambda k: (k.task, k.meta.agent_id or ""))
             self._mappers[kind] = (stamp, build_mapper(kind, tasks), tasks)
         return self._mappers[kind][1], self._mappers[kind][2]
 
@@ -512,9 +522,10 @@ class Device:
             for row, i in enumerate(index):
                 t = int(r["task_index"][row])
                 unknown = bool(r["unknown"][row])
-                out[i] = Prediction(names[i], None if unknown else r["task_names"][t],
-                                    None if unknown else r["labels"][t][int(r["class_index"][row])],
+                label = r["labels"][t][int(r["class_index"][row])]
+                out[i] = Prediction(names[i], None if unknown else r["task_names"][t], None if unknown else label,
                                     float(r["task_confidence"][row]), float(r["class_confidence"][row]), unknown,
                                     agent=None if unknown else r["task_agents"][t],
-                                    task_label=None if unknown else r["task_labels"][t])
+                                    task_label=None if unknown else r["task_labels"][t],
+                                    nearest_task=r["task_labels"][t], nearest_label=label)
         return [p for p in out if p is not None]
