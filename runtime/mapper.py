@@ -51,7 +51,7 @@ class MapperResult:
 
     task_index: np.ndarray  # [N] int, index into task_names
     task_names: list[str]  # [T]
-    confidence: np.ndarray  # [N] posterior of the chosen task (softmax over per-task scores)
+    confidence: np.ndarray  # [N] calibrated posterior of the chosen task (softmax of scores / temperature)
     scores: np.ndarray  # [N, T] per-task scores used for the choice (higher = more likely)
     unknown: np.ndarray  # [N] bool, the best task's score is below its open-set threshold
 
@@ -195,6 +195,11 @@ class TaskMapper:
     """Shared plumbing: transform, block-wise scoring, decision and open-set test."""
 
     kind: str = ""  # the TaskKnowledge anchor attribute and thresholds key this mapper reads
+    #: Softmax temperature that turns per-task scores into a calibrated posterior (``confidence``).
+    #: The raw scores are log-likelihoods in a ~1,700-dimensional space whose coordinates are far
+    #: from independent, so their plain softmax says 1.000 for nearly every input; the temperature
+    #: is fitted by likelihood on held-out images (benchmarks/mapper_peers.py, ``calibration``).
+    temperature: float = 1.0
 
     @classmethod
     def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs):
@@ -282,7 +287,7 @@ class TaskMapper:
         return MapperResult(
             task_index=best,
             task_names=list(self.task_names),
-            confidence=_softmax_max(sel).astype(np.float32),
+            confidence=_softmax_max(sel / self.temperature).astype(np.float32),
             scores=sel,
             unknown=unknown,
         )
@@ -589,8 +594,12 @@ class OwnExemplarMetric:
         """max over the task's classes of -0.5 * squared distance, [N]."""
         x = np.asarray(x, dtype=np.float64)
         sq = (x * x).sum(axis=1)[:, None] - 2.0 * x @ self.class_means.T + self.means_sq  # [N, C]
-        w = (x @ self.u)[:, None, :] - self.means_u[None]  # [N, C, n]
-        quad = ((w @ self.k_inv) * w).sum(axis=2)
+        # w_c = U^T x - U^T mu_c; w_c^T K w_c expanded, so no [N, C, n] tensor is formed
+        # (a 102-class task with 510 exemplar rows would need 5 GB for 13,000 inputs).
+        a = x @ self.u  # [N, n]
+        ak = a @ self.k_inv
+        quad = ((ak * a).sum(axis=1)[:, None] - 2.0 * ak @ self.means_u.T
+                + ((self.means_u @ self.k_inv) * self.means_u).sum(axis=1))
         return (-0.5 * (sq - quad) / self.a).max(axis=1)
 
 
