@@ -177,6 +177,35 @@ def test_open_set_flags_out_of_distribution_inputs(learned: Path, rom_dir: Path)
     dev = Device(learned, rom_dir)
     preds = dev.classify(list(load_sample_images().images))  # two natural photos: neither digits nor shapes
     assert all(p.unknown and p.task is None for p in preds), [p.to_dict() for p in preds]
+    # "unknown" still says which stored task and class came closest, for the user to see
+    labels = {k.task: k.labels for k in dev.knowledge()}
+    for p in preds:
+        assert p.nearest_task in labels and p.nearest_label in labels[p.nearest_task], p.to_dict()
+        d = p.to_dict()
+        assert d["nearest_task"] == p.nearest_task and d["nearest_label"] == p.nearest_label and d["label"] is None
+        assert 0.0 < p.task_confidence <= 1.0
+
+
+def test_task_confidence_is_a_tempered_posterior(learned: Path, rom_dir: Path, tasks: dict[str, Path]) -> None:
+    """``task_confidence`` is the softmax of the per-task scores divided by the mapper's temperature,
+    so raising the temperature lowers every confidence, and known inputs keep their task."""
+    dev = Device(learned, rom_dir)
+    images = sorted((tasks["shapes"] / "test").rglob("*.png"))[:6]
+    for kind in ("gmmc", "maha"):
+        mp, _ = dev.mapper(kind)
+        batch, _, _ = dev.featurize(images)
+        r = mp.predict(batch.features, batch.trunk_stats)
+        s = r.scores.astype(np.float64) / mp.temperature
+        p = np.exp(s - s.max(1, keepdims=True))
+        np.testing.assert_allclose(r.confidence, (p / p.sum(1, keepdims=True)).max(1), rtol=1e-5)
+        before = mp.temperature
+        try:
+            mp.temperature = before * 1e12  # effectively uniform over the 2 stored tasks
+            hot = mp.predict(batch.features, batch.trunk_stats)
+        finally:
+            mp.temperature = before
+        np.testing.assert_allclose(hot.confidence, 0.5, atol=1e-3)
+        assert list(hot.task_index) == list(r.task_index)
 
 
 def test_learn_and_classify_from_a_video_file(tmp_path: Path, rom_dir: Path) -> None:
