@@ -127,6 +127,8 @@ class PlausibilityCheck:
         self._next_id = 0
         self._gmmc_top: dict[TaskKey, _Top2] = {}  # per point owner: best two stored GMMC tasks per point
         self._before: tuple | None = None  # Mahalanobis choices of the bank's mapper, per point owner
+        self._after: tuple | None = None  # the choices of the last check's new mapper (bank + newcomer)
+        self._content: dict[TaskKey, str] = {}  # content hash per stored task
         self.existing = []
         for k in existing:
             self.add(k)
@@ -147,6 +149,7 @@ class PlausibilityCheck:
             self.feature_transform = knowledge.meta.feature_transform  # the space of the bank's tasks
             self._transform_reference()
         self._tasks[key] = knowledge
+        self._content[key] = knowledge.content_hash()
         self.existing = list(self._tasks.values())
         self._ids[key] = self._next_id  # ids follow the stored order, as a mapper's columns do (ties)
         self._next_id += 1
@@ -188,6 +191,7 @@ class PlausibilityCheck:
         k = self._tasks.pop(key, None)
         if k is None:
             return
+        self._content.pop(key, None)
         self.existing = list(self._tasks.values())
         self.points.pop(key, None)
         self._gmmc_scale.pop(key, None)
@@ -322,8 +326,10 @@ class PlausibilityCheck:
         """The newcomer's exemplars change the tied covariance, so every task is re-scored.
 
         That re-scoring is every point against every class (points and classes both grow with the
-        stored tasks); the old mapper's choices depend on the bank alone and are kept until it
-        changes, and the scatter statistics are running sums."""
+        stored tasks).  The old mapper's choices depend on the bank alone: they are kept until it
+        changes, and when the bank changes by taking in the task last checked, they are that check's
+        new-mapper choices (the same tasks, the same scatter sums), so only the new task's own points
+        are scored by the old mapper.  The scatter statistics are running sums."""
         rep = CaptureReport("maha")
         if not others:
             return rep
@@ -334,15 +340,23 @@ class PlausibilityCheck:
         stats = ScatterStats(base.n, base.sxx.copy(), base.sum_norm4)
         stats.add(_centred_exemplars(k))
         known = self._known_points(k, others)
-        key = tuple(_identity(o) for o in others)
+        key = tuple((_identity(o), self._content[_identity(o)]) for o in others)
         if self._before is None or self._before[0] != key:
-            old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
-            self._before = (key, {t: old.task_scores(x).argmax(axis=1) for _, t, x in known})
+            choices = dict(self._after[1]) if self._after is not None and self._after[0] == key else {}
+            missing = [(t, x) for _, t, x in known if t not in choices]
+            if missing:
+                old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
+                choices.update({t: old.task_scores(x).argmax(axis=1) for t, x in missing})
+            self._before = (key, choices)
         before = self._before[1]
         new = MahalanobisMapper.from_knowledge(others + [k], covariance=stats.shrunk()[0])
         index = {_identity(o): i for i, o in enumerate(others)}
+        after = {}
         for task, t, x in known:
-            rep.moved[task] = _captured(new.task_scores(x), index[t], before[t])
+            scores = new.task_scores(x)
+            after[t] = scores.argmax(axis=1)
+            rep.moved[task] = _captured(scores, index[t], before[t])
+        self._after = (key + ((me, k.content_hash()),), after)  # the bank's choices if k is taken in next
         return rep
 
     def _known_points(self, newcomer: TaskKnowledge,
