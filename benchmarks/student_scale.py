@@ -128,6 +128,10 @@ def run_arm(args) -> None:
     for n, i in enumerate(order[1:]):
         k = dataclasses.replace(knowledge[i], meta=dataclasses.replace(knowledge[i].meta, agent_id=f"teacher{n:03d}"))
         packets.append((tasks[i].name, codec.encode(k, teacher)))
+    del tasks, knowledge, k  # the harness's features of every task: what a device never holds
+    import gc
+
+    gc.collect()
     if args.arm == "incremental":
         plaus = BankPlausibility(bank, reference)
     else:
@@ -158,6 +162,7 @@ def run_arm(args) -> None:
     receiver = PacketReceiver(trust, own.meta.rom_fingerprint, home / "receive", plausibility=timed_plausibility,
                               codec=codec, bank=bank)
     rows = []
+    rss0 = rss_mb()
     for name, data in packets:
         stored = len(bank.entries())
         clock["plausibility"] = clock["store"] = 0.0
@@ -177,6 +182,7 @@ def run_arm(args) -> None:
             del m
         row["total_cpu_s"] = row["receive_cpu_s"] + sum(row[f"mapper_{k}_cpu_s"] for k in kinds)
         row["rss_mb"] = rss_mb()
+        row["rss_growth_mb"] = row["rss_mb"] - rss0
         row["check_mb"] = check_nbytes(plaus) / 2**20 if args.arm == "incremental" else plaus.nbytes() / 2**20
         row["mappers_mb"] = mapper_bytes / 2**20
         row["bank_mb"] = sum(f.stat().st_size for f in (home / "bank").rglob("*") if f.is_file()) / 2**20
