@@ -554,17 +554,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulated T for a mapper rebuilt per T (one order)")
     ap.add_argument("--sim-scales", type=float, nargs="*", default=[0.5, 0.7, 1.0],
                     help="offset scales tried when calibrating the simulation on the real curve")
+    ap.add_argument("--sim-only", action="store_true",
+                    help="keep results/<name>.json's real curves and run the simulation again")
     ap.add_argument("--name", default="skill_scale", help="results/<name>.json and the README section")
     args = ap.parse_args(argv)
 
     kinds = args.kinds or mapper_kinds()
     tasks = load_tasks(args.features)
     log(f"{len(tasks)} tasks, mapper kinds {kinds}")
-    knowledge = learned(tasks, args.cache, args.rom, kinds)
+    knowledge = learned(tasks, args.cache, args.rom, kinds, newest=args.sim_only)
     omni = np.array([t.omniglot for t in tasks])
     rows = eval_rows(tasks, knowledge, args.max_test, args.seed)
     log(f"{len(rows.task)} test rows")
     n = len(tasks)
+    if args.sim_only:  # the real curves of the last run, the simulation again (e.g. with other scales)
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        result = {k: v for k, v in old.items() if k not in ("benchmark", "date", "machine", "command", "simulation")}
+        result["real_curves_from"] = {"date": old["date"], "command": old["command"], "machine": old["machine"]}
+        result["simulation"] = simulate(kinds, knowledge, rows, omni, args, result["kinds"])
+        return finish(result, args)
     t_values = list(range(1, n + 1))
     orders = [np.random.default_rng(args.seed + o).permutation(n) for o in range(args.orders)]
     result = {"tasks": n, "omniglot_tasks": int(omni.sum()), "task_names": [t.name for t in tasks],
@@ -579,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "fit": fits(c, t_values, (1, n)), "seconds": round(time.perf_counter() - t0, 1)}
     if args.sim_tasks > 0:
         result["simulation"] = simulate(kinds, knowledge, rows, omni, args, result["kinds"])
+    return finish(result, args)
+
+
+def finish(result: dict, args) -> int:
     paths = plots(result, RESULTS, args.name)
     result["plots"] = [str(p.relative_to(RESULTS.parent)) for p in paths]
     path = write_result(args.name, result)
@@ -614,8 +626,9 @@ def scrub_command(path: Path, features: list[Path], cache: Path) -> None:
     """Record the command with placeholders instead of this machine's paths."""
     data = json.loads(path.read_text())
     cmd = data["command"]
-    for i, root in enumerate(features):
-        cmd = cmd.replace(str(root), "FEATURES_DIR" if i == 0 else f"FEATURES_DIR_{i + 1}")
+    names = {str(root): "FEATURES_DIR" if i == 0 else f"FEATURES_DIR_{i + 1}" for i, root in enumerate(features)}
+    for root in sorted(names, key=len, reverse=True):  # a root may be a prefix of another (features, features-more)
+        cmd = cmd.replace(root, names[root])
     data["command"] = cmd.replace(str(cache), "CACHE_DIR")
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
 
