@@ -570,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim_only:  # the real curves of the last run, the simulation again (e.g. with other scales)
         old = json.loads((RESULTS / f"{args.name}.json").read_text())
         result = {k: v for k, v in old.items() if k not in ("benchmark", "date", "machine", "command", "simulation")}
-        result["real_curves_from"] = {"date": old["date"], "command": old["command"], "machine": old["machine"]}
+        result.setdefault("real_curves_from", {"date": old["date"], "command": old["command"],
+                                               "machine": old["machine"]})
         result["simulation"] = simulate(kinds, knowledge, rows, omni, args, result["kinds"])
         return finish(result, args)
     t_values = list(range(1, n + 1))
