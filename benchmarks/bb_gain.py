@@ -131,10 +131,17 @@ def main() -> None:
     pre = Preprocessing.from_manifest(man.preprocessing)
     mods = {s: build_torch_suffix(args.rom, s) for s in args.splits}
     data: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    # ------------------------------------------------------------- 1. cache activations at the split points
-    t0 = time.perf_counter()
-    for task in args.tasks:
+    timings: dict[str, float] = {"cache_activations_s": 0.0, "train_s": 0.0}
+    rows: list[dict] = []
+    plain_heads = {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tail_split = man.tail_split
+    cost: dict = {}
+    chosen_recipe: dict[str, str] = {}
+    gains: dict[str, list[float]] = {}
+
+    def cache(task: str) -> dict:
+        """1. activations at the split points, float16, one torch pass per image (a stratified sample)."""
         ds = load_image_folder(args.data / task)
         tr_p, tr_y = sample(ds.train.paths, ds.train.labels, args.train_cap, 0)
         te_p, te_y = sample(ds.test.paths, ds.test.labels, args.test_cap, 1)
@@ -151,22 +158,7 @@ def main() -> None:
             acts = prefix_activations(args.rom, batches(), args.splits, backbone=backbone)
             d[part] = {"acts": {s: acts[s] for s in args.splits}, "features": acts[-1], "y": y[np.asarray(kept)],
                        "paths": [paths[i] for i in kept]}
-        data[task] = d
-        print(f"[{time.perf_counter() - t_start:6.0f}s] cached {task}: {len(d['train']['y'])} train, "
-              f"{len(d['test']['y'])} test", flush=True)
-    timings["cache_activations_s"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------- 1b. inference cost of a routed image
-    t0 = time.perf_counter()
-    cost_paths = data[args.tasks[0]]["test"]["paths"][:64]
-    rng = np.random.default_rng(0)
-    cost = inference_cost(args.rom, cost_paths, rng.normal(0, 0.1, man.tail_bias_total).astype(np.float32),
-                          rng.normal(0, 0.1, man.bias_suffix_total(min(args.splits))).astype(np.float32))
-    timings["inference_cost_s"] = time.perf_counter() - t0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-
-    rows: list[dict] = []
-    plain_heads = {}
+        return d
 
     def row(task: str, mode: str, split: int | None, recipe: dict | None, val: float, val_without: float,
             test: float, kept: bool, seconds: float, bb: np.ndarray | None, extra: dict | None = None) -> dict:
@@ -185,109 +177,102 @@ def main() -> None:
               f"test {test:.4f} ({r['test_delta']*100:+.2f}) kept={kept} {seconds:.0f}s", flush=True)
         return r
 
-    # ------------------------------------------------------------- 2. the plain head (no BB)
-    for task, d in data.items():
+    def run(task: str, mode: str, split: int, recipe: BBRecipe) -> dict:
+        d = data[task]
+        tr = d["train"]
+        fit = train_bb(args.rom, tr["acts"][split], tr["y"], len(d["classes"]), plain_heads[task],
+                       split=split, recipe=recipe, plain_features=tr["features"], suffix=mods[split])
+        test = d["no_bb_test"]
+        if fit.kept:
+            feats = suffix_features(mods[split], d["test"]["acts"][split], fit.bb)
+            test = accuracy(fit.head, feats, d["test"]["y"])
+        timings["train_s"] += fit.seconds
+        return row(task, mode, split, recipe.to_dict(), fit.val_accuracy, fit.val_accuracy_without_bb, test,
+                   fit.kept, fit.seconds, fit.bb if fit.kept else None,
+                   {"best_epoch": fit.head.history.get("bb_best_epoch", 0), "epochs_run": fit.epochs_run,
+                    "val_history": fit.history, "bias_values_trained": int(fit.bb.size)})
+
+    def with_epochs(name: str) -> BBRecipe:
+        b = RECIPES[name]
+        return BBRecipe(b.optimizer, b.lr, b.lr_head, args.epochs, b.batch_size, args.patience, b.min_val_gain)
+
+    # Each task is done whole before the next (results are written after every task): cache, the plain
+    # head, every recipe at the explore split (the tail: cheap), the recipe best on *this task's*
+    # validation split for the other splits, today's tail BB, and the auto default.
+    for task in args.tasks:
+        t0 = time.perf_counter()
+        data[task] = d = cache(task)
+        timings["cache_activations_s"] += time.perf_counter() - t0
+        print(f"[{time.perf_counter() - t_start:6.0f}s] cached {task}: {len(d['train']['y'])} train, "
+              f"{len(d['test']['y'])} test", flush=True)
+        if not cost:  # 1b. inference cost of a routed image, on the first task's test images
+            t0 = time.perf_counter()
+            rng = np.random.default_rng(0)
+            cost.update(inference_cost(args.rom, d["test"]["paths"][:64],
+                                       rng.normal(0, 0.1, man.tail_bias_total).astype(np.float32),
+                                       rng.normal(0, 0.1, man.bias_suffix_total(min(args.splits))).astype(np.float32)))
+            timings["inference_cost_s"] = time.perf_counter() - t0
+        # 2. the plain head (no BB)
         t0 = time.perf_counter()
         head = train_head(d["train"]["features"], d["train"]["y"], len(d["classes"]))
         plain_heads[task] = head
         d["no_bb_test"] = accuracy(head, d["test"]["features"], d["test"]["y"])
         row(task, "no_bb", None, None, head.val_accuracy, head.val_accuracy, d["no_bb_test"], False,
             time.perf_counter() - t0, None)
-
-    def run(task: str, mode: str, split: int, recipe: BBRecipe, idx: np.ndarray | None = None) -> dict:
-        d = data[task]
-        tr = d["train"]
-        sel = np.arange(len(tr["y"])) if idx is None else idx
-        fit = train_bb(args.rom, tr["acts"][split][sel], tr["y"][sel], len(d["classes"]), plain_heads[task],
-                       split=split, recipe=recipe, plain_features=tr["features"][sel], suffix=mods[split])
-        test = d["no_bb_test"]
-        if fit.kept and idx is None:
-            feats = suffix_features(mods[split], d["test"]["acts"][split], fit.bb)
-            test = accuracy(fit.head, feats, d["test"]["y"])
-        elif idx is not None:
-            test = float("nan")  # exploration rows are judged on validation only
-        return row(task, mode, split, recipe.to_dict(), fit.val_accuracy, fit.val_accuracy_without_bb, test,
-                   fit.kept, fit.seconds, fit.bb if fit.kept else None,
-                   {"best_epoch": fit.head.history.get("bb_best_epoch", 0), "epochs_run": fit.epochs_run,
-                    "val_history": fit.history, "bias_values_trained": int(fit.bb.size),
-                    **({"explore_sample": int(len(sel))} if idx is not None else {})})
-
-    # ------------------------------------------------------------- 3. recipe exploration (validation only)
-    # The recipes are compared at the (cheap) explore split on every task's whole training sample;
-    # the winner's rows there are that split's rows, and it is the recipe for the other splits.
-    t0 = time.perf_counter()
-    gains: dict[str, list[float]] = {}
-    explored: dict[str, dict[str, dict]] = {}
-    for name in args.recipes:
-        base = RECIPES[name]
-        rec = BBRecipe(base.optimizer, base.lr, base.lr_head, args.epochs, base.batch_size, args.patience,
-                       base.min_val_gain)
-        for task, d in data.items():
-            if args.explore_tasks is not None and task not in args.explore_tasks:
-                continue
-            r = run(task, f"split{args.explore_split}/{name}", args.explore_split, rec)
-            explored.setdefault(name, {})[task] = r
-            gains.setdefault(name, []).append(r["val_acc"] - r["val_acc_without_bb"])
-    best_name = max(args.recipes, key=lambda n: (float(np.nanmean(gains[n])), -args.recipes.index(n)))
-    b = RECIPES[best_name]
-    recipe = BBRecipe(b.optimizer, b.lr, b.lr_head, args.epochs, b.batch_size, args.patience, b.min_val_gain)
-    timings["explore_s"] = time.perf_counter() - t0
-    print(f"recipe gains on validation: { {k: round(float(np.nanmean(v)), 4) for k, v in gains.items()} } -> {best_name}",
-          flush=True)
-
-    # ------------------------------------------------------------- 4. every split with the chosen recipe
-    t0 = time.perf_counter()
-    per_split: dict[str, dict[int, dict]] = {t: {} for t in data}
-    for split in args.splits:
-        for task in data:
-            if split == args.explore_split and task in explored.get(best_name, {}):
-                r = dict(explored[best_name][task])
+        # 3. the recipes at the explore split, judged on validation
+        explored = {}
+        for name in args.recipes:
+            explored[name] = run(task, f"split{args.explore_split}/{name}", args.explore_split, with_epochs(name))
+            gains.setdefault(name, []).append(explored[name]["val_acc"] - explored[name]["val_acc_without_bb"])
+        best_name = max(args.recipes, key=lambda n: (explored[n]["val_acc"], -args.recipes.index(n)))
+        chosen_recipe[task] = best_name
+        # 4. every split with that recipe
+        per_split = {}
+        for split in args.splits:
+            if split == args.explore_split:
+                r = dict(explored[best_name])
                 r["mode"] = f"split{split}"
                 rows.append(r)
-                per_split[task][split] = r
             else:
-                per_split[task][split] = run(task, f"split{split}", split, recipe)
-    timings["splits_s"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------- 5. today's tail-only BB
-    t0 = time.perf_counter()
-    tail_split = man.tail_split
-    for task in data:
+                r = run(task, f"split{split}", split, with_epochs(best_name))
+            per_split[split] = r
+        # 5. today's tail-only BB
         if tail_split in args.splits:
             run(task, "tail_v1", tail_split, TAIL_RECIPE_V1)
-    timings["tail_v1_s"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------- 6. the default: auto split on validation
-    for task, d in data.items():
-        cands = [r for r in per_split[task].values() if r["kept"]]
-        spent = sum(r["train_s"] for r in per_split[task].values())
+        # 6. the default: the split best on validation among those kept, else no BB
+        cands = [r for r in per_split.values() if r["kept"]]
+        spent = sum(r["train_s"] for r in per_split.values()) + (
+            sum(explored[n]["train_s"] for n in args.recipes if n != best_name))
         if cands:  # best validation accuracy; on a tie, the later (cheaper) split
             pick = max(cands, key=lambda r: (r["val_acc"], r["split"]))
             r = dict(pick)
             r.update(mode="auto", train_s=spent, chosen_split=pick["split"])
-            rows.append(r)
-            print(f"{task:18s} auto -> split {pick['split']} test {r['test_acc']:.4f} ({r['test_delta']*100:+.2f})")
         else:
-            nb = next(x for x in rows if x["task"] == task and x["mode"] == "no_bb")
-            r = dict(nb)
+            r = dict(next(x for x in rows if x["task"] == task and x["mode"] == "no_bb"))
             r.update(mode="auto", train_s=spent, chosen_split=None, kept=False)
-            rows.append(r)
+        rows.append(r)
+        print(f"{task:18s} auto -> split {r['chosen_split']} test {r['test_acc']:.4f} ({r['test_delta']*100:+.2f})",
+              flush=True)
+        write_outputs(args, rows, timings, cost, chosen_recipe, gains, tail_split, t_start)
 
-    tail_split = man.tail_split
+
+def write_outputs(args, rows: list[dict], timings: dict, cost: dict, chosen_recipe: dict, gains: dict,
+                  tail_split: int, t_start: float) -> None:
     for r in rows:
         s = r.get("chosen_split", r["split"]) if r["mode"] == "auto" else r["split"]
         r["inference_cost_ratio"] = (1.0 if not r["kept"] or s is None else
                                      cost["ratio_tail"] if s == tail_split else cost["ratio_full"])
         r["rerun_graph"] = None if not r["kept"] or s is None else "tail" if s == tail_split else "full"
     timings["total_s"] = time.perf_counter() - t_start
-
     auto = [r for r in rows if r["mode"] == "auto"]
     deltas = {r["task"]: r["test_delta"] for r in auto}
     summary = {"default_mode": "auto", "tasks": len(auto), "mean_gain": float(np.mean(list(deltas.values()))),
                "worst_task_delta": float(min(deltas.values())),
                "inference_cost_ratio": float(max(r["inference_cost_ratio"] for r in auto)),
-               "recipe": recipe.to_dict() | {"name": best_name}, "recipe_val_gain": {k: float(np.nanmean(v)) for k, v in gains.items()},
+               "recipe_per_task": chosen_recipe,
+               "recipe_val_gain": {k: float(np.nanmean(v)) for k, v in gains.items()},
                "splits_tried": args.splits, "tail_split": tail_split,
+               "tasks_planned": len(args.tasks),
                "goals": {"mean_gain_min": 0.03, "worst_task_delta_min": -0.005, "inference_cost_ratio_max": 2.1,
                          "total_minutes_max": 60},
                "minutes": timings["total_s"] / 60}
@@ -303,9 +288,9 @@ def main() -> None:
                                    "training reruns only the suffix",
                "inference_cost": cost, "timings": timings, "summary": summary,
                "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+    if summary["tasks"] == summary["tasks_planned"]:
+        (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     write_readme(payload, args.name)
 
 
@@ -349,8 +334,9 @@ def write_readme(p: dict, name: str) -> None:
 
 Oracle head test accuracy (%) per BB mode; ✓ = BB kept on validation, ✗ = not kept (the plain head ships).
 `splitN` learns the biases of stages N.. (Lite0: 7 = today's tail, 3,904 biases; 6 = 12,928; 5 = 16,912);
-`auto` (the default) keeps each task's best split on validation. Recipe chosen on validation:
-`{s['recipe']['name']}` (mean validation gains {', '.join(f'{k} {100 * v:+.2f}' for k, v in s['recipe_val_gain'].items())}).
+`auto` (the default) keeps each task's best split on validation. Recipe chosen per task on its validation
+split at the tail: {', '.join(f'{t} {n}' for t, n in s['recipe_per_task'].items())} (mean validation gains at the tail:
+{', '.join(f'{k} {100 * v:+.2f}' for k, v in s['recipe_val_gain'].items())}). {s['tasks']} of {s['tasks_planned']} tasks done.
 
 {md_table(['task', *modes], table)}
 
