@@ -310,6 +310,9 @@ class GmmcMapper(TaskMapper):
     """
 
     kind = "gmmc"
+    #: Lite0, ``sqrt_l2_trunk``, 21 skill-bench tasks: ECE of the task confidence 0.120 -> 0.008
+    #: (benchmarks/results/mapper_peers.json, ``calibration``; unmeasured for other ROMs).
+    temperature = 56.0
 
     def __init__(
         self,
@@ -467,6 +470,9 @@ class MahalanobisMapper(TaskMapper):
     """
 
     kind = "maha"
+    #: Lite0, ``sqrt_l2_trunk``, 21 skill-bench tasks: ECE of the task confidence 0.086 -> 0.009
+    #: (benchmarks/results/mapper_peers.json, ``calibration``; unmeasured for other ROMs).
+    temperature = 32.0
 
     def __init__(
         self,

@@ -298,9 +298,10 @@ def test_confidence_is_task_posterior(bank):
     _, knowledge = bank
     mapper = GmmcMapper.from_knowledge(knowledge)
     res = mapper.predict(np.abs(np.random.default_rng(8).normal(1, 1, (10, D))))
-    s = res.scores.astype(np.float64)
+    s = res.scores.astype(np.float64) / mapper.temperature  # the posterior, tempered as calibrated
     p = np.exp(s - logsumexp(s, axis=1, keepdims=True))
     np.testing.assert_allclose(res.confidence, p.max(axis=1), rtol=1e-5)
+    assert mapper.temperature > 1.0
 
 
 def test_transform_mismatch_refused(tasks):
