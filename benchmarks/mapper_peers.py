@@ -1,0 +1,716 @@
+"""The task mapper against its published frozen-backbone peers, on the same ROM features (issue 17).
+
+Every method sees the same inputs: each task's pooled ROM features and trunk statistics in the
+anchors' space (``sqrt_l2_trunk``, 1,664 wide for Lite0), the same train/test splits, and the
+same heads (the device's own, as ``skill_scale.py`` learned and cached them: oracle 0.855 on
+skill-bench).  A method only picks the task; the picked task's head then names the class, so
+no-oracle accuracy = task right and head right, and ``ratio`` = no-oracle / oracle.
+
+Methods (hyper-parameters chosen on a validation split carved from train, 20 % per class,
+never on test; then refitted on all of train):
+
+* ``joint probe`` (ceiling): one softmax classifier over the classes of all tasks, trained on
+  the pooled training features of every task; an image goes to the task owning its predicted
+  class.  It needs the fleet's pooled data, which SKILL never has, so it is a ceiling only.
+* ``NCM`` (SimpleCIL; Zhou et al., "Revisiting class-incremental learning with pre-trained
+  models", IJCV 2024): cosine similarity to class prototypes.
+* ``FeCAM`` (Goswami et al., NeurIPS 2023): a Mahalanobis distance per class with that class's
+  own covariance, shrunk (``S + g1 V1 I + g2 V2 (1 - I)``, V1/V2 the mean diagonal/off-diagonal)
+  and normalised to a correlation matrix, on Tukey-transformed (square-rooted), L2-normalised
+  features; task of the nearest class.
+* ``RanPAC`` (McDonnell et al., NeurIPS 2023): a frozen Gaussian random projection to M
+  dimensions with ReLU, then ridge regression onto one-hot labels of all classes from the Gram
+  matrix ``G = sum h h^T`` and ``Q = sum h y^T`` (M from 2k to 10k, lambda on validation).
+* ``KLDA`` (Momeni et al., AAAI 2025): random Fourier features of an RBF kernel, class means and
+  one shared covariance in that space, and the LDA discriminant.
+* ``relative Mahalanobis`` (Ren et al., 2021; the likelihood ratio of TPL, Lin et al., ICLR
+  2024): each task's own Gaussian (its class means, its own shrunk covariance, log-determinant)
+  against a background Gaussian of all tasks; the background cancels in the closed-set choice
+  but makes the open-set score comparable between tasks.
+* ours: ``Mahalanobis`` (class means + exemplar rows per packet, the student's tied covariance)
+  and ``GMMC`` (k = 25 diagonal Gaussians per task), from the packets' own records.
+
+What a device must *send* per task (``bytes_per_task``) follows from each method's statistics:
+sums that merge in any order (class sums and counts, Gram or second-moment matrices), fp16.
+Ours are the real packet sizes at the default codec (fp32 records, zstd), head included.
+
+Open set, leave-one-task-out: with task t absent from the mapper, t's test images should be
+"unknown" and the other tasks' should not.  ``open_set_auroc`` is the AUROC of each method's
+known-ness score (ours: the chosen task's open-set score minus its calibrated threshold),
+pooled over all t; ``operating_point`` is the fraction of absent-task images flagged when the
+threshold marks at most 2 % of known-task images unknown.
+
+    python benchmarks/extract_features.py --out FEATURES_DIR
+    python benchmarks/skill_scale.py --features FEATURES_DIR --cache CACHE_DIR   # heads, anchors
+    python benchmarks/mapper_peers.py --features FEATURES_DIR --cache CACHE_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import md_table, update_readme, write_result  # noqa: E402
+from skill_scale import learned, load_tasks, log  # noqa: E402
+
+from skill_edge.runtime.anchors import transform_features  # noqa: E402
+from skill_edge.runtime.packet import PacketCodec  # noqa: E402
+from skill_edge.runtime.keys import DeviceKey  # noqa: E402
+from skill_edge.runtime.mapper import build_mapper, exemplar_scatter  # noqa: E402
+
+TRANSFORM = "sqrt_l2_trunk"
+COMPACT_BYTES = 56_000
+FP16 = 2
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Pooled:
+    """All tasks' features side by side, with global class ids and the task owning each class."""
+
+    x: np.ndarray  # [N, D] transformed
+    y: np.ndarray  # [N] global class id
+    task: np.ndarray  # [N] task index
+    owner: np.ndarray  # [C] task of each global class
+    class_counts: list[int]  # classes per task
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.owner)
+
+
+def pooled(parts: list[tuple[np.ndarray, np.ndarray]], class_counts: list[int]) -> Pooled:
+    off = np.concatenate([[0], np.cumsum(class_counts)[:-1]])
+    x = np.concatenate([p[0] for p in parts]).astype(np.float32)
+    y = np.concatenate([p[1] + off[t] for t, p in enumerate(parts)])
+    task = np.concatenate([np.full(len(p[1]), t) for t, p in enumerate(parts)])
+    owner = np.repeat(np.arange(len(class_counts)), class_counts)
+    return Pooled(x, y, task, owner, list(class_counts))
+
+
+def val_split(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """80/20 per class (at least one of each class on both sides when it has two images)."""
+    rng = np.random.default_rng(seed)
+    fit, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = max(1, int(round(0.2 * len(idx)))) if len(idx) > 1 else 0
+        val.append(idx[:k])
+        fit.append(idx[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+
+
+def task_accuracy(class_scores: np.ndarray, data: Pooled) -> np.ndarray:
+    """Chosen task per image from [N, C] class scores."""
+    return data.owner[class_scores.argmax(axis=1)]
+
+
+def mean_task_id(pred_task: np.ndarray, data: Pooled) -> float:
+    return float(np.mean([np.mean(pred_task[data.task == t] == t) for t in range(len(data.class_counts))]))
+
+
+# ----------------------------------------------------------------------------- peers
+def class_means(d: Pooled) -> tuple[np.ndarray, np.ndarray]:
+    c = d.num_classes
+    sums = np.zeros((c, d.x.shape[1]))
+    np.add.at(sums, d.y, d.x)
+    counts = np.bincount(d.y, minlength=c).astype(np.float64)
+    return sums / counts[:, None], counts
+
+
+class NCM:
+    """SimpleCIL: cosine to class prototypes.  Sends class sums and counts."""
+
+    name = "NCM (SimpleCIL)"
+
+    def fit(self, d: Pooled) -> "NCM":
+        mu, _ = class_means(d)
+        self.p = (mu / np.linalg.norm(mu, axis=1, keepdims=True)).astype(np.float32)
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)) @ self.p.T
+
+    @staticmethod
+    def bytes(c: int, d: int) -> int:
+        return c * (d + 1) * FP16
+
+
+class FeCAM:
+    """Per-class shrunk, correlation-normalised covariance (Woodbury: classes hold fewer images than D)."""
+
+    name = "FeCAM"
+
+    def __init__(self, g1: float = 1.0, g2: float = 1.0) -> None:
+        self.g1, self.g2 = g1, g2
+
+    def fit(self, d: Pooled) -> "FeCAM":
+        x = d.x / np.linalg.norm(d.x, axis=1, keepdims=True)  # FeCAM L2-normalises features and means
+        self.models = []
+        for c in range(d.num_classes):
+            xc = x[d.y == c].astype(np.float64)
+            mu = xc.mean(0)
+            e = (xc - mu) / np.sqrt(max(len(xc) - 1, 1))  # S = e^T e, rank <= n - 1
+            diag = (e * e).sum(0)
+            p = len(mu)
+            v1 = diag.mean()
+            # mean off-diagonal of S: (sum of all entries - trace) / (p^2 - p)
+            tot = float((e.sum(1) ** 2).sum())
+            v2 = (tot - diag.sum()) / (p * p - p)
+            # S_shrunk = S + g1 v1 I + g2 v2 (11^T - I) = (g1 v1 - g2 v2) I + g2 v2 11^T + e^T e
+            a = self.g1 * v1 - self.g2 * v2
+            full_diag = diag + a + self.g2 * v2
+            s = 1.0 / np.sqrt(full_diag)  # correlation normalisation: R = D^-1/2 S D^-1/2
+            # R = diag(base) + U^T sign U: e's rows, plus the rank-one g2 v2 11^T whose sign is v2's
+            u = np.concatenate([e, np.sqrt(abs(self.g2 * v2)) * np.ones((1, p))]) * s  # [n+1, p]
+            sign = np.ones(len(u))
+            sign[-1] = 1.0 if v2 >= 0 else -1.0
+            base = a * s * s  # diagonal part of R
+            inv_base = 1.0 / base
+            ub = u * inv_base  # [n+1, p]
+            k = np.linalg.inv(np.diag(sign) + ub @ u.T)  # Woodbury with a signed middle (sign^-1 = sign)
+            self.models.append((mu.astype(np.float32), inv_base.astype(np.float32), ub.astype(np.float32),
+                                k.astype(np.float32)))
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        out = np.empty((len(x), len(self.models)), np.float32)
+        for c, (mu, inv_base, ub, k) in enumerate(self.models):
+            v = x - mu
+            w = v @ ub.T  # [N, n+1]
+            out[:, c] = -((v * v * inv_base).sum(1) - ((w @ k) * w).sum(1))
+        return out
+
+    @staticmethod
+    def bytes(c: int, d: int) -> int:
+        return c * (d + d * (d + 1) // 2 + 1) * FP16
+
+
+class RanPAC:
+    """Random ReLU projection to M dims, ridge regression over all classes from merged Gram sums."""
+
+    def __init__(self, m: int, seed: int = 0) -> None:
+        self.m = m
+        self.name = f"RanPAC (M={m})"
+        self.seed = seed
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x @ self.w, 0.0)
+
+    def stats(self, d: Pooled) -> tuple[np.ndarray, np.ndarray]:
+        self.w = np.random.default_rng(self.seed).standard_normal((d.x.shape[1], self.m)).astype(np.float32)
+        g = np.zeros((self.m, self.m), np.float64)
+        q = np.zeros((self.m, d.num_classes), np.float64)
+        for i in range(0, len(d.x), 4096):
+            h = self.project(d.x[i:i + 4096])
+            g += (h.T @ h).astype(np.float64)
+            np.add.at(q.T, d.y[i:i + 4096], h.astype(np.float64))
+        return g, q
+
+    def solve(self, g: np.ndarray, q: np.ndarray, lam: float) -> "RanPAC":
+        reg = g.copy()
+        reg.flat[:: self.m + 1] += lam * np.trace(g) / self.m
+        chol = np.linalg.cholesky(reg)
+        self.out = np.linalg.solve(chol.T, np.linalg.solve(chol, q)).astype(np.float32)
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.project(x[i:i + 4096]) @ self.out for i in range(0, len(x), 4096)])
+
+    def bytes(self, c: int, d: int) -> int:
+        return (self.m * (self.m + 1) // 2 + self.m * c) * FP16
+
+
+class KLDA:
+    """Random Fourier features of an RBF kernel; class means and one shared covariance; LDA."""
+
+    def __init__(self, m: int, sigma: float, seed: int = 0) -> None:
+        self.m, self.sigma, self.seed = m, sigma, seed
+        self.name = f"KLDA (M={m})"
+
+    def phi(self, x: np.ndarray) -> np.ndarray:
+        return (np.sqrt(2.0 / self.m) * np.cos(x @ self.w + self.b)).astype(np.float32)
+
+    def fit(self, d: Pooled, ridge: float = 1e-3) -> "KLDA":
+        rng = np.random.default_rng(self.seed)
+        self.w = (rng.standard_normal((d.x.shape[1], self.m)) / self.sigma).astype(np.float32)
+        self.b = rng.uniform(0, 2 * np.pi, self.m).astype(np.float32)
+        sums = np.zeros((d.num_classes, self.m))
+        sxx = np.zeros((self.m, self.m))
+        for i in range(0, len(d.x), 4096):
+            f = self.phi(d.x[i:i + 4096]).astype(np.float64)
+            np.add.at(sums, d.y[i:i + 4096], f)
+            sxx += f.T @ f
+        counts = np.bincount(d.y, minlength=d.num_classes).astype(np.float64)
+        mu = sums / counts[:, None]
+        cov = (sxx - (mu * counts[:, None]).T @ mu) / len(d.x)  # pooled within-class scatter
+        cov.flat[:: self.m + 1] += ridge * np.trace(cov) / self.m
+        prec = np.linalg.inv(cov)
+        self.coef = (mu @ prec).astype(np.float32)
+        self.const = (-0.5 * (self.coef * mu).sum(1)).astype(np.float32)
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.phi(x[i:i + 4096]) @ self.coef.T + self.const for i in range(0, len(x), 4096)])
+
+    def bytes(self, c: int, d: int) -> int:
+        return (self.m * (self.m + 1) // 2 + c * (self.m + 1)) * FP16
+
+
+class RelativeMahalanobis:
+    """Each task's own Gaussian (own shrunk covariance, log-det) over its class means, relative to a
+    background Gaussian of all tasks.  Task score = best class's own log-density - background's."""
+
+    name = "relative Mahalanobis (TPL-style)"
+
+    def fit(self, d: Pooled, shrink: float = 0.1) -> "RelativeMahalanobis":
+        mu, counts = class_means(d)
+        self.tasks = []
+        p = d.x.shape[1]
+        for t in range(len(d.class_counts)):
+            rows = d.task == t
+            e = d.x[rows].astype(np.float64) - mu[d.y[rows]]
+            s = e.T @ e / len(e)
+            s = (1 - shrink) * s + shrink * np.trace(s) / p * np.eye(p)
+            chol = np.linalg.cholesky(s)
+            wt = np.linalg.inv(chol)  # z = wt @ v
+            cls = np.flatnonzero(d.owner == t)
+            self.tasks.append((wt.astype(np.float32), (mu[cls] @ wt.T).astype(np.float32),
+                               float(np.log(np.diag(chol)).sum())))
+        e = d.x.astype(np.float64) - d.x.mean(0)
+        s = e.T @ e / len(e)
+        s = (1 - shrink) * s + shrink * np.trace(s) / p * np.eye(p)
+        chol = np.linalg.cholesky(s)
+        self.bg = (np.linalg.inv(chol).astype(np.float32), d.x.mean(0).astype(np.float32),
+                   float(np.log(np.diag(chol)).sum()))
+        return self
+
+    def task_scores(self, x: np.ndarray) -> np.ndarray:
+        wb, mb, ldb = self.bg
+        zb = (x - mb) @ wb.T
+        bg = -0.5 * (zb * zb).sum(1) - ldb
+        out = np.empty((len(x), len(self.tasks)), np.float32)
+        for t, (wt, mw, ld) in enumerate(self.tasks):
+            z = x @ wt.T
+            d2 = (z * z).sum(1)[:, None] - 2 * z @ mw.T + (mw * mw).sum(1)
+            out[:, t] = -0.5 * d2.min(1) - ld - bg
+        return out
+
+    @staticmethod
+    def bytes(c: int, d: int) -> int:
+        return (c * (d + 1) + d * (d + 1) // 2) * FP16
+
+
+def joint_probe(d: Pooled, wd: float, max_iter: int):
+    """Softmax over all classes of all tasks on pooled, standardised features (torch L-BFGS)."""
+    import torch
+
+    torch.set_num_threads(2)
+    mu, sd = d.x.mean(0), d.x.std(0) + 1e-6
+    x = torch.from_numpy((d.x - mu) / sd)
+    y = torch.from_numpy(d.y)
+    lin = torch.nn.Linear(x.shape[1], d.num_classes)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=max_iter, history_size=10,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(x), y) + 0.5 * wd * (lin.weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+    return lambda z: ((z - mu) / sd) @ w.T + b
+
+
+# ----------------------------------------------------------------------------- scoring
+def heads_correct(knowledge, raw_test) -> list[np.ndarray]:
+    """Per task: whether its own head names each of its test images right (the oracle)."""
+    out = []
+    for k, (x, y) in zip(knowledge, raw_test):
+        out.append((x @ k.head_weight.T + k.head_bias).argmax(1) == y)
+    return out
+
+
+def system(pred_task: np.ndarray, test: Pooled, own_ok: list[np.ndarray]) -> dict:
+    tid, no, orc = [], [], []
+    for t, ok in enumerate(own_ok):
+        rows = test.task == t
+        hit = pred_task[rows] == t
+        tid.append(float(hit.mean()))
+        no.append(float((hit & ok).mean()))
+        orc.append(float(ok.mean()))
+    o, n = float(np.mean(orc)), float(np.mean(no))
+    return {"task_id_acc": float(np.mean(tid)), "no_oracle_acc": n, "oracle_acc": o, "ratio": n / o,
+            "per_task_task_id": tid}
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a known-task image > score of an absent-task image), ties halved."""
+    s = np.concatenate([pos, neg])
+    ranks = np.empty(len(s))
+    order = np.argsort(s, kind="mergesort")
+    ranks[order] = np.arange(1, len(s) + 1)
+    # average ranks of ties
+    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = sums[inv] / cnt[inv]
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def leave_one_out(task_scores: np.ndarray, known: np.ndarray | None, test: Pooled,
+                  relative_to_threshold: bool = False) -> dict:
+    """Open set from a [N, T] matrix of per-task scores whose columns do not depend on each other
+    (``known``: [N, T] known-ness of each image under each task as its choice; default the
+    selection score).  Leaving task t out = dropping its column."""
+    known = task_scores if known is None else known
+    pos_all, neg_all = [], []
+    per_task = []
+    rows = np.arange(len(test.task))
+    for t in range(task_scores.shape[1]):
+        s = task_scores.copy()
+        s[:, t] = -np.inf
+        best = s.argmax(1)
+        k = known[rows, best]
+        neg, pos = k[test.task == t], k[test.task != t]
+        per_task.append(auroc(pos, neg))
+        pos_all.append(pos)
+        neg_all.append(neg)
+    pos, neg = np.concatenate(pos_all), np.concatenate(neg_all)
+    thr = np.quantile(pos, 0.02)  # at most 2 % of known-task images called unknown
+    out = {"auroc": auroc(pos, neg), "auroc_per_left_out_task_mean": float(np.mean(per_task)),
+           "operating_point": {"known_called_unknown": float(np.mean(pos < thr)),
+                               "absent_called_unknown": float(np.mean(neg < thr))}}
+    if relative_to_threshold:  # known-ness is the score minus the teacher's threshold: the product's rule
+        out["at_thresholds"] = {"known_called_unknown": float(np.mean(pos < 0)),
+                                "absent_called_unknown": float(np.mean(neg < 0))}
+    return out
+
+
+def calibration(sel: np.ndarray, truth: np.ndarray) -> dict:
+    """Fit the softmax temperature of per-task scores by likelihood on half of the test images
+    (every other image of each task) and report the expected calibration error (15 bins) of the
+    chosen task's confidence on the other half, before and after."""
+    half = np.zeros(len(truth), bool)
+    for t in np.unique(truth):
+        half[np.flatnonzero(truth == t)[::2]] = True
+
+    def nll(temp: float, rows: np.ndarray) -> float:
+        z = sel[rows] / temp
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), truth[rows]]))
+
+    def ece(temp: float, rows: np.ndarray) -> float:
+        z = sel[rows] / temp
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        conf, hit = p.max(1), p.argmax(1) == truth[rows]
+        bins = np.minimum((conf * 15).astype(int), 14)
+        return float(sum(abs(conf[bins == b].mean() - hit[bins == b].mean()) * np.mean(bins == b)
+                         for b in range(15) if np.any(bins == b)))
+
+    grid = np.exp(np.linspace(np.log(1e-2), np.log(1e4), 121))
+    fitted = float(grid[np.argmin([nll(g, np.flatnonzero(half)) for g in grid])])
+    ev = np.flatnonzero(~half)
+    return {"temperature": fitted, "ece_before": ece(1.0, ev), "ece_after": ece(fitted, ev),
+            "nll_before": nll(1.0, ev), "nll_after": nll(fitted, ev),
+            "method": "temperature by NLL on every other test image of each task; ECE (15 bins) on the rest"}
+
+
+def ms_per_image(score_fn, n: int = 256, d: int = 1664, reps: int = 3) -> float:
+    x = np.abs(np.random.default_rng(1).standard_normal((n, d))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        score_fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best / n
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--features", type=Path, nargs="+", required=True)
+    ap.add_argument("--cache", type=Path, required=True, help="skill_scale.py's heads and anchors")
+    ap.add_argument("--rom", type=Path, default=Path("models/rom/efficientnet_lite0"))
+    ap.add_argument("--ranpac-m", type=int, nargs="+", default=[2000, 5000, 10000])
+    ap.add_argument("--probe-iter", type=int, default=100)
+    ap.add_argument("--name", default="mapper_peers")
+    ap.add_argument("--tasks", nargs="*", help="a subset of tasks (smoke runs)")
+    ap.add_argument("--update", nargs="+", choices=["ours", "ncm", "fecam"],
+                    help="recompute only these rows (after a fix) and keep the others of the last full run")
+    args = ap.parse_args()
+    t_start = time.time()
+
+    tasks = load_tasks(args.features)
+    if args.tasks:
+        tasks = [t for t in tasks if t.name in args.tasks]
+    names = [t.name for t in tasks]
+    knowledge = learned(tasks, args.cache, args.rom, ["gmmc", "maha"], newest=True)
+    by_name = {k.task: k for k in knowledge}
+    knowledge = [by_name[n] for n in names]
+    counts = [len(t.classes) for t in tasks]
+    log(f"{len(tasks)} tasks, {sum(counts)} classes")
+
+    tr = [(transform_features(t.x_train, TRANSFORM, t.s_train), t.y_train) for t in tasks]
+    te = [(transform_features(t.x_test, TRANSFORM, t.s_test), t.y_test) for t in tasks]
+    train, test = pooled(tr, counts), pooled(te, counts)
+    fit_idx, val_idx = val_split(train.y)
+    fit = Pooled(train.x[fit_idx], train.y[fit_idx], train.task[fit_idx], train.owner, counts)
+    val = Pooled(train.x[val_idx], train.y[val_idx], train.task[val_idx], train.owner, counts)
+    own_ok = heads_correct(knowledge, [(t.x_test, t.y_test) for t in tasks])
+    dim = train.x.shape[1]
+    mean_c = int(round(np.mean(counts)))
+    rows: list[dict] = []
+
+    def add(method: str, pred_task: np.ndarray, *, bytes_per_task: int, student_s: float, ms_1000: float,
+            in_product: bool, val_task_id: float | None = None, extra: dict | None = None) -> dict:
+        r = {"method": method, **{k: v for k, v in system(pred_task, test, own_ok).items()
+                                 if k != "per_task_task_id"},
+             "bytes_per_task": int(bytes_per_task), "student_s_per_task": student_s,
+             "ms_per_image_1000_tasks": ms_1000, "in_product": in_product, "val_task_id_acc": val_task_id,
+             **(extra or {})}
+        rows.append(r)
+        log(f"{method:38s} task-id {r['task_id_acc']:.4f}  no-oracle {r['no_oracle_acc']:.4f}  "
+            f"ratio {r['ratio']:.4f}  bytes {bytes_per_task:,}")
+        return r
+
+    def at_1000(per_class_cost, n_classes: int = 1000 * mean_c):
+        return per_class_cost(n_classes)
+
+    redo = set(args.update or [])
+    # --- ours, from the packets' records
+    codec, key = PacketCodec(), DeviceKey.generate()
+    for kind, label in ((("maha", "Mahalanobis (ours)"), ("gmmc", "GMMC (ours)")) if not redo or "ours" in redo else ()):
+        t0 = time.perf_counter()
+        mp = build_mapper(kind, knowledge)
+        student = (time.perf_counter() - t0) / len(knowledge)
+        pred = np.concatenate([mp.predict(t.x_test, t.s_test).task_index for t in tasks])
+        # what this mapper needs sent: the record with this anchor only (and the head)
+        nbytes = int(np.mean([len(codec.encode(dataclasses.replace(k, **{"gmmc" if kind == "maha" else "maha": None}),
+                                                key)) for k in knowledge]))
+        # 1,000 tasks: this mapper's arrays replicated to 1,000 tasks, timed per image
+        reps = -(-1000 // len(knowledge))
+        many = [_renamed(k, i) for i in range(reps) for k in knowledge][:1000]
+        big = (build_mapper(kind, many, covariance=exemplar_scatter([k.maha for k in knowledge]).shrunk()[0])
+               if kind == "maha" else build_mapper(kind, many))
+        ms = ms_per_image(lambda z: big.task_scores(z), d=big.feature_dim)
+        sel = np.concatenate([mp.task_scores(mp.prepare(t.x_test, t.s_test)) for t in tasks])
+        xs = np.concatenate([mp.prepare(t.x_test, t.s_test) for t in tasks])
+        # known-ness under each task as the choice: its own open-set score minus its threshold
+        known = np.stack([mp.open_set_scores(xs, np.full(len(xs), j), sel) - mp.thresholds[j]
+                          for j in range(len(knowledge))], axis=1)
+        add(label, pred, bytes_per_task=nbytes, student_s=student, ms_1000=ms, in_product=True,
+            extra={"calibration": calibration(sel.astype(np.float64), test.task),
+                   "temperature_in_runtime": mp.temperature,
+                   "open_set": leave_one_out(sel, known, test, relative_to_threshold=True),
+                   "open_set_by_selection_score": leave_one_out(sel, None, test)})
+        del big
+
+    # --- NCM
+    if not redo or "ncm" in redo:
+        t0 = time.perf_counter()
+        ncm = NCM().fit(train)
+        student = (time.perf_counter() - t0) / len(tasks)
+        s = ncm.scores(test.x)
+        task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+        add(NCM.name, task_accuracy(s, train), bytes_per_task=NCM.bytes(mean_c, dim), student_s=student,
+            ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, 1000 * mean_c), np.float32)), in_product=False,
+            val_task_id=mean_task_id(task_accuracy(NCM().fit(fit).scores(val.x), train), val),
+            extra={"open_set": leave_one_out(task_sel, None, test)})
+
+    # --- FeCAM
+    if not redo or "fecam" in redo:
+        t0 = time.perf_counter()
+        fe = FeCAM().fit(train)
+        student = (time.perf_counter() - t0) / len(tasks)
+        s = fe.scores(test.x)
+        task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+        n_per_class = int(np.mean(np.bincount(train.y)))
+        add(FeCAM.name, task_accuracy(s, train), bytes_per_task=FeCAM.bytes(mean_c, dim), student_s=student,
+            ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, 8 * (n_per_class + 1)), np.float32), n=64)
+            * 1000 * mean_c / 8,
+            in_product=False, val_task_id=mean_task_id(task_accuracy(FeCAM().fit(fit).scores(val.x), train), val),
+            extra={"open_set": leave_one_out(task_sel, None, test),
+                   "note": "ms at 1,000 tasks extrapolated from 8 classes' Woodbury products"})
+
+    if redo:  # recompute only some rows (after a fix), keep the others of the last full run
+        import json
+
+        from _common import RESULTS
+
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        fresh = {r["method"]: r for r in rows}
+        merged = [fresh.pop(r["method"], r) for r in old["rows"]] + list(fresh.values())
+        return finish(args, names, counts, merged, old["seconds"] + time.time() - t_start)
+
+    # --- RanPAC: M and lambda on validation
+    best, kept = None, None
+    for m in args.ranpac_m:
+        rp = RanPAC(m)
+        t0 = time.perf_counter()
+        g, q = rp.stats(fit)
+        gv, qv = rp.stats(val)  # the statistics are sums: all of train = fit + val, merged exactly
+        stats_s = time.perf_counter() - t0
+        for lam in (1e-4, 1e-3, 1e-2, 1e-1):
+            acc = mean_task_id(task_accuracy(rp.solve(g, q, lam).scores(val.x), train), val)
+            log(f"RanPAC M={m} lambda={lam:g}: val task-id {acc:.4f}")
+            if best is None or acc > best[0]:
+                best, kept = (acc, m, lam), (rp, g + gv, q + qv, stats_s)
+        del g, q, gv, qv
+    acc_v, m, lam = best
+    rp, g, q, stats_s = kept
+    t0 = time.perf_counter()
+    rp.solve(g, q, lam)
+    student = (stats_s + time.perf_counter() - t0) / len(tasks)
+    s = rp.scores(test.x)
+    task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+    add(f"RanPAC (M={m}, lambda={lam:g})", task_accuracy(s, train), bytes_per_task=rp.bytes(mean_c, dim),
+        student_s=student, in_product=False, val_task_id=acc_v,
+        ms_1000=ms_per_image(lambda z: np.maximum(z @ rp.w, 0) @ np.zeros((m, 1000 * mean_c), np.float32), n=64),
+        extra={"open_set": leave_one_out(task_sel, None, test)})
+    del g, q, rp
+
+    # --- KLDA: sigma on validation
+    best = None
+    scale = float(np.median(np.linalg.norm(fit.x[:2000] - fit.x[2000:4000], axis=1)))
+    for mult in (1.0, 2.0, 4.0):  # searched at M = 2,000 (the M x M scatter dominates), refitted at 5,000
+        kl = KLDA(2000, mult * scale).fit(fit)
+        acc = mean_task_id(task_accuracy(kl.scores(val.x), train), val)
+        log(f"KLDA sigma={mult:g} x median distance: val task-id {acc:.4f}")
+        if best is None or acc > best[0]:
+            best = (acc, mult)
+    t0 = time.perf_counter()
+    kl = KLDA(5000, best[1] * scale).fit(train)
+    student = (time.perf_counter() - t0) / len(tasks)
+    s = kl.scores(test.x)
+    task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+    add(f"KLDA (M=5000, sigma={best[1]:g} x median)", task_accuracy(s, train), bytes_per_task=kl.bytes(mean_c, dim),
+        student_s=student, in_product=False, val_task_id=best[0],
+        ms_1000=ms_per_image(lambda z: kl.phi(z) @ np.zeros((5000, 1000 * mean_c), np.float32), n=64),
+        extra={"open_set": leave_one_out(task_sel, None, test)})
+    del kl
+
+    # --- relative Mahalanobis
+    t0 = time.perf_counter()
+    rm = RelativeMahalanobis().fit(train)
+    student = (time.perf_counter() - t0) / len(tasks)
+    s = rm.task_scores(test.x)
+    add(RelativeMahalanobis.name, s.argmax(1), bytes_per_task=RelativeMahalanobis.bytes(mean_c, dim),
+        student_s=student, in_product=False,
+        val_task_id=mean_task_id(RelativeMahalanobis().fit(fit).task_scores(val.x).argmax(1), val),
+        ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, dim), np.float32), n=64) * 1000,
+        extra={"open_set": leave_one_out(s, None, test)})
+    del rm
+
+    # --- the joint probe: the ceiling
+    best = None
+    for wd in (1e-3, 1e-4):
+        acc = mean_task_id(task_accuracy(joint_probe(fit, wd, args.probe_iter)(val.x), train), val)
+        log(f"joint probe wd={wd:g}: val task-id {acc:.4f}")
+        if best is None or acc > best[0]:
+            best = (acc, wd)
+    probe = joint_probe(train, best[1], args.probe_iter)
+    add(f"joint linear probe (ceiling, wd={best[1]:g})", task_accuracy(probe(test.x), train),
+        bytes_per_task=int(np.mean([len(t.y_train) for t in tasks])) * dim * FP16, student_s=float("nan"),
+        ms_1000=float("nan"), in_product=False, val_task_id=best[0],
+        extra={"note": "needs every task's training features in one place; bytes = a task's features, fp16"})
+
+    finish(args, names, counts, rows, time.time() - t_start)
+
+
+def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds: float) -> None:
+    """Summary, result file and README section."""
+    oracle = rows[0]["oracle_acc"]
+    product = [r for r in rows if r["in_product"]]
+    compact = [r for r in product if r["bytes_per_task"] <= COMPACT_BYTES]
+    default = next(r for r in product if r["method"].startswith("GMMC"))  # classify's default mapper (cli.py)
+    summary = {"oracle_acc": oracle, "tasks": len(names), "classes": int(sum(counts)),
+               "joint_probe_ratio": next(r["ratio"] for r in rows if r["method"].startswith("joint")),
+               "best_product_ratio": max(r["ratio"] for r in product),
+               "best_compact_product_ratio": max((r["ratio"] for r in compact), default=None),
+               "open_set_auroc": default["open_set"]["auroc"], "default_mapper": default["method"],
+               "goals": {"best_product_ratio>=0.96": max(r["ratio"] for r in product) >= 0.96,
+                         "best_compact_product_ratio>=0.92": bool(compact) and max(r["ratio"] for r in compact) >= 0.92,
+                         "open_set_auroc>=0.90": default["open_set"]["auroc"] >= 0.90,
+                         "oracle>=0.855": oracle >= 0.855}}
+    path = write_result(args.name, {"tasks": names, "transform": TRANSFORM, "summary": summary, "rows": rows,
+                                    "seconds": seconds})
+    scrub(path, args)
+    write_readme(args.name, rows, summary)
+    log(f"wrote {path}")
+
+
+def _renamed(k, i: int):
+    """A copy of a task record under another name (for timing a 1,000-task mapper)."""
+    import dataclasses
+
+    return dataclasses.replace(k, task=f"{k.task}-{i}")
+
+
+def scrub(path: Path, args) -> None:
+    text = path.read_text()
+    for i, f in enumerate(args.features):
+        text = text.replace(str(f), "FEATURES_DIR" if len(args.features) == 1 else f"FEATURES_DIR_{i + 1}")
+    text = text.replace(str(args.cache), "CACHE_DIR")
+    path.write_text(text)
+
+
+def write_readme(name: str, rows: list[dict], summary: dict) -> None:
+    """The README section, from the result rows (``python -c`` can redo it from the JSON)."""
+    table = md_table(
+        ["method", "task-ID", "no-oracle", "ratio", "val task-ID", "bytes/task", "student s/task",
+         "ms/img @1000 tasks", "open-set AUROC", "in product"],
+        [[r["method"], f"{r['task_id_acc']:.4f}", f"{r['no_oracle_acc']:.4f}", f"{r['ratio']:.4f}",
+          "-" if r.get("val_task_id_acc") is None else f"{r['val_task_id_acc']:.4f}",
+          f"{r['bytes_per_task']:,}", _num(r["student_s_per_task"], 3), _num(r["ms_per_image_1000_tasks"], 2),
+          f"{r['open_set']['auroc']:.3f}" if "open_set" in r else "-", "yes" if r["in_product"] else "no"]
+         for r in rows])
+    ours = sorted((r for r in rows if r["in_product"]), key=lambda r: not r["method"].startswith("GMMC"))
+    calib = "; ".join(f"{r['method']}: temperature {r['calibration']['temperature']:.3g}, ECE "
+                      f"{r['calibration']['ece_before']:.3f} -> {r['calibration']['ece_after']:.3f}"
+                      for r in ours if "calibration" in r)
+    op = ours[0]["open_set"]
+    at_thr = op.get("at_thresholds")
+    thr = ("" if not at_thr else
+           f" With the teachers' calibrated thresholds (the product's rule) {at_thr['absent_called_unknown']:.1%} of an "
+           f"absent task's images are called unknown and {at_thr['known_called_unknown']:.1%} of known tasks' images.")
+    update_readme(name, f"""## Task mapper against its peers (`{name}.py`, issue 17)
+
+`python benchmarks/mapper_peers.py --features FEATURES_DIR --cache CACHE_DIR` ({summary['tasks']} tasks,
+{summary['classes']} classes, oracle {summary['oracle_acc']:.4f}, the device's heads for every method);
+`results/{name}.json`.  Bytes are what a device must send per task for that method (ours: the real signed
+packet at the default fp32 rung with this anchor only and the head; peers: their mergeable sums in fp16);
+"ms/img @1000 tasks" times the mapper's scoring of one image against 1,000 tasks on this CPU.
+
+{table}
+
+- The joint linear probe, which needs the fleet's pooled training data, reaches
+  {summary['joint_probe_ratio']:.4f}x the oracle: the ceiling on these features.  The best mapper in the
+  product reaches {summary['best_product_ratio']:.4f}x; the best packet under 56 KB
+  {_num(summary['best_compact_product_ratio'], 4)}x.
+- Calibration of the task posterior ({calib}).
+- Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
+  calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
+  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}
+""")
+
+
+def _num(v, digits: int) -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The arithmetic behind ``benchmarks/mapper_peers.py`` (issue 17), on small synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench_modules import load_benchmark
+
+mp = load_benchmark("mapper_peers")
+
+
+def _pooled(seed: int = 0, dim: int = 6, classes: int = 4, per_class: int = 5) -> "mp.Pooled":
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 3, (classes, dim))
+    parts, counts = [], []
+    for t in range(2):  # two tasks of two classes each
+        y = np.repeat(np.arange(2), per_class)
+        x = np.abs(means[2 * t + y] + rng.normal(0, 1, (len(y), dim))).astype(np.float32)
+        parts.append((x, y))
+        counts.append(2)
+    return mp.pooled(parts, counts)
+
+
+def test_auroc_counts_pairs_and_halves_ties():
+    pos, neg = np.array([3.0, 2.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.0])
+    want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert mp.auroc(pos, neg) == pytest.approx(want)
+    assert mp.auroc(np.array([5.0, 6.0]), np.array([1.0, 2.0])) == 1.0
+
+
+def test_temperature_undoes_overconfident_scores():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (4000, 5))
+    truth = np.array([rng.choice(5, p=np.exp(r) / np.exp(r).sum()) for r in logits])
+    cal = mp.calibration(10.0 * logits, truth)  # scores ten times too sharp
+    assert 7.0 < cal["temperature"] < 14.0
+    assert cal["ece_after"] < 0.03 < cal["ece_before"]
+
+
+def test_fecam_woodbury_equals_the_dense_formula():
+    d = _pooled()
+    fe = mp.FeCAM().fit(d)
+    x = d.x[:7]
+    got = fe.scores(x)
+    xn = d.x / np.linalg.norm(d.x, axis=1, keepdims=True)
+    xt = x / np.linalg.norm(x, axis=1, keepdims=True)
+    p = d.x.shape[1]
+    for c in range(d.num_classes):
+        xc = xn[d.y == c].astype(np.float64)
+        s = np.cov(xc, rowvar=False)
+        v1, v2 = np.mean(np.diag(s)), (s.sum() - np.trace(s)) / (p * p - p)
+        s = s + v1 * np.eye(p) + v2 * (np.ones((p, p)) - np.eye(p))  # FeCAM's shrinkage, gamma = 1
+        sd = np.sqrt(np.diag(s))
+        r = s / np.outer(sd, sd)  # normalised to a correlation matrix
+        v = xt - xc.mean(0)
+        want = -np.einsum("ij,jk,ik->i", v, np.linalg.inv(r), v)
+        np.testing.assert_allclose(got[:, c], want, rtol=1e-3, atol=1e-3)
+
+
+def test_ranpac_statistics_are_sums_that_merge_in_any_order():
+    d = _pooled(dim=8, per_class=12)
+    fit_idx, val_idx = mp.val_split(d.y)
+    part = lambda idx: mp.Pooled(d.x[idx], d.y[idx], d.task[idx], d.owner, d.class_counts)  # noqa: E731
+    rp = mp.RanPAC(64)
+    g_all, q_all = rp.stats(d)
+    g_a, q_a = rp.stats(part(fit_idx))
+    g_b, q_b = rp.stats(part(val_idx))
+    np.testing.assert_allclose(g_a + g_b, g_all, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(q_b + q_a, q_all, rtol=1e-5, atol=1e-4)
+    assert mp.mean_task_id(mp.task_accuracy(rp.solve(g_all, q_all, 1e-3).scores(d.x), d), d) > 0.9
+
+
+def test_leave_one_out_flags_the_absent_task_when_scores_separate():
+    d = _pooled()
+    # per-task scores: high for the image's own task, low elsewhere
+    scores = np.where(d.task[:, None] == np.arange(2)[None], 5.0, -5.0) + np.random.default_rng(1).normal(0, .1, (len(d.y), 2))
+    out = mp.leave_one_out(scores, None, d)
+    assert out["auroc"] > 0.99 and out["operating_point"]["known_called_unknown"] <= 0.05
+    out = mp.leave_one_out(scores, scores, d, relative_to_threshold=True)
+    assert out["at_thresholds"]["absent_called_unknown"] == 1.0 and out["at_thresholds"]["known_called_unknown"] == 0.0
