@@ -215,7 +215,11 @@ def scores_are_per_task(mapper: str, knowledge: Sequence[TaskKnowledge], test_se
         sub = build_mapper(mapper, [ks[i] for i in pick])
         for i in pick[:4]:
             got = sub.predict(test_sets[ks[i].task][0], test_sets[ks[i].task][2]).scores
-            if not np.allclose(got, full[ks[i].task][:, pick], rtol=1e-4, atol=1e-3):
+            want = full[ks[i].task][:, pick]
+            # the same scores up to float32 rounding (blocks of another size round differently: 0.009 on scores of
+            # 11,000 at 71 tasks), and the same decisions
+            close = np.abs(got - want).max(initial=0.0) <= 1e-5 * np.abs(want).max(initial=0.0) + 1e-6
+            if not close or np.mean(got.argmax(1) == want.argmax(1)) < 0.999:
                 return False, full
     return True, full
 
