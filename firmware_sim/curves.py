@@ -409,10 +409,10 @@ def plot_degradation(by_mapper: dict[str, list[Curves]], fits: dict[str, dict], 
                 ys = np.array([c.mean_task_id([(family_of(t) == big) == in_fam for t in c.task_names]) for c in cs])
                 x = np.arange(1, ys.shape[1] + 1)
                 mean = np.nanmean(ys, 0)
-                ax.plot(x, mean, ls=ls, lw=2, label=f"{labels.get(mp, mp)}, {sel_name}")
+                ax.plot(x, mean, ls=ls, lw=2, label=f"{labels.get(mp, mp)}, {sel_name} (mean of {len(cs)} orders)")
         finish(ax, "mean task-ID accuracy of the tasks learned so far",
-               f"Task-ID accuracy against T: the {big} family ({fams.count(big)} look-alike tasks) and the rest, "
-               f"mean of {orders} orders", "task_id_by_family.png", "task_id_by_family")
+               f"Task-ID accuracy against T: the {big} family ({fams.count(big)} look-alike tasks) and the rest",
+               "task_id_by_family.png", "task_id_by_family")
     return paths
 
 
