@@ -213,6 +213,16 @@ class TaskMeta:
     encoding: dict[str, Any] = field(default_factory=dict)  # the packet codec's plan, when decoded from one
 
 
+def _meta_dict(meta: "TaskMeta") -> dict[str, Any]:
+    """``TaskMeta`` as JSON, leaving out fields added after records were first written while they hold
+    their default: a bank or packet written before ``bb_split`` existed must keep the exact metadata
+    (and so the digest) it was stored under, or an upgraded device would call its own bank corrupt."""
+    d = asdict(meta)
+    if d.get("bb_split") == -1:
+        del d["bb_split"]
+    return d
+
+
 @dataclass
 class TaskKnowledge:
     task: str
@@ -393,7 +403,7 @@ class TaskKnowledge:
             "task": self.task,
             "labels": list(self.labels),
             "thresholds": {k: float(v) for k, v in self.thresholds.items()},
-            "meta": asdict(self.meta),
+            "meta": _meta_dict(self.meta),
         }
 
     @classmethod

@@ -379,3 +379,28 @@ def test_cli_ls_show_rm_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     r = runner.invoke(app, ["ls", "--bank", str(tmp_path / "nowhere")])
     assert r.exit_code == 0 and "no bank" in r.output.lower()
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_bank_written_before_bb_split_existed_still_opens(tmp_path: Path) -> None:
+    """Records stored before ``TaskMeta.bb_split`` (issue 16) carry no such key in their metadata; an
+    upgraded device must read them as they were hashed, not call its own bank corrupt."""
+    import json
+
+    bank = KnowledgeBank(tmp_path / "bank")
+    plain = make_knowledge("cars", 4)
+    plain.bb = None
+    bank.put(plain)
+    # the pre-issue-16 format: metadata without the key (what every older record holds)
+    assert "bb_split" not in plain.metadata()["meta"]
+    record = next((tmp_path / "bank").rglob("*.json"))
+    meta = json.loads(record.read_text())
+    assert "bb_split" not in json.dumps(meta)
+    again = KnowledgeBank(tmp_path / "bank")
+    assert again.get("cars").meta.bb_split == -1
+    assert_same_knowledge(again.get("cars"), plain)
+    # a split point other than the default is written and read back
+    split = make_knowledge("birds", 1)
+    split.meta.bb_split = 5
+    assert split.metadata()["meta"]["bb_split"] == 5
+    bank.put(split)
+    assert KnowledgeBank(tmp_path / "bank").get("birds").meta.bb_split == 5
