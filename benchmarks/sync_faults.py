@@ -189,6 +189,8 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: floa
 
     with tempfile.TemporaryDirectory(prefix="sf-run-") as tmp:
         out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
+        out_path.touch()  # before the fork: a child SIGKILLed before it opens them still leaves both
+        err_path.touch()
         sys.stdout.flush()
         sys.stderr.flush()
         t0 = time.monotonic()
