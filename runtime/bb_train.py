@@ -64,14 +64,30 @@ class BBRecipe:
     batch_size: int = 64
     patience: int | None = None
     min_val_gain: float | None = 0.0  # BB kept only when it beats the plain head on validation by more (None: always)
+    #: ... and only when that gain is more than validation noise: a one-sided paired (McNemar) test on
+    #: the validation images the two models disagree on, ``wins - losses > z * sqrt(wins + losses)``.
+    #: With ~30 validation images a gain of one or two images is noise, and BB kept on it lost up to
+    #: 9.5 test points (benchmarks/results/bb_gain.json); None: no test.
+    min_val_z: float | None = 1.645
 
     def to_dict(self) -> dict:
         return {"optimizer": self.optimizer, "lr": self.lr, "lr_head": self.lr_head, "epochs": self.epochs,
-                "batch_size": self.batch_size, "patience": self.patience, "min_val_gain": self.min_val_gain}
+                "batch_size": self.batch_size, "patience": self.patience, "min_val_gain": self.min_val_gain,
+                "min_val_z": self.min_val_z}
+
+
+def beats_by_more_than_noise(bb_correct: np.ndarray, plain_correct: np.ndarray, z: float | None) -> bool:
+    """One-sided paired test on the same validation images: BB right where the plain head is wrong
+    (wins) against the reverse (losses); True when ``wins - losses > z * sqrt(wins + losses)``."""
+    if z is None:
+        return True
+    wins = int(np.sum(bb_correct & ~plain_correct))
+    losses = int(np.sum(plain_correct & ~bb_correct))
+    return wins - losses > z * math.sqrt(wins + losses) if wins + losses else False
 
 
 #: The recipe the device used before issue 16: tail only, Adam 1e-2 / 1e-3, 8 epochs.
-TAIL_RECIPE_V1 = BBRecipe()
+TAIL_RECIPE_V1 = BBRecipe(min_val_z=None)  # kept on any validation gain, as then
 #: The device's recipe, chosen on validation splits (benchmarks/results/bb_gain.json).
 DEFAULT_BB_RECIPE = BBRecipe("adam", 1e-2, 1e-3, epochs=5, batch_size=32, patience=2, min_val_gain=0.01)
 #: Split points ``learn --bb`` tries by default (``--bb-split auto``): the tail and stage 5 (Lite0: the
@@ -172,7 +188,7 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     r = recipe or TAIL_RECIPE_V1
     r = BBRecipe(r.optimizer, r.lr if lr is None else lr, r.lr_head if lr is None else lr * 0.1,
                  r.epochs if epochs is None else int(epochs), r.batch_size if batch_size is None else int(batch_size),
-                 r.patience, r.min_val_gain)
+                 r.patience, r.min_val_gain, r.min_val_z)
     if r.optimizer not in ("adam", "sign"):
         raise ValueError(f"unknown BB optimizer {r.optimizer!r} (adam or sign)")
     torch.manual_seed(seed)
@@ -204,18 +220,22 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     else:
         opt = torch.optim.Adam([w, b], lr=r.lr_head)
 
-    def evaluate(idx: np.ndarray, use_bb: bool) -> float:
-        if len(idx) == 0:
-            return float("nan")
+    def correct(idx: np.ndarray, use_bb: bool, state=None) -> np.ndarray:
+        """Per image of ``idx``: whether the head (with the biases, or plain) names it right; ``state``
+        (bb, w, b) defaults to the current parameters."""
+        bbv, wv, bv = state if state is not None else (bb.detach(), w.detach(), b.detach())
         if not use_bb:
-            return float(((plain[idx] @ w.detach().numpy().T + b.detach().numpy()).argmax(1) == y[idx]).mean())
-        correct = 0
+            return (plain[idx] @ wv.numpy().T + bv.numpy()).argmax(1) == y[idx]
+        out = []
         with torch.no_grad():
             for i in range(0, len(idx), 128):
                 j = torch.from_numpy(idx[i:i + 128])
-                f = suffix(rows(j), bb.detach().expand(len(j), -1))
-                correct += int(((f @ w.T + b).argmax(1) == yt[j]).sum())
-        return correct / len(idx)
+                f = suffix(rows(j), bbv.expand(len(j), -1))
+                out.append(((f @ wv.T + bv).argmax(1) == yt[j]).numpy())
+        return np.concatenate(out) if out else np.zeros(0, bool)
+
+    def evaluate(idx: np.ndarray, use_bb: bool) -> float:
+        return float(correct(idx, use_bb).mean()) if len(idx) else float("nan")
 
     base = evaluate(held, use_bb=False)
     plain_state = (base, torch.zeros_like(bb), w.detach().clone(), b.detach().clone(), 0)
@@ -259,6 +279,12 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     # the safety rule: BB is kept only when it beats the plain head on validation by more than the margin
     # (``min_val_gain=None`` keeps the best epoch regardless: for tests and experiments)
     keep_bb = best_bb is not None and (r.min_val_gain is None or best_bb[0] > base + r.min_val_gain + 1e-9)
+    if keep_bb and r.min_val_gain is not None and len(held):
+        keep_bb = beats_by_more_than_noise(correct(held, True, best_bb[1:4]),
+                                           correct(held, False, plain_state[1:4]), r.min_val_z)
+        if not keep_bb:
+            log.info("BB split %d: validation %.4f against plain %.4f is within noise (paired test, z=%s); "
+                     "not kept", split_used, best_bb[0], base, r.min_val_z)
     best = best_bb if keep_bb else plain_state
     acc, bb_best, w_best, b_best, ep = best
     fitted = HeadFit(w_best.numpy().astype(np.float32), b_best.numpy().astype(np.float32), acc, wd,
