@@ -557,7 +557,8 @@ class KnowledgeBank:
         except (KnowledgeError, KeyError, ValueError) as exc:
             raise BankCorruptError(f"{_what(entry)}: record {entry.record[:12]} does not decode: {exc}") from exc
         if (knowledge.task, knowledge.meta.agent_id) != (entry.task, entry.agent) \
-                or knowledge.content_hash() != entry.content_hash:
+                or entry.content_hash not in (knowledge.content_hash(),
+                                              knowledge.content_hash(explicit_bb_split=True)):
             raise BankCorruptError(f"{_what(entry)}: record {entry.record[:12]} holds different knowledge "
                                    "than the index says")
         return knowledge

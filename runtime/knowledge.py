@@ -443,11 +443,17 @@ class TaskKnowledge:
             raise KnowledgeError(f"incomplete task record: {type(exc).__name__}: {exc}") from exc
         return k.validate()
 
-    def content_hash(self) -> str:
-        """sha256 over metadata (minus provenance) and tensors: equal knowledge, equal hash."""
+    def content_hash(self, *, explicit_bb_split: bool = False) -> str:
+        """sha256 over metadata (minus provenance) and tensors: equal knowledge, equal hash.
+
+        ``explicit_bb_split``: hash ``bb_split: -1`` as written out, the form records stored between
+        commits 9ba21d9 and d71284f were indexed under (``_meta_dict`` leaves the default out, as
+        every record before them did); a bank accepts either."""
         h = hashlib.sha256()
         md = self.metadata()
         md["meta"] = {k: v for k, v in md["meta"].items() if k not in ("source", "encoding")}
+        if explicit_bb_split:
+            md["meta"].setdefault("bb_split", int(self.meta.bb_split))
         h.update(json.dumps(md, sort_keys=True).encode())
         for name, arr in sorted(self.tensors().items()):
             h.update(name.encode())

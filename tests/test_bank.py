@@ -404,3 +404,21 @@ def test_a_bank_written_before_bb_split_existed_still_opens(tmp_path: Path) -> N
     assert split.metadata()["meta"]["bb_split"] == 5
     bank.put(split)
     assert KnowledgeBank(tmp_path / "bank").get("birds").meta.bb_split == 5
+
+
+def test_a_bank_written_with_bb_split_spelled_out_still_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between issue 16's first commit and the fix above, records were written (and indexed) with
+    ``bb_split: -1`` spelled out; a bank holding them opens too."""
+    from dataclasses import asdict
+
+    import skill_edge.runtime.knowledge as knowledge_module
+
+    plain = make_knowledge("cars", 4)
+    plain.bb = None
+    with monkeypatch.context() as m:  # the writer of that window
+        m.setattr(knowledge_module, "_meta_dict", lambda meta: asdict(meta))
+        KnowledgeBank(tmp_path / "bank").put(plain)
+        assert plain.metadata()["meta"]["bb_split"] == -1
+    again = KnowledgeBank(tmp_path / "bank")
+    assert_same_knowledge(again.get("cars"), plain)
+    assert plain.content_hash() != plain.content_hash(explicit_bb_split=True)
