@@ -487,8 +487,9 @@ def main() -> None:
             f"ratio {r['ratio']:.4f}  bytes {bytes_per_task:,}")
         return r
 
-    def at_1000(per_class_cost, n_classes: int = 1000 * mean_c):
-        return per_class_cost(n_classes)
+    def best_class_per_task(class_scores: np.ndarray) -> np.ndarray:
+        """[N, T]: each task's best class score, the selection score the open-set study drops columns of."""
+        return np.stack([class_scores[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
 
     redo = set(args.update or [])
     # --- ours, from the packets' records
@@ -497,7 +498,6 @@ def main() -> None:
         t0 = time.perf_counter()
         mp = build_mapper(kind, knowledge)
         student = (time.perf_counter() - t0) / len(knowledge)
-        pred = np.concatenate([mp.predict(t.x_test, t.s_test).task_index for t in tasks])
         # what this mapper needs sent: the record with this anchor only (and the head)
         nbytes = int(np.mean([len(codec.encode(dataclasses.replace(k, **{"gmmc" if kind == "maha" else "maha": None}),
                                                 key)) for k in knowledge]))
@@ -507,8 +507,9 @@ def main() -> None:
         big = (build_mapper(kind, many, covariance=exemplar_scatter([k.maha for k in knowledge]).shrunk()[0])
                if kind == "maha" else build_mapper(kind, many))
         ms = ms_per_image(lambda z: big.task_scores(z), d=big.feature_dim)
-        sel = np.concatenate([mp.task_scores(mp.prepare(t.x_test, t.s_test)) for t in tasks])
         xs = np.concatenate([mp.prepare(t.x_test, t.s_test) for t in tasks])
+        sel = mp.task_scores(xs)
+        pred = sel.argmax(axis=1)  # what predict() chooses
         # known-ness under each task as the choice: its own open-set score minus its threshold
         known = np.stack([mp.open_set_scores(xs, np.full(len(xs), j), sel) - mp.thresholds[j]
                           for j in range(len(knowledge))], axis=1)
@@ -525,7 +526,7 @@ def main() -> None:
         ncm = NCM().fit(train)
         student = (time.perf_counter() - t0) / len(tasks)
         s = ncm.scores(test.x)
-        task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+        task_sel = best_class_per_task(s)
         add(NCM.name, task_accuracy(s, train), bytes_per_task=NCM.bytes(mean_c, dim), student_s=student,
             ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, 1000 * mean_c), np.float32)), in_product=False,
             val_task_id=mean_task_id(task_accuracy(NCM().fit(fit).scores(val.x), train), val),
@@ -537,7 +538,7 @@ def main() -> None:
         fe = FeCAM().fit(train)
         student = (time.perf_counter() - t0) / len(tasks)
         s = fe.scores(test.x)
-        task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+        task_sel = best_class_per_task(s)
         n_per_class = int(np.mean(np.bincount(train.y)))
         add(FeCAM.name, task_accuracy(s, train), bytes_per_task=FeCAM.bytes(mean_c, dim), student_s=student,
             ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, 8 * (n_per_class + 1)), np.float32), n=64)
@@ -576,7 +577,7 @@ def main() -> None:
     rp.solve(g, q, lam)
     student = (stats_s + time.perf_counter() - t0) / len(tasks)
     s = rp.scores(test.x)
-    task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+    task_sel = best_class_per_task(s)
     add(f"RanPAC (M={m}, lambda={lam:g})", task_accuracy(s, train), bytes_per_task=rp.bytes(mean_c, dim),
         student_s=student, in_product=False, val_task_id=acc_v,
         ms_1000=ms_per_image(lambda z: np.maximum(z @ rp.w, 0) @ np.zeros((m, 1000 * mean_c), np.float32), n=64),
@@ -596,7 +597,7 @@ def main() -> None:
     kl = KLDA(5000, best[1] * scale).fit(train)
     student = (time.perf_counter() - t0) / len(tasks)
     s = kl.scores(test.x)
-    task_sel = np.stack([s[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
+    task_sel = best_class_per_task(s)
     add(f"KLDA (M=5000, sigma={best[1]:g} x median)", task_accuracy(s, train), bytes_per_task=kl.bytes(mean_c, dim),
         student_s=student, in_product=False, val_task_id=best[0],
         ms_1000=ms_per_image(lambda z: kl.phi(z) @ np.zeros((5000, 1000 * mean_c), np.float32), n=64),

@@ -578,6 +578,7 @@ class OwnExemplarMetric:
     k_inv: np.ndarray  # [n, n] inverse of (a I + U^T U)
     means_u: np.ndarray  # [C, n] U^T mu_c
     means_sq: np.ndarray  # [C] |mu_c|^2
+    means_quad: np.ndarray  # [C] (U^T mu_c)^T K (U^T mu_c), the per-class constant of the Woodbury term
 
     @classmethod
     def from_anchor(cls, anchor: MahalanobisAnchor) -> "OwnExemplarMetric":
@@ -594,7 +595,9 @@ class OwnExemplarMetric:
         a = max(shrink * mu, 1e-12 * max(mu, 1e-30))
         u = np.ascontiguousarray(e.T * np.sqrt((1.0 - shrink) / n))
         k_inv = np.linalg.inv(a * np.eye(n) + u.T @ u)
-        return cls(means, a, u, k_inv, means @ u, (means * means).sum(axis=1))
+        means_u = means @ u
+        return cls(means, a, u, k_inv, means_u, (means * means).sum(axis=1),
+                   ((means_u @ k_inv) * means_u).sum(axis=1))
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """max over the task's classes of -0.5 * squared distance, [N]."""
@@ -604,8 +607,7 @@ class OwnExemplarMetric:
         # (a 102-class task with 510 exemplar rows would need 5 GB for 13,000 inputs).
         a = x @ self.u  # [N, n]
         ak = a @ self.k_inv
-        quad = ((ak * a).sum(axis=1)[:, None] - 2.0 * ak @ self.means_u.T
-                + ((self.means_u @ self.k_inv) * self.means_u).sum(axis=1))
+        quad = (ak * a).sum(axis=1)[:, None] - 2.0 * ak @ self.means_u.T + self.means_quad
         return (-0.5 * (sq - quad) / self.a).max(axis=1)
 
 
