@@ -18,6 +18,7 @@ same, plus its tail or its whole-network rerun with the biases bound).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,12 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SKILL_BENCH, command, machine, md_table, update_readme  # noqa: E402
-from skill_edge.runtime.bb_train import BBRecipe, TAIL_RECIPE_V1, build_torch_suffix, prefix_activations, train_bb  # noqa: E402
-from skill_edge.runtime.codec import encode_tensor  # noqa: E402
-from skill_edge.runtime.datasets import load_image_folder  # noqa: E402
-from skill_edge.runtime.learn import train_head  # noqa: E402
-from skill_edge.runtime.preprocess import Preprocessing, iter_batches  # noqa: E402
-from skill_edge.runtime.rom_engine import RomEngine  # noqa: E402
+from skill_edge.runtime.learn.bb import BBRecipe, TAIL_RECIPE_V1, build_torch_suffix, prefix_activations, train_bb  # noqa: E402
+from skill_edge.runtime.exchange.codec import encode_tensor  # noqa: E402
+from skill_edge.runtime.sources.datasets import load_image_folder  # noqa: E402
+from skill_edge.runtime.learn.head import train_head  # noqa: E402
+from skill_edge.runtime.rom.preprocess import Preprocessing, iter_batches  # noqa: E402
+from skill_edge.runtime.rom.engine import RomEngine  # noqa: E402
 from skill_edge.export.backbone import build_backbone  # noqa: E402
 from skill_edge.export.manifest import RomManifest  # noqa: E402
 
@@ -42,7 +43,13 @@ RECIPES = {
     "adam-1e-2": BBRecipe("adam", 1e-2, 1e-3, batch_size=32, min_val_gain=0.01),
     "adam-3e-3": BBRecipe("adam", 3e-3, 3e-3, batch_size=32, min_val_gain=0.01),
     "sign-3e-3": BBRecipe("sign", 3e-3, 1e-3, batch_size=32, min_val_gain=0.01),
+    "adam-1e-3": BBRecipe("adam", 1e-3, 1e-3, batch_size=32, min_val_gain=0.01),
+    "adam-1e-3-aug": BBRecipe("adam", 1e-3, 1e-3, batch_size=32, min_val_gain=0.01, augment="shift+flip"),
+    "adam-3e-4-aug": BBRecipe("adam", 3e-4, 1e-3, batch_size=32, min_val_gain=0.01, augment="shift+flip"),
 }
+#: Tasks whose labels survive a horizontal flip (natural images); signs, characters and sketches are
+#: only shifted (an augmenting recipe's ``shift+flip`` becomes ``shift`` for them).
+FLIP_OK = {"flowers102", "brain-mri", "cifar10", "clothing", "ants-bees", "weather", "coil20"}
 
 
 def sample(paths: list, labels: list, cap: int | None, seed: int) -> tuple[list, np.ndarray]:
@@ -179,6 +186,10 @@ def main() -> None:
 
     def run(task: str, mode: str, split: int, recipe: BBRecipe) -> dict:
         d = data[task]
+        if recipe.augment and split != 0:  # activations past stage 0 cannot be cropped or flipped
+            recipe = dataclasses.replace(recipe, augment=None)
+        elif recipe.augment == "shift+flip" and task not in FLIP_OK:
+            recipe = dataclasses.replace(recipe, augment="shift")
         tr = d["train"]
         fit = train_bb(args.rom, tr["acts"][split], tr["y"], len(d["classes"]), plain_heads[task],
                        split=split, recipe=recipe, plain_features=tr["features"], suffix=mods[split])
@@ -194,7 +205,8 @@ def main() -> None:
 
     def with_epochs(name: str) -> BBRecipe:
         b = RECIPES[name]
-        return BBRecipe(b.optimizer, b.lr, b.lr_head, args.epochs, b.batch_size, args.patience, b.min_val_gain)
+        return BBRecipe(b.optimizer, b.lr, b.lr_head, args.epochs, b.batch_size, args.patience, b.min_val_gain,
+                        augment=b.augment)
 
     # Each task is done whole before the next (results are written after every task): cache, the plain
     # head, every recipe at the explore split (the tail: cheap), the recipe best on *this task's*

@@ -1,7 +1,7 @@
 """The light device learns what the torch/scikit-learn device learned: skill-bench accuracy, side by side.
 
-The device now fits its head with scipy's L-BFGS (``runtime.learn``) and its GMMC anchors with a
-numpy EM (``runtime.gmm``).  The control arm is the previous device: the torch L-BFGS head (the
+The device now fits its head with scipy's L-BFGS (``runtime.learn.head``) and its GMMC anchors with a
+numpy EM (``runtime.mapping.gmm``).  The control arm is the previous device: the torch L-BFGS head (the
 code as it was, kept here) and scikit-learn's ``GaussianMixture``.  Both arms learn all 21 tasks
 through ``Device.learn_features`` from the same ROM features, in one run, and classify every
 test image with the oracle head and with no task oracle (GMMC and Mahalanobis).
@@ -32,7 +32,7 @@ def torch_train_head(features, labels, num_classes, *, val_fraction=0.15, weight
     import torch
     import torch.nn.functional as F
 
-    from skill_edge.runtime.learn import HeadFit, stratified_split
+    from skill_edge.runtime.learn.head import HeadFit, stratified_split
 
     def fit(x, y, c, wd, init=None):
         d = x.shape[1]
@@ -76,7 +76,7 @@ def sklearn_diag_mixture(x, k, *, reg_covar, seed=0, max_iter=100):
     """scikit-learn's GaussianMixture, as the device called it before the split."""
     from sklearn.mixture import GaussianMixture
 
-    from skill_edge.runtime.gmm import DiagMixture
+    from skill_edge.runtime.mapping.gmm import DiagMixture
 
     gm = GaussianMixture(n_components=k, covariance_type="diag", reg_covar=reg_covar, max_iter=max_iter,
                          random_state=seed, init_params="kmeans").fit(np.asarray(x, np.float64))
@@ -87,11 +87,11 @@ def sklearn_diag_mixture(x, k, *, reg_covar, seed=0, max_iter=100):
 def run_arms(data: dict, rom: Path) -> dict[str, dict]:
     """Each task is learned by both arms back to back (alternating which goes first), so machine load
     falls on both alike; then each arm classifies every test set with its own bank."""
-    import skill_edge.runtime.anchors as anchors
+    import skill_edge.runtime.mapping.anchors as anchors
     import skill_edge.runtime.device as device_mod
     from skill_edge.runtime.device import Device, FeatureBatch
-    from skill_edge.runtime.gmm import fit_diag_mixture
-    from skill_edge.runtime.learn import head_accuracy, train_head
+    from skill_edge.runtime.mapping.gmm import fit_diag_mixture
+    from skill_edge.runtime.learn.head import head_accuracy, train_head
 
     impl = {"device": (train_head, fit_diag_mixture), "control": (torch_train_head, sklearn_diag_mixture)}
     head_s = {arm: 0.0 for arm in impl}
@@ -166,8 +166,8 @@ def main() -> None:
     update_readme("device_learning", f"""## The light device learns what the torch device learned (`device_learning.py`)
 
 21 skill-bench tasks, the same ROM features, one run. *control*: the head by torch's L-BFGS and GMMC by
-scikit-learn (the device before the split); *device*: the head by numpy L-BFGS (`runtime/learn.py`) and
-GMMC by the numpy EM (`runtime/gmm.py`). Means over tasks; no-oracle columns are closed-set.
+scikit-learn (the device before the split); *device*: the head by numpy L-BFGS (`runtime/learn/head.py`) and
+GMMC by the numpy EM (`runtime/mapping/gmm.py`). Means over tasks; no-oracle columns are closed-set.
 
 {md_table(["", "control (torch, scikit-learn)", "device (numpy)", "difference"], rows)}
 

@@ -41,10 +41,10 @@ import zstandard
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from skill_edge.runtime.keys import DeviceKey, TrustStore
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
 from skill_edge.runtime.machine import cpu_model
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
-from skill_edge.runtime.packet import (
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.exchange.packet import (
     FLAG_SIGNED,
     FLAG_ZSTD,
     HEADER,

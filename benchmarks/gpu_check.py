@@ -117,7 +117,7 @@ def median_seconds(fn, reps: int, warmup: int = 3, sync=None) -> float:
 def check_parity(rom: Path, x: np.ndarray, results: dict) -> None:
     import onnxruntime as ort
 
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     cpu, gpu = RomEngine(rom, providers=["cpu"]), RomEngine(rom, providers=["cuda"])
     results["cuda_session_providers"] = gpu._graphs["trunk"].session.get_providers()
@@ -146,7 +146,7 @@ def time_backends(rom: Path, x: np.ndarray, plain: Path | None, results: dict) -
     import torch
 
     from skill_edge.export.backbone import build_backbone
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     rows = []
     engines = {"ORT CUDA": RomEngine(rom, providers=["cuda"]), "ORT CPU": RomEngine(rom, providers=["cpu"]),
@@ -192,7 +192,7 @@ def bias_overhead(rom: Path, plain: Path, eng, x: np.ndarray) -> dict:
     import onnxruntime as ort
 
     from rom_throughput import PLAIN, abba_ratios
-    from skill_edge.runtime.rom_engine import CUDA_PROVIDER_OPTIONS, ort_session_options
+    from skill_edge.runtime.rom.engine import CUDA_PROVIDER_OPTIONS, ort_session_options
 
     cuda = [("CUDAExecutionProvider", CUDA_PROVIDER_OPTIONS)]  # as the engine runs its graphs
     s_full = ort.InferenceSession(str(rom / eng.manifest.graphs["full"].file), ort_session_options(), providers=cuda)
@@ -216,7 +216,7 @@ def bias_overhead(rom: Path, plain: Path, eng, x: np.ndarray) -> dict:
 
 def time_shape_changes(rom: Path, results: dict) -> None:
     """Seconds per call while the batch size keeps changing, as on a device (last batches, per-task tails)."""
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     sizes = [16, 8, 16, 8, 1, 16, 1, 5, 3, 40, 16, 2]
     out = {}
@@ -244,7 +244,7 @@ def rom_backbone(rom: Path) -> str:
 
 def time_pipeline(rom: Path, images: list, results: dict) -> None:
     """JPEG files -> features through RomEngine.extract (parallel decode) against the raw ROM path."""
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     eng = RomEngine(rom, providers=["cuda"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,7 +319,7 @@ def check_tensorrt(rom: Path, x: np.ndarray, results: dict) -> None:
         return
     import shutil
 
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -429,7 +429,7 @@ def main() -> None:
             results["errors"]["export_plain"] = traceback.format_exc()
     results["rom_fingerprint"] = json.loads((rom / "manifest.json").read_text())["fingerprint"]
 
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     images, labels, names = natural_images(args.images)
     pre = RomEngine(rom, providers=["cpu"])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mapper_tuning as mt  # noqa: E402
 from _common import md_table, update_readme, write_result  # noqa: E402
 
-from skill_edge.runtime.anchors import DEFAULT_MIN_EXEMPLAR_ROWS, transform_features  # noqa: E402
+from skill_edge.runtime.mapping.anchors import DEFAULT_MIN_EXEMPLAR_ROWS, transform_features  # noqa: E402
 
 FLOORS = (0, 32, 64, 96, 128)
 TIE = 0.001  # validation ratios closer than this are a tie (about one test image in a thousand)

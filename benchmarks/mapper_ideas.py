@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mapper_tuning as mt  # noqa: E402
 from _common import md_table, update_readme, write_result  # noqa: E402
 
-from skill_edge.runtime.anchors import fit_gmmc, fit_mahalanobis, transform_features  # noqa: E402
-from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, ScatterStats, exemplar_scatter  # noqa: E402
+from skill_edge.runtime.mapping.anchors import fit_gmmc, fit_mahalanobis, transform_features  # noqa: E402
+from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, ScatterStats, exemplar_scatter  # noqa: E402
 
 SHIPPED = mt.MahaRecipe(transform="sqrt_l2", m=5, exemplars="principal", min_rows=64)
 BASELINE = "baseline: features only (sqrt_l2)"

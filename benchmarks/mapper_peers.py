@@ -60,10 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import md_table, update_readme, write_result  # noqa: E402
 from skill_scale import learned, load_tasks, log  # noqa: E402
 
-from skill_edge.runtime.anchors import transform_features  # noqa: E402
-from skill_edge.runtime.packet import PacketCodec  # noqa: E402
-from skill_edge.runtime.keys import DeviceKey  # noqa: E402
-from skill_edge.runtime.mapper import build_mapper, exemplar_scatter  # noqa: E402
+from skill_edge.runtime.mapping.anchors import transform_features  # noqa: E402
+from skill_edge.runtime.exchange.packet import PacketCodec  # noqa: E402
+from skill_edge.runtime.exchange.keys import DeviceKey  # noqa: E402
+from skill_edge.runtime.mapping.mapper import build_mapper, exemplar_scatter  # noqa: E402
 
 TRANSFORM = "sqrt_l2_trunk"
 COMPACT_BYTES = 56_000

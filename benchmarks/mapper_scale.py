@@ -32,9 +32,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor  # noqa: E402
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor  # noqa: E402
 from skill_edge.runtime.machine import cpu_model  # noqa: E402
-from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter  # noqa: E402
+from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL = 64  # distinct random anchors, cycled over tasks (the mapper copies them into its own arrays)

@@ -43,17 +43,17 @@ from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from skill_edge.runtime.anchors import (  # noqa: E402
+from skill_edge.runtime.mapping.anchors import (  # noqa: E402
     calibrate_thresholds,
     fit_gmmc,
     fit_mahalanobis,
     TaskAnchors,
     transform_features,
 )
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta  # noqa: E402
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta  # noqa: E402
 from skill_edge.runtime.machine import cpu_model  # noqa: E402
-from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, build_mapper  # noqa: E402
-from skill_edge.runtime.plausibility import PlausibilityCheck  # noqa: E402
+from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, build_mapper  # noqa: E402
+from skill_edge.runtime.mapping.plausibility import PlausibilityCheck  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIBLING_GROUPS = {"cifar10": "cifar10-", "omniglot": "omniglot-"}

@@ -52,17 +52,17 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
 
-from skill_edge.runtime.codec import (  # noqa: E402
+from skill_edge.runtime.exchange.codec import (  # noqa: E402
     EncodingPlan,
     exemplars_per_class,
     format_size,
     parse_size,
     plan_for_step,
 )
-from skill_edge.runtime.keys import DeviceKey, TrustStore  # noqa: E402
-from skill_edge.runtime.knowledge import TaskKnowledge  # noqa: E402
-from skill_edge.runtime.mapper import build_mapper  # noqa: E402
-from skill_edge.runtime.packet import BudgetError, PacketCodec  # noqa: E402
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore  # noqa: E402
+from skill_edge.runtime.knowledge.records import TaskKnowledge  # noqa: E402
+from skill_edge.runtime.mapping.mapper import build_mapper  # noqa: E402
+from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROM = REPO / "models/rom/efficientnet_lite0"
@@ -112,7 +112,7 @@ def load_from_features(root: Path, names: list[str]) -> list[TaskData]:
 
 def load_from_images(device, data_root: Path, names: list[str]) -> list[TaskData]:
     """Extract every task's train/test images through the device (and its feature cache)."""
-    from skill_edge.runtime.datasets import load_image_folder
+    from skill_edge.runtime.sources.datasets import load_image_folder
 
     out = []
     for name in names:
@@ -157,8 +157,8 @@ def learn(device, task: TaskData, cache: Path | None) -> TaskKnowledge:
 def _learn_code_digest() -> str:
     """A digest of the code that turns features into knowledge: a cached record is stale once it changes
     (a key on the data alone kept serving session-old anchors after the defaults were retuned)."""
-    import skill_edge.runtime.anchors as anchors_mod
-    import skill_edge.runtime.learn as learn_mod
+    import skill_edge.runtime.mapping.anchors as anchors_mod
+    import skill_edge.runtime.learn.head as learn_mod
 
     h = hashlib.sha256()
     for mod in (anchors_mod, learn_mod):

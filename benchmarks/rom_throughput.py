@@ -52,7 +52,7 @@ def _ort(model: Path | bytes, threads: int, spinning: bool = False):
     """A CPU session with RomEngine's options (``spinning=True``: onnxruntime's default thread pools)."""
     import onnxruntime as ort
 
-    from skill_edge.runtime.rom_engine import ort_session_options
+    from skill_edge.runtime.rom.engine import ort_session_options
 
     so = ort_session_options(threads, spinning=spinning)
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
@@ -99,7 +99,7 @@ def bench_backbone(name: str, rounds: int, threads: int, batches: list[int], wor
 
     from skill_edge.export.backbone import build_backbone
     from skill_edge.export.rom import build_rom, export_plain
-    from skill_edge.runtime.rom_engine import bind_biases, optimized_op_counts
+    from skill_edge.runtime.rom.engine import bind_biases, optimized_op_counts
 
     random_init = name != "efficientnet_lite0"
     rom = work / name
@@ -206,7 +206,7 @@ def bench_pipeline(rom: Path, threads: int, n_images: int, rounds: int = 9) -> d
     default before ``decode_plan``)."""
     import random
 
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     files = sorted(SKILL_BENCH.glob("flowers102/test/*/*"))[:n_images] if SKILL_BENCH.exists() else []
     if not files:

@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from skill_edge.models import default_rom_dir
-    from skill_edge.runtime.datasets import load_image_folder
+    from skill_edge.runtime.sources.datasets import load_image_folder
     from skill_edge.runtime.device import Device, FeatureBatch
 
     rom = args.rom or default_rom_dir()
@@ -141,7 +141,7 @@ def main() -> None:
 
 def run_bb(args, dev, rom: Path, names: list[str]) -> list[dict]:
     """Beneficial biases on a few tasks: oracle accuracy with vs without."""
-    from skill_edge.runtime.datasets import load_image_folder
+    from skill_edge.runtime.sources.datasets import load_image_folder
     from skill_edge.runtime.device import Device
 
     bb_rows = []

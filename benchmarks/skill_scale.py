@@ -5,7 +5,7 @@ extrapolation check by simulation out to 1,000 tasks (issue 18, section 2).
    skill-bench-more's 50: 71) are learned once with the device code (``Device.learn_features``)
    and cached under ``--cache`` (keyed by the training arrays and the learning code).
 2. For ``--orders`` random task orders and every T = 1..N, each mapper kind the runtime knows
-   (``runtime.device.MAPPER_ALIASES``, built with ``runtime.mapper.build_mapper``; a kind added
+   (``runtime.device.MAPPER_ALIASES``, built with ``runtime.mapping.mapper.build_mapper``; a kind added
    there is included by rerunning) holds the first T tasks of the order and classifies, with no
    task oracle and closed-set, up to ``--max-test`` seeded test rows of each of those tasks.
    Per T: average normalized accuracy (no-oracle / oracle, per task, then the mean: Fig. 6),
@@ -56,7 +56,7 @@ PAPER_FITS = {"gmmc": {"slope": -0.0005, "intercept": 0.978, "zero_at": 1956},
               # is drawn through GMMC's intercept, an assumption the legend states
               "maha": {"slope": -0.978 / 2445, "intercept": 0.978, "zero_at": 2445, "intercept_assumed": True}}
 #: Code whose change makes the cached heads and anchors stale.
-LEARN_CODE = ("runtime/anchors.py", "runtime/learn.py", "runtime/gmm.py", "runtime/knowledge.py")
+LEARN_CODE = ("runtime/mapping/anchors.py", "runtime/learn/head.py", "runtime/mapping/gmm.py", "runtime/knowledge/records.py")
 FAMILY = "omniglot-"
 
 
@@ -111,7 +111,7 @@ def learned(tasks: list[Task], cache: Path, rom: Path, kinds: list[str], newest:
     from safetensors.numpy import load_file, save_file
 
     from skill_edge.runtime.device import Device
-    from skill_edge.runtime.knowledge import TaskKnowledge
+    from skill_edge.runtime.knowledge.records import TaskKnowledge
 
     if newest:
         stems = [max(cache.glob(f"{t.name}-*.json"), key=lambda p: p.stat().st_mtime, default=None) for t in tasks]
@@ -156,7 +156,7 @@ class Rows:
 
 
 def eval_rows(tasks: list[Task], knowledge, max_test: int, seed: int) -> Rows:
-    from skill_edge.runtime.anchors import transform_features
+    from skill_edge.runtime.mapping.anchors import transform_features
 
     rng = np.random.default_rng(seed)
     zs, owner, ok = [], [], []
@@ -172,7 +172,7 @@ def eval_rows(tasks: list[Task], knowledge, max_test: int, seed: int) -> Rows:
 
 
 def build(kind: str, knowledge):
-    from skill_edge.runtime.mapper import build_mapper
+    from skill_edge.runtime.mapping.mapper import build_mapper
 
     return build_mapper(kind, knowledge)
 
@@ -301,7 +301,7 @@ def synthetic(knowledge, rows: Rows, omni: np.ndarray, n: int, per_task: int, se
     """``n`` synthetic tasks: a real parent moved by a family-spread offset; anchors and test rows alike.
 
     Returns (knowledge list, Rows with task = synthetic index, parent index per synthetic task)."""
-    from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor
+    from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor
 
     rng = np.random.default_rng(seed)
     means = np.stack([rows.z[rows.task == i].mean(0) for i in range(len(knowledge))]).astype(np.float64)

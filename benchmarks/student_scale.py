@@ -57,12 +57,12 @@ def rss_mb() -> float:
 
 def old_plausibility(rev: str):
     """``PlausibilityCheck`` as it was at ``rev``, loaded from git into its own module."""
-    src = subprocess.run(["git", "show", f"{rev}:runtime/plausibility.py"], cwd=REPO, check=True,
+    src = subprocess.run(["git", "show", f"{rev}:runtime/mapping/plausibility.py"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout
     mod = types.ModuleType("skill_edge.runtime._plausibility_control")
     mod.__package__ = "skill_edge.runtime"
     sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{rev}:runtime/plausibility.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{rev}:runtime/mapping/plausibility.py", "exec"), mod.__dict__)
     return mod.PlausibilityCheck
 
 
@@ -103,12 +103,12 @@ def check_nbytes(plaus) -> int:
 
 def run_arm(args) -> None:
     """One arm in this (fresh) process; writes its rows as JSON to ``args.arm_out``."""
-    from skill_edge.runtime.bank import KnowledgeBank
-    from skill_edge.runtime.keys import DeviceKey, TrustStore
-    from skill_edge.runtime.mapper import build_mapper
-    from skill_edge.runtime.packet import PacketCodec
-    from skill_edge.runtime.receive import PacketReceiver
-    from skill_edge.runtime.sync import BankPlausibility
+    from skill_edge.runtime.knowledge.bank import KnowledgeBank
+    from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+    from skill_edge.runtime.mapping.mapper import build_mapper
+    from skill_edge.runtime.exchange.packet import PacketCodec
+    from skill_edge.runtime.exchange.receive import PacketReceiver
+    from skill_edge.runtime.exchange.sync import BankPlausibility
 
     kinds = mapper_kinds()
     tasks = load_tasks(args.features)

@@ -69,10 +69,10 @@ for _p in (BENCH, ROOT / "tests"):
 from _common import md_table, update_readme, write_result  # noqa: E402
 from fuzz_packets import raw_payload_of, reframe  # noqa: E402
 
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta  # noqa: E402
-from skill_edge.runtime.keys import DeviceKey, TrustStore, load_device_key  # noqa: E402
-from skill_edge.runtime.packet import PacketCodec, parse_frame  # noqa: E402
-from skill_edge.runtime.transport import packet_path, write_atomically  # noqa: E402
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta  # noqa: E402
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore, load_device_key  # noqa: E402
+from skill_edge.runtime.exchange.packet import PacketCodec, parse_frame  # noqa: E402
+from skill_edge.runtime.exchange.transport import packet_path, write_atomically  # noqa: E402
 
 FLEET = "lab"
 CLAIMED_CHUNKS = 60_000_000  # the issue's flood: a 180-byte manifest claiming 60M one-byte chunks
@@ -456,7 +456,7 @@ class Lab:
     # -- looking into a bank (the library, as `bank ls` would)
     @staticmethod
     def entries(home: Path) -> list:
-        from skill_edge.runtime.bank import KnowledgeBank
+        from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
         if not (home / "bank").exists():
             return []
@@ -467,7 +467,7 @@ class Lab:
 
     @staticmethod
     def quarantined(home: Path) -> list[str]:
-        from skill_edge.runtime.bank import KnowledgeBank
+        from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
         if not (home / "bank").exists():
             return []
@@ -475,14 +475,14 @@ class Lab:
 
     @staticmethod
     def knowledge(home: Path) -> list[TaskKnowledge]:
-        from skill_edge.runtime.bank import KnowledgeBank
+        from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
         return KnowledgeBank(home / "bank").load_all()
 
     @staticmethod
     def verify(home: Path) -> tuple[bool, str]:
         """The bank after a crash: every record checks, and every task still loads."""
-        from skill_edge.runtime.bank import KnowledgeBank
+        from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
         if not (home / "bank").exists():
             return True, "no bank yet"
@@ -1074,14 +1074,14 @@ def _publish_raw(url: str, messages: list[tuple[str, bytes, str | None]]) -> Non
 
 
 def _manifest(sha: str, size: int, chunk_size: int) -> bytes:
-    from skill_edge.runtime.transport.mqtt import Manifest
+    from skill_edge.runtime.exchange.transport.mqtt import Manifest
 
     return Manifest(sha, size, chunk_size, math.ceil(size / chunk_size), 1).to_json()
 
 
 def h1_flood(lab: Lab, broker) -> tuple[Scenario, float, float]:
     """High 1: a watching device under a flood of crafted chunk manifests keeps a flat RSS."""
-    from skill_edge.runtime.transport.mqtt import MANIFEST_CONTENT_TYPE, MqttConfig, MqttTransport
+    from skill_edge.runtime.exchange.transport.mqtt import MANIFEST_CONTENT_TYPE, MqttConfig, MqttTransport
 
     plan = lab.plan
     home = lab.copy(lab.base, "h1-watch")
@@ -1181,7 +1181,7 @@ def low_corrupt_chunk(lab: Lab, broker) -> Scenario:
     fleet = f"corrupt{uuid.uuid4().hex[:6]}"
     import hashlib
 
-    from skill_edge.runtime.transport.mqtt import MANIFEST_CONTENT_TYPE
+    from skill_edge.runtime.exchange.transport.mqtt import MANIFEST_CONTENT_TYPE
 
     data = encode(derive(lab.mnist, "chunky", lab.p.key_id, 1, seed=121), lab.p)
     sha = hashlib.sha256(data).hexdigest()

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
-from skill_edge.runtime.transport import encode_segment, write_atomically
+from skill_edge.runtime.exchange.transport import encode_segment, write_atomically
 
 from .link import DeviceInterface, LinkModel, Transfer
 from .metrics import TeacherWork
@@ -441,7 +441,7 @@ class Agent:
     # ------------------------------------------------------------------ 1. boot
     def boot(self) -> None:
         from skill_edge.runtime.device import Device
-        from skill_edge.runtime.keys import load_device_key
+        from skill_edge.runtime.exchange.keys import load_device_key
 
         spec = self.spec
         unknown = [s for s in (spec.kill,) if s is not None and s not in KILL_POINTS]
@@ -496,7 +496,7 @@ class Agent:
         return rec
 
     def _learn(self, src: TaskSource) -> dict:
-        from skill_edge.runtime.learn import head_accuracy
+        from skill_edge.runtime.learn.head import head_accuracy
 
         spec = self.spec
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -507,7 +507,7 @@ class Agent:
 
         counter = _BBFlopCounter(spec.bb)
         if src.kind == "images":
-            from skill_edge.runtime.datasets import load_image_folder
+            from skill_edge.runtime.sources.datasets import load_image_folder
 
             ds = load_image_folder(src.path, seed=spec.seed)
             with counter:
@@ -579,7 +579,7 @@ class Agent:
         return ft
 
     def _codec(self):
-        from skill_edge.runtime.packet import PacketCodec
+        from skill_edge.runtime.exchange.packet import PacketCodec
 
         return PacketCodec(self.spec.budget)
 
@@ -591,7 +591,7 @@ class Agent:
         carries every anchor so that one run measures every mapper, is encoded at the step that
         satisfies all of them (``compose_steps``).  The sizes recorded per mapper are those
         single-anchor packets at that same step, so bytes and accuracy describe the same anchors."""
-        from skill_edge.runtime.packet import BudgetError, PacketCodec
+        from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec
 
         codec = self._codec()
         kinds = anchor_kinds(knowledge)
@@ -653,11 +653,11 @@ class Agent:
 
     # ------------------------------------------------------------------ 3. share
     def share(self, records: list[dict]) -> tuple[bool, list[str], dict[str, int]]:
-        from skill_edge.runtime.keys import TrustStore
-        from skill_edge.runtime.knowledge import RomShape
-        from skill_edge.runtime.receive import PacketReceiver
-        from skill_edge.runtime.sync import BankPlausibility, SyncService
-        from skill_edge.runtime.transport import open_transport
+        from skill_edge.runtime.exchange.keys import TrustStore
+        from skill_edge.runtime.knowledge.records import RomShape
+        from skill_edge.runtime.exchange.receive import PacketReceiver
+        from skill_edge.runtime.exchange.sync import BankPlausibility, SyncService
+        from skill_edge.runtime.exchange.transport import open_transport
 
         spec, bank = self.spec, self.device.bank
         # no transport state file: the receive state + bank are the durable truth, and a rescan after a
@@ -696,7 +696,7 @@ class Agent:
                 ft = self._feature_task(src)
                 out[src.name] = (ft.train_features, ft.train_trunk_stats)
             else:
-                from skill_edge.runtime.datasets import load_image_folder
+                from skill_edge.runtime.sources.datasets import load_image_folder
 
                 ds = load_image_folder(src.path, seed=self.spec.seed)
                 ex = self.device.extract(ds.train.paths, keep_trunk=self.spec.bb)  # cached
@@ -736,7 +736,7 @@ class Agent:
     # ------------------------------------------------------------------ 4. classify
     def evaluate(self) -> dict[str, Any]:
         from skill_edge.runtime.device import FeatureBatch, LearnError
-        from skill_edge.runtime.learn import head_accuracy
+        from skill_edge.runtime.learn.head import head_accuracy
 
         spec, dev = self.spec, self.device
         t0 = time.perf_counter()
@@ -797,7 +797,7 @@ class Agent:
         if src.kind == "features":
             ft = self._feature_task(src)
             return ft.test_features, None, ft.test_trunk_stats, ft.test_labels, list(ft.classes)
-        from skill_edge.runtime.datasets import load_image_folder
+        from skill_edge.runtime.sources.datasets import load_image_folder
 
         ds = load_image_folder(src.path, seed=self.spec.seed)
         ex = self.device.extract(ds.test.paths, keep_trunk=self.spec.bb)

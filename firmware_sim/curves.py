@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from skill_edge.runtime.device import Device
-from skill_edge.runtime.knowledge import TaskKnowledge
-from skill_edge.runtime.mapper import build_mapper
+from skill_edge.runtime.knowledge.records import TaskKnowledge
+from skill_edge.runtime.mapping.mapper import build_mapper
 
 # the paper's Fig. 6 line for GMMC (section 4): y = -0.0005 T + 0.978, zero at T = 1,956; Mahalanobis reaches
 # zero at T = 2,445 (no slope given)
@@ -147,7 +147,7 @@ def skill_curves(knowledge: Sequence[TaskKnowledge],
 def _prefix_covariances(mapper: str, order: Sequence[TaskKnowledge]):
     """The Mahalanobis tied covariance after each step of ``order``: the exemplar scatter is summed task
     by task (``ScatterStats.add``, as ``exemplar_scatter`` sums it), then shrunk as the mapper does."""
-    from skill_edge.runtime.mapper import ScatterStats
+    from skill_edge.runtime.mapping.mapper import ScatterStats
 
     if mapper != "maha":
         raise ValueError(f"incremental covariances are for the Mahalanobis mapper, not {mapper!r}")

@@ -192,7 +192,7 @@ class _Plan:
 
 def _check_feature_task(name: str, path: Path) -> None:
     """Refuse, before any device starts, a feature task the default anchors cannot be fitted from."""
-    from skill_edge.runtime.anchors import DEFAULT_TRANSFORM, needs_trunk_stats
+    from skill_edge.runtime.mapping.anchors import DEFAULT_TRANSFORM, needs_trunk_stats
 
     try:
         ft = load_feature_task(path)
@@ -205,7 +205,7 @@ def _check_feature_task(name: str, path: Path) -> None:
 
 
 def _plan(cfg: FleetConfig) -> _Plan:
-    from skill_edge.runtime.codec import parse_size
+    from skill_edge.runtime.exchange.codec import parse_size
 
     if not cfg.tasks:
         raise FleetConfigError("a fleet needs at least one task (FleetConfig.tasks = {name: folder})")
@@ -275,7 +275,7 @@ def _finished_reports(specs: list[AgentSpec]) -> dict[str, DeviceReport]:
 
 def provision(homes: dict[str, Path]) -> dict[str, str]:
     """Give every device a key (kept if it has one) and trust every device's public key; key ids by device."""
-    from skill_edge.runtime.keys import KeyStoreError, TrustStore, init_device_key, load_device_key
+    from skill_edge.runtime.exchange.keys import KeyStoreError, TrustStore, init_device_key, load_device_key
 
     keys = {}
     for name, home in homes.items():

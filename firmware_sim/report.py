@@ -78,7 +78,7 @@ def load_task_features(result: FleetResult) -> list[TaskFeatures]:
     features from the evaluation files the reference device wrote."""
     from safetensors.numpy import load_file
 
-    from skill_edge.runtime.datasets import load_image_folder
+    from skill_edge.runtime.sources.datasets import load_image_folder
     from skill_edge.runtime.device import Device
 
     cfg = result.config
@@ -188,7 +188,7 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
     keys (how the run was made: roots, budgets).  ``slow_order_seconds``: a mapper whose task scores
     depend on the whole bank (Mahalanobis) is rebuilt at every step of every order; after this many
     seconds it starts no further order (each order it did is complete; the report says how many)."""
-    from skill_edge.runtime.bank import KnowledgeBank
+    from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,16 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from .anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
-from .bank import KnowledgeBank
-from .identity import TaskKey, display_names
-from .datasets import ImageFolderTask, load_image_folder
-from .feature_cache import FeatureCache
-from .knowledge import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
-from .learn import head_accuracy, train_head
-from .mapper import TaskMapper, build_mapper
-from .preprocess import ImageInput, iter_batches
-from .rom_engine import Extraction, RomEngine
+from skill_edge.runtime.mapping.anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
+from skill_edge.runtime.knowledge.identity import TaskKey, display_names
+from skill_edge.runtime.sources.datasets import ImageFolderTask, load_image_folder
+from skill_edge.runtime.rom.feature_cache import FeatureCache
+from skill_edge.runtime.knowledge.records import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
+from skill_edge.runtime.learn.head import head_accuracy, train_head
+from skill_edge.runtime.mapping.mapper import TaskMapper, build_mapper
+from skill_edge.runtime.rom.preprocess import ImageInput, iter_batches
+from skill_edge.runtime.rom.engine import Extraction, RomEngine
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def _require_bb() -> None:
     """A ``LearnError`` naming the install command when this install cannot learn beneficial biases."""
-    from .bb_train import BBUnavailable, require_bb
+    from skill_edge.runtime.learn.bb import BBUnavailable, require_bb
 
     try:
         require_bb()
@@ -144,7 +144,7 @@ class Device:
     def _device_key(self):
         """The device's signing key from ``home/keys``, or None when it has none yet."""
         try:
-            from .keys import load_device_key
+            from skill_edge.runtime.exchange.keys import load_device_key
 
             return load_device_key(self.home)
         except Exception:  # noqa: BLE001 - no key yet is normal
@@ -244,7 +244,7 @@ class Device:
         key = key if key is not None else self._device_key()
         packet = None
         if key is not None:
-            from .packet import PacketCodec
+            from skill_edge.runtime.exchange.packet import PacketCodec
 
             packet = PacketCodec(budget).encode(knowledge, key)
         self.bank.put(knowledge, packet_bytes=packet, own=True)
@@ -321,7 +321,7 @@ class Device:
     def bb_split_points(self, spec: str | int) -> list[int]:
         """The split points ``learn --bb-split`` names: ``auto`` (``bb_train.DEFAULT_BB_SPLITS``),
         ``tail``, ``full`` (stage 0, the whole network) or a stage index this ROM can rerun."""
-        from .bb_train import DEFAULT_BB_SPLITS
+        from skill_edge.runtime.learn.bb import DEFAULT_BB_SPLITS
 
         man = self.engine.manifest
         valid = man.bb_splits()
@@ -360,7 +360,7 @@ class Device:
                   progress: Callable[[str, int, int], None] | None):
         """Train BB from each split point of ``spec``; the fit with the best validation accuracy among those
         that beat the plain head (on a tie, the later, cheaper split), else the last fit (not kept)."""
-        from .bb_train import DEFAULT_BB_RECIPE, prefix_activations, train_bb
+        from skill_edge.runtime.learn.bb import DEFAULT_BB_RECIPE, prefix_activations, train_bb
 
         man = self.engine.manifest
         fits = []

@@ -45,7 +45,7 @@ def test_images(task: Path) -> list[Path]:
 
 
 def features(rom: Path, task: Path, out: Path) -> None:
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     ex = RomEngine(rom, providers=["cpu"]).extract(test_images(task))
     np.save(out, np.concatenate([ex.features, ex.trunk_stats], axis=1))
@@ -143,9 +143,9 @@ def _classify(home: Path, task: Path, rom_args: list[str]) -> str:
 
 
 def _packet(home: Path) -> str:
-    from skill_edge.runtime.bank import KnowledgeBank
-    from skill_edge.runtime.keys import load_device_key
-    from skill_edge.runtime.packet import PacketCodec
+    from skill_edge.runtime.knowledge.bank import KnowledgeBank
+    from skill_edge.runtime.exchange.keys import load_device_key
+    from skill_edge.runtime.exchange.packet import PacketCodec
 
     knowledge = KnowledgeBank(home / "bank").load_all()[0]
     data = PacketCodec(16 * 1024).encode(knowledge, load_device_key(home))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from skill_edge.runtime.bank import KnowledgeBank
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
 
 TASKS = ("birds", "cars", "flowers", "x-rays")
 FEATURE_DIM = 256

@@ -23,7 +23,7 @@ def rom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def rom_engine(rom_dir: Path):
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     return RomEngine(rom_dir, providers=["cpu"])
 
@@ -31,7 +31,7 @@ def rom_engine(rom_dir: Path):
 @pytest.fixture(scope="module")
 def key():
     """A fresh device signing key (one per test module)."""
-    from skill_edge.runtime.keys import DeviceKey
+    from skill_edge.runtime.exchange.keys import DeviceKey
 
     return DeviceKey.generate()
 
@@ -39,7 +39,7 @@ def key():
 @pytest.fixture(scope="module")
 def trust(key, tmp_path_factory: pytest.TempPathFactory):
     """A trust store that knows ``key`` as "peer"."""
-    from skill_edge.runtime.keys import TrustStore
+    from skill_edge.runtime.exchange.keys import TrustStore
 
     t = TrustStore(tmp_path_factory.mktemp("trust"))
     t.add("peer", key.public_key)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from skill_edge.runtime.bank import (
+from skill_edge.runtime.knowledge.bank import (
     BankCorruptError,
     BankError,
     BankLockedError,
@@ -22,8 +22,8 @@ from skill_edge.runtime.bank import (
     KnowledgeBank,
     UnknownTaskError,
 )
-from skill_edge.runtime.cli_bank import app
-from skill_edge.runtime.knowledge import KnowledgeError, TaskKnowledge
+from skill_edge.runtime.cli.bank import app
+from skill_edge.runtime.knowledge.records import KnowledgeError, TaskKnowledge
 
 HELPER = Path(__file__).with_name("bank_writer_proc.py")
 _spec = importlib.util.spec_from_file_location("bank_writer_proc", HELPER)
@@ -411,7 +411,7 @@ def test_a_bank_written_with_bb_split_spelled_out_still_opens(tmp_path: Path, mo
     ``bb_split: -1`` spelled out; a bank holding them opens too."""
     from dataclasses import asdict
 
-    import skill_edge.runtime.knowledge as knowledge_module
+    import skill_edge.runtime.knowledge.records as knowledge_module
 
     plain = make_knowledge("cars", 4)
     plain.bb = None

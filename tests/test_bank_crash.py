@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from skill_edge.runtime.bank import KnowledgeBank, UnknownTaskError, _Index
+from skill_edge.runtime.knowledge.bank import KnowledgeBank, UnknownTaskError, _Index
 
 HELPER = Path(__file__).with_name("bank_writer_proc.py")
 _spec = importlib.util.spec_from_file_location("bank_writer_proc", HELPER)

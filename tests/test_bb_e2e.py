@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from skill_edge.cli import app
 from skill_edge.runtime.device import Device
-from skill_edge.runtime.keys import DeviceKey, TrustStore
-from skill_edge.runtime.knowledge import RomShape
-from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.receive import PacketReceiver
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+from skill_edge.runtime.knowledge.records import RomShape
+from skill_edge.runtime.exchange.packet import PacketCodec
+from skill_edge.runtime.exchange.receive import PacketReceiver
 
 from test_device import _digit_task, _shape_task
 
@@ -72,7 +72,7 @@ def two_devices(rom_dir: Path, tasks: dict[str, Path], tmp_path_factory: pytest.
     """Teacher A learns digits with BB from stage 5, shapes with tail BB and one plain task; B receives all
     three packets.  The recipe keeps the biases whatever validation says (``min_val_gain=None``), so the
     packets surely carry them: whether they are kept is tested in the benchmark, not here."""
-    from skill_edge.runtime import bb_train
+    from skill_edge.runtime.learn import bb as bb_train
 
     saved = bb_train.DEFAULT_BB_RECIPE
     bb_train.DEFAULT_BB_RECIPE = bb_train.BBRecipe("adam", 3e-2, 3e-3, epochs=2, batch_size=16, min_val_gain=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skill_edge.runtime.bb_train import DEFAULT_BB_RECIPE, beats_by_more_than_noise
+from skill_edge.runtime.learn.bb import DEFAULT_BB_RECIPE, beats_by_more_than_noise
 
 
 def _pairs(wins: int, losses: int, same: int = 20) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from skill_edge.runtime.codec import I8_BLOCK
-from skill_edge.runtime.keys import DeviceKey
-from skill_edge.runtime.knowledge import KnowledgeError, RomShape, TaskKnowledge, TaskMeta
-from skill_edge.runtime.packet import PacketCodec
+from skill_edge.runtime.exchange.codec import I8_BLOCK
+from skill_edge.runtime.exchange.keys import DeviceKey
+from skill_edge.runtime.knowledge.records import KnowledgeError, RomShape, TaskKnowledge, TaskMeta
+from skill_edge.runtime.exchange.packet import PacketCodec
 
 FP = "ab" * 32
 LAYERS = [480, 480, 80, 480, 480, 80, 480, 480, 112, 672, 672, 112, 672, 672, 112, 672, 672, 112]  # 7,520 values

@@ -50,7 +50,7 @@ def _frames(home: Path) -> dict[str, int]:
 def test_display_set_with_headless_opencv_falls_back_and_files_need_no_countdown(clip: Path, tmp_path: Path,
                                                                                    rom_dir: Path) -> None:
     """OpenCV headless has no imshow: with DISPLAY set the capture used to crash in cv2.imshow."""
-    from skill_edge.runtime.camera import gui_available
+    from skill_edge.runtime.sources.camera import gui_available
 
     t0 = time.monotonic()
     res = _learn(clip, tmp_path / "h", rom_dir, "--countdown", "5", env={"DISPLAY": ":0"})
@@ -89,7 +89,7 @@ def test_headless_flag_and_recapture_needs_append_or_replace(clip: Path, tmp_pat
 
 
 def test_capture_dir_policy_without_a_camera(tmp_path: Path) -> None:
-    from skill_edge.runtime.camera import CaptureExistsError, prepare_capture_dir
+    from skill_edge.runtime.sources.camera import CaptureExistsError, prepare_capture_dir
 
     target = tmp_path / "cap"
     assert prepare_capture_dir(target, "refuse") == 0  # nothing there: nothing to refuse

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from skill_edge.cli import app
-from skill_edge.runtime.cli_output import relative_names, shorten_path
-from skill_edge.runtime.rom_engine import ProviderError, normalize_providers
+from skill_edge.runtime.cli.output import relative_names, shorten_path
+from skill_edge.runtime.rom.engine import ProviderError, normalize_providers
 from test_device import _digit_task, _shape_task
 
 runner = CliRunner()
@@ -222,7 +222,7 @@ def test_stage_bars_complete_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> N
 
     from rich.console import Console
 
-    from skill_edge.runtime import cli_output
+    from skill_edge.runtime.cli import output as cli_output
 
     buf = io.StringIO()
     monkeypatch.setattr(cli_output, "console", Console(file=buf, force_terminal=True, width=100))

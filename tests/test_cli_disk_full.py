@@ -33,8 +33,8 @@ def test_feature_cache_that_cannot_be_written_warns_and_leaves_no_temp_file(tmp_
     script = textwrap.dedent(f"""
         import logging, sys
         import numpy as np
-        from skill_edge.runtime.feature_cache import FeatureCache
-        from skill_edge.runtime.rom_engine import Extraction
+        from skill_edge.runtime.rom.feature_cache import FeatureCache
+        from skill_edge.runtime.rom.engine import Extraction
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         cache = FeatureCache({str(tmp_path / "cache")!r}, "ab" * 32)
         ex = Extraction(np.ones((200, 1280), np.float32), np.arange(200), trunk_stats=np.ones((200, 384), np.float32))
@@ -92,7 +92,7 @@ def test_log_level_accepts_names_and_numbers(value: str) -> None:
 def test_outbox_write_on_a_full_disk_leaves_no_temp_file(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from skill_edge.runtime.cli import write_outbox
+        from skill_edge.runtime.cli.main import write_outbox
         outbox = Path({str(tmp_path / "outbox")!r})
         try:
             write_outbox(outbox, "t-1.skp", b"x" * 200_000)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from skill_edge.cli import app
 from skill_edge.runtime.device import Device, FeatureBatch, LearnError
-from skill_edge.runtime.knowledge import TaskKnowledge
+from skill_edge.runtime.knowledge.records import TaskKnowledge
 
 runner = CliRunner()
 
@@ -262,7 +262,7 @@ def test_mapper_needs_tasks(tmp_path: Path, rom_dir: Path) -> None:
 
 def test_anchors_read_the_trunk_statistics_the_engine_computes(learned: Path, rom_dir: Path,
                                                                 tasks: dict[str, Path]) -> None:
-    from skill_edge.runtime.mapper import MapperError
+    from skill_edge.runtime.mapping.mapper import MapperError
 
     dev = Device(learned, rom_dir)
     k = dev.bank.get("digits-low")

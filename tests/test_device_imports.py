@@ -71,7 +71,7 @@ def test_device_verbs_import_no_torch_timm_sklearn_or_matplotlib(rom_dir: Path, 
     proc, mods = _run(tmp_path, "learn", "learn", "--task", "warm", "--data", str(data), *common, home=a)
     assert proc.returncode == 0, proc.stderr
     seen["learn"] = _heavy(mods)
-    assert "skill_edge.runtime.gmm" in mods and "skill_edge.runtime.learn" in mods  # it really learned
+    assert "skill_edge.runtime.mapping.gmm" in mods and "skill_edge.runtime.learn.head" in mods  # it really learned
 
     image = next((data / "test" / "red").iterdir())
     proc, mods = _run(tmp_path, "classify", "classify", str(image), "--json", *common, home=a)

@@ -18,7 +18,7 @@ from skill_edge.export.bias import BiasedStages, layout_of
 from skill_edge.export.manifest import RomError, RomManifest, verify_rom
 from skill_edge.export.weights import WeightsError
 from skill_edge.models import get_spec, list_backbones
-from skill_edge.runtime.preprocess import Preprocessing
+from skill_edge.runtime.rom.preprocess import Preprocessing
 
 runner = CliRunner()
 
@@ -184,7 +184,7 @@ def test_full_graph_parity_with_torch(rom_dir: Path, lite0) -> None:
 def test_random_init_rom_graphs_and_weights_file_share_one_set_of_weights(tmp_path: Path) -> None:
     """Timing ROMs (--random-init) too: every graph and the BB training weights come from one model."""
     from skill_edge.export.rom import build_rom
-    from skill_edge.runtime.bb_train import build_torch_tail
+    from skill_edge.runtime.learn.bb import build_torch_tail
 
     rom = tmp_path / "random"
     build_rom("efficientnet_lite0", rom, random_init=True)
@@ -218,7 +218,7 @@ def test_trunk_plus_tail_equals_full(rom_dir: Path) -> None:
 
 def test_bound_biases_match_per_sample_biases(rom_dir: Path) -> None:
     """One task per batch runs on a graph with the biases bound in; it must equal the per-sample graph."""
-    from skill_edge.runtime.rom_engine import BIND_MIN_ROWS, RomEngine, bind_biases, optimized_op_counts
+    from skill_edge.runtime.rom.engine import BIND_MIN_ROWS, RomEngine, bind_biases, optimized_op_counts
 
     m = RomManifest.read(rom_dir)
     rng = np.random.default_rng(4)
@@ -253,7 +253,7 @@ def test_bound_biases_match_per_sample_biases(rom_dir: Path) -> None:
 def test_engine_sessions_do_not_spin(rom_dir: Path) -> None:
     """Trunk, tail and bound-tail pools alternate on the same cores; a spinning idle pool halves
     batch-1 throughput on 2 cores (benchmarks/README.md, the 'spinning pools' rows)."""
-    from skill_edge.runtime.rom_engine import BIND_MIN_ROWS, RomEngine
+    from skill_edge.runtime.rom.engine import BIND_MIN_ROWS, RomEngine
 
     engine = RomEngine(rom_dir, providers=["cpu"])
     acts = engine.trunk(_images(BIND_MIN_ROWS, 224).numpy())
@@ -266,7 +266,7 @@ def test_engine_sessions_do_not_spin(rom_dir: Path) -> None:
 
 
 def test_bound_tail_refuses_a_tail_graph_changed_after_load(rom_dir: Path, tmp_path: Path) -> None:
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     copy = tmp_path / "rom"
     shutil.copytree(rom_dir, copy)
@@ -329,7 +329,7 @@ def test_tensorrt_engine_parity(rom_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(rom_dir, copy)
     paths = trt.build_rom_engines(copy, fp16=True)
     assert all(p.exists() and ".fp16." in p.name for p in paths)
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     gpu, cpu = RomEngine(copy, providers=["tensorrt"]), RomEngine(copy, providers=["cpu"])
     x = _images(8, 224, seed=5).numpy()
@@ -337,7 +337,7 @@ def test_tensorrt_engine_parity(rom_dir: Path, tmp_path: Path) -> None:
 
 
 def _cuda_provider_works() -> bool:
-    from skill_edge.runtime.rom_engine import available_providers
+    from skill_edge.runtime.rom.engine import available_providers
 
     return "cuda" in available_providers()
 
@@ -346,7 +346,7 @@ def test_onnxruntime_cuda_parity(rom_dir: Path) -> None:
     """The device's fallback when no TensorRT engine exists: ONNX Runtime's CUDA provider."""
     if not _cuda_provider_works():
         pytest.skip("ONNX Runtime CUDA parity needs a CUDA GPU and onnxruntime-gpu's CUDA provider (none here)")
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     gpu, cpu = RomEngine(rom_dir, providers=["cuda"]), RomEngine(rom_dir, providers=["cpu"])
     assert gpu.provider == "cuda"
@@ -360,7 +360,7 @@ def test_onnxruntime_cuda_parity(rom_dir: Path) -> None:
 
 def test_batch_buckets_pad_and_split_without_changing_rows(rom_dir: Path) -> None:
     """The CUDA engine's shape-stable sessions (one per batch bucket), exercised on the CPU provider."""
-    from skill_edge.runtime.rom_engine import _OrtGraph
+    from skill_edge.runtime.rom.engine import _OrtGraph
 
     tail = rom_dir / "tail.onnx"
     plain = _OrtGraph(tail, "cpu", None)
@@ -374,7 +374,7 @@ def test_batch_buckets_pad_and_split_without_changing_rows(rom_dir: Path) -> Non
     assert sorted(bucketed._by_batch) == [1, 4]  # one session per bucket, reused
     assert len({id(s) for s in bucketed._by_batch.values()}) == 2
     # the same through RomEngine's knob, on whole feature passes
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     x = _images(5, 224, seed=9).numpy()
     engine = RomEngine(rom_dir, providers=["cpu"], batch_buckets=(1, 4))
@@ -391,7 +391,7 @@ def test_cuda_provider_that_cannot_start_is_refused_not_run_on_cpu(rom_dir: Path
     if _cuda_provider_works():
         pytest.skip("the CUDA provider works on this machine")
     from skill_edge.export.manifest import RomError
-    from skill_edge.runtime.rom_engine import RomEngine
+    from skill_edge.runtime.rom.engine import RomEngine
 
     with pytest.raises(RomError, match="could not start CUDAExecutionProvider"):
         RomEngine(rom_dir, providers=["cuda"])
@@ -411,7 +411,7 @@ def test_extract_decodes_at_low_priority_on_the_cpu_with_the_same_features(rom_d
     """``decode_plan``: on ORT CPU the decoders yield to the ROM's threads; priority never changes features."""
     from PIL import Image
 
-    from skill_edge.runtime.rom_engine import DECODE_NICE_ON_CPU, RomEngine
+    from skill_edge.runtime.rom.engine import DECODE_NICE_ON_CPU, RomEngine
 
     engine = RomEngine(rom_dir, providers=["cpu"])
     workers, nice = engine.decode_plan()

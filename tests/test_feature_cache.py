@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skill_edge.runtime import preprocess
-from skill_edge.runtime.feature_cache import FeatureCache
-from skill_edge.runtime.rom_engine import Extraction
+from skill_edge.runtime.rom import preprocess
+from skill_edge.runtime.rom.feature_cache import FeatureCache
+from skill_edge.runtime.rom.engine import Extraction
 
 
 @pytest.fixture()

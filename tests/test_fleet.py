@@ -198,7 +198,7 @@ def test_fleet_over_a_folder_with_a_lossy_link_and_a_crash(rom_dir: Path, digit_
 def test_fleet_over_mqtt_with_a_feature_task_a_budget_and_a_crash(
         rom_dir: Path, digit_tasks: dict[str, Path], feature_cache: Path, mosquitto: MosquittoBroker,  # noqa: F811
         tmp_path: Path) -> None:
-    from skill_edge.runtime.datasets import load_image_folder
+    from skill_edge.runtime.sources.datasets import load_image_folder
     from skill_edge.runtime.device import Device
 
     # digits-c is handed to its device as features (the caller extracted them already)

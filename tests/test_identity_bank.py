@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from skill_edge.runtime.bank import (
+from skill_edge.runtime.knowledge.bank import (
     INDEX_FORMAT,
     AmbiguousTaskError,
     KnowledgeBank,
@@ -25,16 +25,16 @@ from skill_edge.runtime.bank import (
     UnknownTaskError,
     _index_digest,
 )
-from skill_edge.runtime.cli_bank import app as bank_app
-from skill_edge.runtime.cli_sync import app as sync_app
-from skill_edge.runtime.identity import TaskKey, display_names, match
-from skill_edge.runtime.keys import DeviceKey, TrustStore
-from skill_edge.runtime.knowledge import GmmcAnchor, TaskKnowledge, TaskMeta
-from skill_edge.runtime.mapper import build_mapper
-from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.receive import PacketReceiver
-from skill_edge.runtime.sync import BankPlausibility, SyncService
-from skill_edge.runtime.transport import open_transport
+from skill_edge.runtime.cli.bank import app as bank_app
+from skill_edge.runtime.cli.sync import app as sync_app
+from skill_edge.runtime.knowledge.identity import TaskKey, display_names, match
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+from skill_edge.runtime.knowledge.records import GmmcAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.mapping.mapper import build_mapper
+from skill_edge.runtime.exchange.packet import PacketCodec
+from skill_edge.runtime.exchange.receive import PacketReceiver
+from skill_edge.runtime.exchange.sync import BankPlausibility, SyncService
+from skill_edge.runtime.exchange.transport import open_transport
 
 ROM_FP = "ab" * 32
 DIM = 48

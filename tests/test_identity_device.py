@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from skill_edge.cli import app
-from skill_edge.runtime.bank import KnowledgeBank
-from skill_edge.runtime.identity import TaskKey
-from skill_edge.runtime.keys import TrustStore, load_device_key
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
+from skill_edge.runtime.knowledge.identity import TaskKey
+from skill_edge.runtime.exchange.keys import TrustStore, load_device_key
 from test_device import _digit_task, _shape_task
 
 runner = CliRunner()
@@ -110,7 +110,7 @@ def test_learn_killed_right_after_the_bank_write_loses_no_packet(tmp_path: Path,
     import sys
     import time
 
-    from skill_edge.runtime.packet import PacketCodec
+    from skill_edge.runtime.exchange.packet import PacketCodec
 
     data = _digit_task(tmp_path / "digits", [0, 1, 2])
     home, share = tmp_path / "home", tmp_path / "share"

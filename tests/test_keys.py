@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from skill_edge.runtime.keys import (
+from skill_edge.runtime.exchange.keys import (
     HOME_ENV,
     DeviceKey,
     KeyStoreError,

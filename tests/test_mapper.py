@@ -8,7 +8,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf, oas
 
-from skill_edge.runtime.anchors import (
+from skill_edge.runtime.mapping.anchors import (
     DEFAULT_MIN_EXEMPLAR_ROWS,
     AnchorError,
     fit_gmmc,
@@ -16,8 +16,8 @@ from skill_edge.runtime.anchors import (
     fit_task_anchors,
     transform_features,
 )
-from skill_edge.runtime.knowledge import GmmcAnchor, TaskKnowledge, TaskMeta
-from skill_edge.runtime.mapper import (
+from skill_edge.runtime.knowledge.records import GmmcAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.mapping.mapper import (
     GmmcMapper,
     MahalanobisMapper,
     MapperError,
@@ -172,7 +172,7 @@ def test_thresholds_hold_out_most_own_test_data(tasks):
     x, y, xt, _ = tasks["task1"]
     a = fit_task_anchors(x, y, transform="sqrt_l2", k=6, percentile=1.0)
     assert set(a.thresholds) == {"gmmc", "maha"} and a.feature_transform == "sqrt_l2"
-    from skill_edge.runtime.mapper import gmmc_task_loglik
+    from skill_edge.runtime.mapping.mapper import gmmc_task_loglik
 
     own = gmmc_task_loglik(a.gmmc, transform_features(xt, "sqrt_l2"))
     assert np.mean(own < a.thresholds["gmmc"]) < 0.08  # ~1 % expected, small-sample slack
@@ -414,7 +414,7 @@ def test_trunk_bank_refuses_features_without_trunk_stats_and_mismatched_widths()
     with pytest.raises(MapperError, match=f"anchors are {D + 16} wide"):
         mapper.predict(xt, np.concatenate([st, st], axis=1))  # another ROM's trunk: wider
     # a record whose anchors do not fit its transform is malformed, whatever sent it
-    from skill_edge.runtime.knowledge import KnowledgeError
+    from skill_edge.runtime.knowledge.records import KnowledgeError
 
     flat = TaskKnowledge.from_parts(bank[0].metadata(), bank[0].tensors())
     flat.meta.feature_transform = "sqrt_l2"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from skill_edge.runtime.device import Device
-from skill_edge.runtime.keys import TrustStore, init_device_key, load_device_key
-from skill_edge.runtime.receive import PacketReceiver
+from skill_edge.runtime.exchange.keys import TrustStore, init_device_key, load_device_key
+from skill_edge.runtime.exchange.receive import PacketReceiver
 from test_device import _digit_task, _shape_task
 
 

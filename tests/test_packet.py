@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from bench_modules import load_benchmark
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from skill_edge.runtime.codec import (
+from skill_edge.runtime.exchange.codec import (
     I8_BLOCK,
     KNOWN_TENSORS,
     QUANTIZERS,
@@ -27,9 +27,9 @@ from skill_edge.runtime.codec import (
     plan_ladder,
     thin_exemplars,
 )
-from skill_edge.runtime.keys import DeviceKey
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
-from skill_edge.runtime.packet import (
+from skill_edge.runtime.exchange.keys import DeviceKey
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
+from skill_edge.runtime.exchange.packet import (
     HEADER,
     MAX_META_BYTES,
     MAX_PACKET_BYTES,

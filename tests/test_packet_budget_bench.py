@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bench_modules import load_benchmark
-from skill_edge.runtime.anchors import fit_task_anchors
-from skill_edge.runtime.knowledge import TaskKnowledge, TaskMeta
-from skill_edge.runtime.learn import train_head
-from skill_edge.runtime.mapper import build_mapper
+from skill_edge.runtime.mapping.anchors import fit_task_anchors
+from skill_edge.runtime.knowledge.records import TaskKnowledge, TaskMeta
+from skill_edge.runtime.learn.head import train_head
+from skill_edge.runtime.mapping.mapper import build_mapper
 from sklearn.datasets import load_digits
 
 pb = load_benchmark("packet_budget")

@@ -8,10 +8,10 @@ import stat
 import numpy as np
 import pytest
 import typer
-from skill_edge.runtime.cli_packets import keys_app, packet_app
-from skill_edge.runtime.keys import DeviceKey, load_device_key
-from skill_edge.runtime.knowledge import GmmcAnchor, TaskKnowledge, TaskMeta
-from skill_edge.runtime.packet import PacketCodec
+from skill_edge.runtime.cli.packets import keys_app, packet_app
+from skill_edge.runtime.exchange.keys import DeviceKey, load_device_key
+from skill_edge.runtime.knowledge.records import GmmcAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.exchange.packet import PacketCodec
 from typer.testing import CliRunner
 
 app = typer.Typer()

@@ -1,4 +1,4 @@
-"""Per-column and low-bit encodings, the int4/int3 ladder rungs and step names (runtime/codec.py).
+"""Per-column and low-bit encodings, the int4/int3 ladder rungs and step names (runtime/exchange/codec.py).
 
 The motivating failure is real: a head trained on standardised features and folded back to
 raw ones has columns hundreds of times larger than the rest wherever a feature has a small
@@ -14,7 +14,7 @@ import pytest
 import zstandard
 from bench_modules import load_benchmark
 from safetensors.numpy import save as st_save
-from skill_edge.runtime.codec import (
+from skill_edge.runtime.exchange.codec import (
     QUANTIZERS,
     EncodingPlan,
     PlanError,
@@ -25,8 +25,8 @@ from skill_edge.runtime.codec import (
     plan_for_step,
     plan_ladder,
 )
-from skill_edge.runtime.learn import train_head
-from skill_edge.runtime.packet import HEADER, PacketCodec, PacketError
+from skill_edge.runtime.learn.head import train_head
+from skill_edge.runtime.exchange.packet import HEADER, PacketCodec, PacketError
 from sklearn.datasets import load_digits
 
 random_knowledge = load_benchmark("fuzz_packets").random_knowledge

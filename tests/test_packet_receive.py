@@ -10,10 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from bench_modules import load_benchmark
-from skill_edge.runtime.keys import DeviceKey, TrustStore
-from skill_edge.runtime.knowledge import TaskKnowledge
-from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.receive import (
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+from skill_edge.runtime.knowledge.records import TaskKnowledge
+from skill_edge.runtime.exchange.packet import PacketCodec
+from skill_edge.runtime.exchange.receive import (
     STATE_FILE,
     PacketReceiver,
     ReceiveState,
@@ -70,7 +70,7 @@ def test_same_packet_twice_is_a_duplicate_no_op(receiver, key, tmp_path):
 def test_rollback_to_an_older_seq_is_rejected(receiver, key, caplog):
     old, new = PacketCodec().encode(version(1), key), PacketCodec().encode(version(2), key)
     assert receiver.receive(new).status == "accepted"
-    with caplog.at_level(logging.INFO, logger="skill_edge.runtime.receive"):
+    with caplog.at_level(logging.INFO, logger="skill_edge.runtime.exchange.receive"):
         r = receiver.receive(old)
     assert r.status == "rejected" and r.code == "rollback" and "seq 2 was already accepted" in r.reason
     assert "rollback" in caplog.text  # the reason is logged (at INFO: SyncService reports the decision once)
@@ -201,7 +201,7 @@ def test_state_file_is_replaced_atomically(receiver, key, tmp_path):
 @pytest.fixture()
 def banked(trust, tmp_path):
     """A receiver that feeds a real bank (and checks versions against it), plus that bank."""
-    from skill_edge.runtime.bank import KnowledgeBank
+    from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
     bank = KnowledgeBank(tmp_path / "bank")
     rx = PacketReceiver(trust, ROM, tmp_path / "state", bank=bank)

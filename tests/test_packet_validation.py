@@ -19,9 +19,9 @@ import zstandard
 from bench_modules import load_benchmark
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
-from skill_edge.runtime.bank import KnowledgeBank
-from skill_edge.runtime.keys import DeviceKey
-from skill_edge.runtime.knowledge import (
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
+from skill_edge.runtime.exchange.keys import DeviceKey
+from skill_edge.runtime.knowledge.records import (
     CREATED_RANGE,
     GmmcAnchor,
     KnowledgeError,
@@ -31,9 +31,9 @@ from skill_edge.runtime.knowledge import (
     TaskMeta,
     validate_name,
 )
-from skill_edge.runtime.packet import HEADER, PacketCodec, PacketError, parse_frame
-from skill_edge.runtime.receive import PacketReceiver
-from skill_edge.runtime.sync import BankPlausibility
+from skill_edge.runtime.exchange.packet import HEADER, PacketCodec, PacketError, parse_frame
+from skill_edge.runtime.exchange.receive import PacketReceiver
+from skill_edge.runtime.exchange.sync import BankPlausibility
 
 ROM = load_benchmark("fuzz_packets").ROM_FINGERPRINT  # the fixtures key and trust ("peer") are conftest.py's
 #: A small ROM: 64 features, 8 trunk channels (so sqrt_l2_trunk anchors are 64 + 16 = 80 wide), 40 tail BB slots.
@@ -332,8 +332,8 @@ def test_a_name_that_passes_always_fits_a_transport_path_and_an_outbox_file(name
     """The rule's length limit is the transports' own: the percent-encoded folder name / MQTT topic
     level of ``transport.base.encode_segment`` (200 characters).  Names used to pass decode and then
     fail at publish; now a name passes exactly when it can travel."""
-    from skill_edge.runtime.transport.base import encode_segment
-    from skill_edge.runtime.transport.directory import packet_path
+    from skill_edge.runtime.exchange.transport.base import encode_segment
+    from skill_edge.runtime.exchange.transport.directory import packet_path
 
     try:
         validate_name(name)

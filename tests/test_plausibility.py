@@ -9,10 +9,10 @@ import pytest
 
 from sklearn.cluster import KMeans
 
-from skill_edge.runtime.anchors import fit_gmmc, fit_mahalanobis, transform_features
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
-from skill_edge.runtime.mapper import build_mapper
-from skill_edge.runtime.plausibility import PlausibilityCheck
+from skill_edge.runtime.mapping.anchors import fit_gmmc, fit_mahalanobis, transform_features
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
+from skill_edge.runtime.mapping.mapper import build_mapper
+from skill_edge.runtime.mapping.plausibility import PlausibilityCheck
 
 from test_mapper import D, knowledge_for, make_task
 
@@ -225,7 +225,7 @@ def test_honest_mahalanobis_newcomer_is_accepted_beside_a_gmmc_only_task(world):
 
 
 def test_a_peers_copy_under_the_same_name_is_judged_like_any_other_task(world):
-    """Tasks are (name, origin agent) now (runtime.identity), and a bank keeps two agents' same-name
+    """Tasks are (name, origin agent) now (runtime.knowledge.identity), and a bank keeps two agents' same-name
     tasks side by side; so another agent's "task0" carrying the victim's anchor ties with it
     everywhere and must be refused.  Only the same agent's newer version replaces, and is not
     judged against the version it replaces."""

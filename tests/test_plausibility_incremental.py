@@ -8,9 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from skill_edge.runtime.identity import TaskKey
-from skill_edge.runtime.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter
-from skill_edge.runtime.plausibility import PlausibilityCheck, _captured
+from skill_edge.runtime.knowledge.identity import TaskKey
+from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter
+from skill_edge.runtime.mapping.plausibility import PlausibilityCheck, _captured
 
 from test_mapper import knowledge_for, make_task
 from test_plausibility import TRANSFORM, hijacks, world  # noqa: F401 - the fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skill_edge.runtime.preprocess import ImageDecodeError, Preprocessing
+from skill_edge.runtime.rom.preprocess import ImageDecodeError, Preprocessing
 
 
 def reference(im: Image.Image, pre: Preprocessing) -> np.ndarray:
@@ -73,7 +73,7 @@ class _RecordingPre:
 def test_decode_threads_run_at_the_asked_nice_and_leave_the_caller_alone(nice: int) -> None:
     import os
 
-    from skill_edge.runtime.preprocess import iter_batches
+    from skill_edge.runtime.rom.preprocess import iter_batches
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
     pre = _RecordingPre()

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 from bench_modules import load_benchmark
-from skill_edge.runtime.learn import train_head
+from skill_edge.runtime.learn.head import train_head
 
 from test_mapper import knowledge_for, make_task
 
@@ -73,7 +73,7 @@ def test_separable_shortcut_decides_as_a_rebuilt_mapper(small, monkeypatch):
 
 
 def test_a_synthetic_task_is_its_parent_moved(small):
-    from skill_edge.runtime.mapper import build_mapper
+    from skill_edge.runtime.mapping.mapper import build_mapper
 
     _, knowledge, rows, omni = small
     syn, srows, parents = ss.synthetic(knowledge, rows, omni, n=8, per_task=30, seed=1)

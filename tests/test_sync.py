@@ -22,14 +22,14 @@ import pytest
 from typer.testing import CliRunner
 
 from mqtt_broker import MosquittoBroker, mosquitto, needs_mosquitto, own_broker  # noqa: F401
-from skill_edge.runtime.bank import KnowledgeBank
-from skill_edge.runtime.cli_sync import app as sync_app
-from skill_edge.runtime.keys import DeviceKey, TrustStore
-from skill_edge.runtime.knowledge import GmmcAnchor, TaskKnowledge, TaskMeta
-from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.receive import PacketReceiver
-from skill_edge.runtime.sync import BankPlausibility, SyncService
-from skill_edge.runtime.transport import DirectoryTransport, open_transport, write_atomically
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
+from skill_edge.runtime.cli.sync import app as sync_app
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+from skill_edge.runtime.knowledge.records import GmmcAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.exchange.packet import PacketCodec
+from skill_edge.runtime.exchange.receive import PacketReceiver
+from skill_edge.runtime.exchange.sync import BankPlausibility, SyncService
+from skill_edge.runtime.exchange.transport import DirectoryTransport, open_transport, write_atomically
 
 ROM_FP = "ab" * 32
 OTHER_ROM_FP = "cd" * 32
@@ -276,7 +276,7 @@ def test_mqtt_sync_with_chunked_packets(mosquitto: MosquittoBroker, tmp_path: Pa
 
 
 def _start_device(dev: Device, url: str, fleet: str, log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "skill_edge.runtime.cli_sync", *dev.cli_args(url, fleet),
+    args = [sys.executable, "-m", "skill_edge.runtime.cli.sync", *dev.cli_args(url, fleet),
             "--watch", "--chunk-size", "2KiB", "--connect-timeout", "30"]
     env = {**os.environ, "SKILL_EDGE_LOG": "INFO", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.transport import DirectoryTransport
+from skill_edge.runtime.exchange.packet import PacketCodec
+from skill_edge.runtime.exchange.transport import DirectoryTransport
 from test_sync import make_fleet, random_knowledge
 
 PACKETS = 40

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mqtt_broker import MosquittoBroker, mosquitto, needs_mosquitto  # noqa: F401
-from skill_edge.runtime.cli_sync import app as sync_app
-from skill_edge.runtime.keys import TrustStore
-from skill_edge.runtime.transport import open_transport
+from skill_edge.runtime.cli.sync import app as sync_app
+from skill_edge.runtime.exchange.keys import TrustStore
+from skill_edge.runtime.exchange.transport import open_transport
 from test_sync import make_fleet
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skill_edge.runtime.transport import DirectoryTransport, TransportError, packet_path
-from skill_edge.runtime.transport.base import check_name, decode_segment, encode_segment
+from skill_edge.runtime.exchange.transport import DirectoryTransport, TransportError, packet_path
+from skill_edge.runtime.exchange.transport.base import check_name, decode_segment, encode_segment
 
 
 def test_round_trip_between_two_devices(tmp_path: Path) -> None:

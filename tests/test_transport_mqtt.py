@@ -13,8 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from mqtt_broker import MosquittoBroker, make_tls_files, mosquitto, needs_mosquitto, own_broker  # noqa: F401
-from skill_edge.runtime.transport import TransportAuthError, TransportError, open_transport
-from skill_edge.runtime.transport.mqtt import MqttConfig, MqttTransport
+from skill_edge.runtime.exchange.transport import TransportAuthError, TransportError, open_transport
+from skill_edge.runtime.exchange.transport.mqtt import MqttConfig, MqttTransport
 
 pytestmark = [needs_mosquitto, pytest.mark.mqtt]
 

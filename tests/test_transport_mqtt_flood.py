@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_broker import MosquittoBroker, mosquitto, needs_mosquitto  # noqa: F401
 from test_transport_mqtt import connect, fleet_name, raw_client, receive_until
-from skill_edge.runtime.transport.mqtt import (
+from skill_edge.runtime.exchange.transport.mqtt import (
     MANIFEST_CONTENT_TYPE,
     MANIFEST_FORMAT,
     MAX_CHUNKS,

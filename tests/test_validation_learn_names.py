@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skill_edge.runtime.bank import KnowledgeBank
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
 
 SKILL_EDGE = Path(sys.executable).parent / "skill-edge"
 

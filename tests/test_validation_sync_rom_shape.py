@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from skill_edge.export.manifest import RomManifest
-from skill_edge.runtime.bank import KnowledgeBank
-from skill_edge.runtime.keys import DeviceKey, TrustStore
-from skill_edge.runtime.knowledge import RomShape
-from skill_edge.runtime.packet import PacketCodec
-from skill_edge.runtime.transport import open_transport
+from skill_edge.runtime.knowledge.bank import KnowledgeBank
+from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+from skill_edge.runtime.knowledge.records import RomShape
+from skill_edge.runtime.exchange.packet import PacketCodec
+from skill_edge.runtime.exchange.transport import open_transport
 from test_packet_validation import honest
 
 SKILL_EDGE = Path(sys.executable).parent / "skill-edge"

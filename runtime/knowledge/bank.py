@@ -4,7 +4,7 @@ A record is exactly the pair a knowledge packet carries -- ``TaskKnowledge.metad
 ``TaskKnowledge.tensors()`` as one safetensors file -- plus, optionally, the raw packet bytes it was
 decoded from.  Nothing is ever pickled.
 
-Tasks are keyed by their fleet-wide identity ``TaskKey(task, agent)`` (``runtime.identity``): the
+Tasks are keyed by their fleet-wide identity ``TaskKey(task, agent)`` (``runtime.knowledge.identity``): the
 origin agent plus the name.  Two agents' ``cifar`` are two entries; a newer version from the same
 origin replaces the older one; and a task the device learned itself (``own``) is never replaced by
 anyone else's packet.  An own task's record also holds the signed packet the device broadcasts for
@@ -55,8 +55,8 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from skill_edge.runtime.identity import TaskKey, display_names, match, short_agent
-from skill_edge.runtime.knowledge import KnowledgeError, TaskKnowledge
+from skill_edge.runtime.knowledge.identity import TaskKey, display_names, match, short_agent
+from skill_edge.runtime.knowledge.records import KnowledgeError, TaskKnowledge
 
 INDEX_FORMAT = "skill-edge-bank-index/2"
 LEGACY_INDEX_FORMAT = "skill-edge-bank-index/1"  # keyed by task name; read, never written

@@ -29,9 +29,9 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .anchors import FEATURE_TRANSFORMS, AnchorError, transform_features
-from .identity import TaskKey, display_names
-from .knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
+from skill_edge.runtime.mapping.anchors import FEATURE_TRANSFORMS, AnchorError, transform_features
+from skill_edge.runtime.knowledge.identity import TaskKey, display_names
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
 
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -212,7 +212,7 @@ class TaskMapper:
             other = next(v for k, v in _ANCHOR_NAMES.items() if k != cls.kind)
             raise MapperError(f"tasks {missing} carry no {_ANCHOR_NAMES[cls.kind]} anchor; "
                               f"use the {other} mapper or refit them")
-        # two agents may teach one name: their tasks are named task@agent here (runtime.identity)
+        # two agents may teach one name: their tasks are named task@agent here (runtime.knowledge.identity)
         names = display_names([TaskKey(k.task, k.meta.agent_id) for k in knowledge])
         return cls(names, [getattr(k, cls.kind) for k in knowledge],
                    feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, cls.kind),

@@ -2,7 +2,7 @@
 
 A packet's payload is not always the float32 tensors: a device with a small radio budget
 sends a cheaper *plan*.  The ladder below lists plans in order of increasing loss; the
-packet codec (runtime/packet.py) walks it and keeps the first plan whose real, signed,
+packet codec (runtime/exchange/packet.py) walks it and keeps the first plan whose real, signed,
 compressed packet fits.  Every decision is recorded in ``meta.encoding`` so a receiver
 knows exactly what it got.
 
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from skill_edge.runtime.knowledge import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge
 
 I8_BLOCK = 64  # a 1-D tensor is quantised in blocks of this many values, each with its own scale
 

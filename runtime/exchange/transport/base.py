@@ -1,7 +1,7 @@
 """What every packet transport offers: publish opaque packet bytes, poll for new ones, close.
 
 A transport moves *bytes*.  It never decodes or verifies a packet: that is the receiver's job
-(``runtime.receive``), so a transport can be swapped (shared folder, USB stick, MQTT broker)
+(``runtime.exchange.receive``), so a transport can be swapped (shared folder, USB stick, MQTT broker)
 without touching the trust logic.  The addressing it carries (fleet, task, agent, seq) comes
 from file names or topics and is only a *hint* for routing and logging; the signed packet
 header is the truth.

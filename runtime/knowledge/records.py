@@ -23,7 +23,7 @@ SCHEMA_VERSION = 1
 
 #: Names of the spaces anchors live in (``TaskMeta.feature_transform``; ``anchors.transform_features``).
 FEATURE_TRANSFORMS: tuple[str, ...] = ("raw", "sqrt", "l2", "sqrt_l2", "sqrt_l2_trunk")
-#: Anchor spaces that append the ROM's trunk statistics to the features (``runtime.anchors``).
+#: Anchor spaces that append the ROM's trunk statistics to the features (``runtime.mapping.anchors``).
 TRUNK_TRANSFORMS: tuple[str, ...] = ("sqrt_l2_trunk",)
 #: What devices fit by default (``benchmarks/mapper_ideas.py``).
 DEFAULT_TRANSFORM = "sqrt_l2_trunk"

@@ -35,7 +35,7 @@ import numpy as np
 
 from skill_edge.export.manifest import RomError, RomManifest, verify_rom
 
-from .preprocess import ImageInput, Preprocessing, iter_batches
+from skill_edge.runtime.rom.preprocess import ImageInput, Preprocessing, iter_batches
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def trunk_stats(acts: np.ndarray) -> np.ndarray:
 
     The mid-level "style" statistics of an image (as in style transfer), which the task
     mappers add to the pooled features: tasks whose final features overlap (the CIFAR-10 pairs,
-    Omniglot alphabets) differ more in them (``runtime.anchors``, ``sqrt_l2_trunk``).  They
+    Omniglot alphabets) differ more in them (``runtime.mapping.anchors``, ``sqrt_l2_trunk``).  They
     cost two reductions over a map the engine computes anyway.
     """
     a = np.asarray(acts, dtype=np.float32)

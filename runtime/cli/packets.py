@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from skill_edge.runtime.codec import format_size
-from skill_edge.runtime.keys import (
+from skill_edge.runtime.exchange.codec import format_size
+from skill_edge.runtime.exchange.keys import (
     DEVICE_KEY_FILE,
     DEVICE_PUB_FILE,
     HOME_ENV,
@@ -27,7 +27,7 @@ from skill_edge.runtime.keys import (
     load_device_key,
     load_public_key,
 )
-from skill_edge.runtime.packet import (
+from skill_edge.runtime.exchange.packet import (
     MAX_PACKET_BYTES,
     Packet,
     PacketCodec,

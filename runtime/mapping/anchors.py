@@ -30,8 +30,8 @@ from typing import Literal
 
 import numpy as np
 
-from .gmm import fit_diag_mixture
-from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS, GmmcAnchor, MahalanobisAnchor, needs_trunk_stats
+from skill_edge.runtime.mapping.gmm import fit_diag_mixture
+from skill_edge.runtime.knowledge.records import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS, GmmcAnchor, MahalanobisAnchor, needs_trunk_stats
 
 #: Threshold percentile: 1 means 99 % of the task's own held-out features score above it.
 DEFAULT_THRESHOLD_PERCENTILE = 1.0
@@ -299,7 +299,7 @@ def calibrate_thresholds(
     under the Ledoit-Wolf covariance of the task's own exemplars (``OwnExemplarMetric``; the
     student's tied covariance, which depends on every task it holds, is used only to choose).
     """
-    from .mapper import gmmc_task_loglik, mahalanobis_task_score  # scoring lives with the student
+    from skill_edge.runtime.mapping.mapper import gmmc_task_loglik, mahalanobis_task_score  # scoring lives with the student
 
     x = _check_features(held_out, "held-out features")
     out: dict[str, float] = {}

@@ -47,12 +47,12 @@ from typing import Literal
 
 import numpy as np
 
-from skill_edge.runtime.bank import BankError, KnowledgeBank, OwnTaskError
-from skill_edge.runtime.keys import KeyStoreError
-from skill_edge.runtime.knowledge import TaskKnowledge
-from skill_edge.runtime.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
-from skill_edge.runtime.receive import PacketReceiver, ReceiveStateError
-from skill_edge.runtime.transport import ReceivedPacket, Transport, TransportError
+from skill_edge.runtime.knowledge.bank import BankError, KnowledgeBank, OwnTaskError
+from skill_edge.runtime.exchange.keys import KeyStoreError
+from skill_edge.runtime.knowledge.records import TaskKnowledge
+from skill_edge.runtime.exchange.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
+from skill_edge.runtime.exchange.receive import PacketReceiver, ReceiveStateError
+from skill_edge.runtime.exchange.transport import ReceivedPacket, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class BankPlausibility:
         self._check = None
 
     def __call__(self, knowledge: TaskKnowledge) -> tuple[bool, str]:
-        from skill_edge.runtime.plausibility import PlausibilityCheck
+        from skill_edge.runtime.mapping.plausibility import PlausibilityCheck
 
         entries = {e.key: e.content_hash for e in self.bank.entries()}
         if self._check is None:

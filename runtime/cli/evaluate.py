@@ -23,7 +23,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from .cli import (
+from skill_edge.runtime.cli.main import (
     CLASSIFY_CHUNK,
     EXIT_INPUT_FAILED,
     EXIT_USAGE,
@@ -35,7 +35,7 @@ from .cli import (
     check_mapper,
     open_device,
 )
-from .cli_output import StageProgress, console, out, print_table, say_error
+from skill_edge.runtime.cli.output import StageProgress, console, out, print_table, say_error
 
 OTHER_TASK = "other task"
 UNKNOWN = "unknown"
@@ -121,9 +121,9 @@ def _bank_task(dev, data: Path, classes: list[str], task: str | None):
 def evaluate_folder(dev, data: Path, *, task: str | None, split: str, mapper: str, open_set: bool, seed: int,
                     progress: StageProgress) -> TaskEval:
     """Classify one labelled folder with no task oracle and count what came out (see the module docstring)."""
-    from .datasets import load_image_folder
+    from skill_edge.runtime.sources.datasets import load_image_folder
 
-    from .device import MAPPER_ALIASES
+    from skill_edge.runtime.device import MAPPER_ALIASES
 
     ds = load_image_folder(data, seed=seed)
     k = _bank_task(dev, data, ds.classes, task)
@@ -150,7 +150,7 @@ def evaluate_folder(dev, data: Path, *, task: str | None, split: str, mapper: st
         feats = batch.features if k.bb is None else dev.bb_features(k, batch.trunk_acts, batch.images)
         oracle = (feats @ k.head_weight.T + k.head_bias).argmax(1)
         res.oracle_correct += int((oracle == y).sum())
-        agents = r.get("task_agents")  # a task is its name and its origin agent (runtime.identity)
+        agents = r.get("task_agents")  # a task is its name and its origin agent (runtime.knowledge.identity)
         shown = r.get("task_labels") or r["task_names"]
         for row, true in enumerate(y):
             t = int(r["task_index"][row])
@@ -201,8 +201,8 @@ def eval_command(
     1 some images unreadable (the rest are evaluated and printed);
     2 a bad option, no ROM, a folder that is no task of the bank, or an empty bank.
     """
-    from .datasets import DatasetError
-    from .device import LearnError
+    from skill_edge.runtime.sources.datasets import DatasetError
+    from skill_edge.runtime.device import LearnError
 
     check_mapper(mapper)
     if split not in ("test", "all"):

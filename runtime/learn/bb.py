@@ -13,7 +13,7 @@ stage whose biases are learned (``export.manifest.RomManifest.stage_count``):
 * stage 0 is the whole network (every BN slot, what ``full.onnx`` takes).
 
 Classify-time reruns need no torch: the device runs ``tail.onnx`` or ``full.onnx`` with the biases
-bound (``runtime/rom_engine.py``).  This is the one learning step that needs torch and timm, so it
+bound (``runtime/rom/engine.py``).  This is the one learning step that needs torch and timm, so it
 lives apart from ``learn.py`` and is imported only when a task is learned with ``--bb``;
 ``require_bb`` says what to install before any work starts.
 """
@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .learn import HeadFit, stratified_split, train_head
+from skill_edge.runtime.learn.head import HeadFit, stratified_split, train_head
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,41 @@ class BBRecipe:
     #: With ~30 validation images a gain of one or two images is noise, and BB kept on it lost up to
     #: 9.5 test points (benchmarks/results/bb_gain.json); None: no test.
     min_val_z: float | None = 1.645
+    #: Input augmentation per training batch, only for the whole network (split 0, whose cached inputs are
+    #: the preprocessed images): ``"shift"`` (a random translation of up to 1/16 of the side, edge
+    #: pixels repeated) or ``"shift+flip"`` (and a random horizontal flip: not for characters or signs).
+    augment: str | None = None
 
     def to_dict(self) -> dict:
-        return {"optimizer": self.optimizer, "lr": self.lr, "lr_head": self.lr_head, "epochs": self.epochs,
-                "batch_size": self.batch_size, "patience": self.patience, "min_val_gain": self.min_val_gain,
-                "min_val_z": self.min_val_z}
+        d = {"optimizer": self.optimizer, "lr": self.lr, "lr_head": self.lr_head, "epochs": self.epochs,
+             "batch_size": self.batch_size, "patience": self.patience, "min_val_gain": self.min_val_gain,
+             "min_val_z": self.min_val_z}
+        if self.augment:
+            d["augment"] = self.augment
+        return d
+
+
+AUGMENTATIONS = ("shift", "shift+flip")
+
+
+def augment_images(x, kind: str, generator):
+    """A random translation (and horizontal flip for ``"shift+flip"``) of each image in ``x`` [n, 3, H, W]:
+    the cheap, label-preserving augmentation TinyTL-style bias tuning trains with."""
+    import torch
+    import torch.nn.functional as F
+
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown BB augmentation {kind!r} (one of {', '.join(AUGMENTATIONS)})")
+    n, _, h, w = x.shape
+    pad = max(1, min(h, w) // 16)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if kind == "shift+flip":
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
 
 
 def beats_by_more_than_noise(bb_correct: np.ndarray, plain_correct: np.ndarray, z: float | None) -> bool:
@@ -188,12 +218,16 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     r = recipe or TAIL_RECIPE_V1
     r = BBRecipe(r.optimizer, r.lr if lr is None else lr, r.lr_head if lr is None else lr * 0.1,
                  r.epochs if epochs is None else int(epochs), r.batch_size if batch_size is None else int(batch_size),
-                 r.patience, r.min_val_gain, r.min_val_z)
+                 r.patience, r.min_val_gain, r.min_val_z, r.augment)
     if r.optimizer not in ("adam", "sign"):
         raise ValueError(f"unknown BB optimizer {r.optimizer!r} (adam or sign)")
     torch.manual_seed(seed)
     suffix = build_torch_suffix(rom_dir, split) if suffix is None else suffix
     split_used = int(split) if split is not None else _rom_tail_split(rom_dir)
+    if r.augment and split_used != 0:
+        raise ValueError(f"BB augmentation needs the input images (split 0); split {split_used} caches "
+                         "activations, which cannot be cropped or flipped")
+    aug_gen = torch.Generator().manual_seed(seed)
     y = np.asarray(labels, np.int64)
     keep, held = stratified_split(y, val_fraction, seed)
     acts_t = torch.from_numpy(np.asarray(acts))
@@ -250,7 +284,10 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
             j = torch.from_numpy(order[s * r.batch_size:(s + 1) * r.batch_size])
             if len(j) == 0:
                 continue
-            f = suffix(rows(j), bb.expand(len(j), -1))
+            x = rows(j)
+            if r.augment:
+                x = augment_images(x, r.augment, aug_gen)
+            f = suffix(x, bb.expand(len(j), -1))
             loss = F.cross_entropy(f @ w.T + b, yt[j]) + 0.5 * wd * (w * w).sum() / len(keep)
             opt.zero_grad()
             if bb.grad is not None:

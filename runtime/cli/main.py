@@ -16,8 +16,8 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .cli_output import StageProgress, console, out, print_record, print_table, say_error
-from .knowledge import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS
+from skill_edge.runtime.cli.output import StageProgress, console, out, print_record, print_table, say_error
+from skill_edge.runtime.knowledge.records import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS
 
 #: Exit codes of the device verbs (``--help`` and README.md list them too).
 EXIT_OK = 0
@@ -59,7 +59,7 @@ def resolve_rom(rom: Optional[Path]) -> Path:
 
 def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
     """``--provider`` values as the engine's short names; an unknown name is a usage error (exit 2)."""
-    from .rom_engine import ProviderError, normalize_providers
+    from skill_edge.runtime.rom.engine import ProviderError, normalize_providers
 
     if not provider:
         return None
@@ -72,7 +72,7 @@ def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
 
 def check_mapper(mapper: str) -> None:
     """``--mapper`` of classify and eval: gmmc, maha or mahalanobis, else a usage error (exit 2)."""
-    from .device import MAPPER_ALIASES
+    from skill_edge.runtime.device import MAPPER_ALIASES
 
     if mapper not in MAPPER_ALIASES:
         say_error(f"--mapper must be gmmc or mahalanobis, not {mapper!r}")
@@ -83,8 +83,8 @@ def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[Li
     """The device, with its backend named on stderr; ROM, backend and key problems exit with one line."""
     from skill_edge.export.manifest import RomError
 
-    from .device import Device
-    from .keys import KeyStoreError, TrustStore, init_device_key, load_device_key
+    from skill_edge.runtime.device import Device
+    from skill_edge.runtime.exchange.keys import KeyStoreError, TrustStore, init_device_key, load_device_key
 
     providers = check_providers(provider)
     h = resolve_home(home)
@@ -100,7 +100,7 @@ def open_device(home: Optional[Path], rom: Optional[Path], provider: Optional[Li
                 raise typer.Exit(EXIT_INPUT_FAILED) from None
             console.print(f"created device key {key.key_id} in {h / 'keys'} (share keys/device.pub with the fleet)",
                           markup=False, highlight=False)
-    from .bank import BankError
+    from skill_edge.runtime.knowledge.bank import BankError
 
     try:
         dev = Device(h, resolve_rom(rom), providers=providers)
@@ -176,12 +176,12 @@ def learn_command(
     2 a bad option, no ROM, or data that a task cannot be learned from;
     3 no packet fits --budget, so nothing is stored.
     """
-    from .bank import BankError
-    from .codec import parse_size
-    from .datasets import DatasetError
-    from .device import LearnError
-    from .keys import load_device_key
-    from .packet import BudgetError, PacketCodec
+    from skill_edge.runtime.knowledge.bank import BankError
+    from skill_edge.runtime.exchange.codec import parse_size
+    from skill_edge.runtime.sources.datasets import DatasetError
+    from skill_edge.runtime.device import LearnError
+    from skill_edge.runtime.exchange.keys import load_device_key
+    from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec
 
     if (data is None) == (camera is None):
         console.print("[red]give exactly one of --data DIR or --camera SRC[/red]")
@@ -201,7 +201,7 @@ def learn_command(
     except ValueError as exc:
         say_error("bad --budget:", exc)
         raise typer.Exit(EXIT_USAGE) from None
-    from .knowledge import KnowledgeError, validate_name
+    from skill_edge.runtime.knowledge.records import KnowledgeError, validate_name
 
     try:  # before anything is written: the name becomes a folder (captures/<task>) and a file name
         validate_name(task)
@@ -272,7 +272,7 @@ def learn_command(
 def _capture(home: Path, task: str, camera: str, labels: Optional[str], frames: int, countdown: float, *,
              headless: bool, previous: Optional[str]) -> Path:
     """Capture labelled frames into ``captures/<task>``; an earlier capture is kept only on ``--append``."""
-    from .camera import (CaptureExistsError, VideoSource, VideoSourceError, capture_labelled, gui_available,
+    from skill_edge.runtime.sources.camera import (CaptureExistsError, VideoSource, VideoSourceError, capture_labelled, gui_available,
                          prepare_capture_dir)
 
     names = [x.strip() for x in (labels or "").split(",") if x.strip()]
@@ -323,7 +323,7 @@ def _stdin_is_terminal() -> bool:
 
 def _expand(inputs: List[Path]) -> tuple[List[Path], List[tuple[str, str]]]:
     """Image files under ``inputs`` (folders recursively), and (input, why) for inputs that give none."""
-    from .datasets import IMAGE_SUFFIXES
+    from skill_edge.runtime.sources.datasets import IMAGE_SUFFIXES
 
     files: List[Path] = []
     missing: List[tuple[str, str]] = []
@@ -385,7 +385,7 @@ def classify_command(
     1 some inputs missing or unreadable (the others are still classified and printed);
     2 a bad option, no ROM, nothing to classify, or no task in the bank.
     """
-    from .device import LearnError, Prediction
+    from skill_edge.runtime.device import LearnError, Prediction
 
     check_mapper(mapper)
     if camera is None and not images:
@@ -394,7 +394,7 @@ def classify_command(
     dev = open_device(home, rom, provider)
     missing: List[tuple[str, str]] = []
     if camera is not None:
-        from .camera import VideoSource, VideoSourceError
+        from skill_edge.runtime.sources.camera import VideoSource, VideoSourceError
 
         try:
             with VideoSource(camera) as src:

@@ -29,10 +29,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .anchors import DEFAULT_TRANSFORM, transform_features
-from .identity import TaskKey, display_names
-from .knowledge import KnowledgeError, TaskKnowledge
-from .mapper import MahalanobisMapper, OwnExemplarMetric, ScatterStats
+from skill_edge.runtime.mapping.anchors import DEFAULT_TRANSFORM, transform_features
+from skill_edge.runtime.knowledge.identity import TaskKey, display_names
+from skill_edge.runtime.knowledge.records import KnowledgeError, TaskKnowledge
+from skill_edge.runtime.mapping.mapper import MahalanobisMapper, OwnExemplarMetric, ScatterStats
 
 #: Default largest fraction of one known task's reference points a newcomer may take over.
 #: On the 21 real benchmark tasks a legitimate newcomer took at most ~12 % of any other
@@ -447,7 +447,7 @@ def _task_rng(seed: int, key: TaskKey) -> np.random.Generator:
 
 
 def _identity(k: TaskKnowledge) -> TaskKey:
-    """A task's fleet-wide identity (``runtime.identity``): its name and its origin agent."""
+    """A task's fleet-wide identity (``runtime.knowledge.identity``): its name and its origin agent."""
     return TaskKey(k.task, k.meta.agent_id)
 
 

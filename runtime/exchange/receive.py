@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from skill_edge.runtime.keys import TrustStore
-from skill_edge.runtime.knowledge import KnowledgeError, RomShape, TaskKnowledge
-from skill_edge.runtime.packet import MAX_PACKET_BYTES, Packet, PacketCodec, PacketError
+from skill_edge.runtime.exchange.keys import TrustStore
+from skill_edge.runtime.knowledge.records import KnowledgeError, RomShape, TaskKnowledge
+from skill_edge.runtime.exchange.packet import MAX_PACKET_BYTES, Packet, PacketCodec, PacketError
 
 log = logging.getLogger(__name__)
 

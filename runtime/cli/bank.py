@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from skill_edge.runtime.bank import BankEntry, BankError, KnowledgeBank
-from skill_edge.runtime.identity import display_names, short_agent
+from skill_edge.runtime.knowledge.bank import BankEntry, BankError, KnowledgeBank
+from skill_edge.runtime.knowledge.identity import display_names, short_agent
 
 app = typer.Typer(help="Inspect and manage the on-device knowledge bank.", no_args_is_help=True)
 console = Console()

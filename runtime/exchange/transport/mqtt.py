@@ -68,7 +68,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from skill_edge.runtime.packet import MAX_PACKET_BYTES
+from skill_edge.runtime.exchange.packet import MAX_PACKET_BYTES
 
 from .base import (
     ReceivedPacket,

@@ -36,13 +36,13 @@ from rich.table import Table
 from rich.text import Text
 
 from skill_edge.export.manifest import RomError, RomManifest
-from skill_edge.runtime.bank import BankError, KnowledgeBank
-from skill_edge.runtime.codec import format_size, parse_size
-from skill_edge.runtime.keys import HOME_ENV, KeyStoreError, TrustStore, skill_edge_home
-from skill_edge.runtime.knowledge import RomShape
-from skill_edge.runtime.receive import PacketReceiver
-from skill_edge.runtime.sync import BankPlausibility, SyncEvent, SyncService, SyncStats
-from skill_edge.runtime.transport import TransportError, open_transport
+from skill_edge.runtime.knowledge.bank import BankError, KnowledgeBank
+from skill_edge.runtime.exchange.codec import format_size, parse_size
+from skill_edge.runtime.exchange.keys import HOME_ENV, KeyStoreError, TrustStore, skill_edge_home
+from skill_edge.runtime.knowledge.records import RomShape
+from skill_edge.runtime.exchange.receive import PacketReceiver
+from skill_edge.runtime.exchange.sync import BankPlausibility, SyncEvent, SyncService, SyncStats
+from skill_edge.runtime.exchange.transport import TransportError, open_transport
 
 app = typer.Typer(help="Share knowledge packets with the fleet.", no_args_is_help=False)
 console = Console()

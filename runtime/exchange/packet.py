@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from skill_edge.runtime.codec import (
+from skill_edge.runtime.exchange.codec import (
     TENSOR_NDIM,
     EncodingPlan,
     PlanError,
@@ -53,8 +53,8 @@ from skill_edge.runtime.codec import (
     restore_tensors,
     side_shape,
 )
-from skill_edge.runtime.keys import KEY_ID_BYTES, DeviceKey, TrustStore, TrustedKey
-from skill_edge.runtime.knowledge import (
+from skill_edge.runtime.exchange.keys import KEY_ID_BYTES, DeviceKey, TrustStore, TrustedKey
+from skill_edge.runtime.knowledge.records import (
     CREATED_RANGE,
     FEATURE_TRANSFORMS,
     MAX_ABS_SCORE,

@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import preprocess
-from .rom_engine import Extraction
+from skill_edge.runtime.rom import preprocess
+from skill_edge.runtime.rom.engine import Extraction
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""Where a device's images come from: an ImageFolder directory or a camera (``--camera`` URIs).
+"""
