@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -440,6 +441,10 @@ def ms_per_image(score_fn, n: int = 256, d: int = 1664, reps: int = 3) -> float:
 
 
 # ----------------------------------------------------------------------------- main
+#: Every method this benchmark can run (``--methods``).
+METHODS = ("ours", "ncm", "fecam", "ranpac", "klda", "relmaha", "joint")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--features", type=Path, nargs="+", required=True)
@@ -449,6 +454,10 @@ def main() -> None:
     ap.add_argument("--probe-iter", type=int, default=100)
     ap.add_argument("--name", default="mapper_peers")
     ap.add_argument("--tasks", nargs="*", help="a subset of tasks (smoke runs)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="the methods to run (default all; e.g. 'ours joint' for the ceiling at 71 tasks)")
+    ap.add_argument("--joint-wd", type=float, nargs="+", default=[1e-3, 1e-4],
+                    help="weight decays the joint probe tries on validation")
     ap.add_argument("--update", nargs="+", choices=["ours", "ncm", "fecam"],
                     help="recompute only these rows (after a fix) and keep the others of the last full run")
     args = ap.parse_args()
@@ -492,9 +501,11 @@ def main() -> None:
         return np.stack([class_scores[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
 
     redo = set(args.update or [])
+    want = set(args.methods)
     # --- ours, from the packets' records
     codec, key = PacketCodec(), DeviceKey.generate()
-    for kind, label in ((("maha", "Mahalanobis (ours)"), ("gmmc", "GMMC (ours)")) if not redo or "ours" in redo else ()):
+    for kind, label in ((("maha", "Mahalanobis (ours)"), ("gmmc", "GMMC (ours)"))
+                        if (not redo and "ours" in want) or "ours" in redo else ()):
         t0 = time.perf_counter()
         mp = build_mapper(kind, knowledge)
         student = (time.perf_counter() - t0) / len(knowledge)
@@ -521,7 +532,7 @@ def main() -> None:
         del big
 
     # --- NCM
-    if not redo or "ncm" in redo:
+    if (not redo and "ncm" in want) or "ncm" in redo:
         t0 = time.perf_counter()
         ncm = NCM().fit(train)
         student = (time.perf_counter() - t0) / len(tasks)
@@ -533,7 +544,7 @@ def main() -> None:
             extra={"open_set": leave_one_out(task_sel, None, test)})
 
     # --- FeCAM
-    if not redo or "fecam" in redo:
+    if (not redo and "fecam" in want) or "fecam" in redo:
         t0 = time.perf_counter()
         fe = FeCAM().fit(train)
         student = (time.perf_counter() - t0) / len(tasks)
@@ -557,77 +568,81 @@ def main() -> None:
         merged = [fresh.pop(r["method"], r) for r in old["rows"]] + list(fresh.values())
         return finish(args, names, counts, merged, old["seconds"] + time.time() - t_start)
 
-    # --- RanPAC: M and lambda on validation
-    best, kept = None, None
-    for m in args.ranpac_m:
-        rp = RanPAC(m)
+    if "ranpac" in want:
+        # --- RanPAC: M and lambda on validation
+        best, kept = None, None
+        for m in args.ranpac_m:
+            rp = RanPAC(m)
+            t0 = time.perf_counter()
+            g, q = rp.stats(fit)
+            gv, qv = rp.stats(val)  # the statistics are sums: all of train = fit + val, merged exactly
+            stats_s = time.perf_counter() - t0
+            for lam in (1e-4, 1e-3, 1e-2, 1e-1):
+                acc = mean_task_id(task_accuracy(rp.solve(g, q, lam).scores(val.x), train), val)
+                log(f"RanPAC M={m} lambda={lam:g}: val task-id {acc:.4f}")
+                if best is None or acc > best[0]:
+                    best, kept = (acc, m, lam), (rp, g + gv, q + qv, stats_s)
+            del g, q, gv, qv
+        acc_v, m, lam = best
+        rp, g, q, stats_s = kept
         t0 = time.perf_counter()
-        g, q = rp.stats(fit)
-        gv, qv = rp.stats(val)  # the statistics are sums: all of train = fit + val, merged exactly
-        stats_s = time.perf_counter() - t0
-        for lam in (1e-4, 1e-3, 1e-2, 1e-1):
-            acc = mean_task_id(task_accuracy(rp.solve(g, q, lam).scores(val.x), train), val)
-            log(f"RanPAC M={m} lambda={lam:g}: val task-id {acc:.4f}")
+        rp.solve(g, q, lam)
+        student = (stats_s + time.perf_counter() - t0) / len(tasks)
+        s = rp.scores(test.x)
+        task_sel = best_class_per_task(s)
+        add(f"RanPAC (M={m}, lambda={lam:g})", task_accuracy(s, train), bytes_per_task=rp.bytes(mean_c, dim),
+            student_s=student, in_product=False, val_task_id=acc_v,
+            ms_1000=ms_per_image(lambda z: np.maximum(z @ rp.w, 0) @ np.zeros((m, 1000 * mean_c), np.float32), n=64),
+            extra={"open_set": leave_one_out(task_sel, None, test)})
+        del g, q, rp
+
+    if "klda" in want:
+        # --- KLDA: sigma on validation
+        best = None
+        scale = float(np.median(np.linalg.norm(fit.x[:2000] - fit.x[2000:4000], axis=1)))
+        for mult in (1.0, 2.0, 4.0):  # searched at M = 2,000 (the M x M scatter dominates), refitted at 5,000
+            kl = KLDA(2000, mult * scale).fit(fit)
+            acc = mean_task_id(task_accuracy(kl.scores(val.x), train), val)
+            log(f"KLDA sigma={mult:g} x median distance: val task-id {acc:.4f}")
             if best is None or acc > best[0]:
-                best, kept = (acc, m, lam), (rp, g + gv, q + qv, stats_s)
-        del g, q, gv, qv
-    acc_v, m, lam = best
-    rp, g, q, stats_s = kept
-    t0 = time.perf_counter()
-    rp.solve(g, q, lam)
-    student = (stats_s + time.perf_counter() - t0) / len(tasks)
-    s = rp.scores(test.x)
-    task_sel = best_class_per_task(s)
-    add(f"RanPAC (M={m}, lambda={lam:g})", task_accuracy(s, train), bytes_per_task=rp.bytes(mean_c, dim),
-        student_s=student, in_product=False, val_task_id=acc_v,
-        ms_1000=ms_per_image(lambda z: np.maximum(z @ rp.w, 0) @ np.zeros((m, 1000 * mean_c), np.float32), n=64),
-        extra={"open_set": leave_one_out(task_sel, None, test)})
-    del g, q, rp
+                best = (acc, mult)
+        t0 = time.perf_counter()
+        kl = KLDA(5000, best[1] * scale).fit(train)
+        student = (time.perf_counter() - t0) / len(tasks)
+        s = kl.scores(test.x)
+        task_sel = best_class_per_task(s)
+        add(f"KLDA (M=5000, sigma={best[1]:g} x median)", task_accuracy(s, train), bytes_per_task=kl.bytes(mean_c, dim),
+            student_s=student, in_product=False, val_task_id=best[0],
+            ms_1000=ms_per_image(lambda z: kl.phi(z) @ np.zeros((5000, 1000 * mean_c), np.float32), n=64),
+            extra={"open_set": leave_one_out(task_sel, None, test)})
+        del kl
 
-    # --- KLDA: sigma on validation
-    best = None
-    scale = float(np.median(np.linalg.norm(fit.x[:2000] - fit.x[2000:4000], axis=1)))
-    for mult in (1.0, 2.0, 4.0):  # searched at M = 2,000 (the M x M scatter dominates), refitted at 5,000
-        kl = KLDA(2000, mult * scale).fit(fit)
-        acc = mean_task_id(task_accuracy(kl.scores(val.x), train), val)
-        log(f"KLDA sigma={mult:g} x median distance: val task-id {acc:.4f}")
-        if best is None or acc > best[0]:
-            best = (acc, mult)
-    t0 = time.perf_counter()
-    kl = KLDA(5000, best[1] * scale).fit(train)
-    student = (time.perf_counter() - t0) / len(tasks)
-    s = kl.scores(test.x)
-    task_sel = best_class_per_task(s)
-    add(f"KLDA (M=5000, sigma={best[1]:g} x median)", task_accuracy(s, train), bytes_per_task=kl.bytes(mean_c, dim),
-        student_s=student, in_product=False, val_task_id=best[0],
-        ms_1000=ms_per_image(lambda z: kl.phi(z) @ np.zeros((5000, 1000 * mean_c), np.float32), n=64),
-        extra={"open_set": leave_one_out(task_sel, None, test)})
-    del kl
+    if "relmaha" in want:
+        # --- relative Mahalanobis
+        t0 = time.perf_counter()
+        rm = RelativeMahalanobis().fit(train)
+        student = (time.perf_counter() - t0) / len(tasks)
+        s = rm.task_scores(test.x)
+        add(RelativeMahalanobis.name, s.argmax(1), bytes_per_task=RelativeMahalanobis.bytes(mean_c, dim),
+            student_s=student, in_product=False,
+            val_task_id=mean_task_id(RelativeMahalanobis().fit(fit).task_scores(val.x).argmax(1), val),
+            ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, dim), np.float32), n=64) * 1000,
+            extra={"open_set": leave_one_out(s, None, test)})
+        del rm
 
-    # --- relative Mahalanobis
-    t0 = time.perf_counter()
-    rm = RelativeMahalanobis().fit(train)
-    student = (time.perf_counter() - t0) / len(tasks)
-    s = rm.task_scores(test.x)
-    add(RelativeMahalanobis.name, s.argmax(1), bytes_per_task=RelativeMahalanobis.bytes(mean_c, dim),
-        student_s=student, in_product=False,
-        val_task_id=mean_task_id(RelativeMahalanobis().fit(fit).task_scores(val.x).argmax(1), val),
-        ms_1000=ms_per_image(lambda z: z @ np.zeros((dim, dim), np.float32), n=64) * 1000,
-        extra={"open_set": leave_one_out(s, None, test)})
-    del rm
-
-    # --- the joint probe: the ceiling
-    best = None
-    for wd in (1e-3, 1e-4):
-        acc = mean_task_id(task_accuracy(joint_probe(fit, wd, args.probe_iter)(val.x), train), val)
-        log(f"joint probe wd={wd:g}: val task-id {acc:.4f}")
-        if best is None or acc > best[0]:
-            best = (acc, wd)
-    probe = joint_probe(train, best[1], args.probe_iter)
-    add(f"joint linear probe (ceiling, wd={best[1]:g})", task_accuracy(probe(test.x), train),
-        bytes_per_task=int(np.mean([len(t.y_train) for t in tasks])) * dim * FP16, student_s=float("nan"),
-        ms_1000=float("nan"), in_product=False, val_task_id=best[0],
-        extra={"note": "needs every task's training features in one place; bytes = a task's features, fp16"})
+    if "joint" in want:
+        # --- the joint probe: the ceiling
+        best = None
+        for wd in args.joint_wd:
+            acc = mean_task_id(task_accuracy(joint_probe(fit, wd, args.probe_iter)(val.x), train), val)
+            log(f"joint probe wd={wd:g}: val task-id {acc:.4f}")
+            if best is None or acc > best[0]:
+                best = (acc, wd)
+        probe = joint_probe(train, best[1], args.probe_iter)
+        add(f"joint linear probe (ceiling, wd={best[1]:g})", task_accuracy(probe(test.x), train),
+            bytes_per_task=int(np.mean([len(t.y_train) for t in tasks])) * dim * FP16, student_s=float("nan"),
+            ms_1000=float("nan"), in_product=False, val_task_id=best[0],
+            extra={"note": "needs every task's training features in one place; bytes = a task's features, fp16"})
 
     finish(args, names, counts, rows, time.time() - t_start)
 
@@ -639,7 +654,8 @@ def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds:
     compact = [r for r in product if r["bytes_per_task"] <= COMPACT_BYTES]
     default = next(r for r in product if r["method"].startswith("GMMC"))  # classify's default mapper (cli.py)
     summary = {"oracle_acc": oracle, "tasks": len(names), "classes": int(sum(counts)),
-               "joint_probe_ratio": next(r["ratio"] for r in rows if r["method"].startswith("joint")),
+               "methods": sorted(args.methods),
+               "joint_probe_ratio": next((r["ratio"] for r in rows if r["method"].startswith("joint")), None),
                "best_product_ratio": max(r["ratio"] for r in product),
                "best_compact_product_ratio": max((r["ratio"] for r in compact), default=None),
                "open_set_auroc": default["open_set"]["auroc"], "default_mapper": default["method"],
@@ -650,7 +666,7 @@ def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds:
     path = write_result(args.name, {"tasks": names, "transform": TRANSFORM, "summary": summary, "rows": rows,
                                     "seconds": seconds})
     scrub(path, args)
-    write_readme(args.name, rows, summary)
+    write_readme(args.name, rows, summary, json.loads(path.read_text())["command"])
     log(f"wrote {path}")
 
 
@@ -669,7 +685,7 @@ def scrub(path: Path, args) -> None:
     path.write_text(text)
 
 
-def write_readme(name: str, rows: list[dict], summary: dict) -> None:
+def write_readme(name: str, rows: list[dict], summary: dict, cmd: str) -> None:
     """The README section, from the result rows (``python -c`` can redo it from the JSON)."""
     table = md_table(
         ["method", "task-ID", "no-oracle", "ratio", "val task-ID", "bytes/task", "student s/task",
@@ -691,9 +707,13 @@ def write_readme(name: str, rows: list[dict], summary: dict) -> None:
     thr = ("" if not at_thr else
            f" With the teachers' calibrated thresholds (the product's rule) {at_thr['absent_called_unknown']:.1%} of an "
            f"absent task's images are called unknown and {at_thr['known_called_unknown']:.1%} of known tasks' images.")
-    update_readme(name, f"""## Task mapper against its peers (`{name}.py`, issue 17)
+    timing_note = ("" if name != "mapper_peers" else """
+- Times are those of the run that made each row: rows redone with `--update` (ours, FeCAM) were timed on a
+  quieter machine than the first run's peers (load 30 to 70 from other jobs), so compare ms and student
+  seconds within a run only.""")
+    update_readme(name, f"""## Task mapper against its peers, {summary['tasks']} tasks (`results/{name}.json`)
 
-`python benchmarks/mapper_peers.py --features FEATURES_DIR --cache CACHE_DIR` ({summary['tasks']} tasks,
+`{cmd}` ({summary['tasks']} tasks,
 {summary['classes']} classes, oracle {summary['oracle_acc']:.4f}, the device's heads for every method);
 `results/{name}.json`.  Bytes are what a device must send per task for that method (ours: the real signed
 packet at the default fp32 rung with this anchor only and the head; peers: their mergeable sums in fp16);
@@ -703,10 +723,7 @@ packet at the default fp32 rung with this anchor only and the head; peers: their
 
 - The joint linear probe, which needs the fleet's pooled training data, reaches
   {summary['joint_probe_ratio']:.4f}x the oracle: the ceiling on these features.  The best mapper in the
-  product reaches {summary['best_product_ratio']:.4f}x; {compact_text}
-- Times are those of the run that made each row: rows redone with `--update` (ours, FeCAM) were timed on a
-  quieter machine than the first run's peers (load 30 to 70 from other jobs), so compare ms and student
-  seconds within a run only.
+  product reaches {summary['best_product_ratio']:.4f}x; {compact_text}{timing_note}
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
   calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
