@@ -424,3 +424,14 @@ def test_trunk_bank_refuses_features_without_trunk_stats_and_mismatched_widths()
     narrow.meta.feature_transform = "sqrt_l2_trunk"
     with pytest.raises(KnowledgeError, match="wider than the head"):
         narrow.validate()
+
+
+def test_mahalanobis_task_scores_of_a_subset_equal_the_full_columns():
+    rng = np.random.default_rng(3)
+    ks = [knowledge_for(f"t{i}", *make_task(rng, n_classes=2 + i % 3, n=120, shift=1.5)[:2], "raw", seed=i)
+          for i in range(5)]
+    m = MahalanobisMapper.from_knowledge(ks)
+    x = rng.normal(size=(40, ks[0].feature_dim)).astype(np.float32)
+    full = m.task_scores(x)
+    for tasks in ([4, 0], [2], [1, 3, 4]):
+        np.testing.assert_allclose(m.task_scores_of(x, tasks), full[:, tasks], rtol=1e-5, atol=1e-4)

@@ -115,3 +115,27 @@ def test_a_tasks_synthetic_points_do_not_depend_on_what_was_stored_before(stream
     b = PlausibilityCheck({}, honest[::-1])
     for key, x in a.points.items():
         np.testing.assert_array_equal(x, b.points[key])
+
+
+def test_mahalanobis_capture_scored_against_rivals_only_decides_as_the_full_one(stream, monkeypatch):
+    """With few rivals per owner (3, from each point's best 2) the check scores a point against its own
+    task, those rivals and the newcomer instead of every class: linear in the stored tasks. It must
+    still decide as the full re-scoring, with capture fractions close to it."""
+    from skill_edge.runtime.mapping import plausibility
+
+    monkeypatch.setattr(plausibility, "MAHA_MAX_RIVALS", 3)
+    monkeypatch.setattr(plausibility, "MAHA_RIVALS_PER_POINT", 2)
+    honest, own, bad = stream
+    live = PlausibilityCheck(own, [], feature_transform=TRANSFORM)
+    worst = 0.0
+    for i, k in enumerate(honest):
+        for newcomer in [k, *bad.values()] if i >= 6 else [k]:
+            ref = rebuilt_capture(live, newcomer)
+            got = {r.kind: r.moved for r in live.capture(newcomer)}
+            assert decision(got) == decision(ref), (newcomer.task, got, ref)
+            for task, frac in ref.get("maha", {}).items():
+                worst = max(worst, abs(got["maha"][task] - frac))
+            live.check(newcomer)  # leaves the state a stored newcomer continues from
+        live.add(k)
+    assert len(live.existing) > plausibility.MAHA_MAX_RIVALS + 2  # rivals were really a subset
+    assert worst <= 0.02, worst

@@ -552,6 +552,19 @@ class MahalanobisMapper(TaskMapper):
             out[sel] = self._own_metric[t].scores(x[sel])
         return out
 
+    def task_scores_of(self, x: np.ndarray, tasks: Sequence[int]) -> np.ndarray:
+        """``task_scores(x)[:, tasks]`` computed from those tasks' classes only, [N, len(tasks)]: what a
+        caller that knows which tasks can matter pays, instead of every class (the plausibility check
+        scores each reference point against its own task, its rivals and a newcomer)."""
+        zz = self._prepare_batch(np.asarray(x, dtype=np.float32))
+        rows = [self.layout.positions(int(t)) for t in tasks]
+        flat = np.concatenate(rows)
+        s = matmul_nt(zz[:, :-1], self.means_w[flat])
+        s -= self.half_sq_norm[flat]
+        s -= zz[:, -1:]
+        starts = np.cumsum([0] + [len(r) for r in rows[:-1]])
+        return np.maximum.reduceat(s, starts, axis=1)
+
     def class_scores(self, x: np.ndarray) -> np.ndarray:
         """-0.5 * squared Mahalanobis distance to every class, [N, C] in task order (transformed features)."""
         zz = self._prepare_batch(np.asarray(x, dtype=np.float32))

@@ -323,13 +323,20 @@ class PlausibilityCheck:
         return rep
 
     def _maha_capture(self, k: TaskKnowledge, others: list[TaskKnowledge]) -> CaptureReport:
-        """The newcomer's exemplars change the tied covariance, so every task is re-scored.
+        """The newcomer's exemplars change the tied covariance, so the stored tasks are re-scored.
 
-        That re-scoring is every point against every class (points and classes both grow with the
-        stored tasks).  The old mapper's choices depend on the bank alone: they are kept until it
-        changes, and when the bank changes by taking in the task last checked, they are that check's
-        new-mapper choices (the same tasks, the same scatter sums), so only the new task's own points
-        are scored by the old mapper.  The scatter statistics are running sums."""
+        Re-scoring every point against every class would cost points x classes, both growing with the
+        stored tasks: quadratic.  A point can only be lost to the newcomer or to a task that already
+        scored close to it, so each point owner keeps its *rivals*: the tasks among its points' best
+        ``MAHA_RIVALS_PER_POINT`` others when the owner was first scored against the whole bank, plus
+        every later newcomer that reached that rank for one of its points (at most ``MAHA_MAX_RIVALS``,
+        the most frequent).  A check scores each point against its own task, its owner's rivals and the
+        newcomer only (``MahalanobisMapper.task_scores_of``): linear in the stored tasks.
+
+        The old mapper's choices are kept from the last check while the bank changes only by taking
+        in the task last checked (the same tasks, the same scatter sums); after any other change (a
+        task removed, a task stored without a check) every owner is scored against the whole bank
+        once again.  The scatter statistics are running sums."""
         rep = CaptureReport("maha")
         if not others:
             return rep
@@ -340,23 +347,35 @@ class PlausibilityCheck:
         stats = ScatterStats(base.n, base.sxx.copy(), base.sum_norm4)
         stats.add(_centred_exemplars(k))
         known = self._known_points(k, others)
+        index = {_identity(o): i for i, o in enumerate(others)}
         key = tuple((_identity(o), self._content[_identity(o)]) for o in others)
         if self._before is None or self._before[0] != key:
-            choices = dict(self._after[1]) if self._after is not None and self._after[0] == key else {}
+            kept = self._after is not None and self._after[0] == key
+            choices = dict(self._after[1]) if kept else {}
+            rivals = dict(self._after[2]) if kept else {}
             missing = [(t, x) for _, t, x in known if t not in choices]
-            if missing:
+            if missing:  # owners new to this bank: scored once against every stored task
                 old = MahalanobisMapper.from_knowledge(others, covariance=base.shrunk()[0])
-                choices.update({t: old.task_scores(x).argmax(axis=1) for t, x in missing})
-            self._before = (key, choices)
-        before = self._before[1]
+                keys = [_identity(o) for o in others]
+                for t, x in missing:
+                    scores = old.task_scores(x)
+                    choices[t] = scores.argmax(axis=1)  # indices into ``others``
+                    rivals[t] = _top_rivals(scores, index[t], keys)
+            self._before = (key, choices, rivals)
+        before, rivals = self._before[1], self._before[2]
         new = MahalanobisMapper.from_knowledge(others + [k], covariance=stats.shrunk()[0])
-        index = {_identity(o): i for i, o in enumerate(others)}
-        after = {}
+        newcomer = len(others)
+        after, rivals_after = {}, {}
         for task, t, x in known:
-            scores = new.task_scores(x)
-            after[t] = scores.argmax(axis=1)
-            rep.moved[task] = _captured(scores, index[t], before[t])
-        self._after = (key + ((me, k.content_hash()),), after)  # the bank's choices if k is taken in next
+            own = index[t]
+            cand = [own] + [index[r] for r in rivals.get(t, ()) if r in index and r != t] + [newcomer]
+            scores = new.task_scores_of(x, cand)
+            local = np.asarray(cand)[scores.argmax(axis=1)]
+            after[t] = local
+            rep.moved[task] = _captured(scores, 0, np.where(before[t] == own, 0, -1))
+            rivals_after[t] = _with_newcomer(rivals.get(t, ()), scores, me)
+        # the bank's choices and rivals if k is taken in next (indices into ``others + [k]``)
+        self._after = (key + ((me, k.content_hash()),), after, rivals_after)
         return rep
 
     def _known_points(self, newcomer: TaskKnowledge,
@@ -370,6 +389,40 @@ class PlausibilityCheck:
         index = {_identity(o) for o in others}
         return [(self._shown.get(t, t.task), t, x) for t, x in self._labelled_points(_identity(newcomer))
                 if t in index]
+
+
+#: A point owner's rivals: the tasks among each of its points' best this-many other tasks ...
+MAHA_RIVALS_PER_POINT = 3
+#: ... keeping the most frequent this-many (an owner's points rarely have more close tasks).
+MAHA_MAX_RIVALS = 16
+
+
+def _top_rivals(scores: np.ndarray, own: int, keys: list[TaskKey]) -> dict[TaskKey, int]:
+    """``{task: how many of the owner's points have it among their best others}``, the most frequent
+    ``MAHA_MAX_RIVALS``, from scores [n, tasks] against every stored task."""
+    s = scores.astype(np.float64).copy()
+    s[:, own] = -np.inf
+    r = min(MAHA_RIVALS_PER_POINT, s.shape[1] - 1)
+    if r < 1:
+        return {}
+    top = np.argpartition(-s, r - 1, axis=1)[:, :r]
+    ids, counts = np.unique(top, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:MAHA_MAX_RIVALS]
+    return {keys[int(ids[i])]: int(counts[i]) for i in order}
+
+
+def _with_newcomer(rivals: dict[TaskKey, int], scores: np.ndarray, me: TaskKey) -> dict[TaskKey, int]:
+    """The owner's rivals once the newcomer (the last column of ``scores`` [n, own + rivals + newcomer])
+    is stored: it joins them when it is among a point's best ``MAHA_RIVALS_PER_POINT`` others."""
+    out = dict(rivals)
+    others = scores[:, 1:].astype(np.float64)
+    rank = (others > others[:, -1:]).sum(axis=1)  # how many other candidates beat the newcomer
+    hits = int(np.sum(rank < MAHA_RIVALS_PER_POINT))
+    if hits:
+        out[me] = hits
+        if len(out) > MAHA_MAX_RIVALS:
+            out.pop(min(out, key=out.get))
+    return out
 
 
 class _Top2:
