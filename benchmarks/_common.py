@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from skill_edge.runtime.machine import describe_machine
+from skill_edge.runtime.machine import describe_machine, portable_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
@@ -29,8 +28,12 @@ def machine() -> dict:
     return describe_machine()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]])
+    """How this benchmark was started, from the repo root, with no path of this machine in it."""
+    return "python " + portable_command(sys.argv)
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import shutil
 import sys
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, md_table, update_readme  # noqa: E402
+from skill_edge.runtime.machine import portable_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_ORDER = ("naive", "ewc", "er_10pc", "er_10k", "derpp")
@@ -230,7 +229,7 @@ def report(args, result, baselines, budgets, tasks, work: Path, EquivalenceMap, 
         places[str(r.resolve())] = f"DATA_DIR/{r.resolve().name}"
     for i, r in enumerate(args.features):
         places[str(r.resolve())] = "FEATURES_DIR" if i == 0 else f"FEATURES_DIR_{i + 1}"
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]])
+    cmd = "python " + portable_command(sys.argv)
     budget_text = ", ".join(f"{MAPPER_LABELS[k]} packet (head + its anchor) <= {v}" for k, v in budgets.items())
     budget_text += "; the lab packet carries every anchor at the one codec step that keeps each under its cap"
     eq = EquivalenceMap.skill_bench().restricted_to(result.tasks)

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
-from skill_edge.runtime.machine import cpu_model
+from skill_edge.runtime.machine import cpu_model, portable_command
 from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
 from skill_edge.runtime.exchange.packet import (
     FLAG_SIGNED,
@@ -372,7 +372,7 @@ def main() -> int:
     result = {
         "cases": out.cases, "crashes": out.crashes, "accepted_mutants": out.accepted_mutants,
         "seconds": round(seconds, 1), "machine": machine(),
-        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python " + " ".join(sys.argv),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python " + portable_command(sys.argv),
         "identical_mutants_skipped": out.identical, "by_kind": dict(out.by_kind),
         "rejection_codes": dict(out.rejection_codes.most_common()), "failure_examples": out.examples,
     }

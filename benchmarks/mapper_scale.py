@@ -24,7 +24,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # b
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor  # noqa: E402
-from skill_edge.runtime.machine import cpu_model  # noqa: E402
+from skill_edge.runtime.machine import cpu_model, portable_command  # noqa: E402
 from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, exemplar_scatter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "mapper_scale",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": "python " + portable_command(sys.argv),
         "machine": {
             "cpu": cpu_model(), "cores": os.cpu_count(), "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
             "numpy": np.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

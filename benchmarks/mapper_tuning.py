@@ -32,7 +32,6 @@ import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,7 +50,7 @@ from skill_edge.runtime.mapping.anchors import (  # noqa: E402
     transform_features,
 )
 from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta  # noqa: E402
-from skill_edge.runtime.machine import cpu_model  # noqa: E402
+from skill_edge.runtime.machine import cpu_model, portable_command  # noqa: E402
 from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, build_mapper  # noqa: E402
 from skill_edge.runtime.mapping.plausibility import PlausibilityCheck  # noqa: E402
 
@@ -582,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("_ev", None)
     result = {
         "benchmark": "mapper_tuning",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": "python " + portable_command(sys.argv),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__},
         "tasks": {n: {"classes": len(t.classes), "train": len(t.train.y), "test": len(t.test.y)}

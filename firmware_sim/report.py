@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from skill_edge.runtime.machine import describe_machine
+from skill_edge.runtime.machine import describe_machine, portable_command
 
 from .curves import (PAPER_FIT, Curves, fit_dict, fit_label, incremental_matches, order_curves, plot_curves,
                      plot_degradation, plot_task_confusion, pooled_fit, replay_from_scores, scores_are_per_task,
@@ -262,7 +261,7 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
     summary = {
         "title": title,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": portable_command(sys.argv),
         "machine": describe_machine(),
         "agents": len(result.agents),
         "tasks": len(result.tasks),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def cpu_model() -> str:
@@ -54,3 +55,43 @@ def _gpu_name() -> str | None:
     if torch is not None and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return None
+
+
+#: The checkout this module runs from (results name paths in it relative to this root).
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with no path of this machine in it, for the command a results file records: paths in
+    the checkout relative to its root, the shared benchmarks as ``SKILL_BENCH_DIR`` /
+    ``SKILL_BENCH_MORE_DIR``, any other absolute path named after its option (``--features /x /y`` ->
+    ``FEATURES_DIR FEATURES_DIR_2``), and an installed program by its name."""
+    out, option, used = [], "path", {}
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            option = a[2:].split("=")[0]
+            out.append(a)
+            continue
+        if os.path.isabs(a):
+            p = Path(a).resolve()
+            if p == REPO or REPO in p.parents:
+                a = os.path.relpath(p, REPO)
+            elif i == 0:
+                a = p.name  # an installed entry point: skill-edge
+            elif "skill-bench-more" in p.parts:
+                a = "SKILL_BENCH_MORE_DIR"
+            elif "skill-bench" in p.parts:
+                a = "SKILL_BENCH_DIR"
+            else:
+                name = option.upper().replace("-", "_") + "_DIR"
+                used[name] = used.get(name, 0) + 1
+                a = name if used[name] == 1 else f"{name}_{used[name]}"
+        elif i == 0 and os.path.exists(a):
+            a = os.path.relpath(Path(a).resolve(), REPO) if REPO in Path(a).resolve().parents else a
+        out.append(a)
+    return out
+
+
+def portable_command(argv: Sequence[str]) -> str:
+    """``portable_args`` joined for a shell."""
+    return " ".join(shlex.quote(a) for a in portable_args(list(argv)))
