@@ -345,9 +345,9 @@ def write_readme(p: dict, name: str) -> None:
     md = f"""### Beneficial biases that pay off (`bb_gain.py`)
 
 Oracle head test accuracy (%) per BB mode; ✓ = BB kept on validation, ✗ = not kept (the plain head ships).
-`splitN` learns the biases of stages N.. (Lite0: 7 = today's tail, 3,904 biases; 6 = 12,928; 5 = 16,912);
+`splitN` learns the biases of stages N.. (Lite0: 7 = today's tail, 3,904 biases; 5 = 16,912; 0 = the whole network, 21,008);
 `auto` (the default) keeps each task's best split on validation. Recipe chosen per task on its validation
-split at the tail: {', '.join(f'{t} {n}' for t, n in s['recipe_per_task'].items())} (mean validation gains at the tail:
+split at split {args.explore_split}: {', '.join(f'{t} {n}' for t, n in s['recipe_per_task'].items())} (mean validation gains there:
 {', '.join(f'{k} {100 * v:+.2f}' for k, v in s['recipe_val_gain'].items())}). {s['tasks']} of {s['tasks_planned']} tasks done.
 
 {md_table(['task', *modes], table)}

@@ -632,8 +632,8 @@ def main() -> None:
 
     if "joint" in want:
         # --- the joint probe: the ceiling
-        best = None
-        for wd in args.joint_wd:
+        best = None if len(args.joint_wd) > 1 else (None, args.joint_wd[0])  # one given: no search
+        for wd in args.joint_wd if best is None else ():
             acc = mean_task_id(task_accuracy(joint_probe(fit, wd, args.probe_iter)(val.x), train), val)
             log(f"joint probe wd={wd:g}: val task-id {acc:.4f}")
             if best is None or acc > best[0]:
