@@ -32,6 +32,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # b
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -57,13 +58,23 @@ def rss_mb() -> float:
 
 def old_plausibility(rev: str):
     """``PlausibilityCheck`` as it was at ``rev``, loaded from git into its own module."""
-    src = subprocess.run(["git", "show", f"{rev}:runtime/mapping/plausibility.py"], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
+    # ``rev`` predates the runtime's sub-packages: its flat module names are mapped to today's
+    old = subprocess.run(["git", "show", f"{rev}:runtime/plausibility.py"], cwd=REPO, capture_output=True, text=True)
+    path = "runtime/plausibility.py" if old.returncode == 0 else "runtime/mapping/plausibility.py"
+    src = old.stdout if old.returncode == 0 else subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    src = re.sub(r"^from \.(\w+) import", lambda m: f"from skill_edge.runtime.{FLAT_TO_PACKAGE.get(m[1], m[1])} import",
+                 src, flags=re.M)
     mod = types.ModuleType("skill_edge.runtime._plausibility_control")
     mod.__package__ = "skill_edge.runtime"
     sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{rev}:runtime/mapping/plausibility.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
     return mod.PlausibilityCheck
+
+
+#: Where the modules a flat-layout plausibility.py imports live now.
+FLAT_TO_PACKAGE = {"anchors": "mapping.anchors", "mapper": "mapping.mapper", "gmm": "mapping.gmm",
+                   "identity": "knowledge.identity", "knowledge": "knowledge.records"}
 
 
 class RebuildBankPlausibility:
