@@ -703,6 +703,9 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str) -> None:
     best_compact = summary["best_compact_product_ratio"]
     compact_text = ("no mapper of ours fits 56 KB per task at the default (fp32) rung; the budgeted rungs are in "
                     "`packet_budget`" if best_compact is None else f"the best packet under 56 KB {best_compact:.4f}x")
+    ceiling_text = ("the ceiling on these features" if summary["joint_probe_ratio"] >= summary["best_product_ratio"] else
+                    "below the best mapper here, so not a ceiling at this scale (one softmax over every class, "
+                    f"{args_probe_note(rows)}, loses to a Gaussian classifier with a tied covariance)")
     at_thr = op.get("at_thresholds")
     thr = ("" if not at_thr else
            f" With the teachers' calibrated thresholds (the product's rule) {at_thr['absent_called_unknown']:.1%} of an "
@@ -722,13 +725,19 @@ packet at the default fp32 rung with this anchor only and the head; peers: their
 {table}
 
 - The joint linear probe, which needs the fleet's pooled training data, reaches
-  {summary['joint_probe_ratio']:.4f}x the oracle: the ceiling on these features.  The best mapper in the
+  {summary['joint_probe_ratio']:.4f}x the oracle: {ceiling_text}.  The best mapper in the
   product reaches {summary['best_product_ratio']:.4f}x; {compact_text}{timing_note}
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
   calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
   {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}
 """)
+
+
+def args_probe_note(rows: list[dict]) -> str:
+    """How the joint probe was fitted, from its row's method name."""
+    name = next(r["method"] for r in rows if r["method"].startswith("joint"))
+    return f"fitted with L-BFGS from its settings ({name.split('(', 1)[1].rstrip(')')})"
 
 
 def _num(v, digits: int) -> str:
