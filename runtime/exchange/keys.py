@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from skill_edge.runtime.atomic import write_atomically
 
 HOME_ENV = "SKILL_EDGE_HOME"
 KEY_ID_BYTES = 8
@@ -76,27 +77,6 @@ def load_public_key(data: bytes, source: str = "public key") -> Ed25519PublicKey
     if not isinstance(key, Ed25519PublicKey):
         raise KeyStoreError(f"{source} is a {type(key).__name__}, but skill-edge signs with Ed25519 only")
     return key
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via tmp + fsync + rename so a crash never leaves half a key file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_small(path: Path, what: str) -> bytes:
@@ -153,8 +133,8 @@ class DeviceKey:
         key_dir = Path(key_dir)
         pem = self.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption())
-        _atomic_write(key_dir / DEVICE_KEY_FILE, pem, 0o600)
-        _atomic_write(key_dir / DEVICE_PUB_FILE, public_pem(self.public_key), 0o644)
+        write_atomically(key_dir / DEVICE_KEY_FILE, pem, 0o600)
+        write_atomically(key_dir / DEVICE_PUB_FILE, public_pem(self.public_key), 0o644)
         return key_dir / DEVICE_KEY_FILE
 
 
@@ -241,7 +221,7 @@ class TrustStore:
         path = self.directory / f"{name}.pub"
         if path.exists() and not overwrite:
             raise KeyStoreError(f"a trusted key named {name!r} already exists ({path}); remove it first")
-        _atomic_write(path, public_pem(pub), 0o644)
+        write_atomically(path, public_pem(pub), 0o644)
         return TrustedKey(name, kid, pub, path)
 
     def remove(self, name: str) -> TrustedKey:

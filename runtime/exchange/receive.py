@@ -31,13 +31,13 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from skill_edge.runtime.atomic import write_atomically
 from skill_edge.runtime.exchange.keys import TrustStore
 from skill_edge.runtime.knowledge.records import KnowledgeError, RomShape, TaskKnowledge
 from skill_edge.runtime.exchange.packet import MAX_PACKET_BYTES, Packet, PacketCodec, PacketError
@@ -152,21 +152,7 @@ class ReceiveState:
 
     def _save(self, streams: dict[tuple[str, str], StreamState]) -> None:
         data = json.dumps(self._to_json(streams), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, data)
 
     def latest(self, agent_id: str, task: str) -> int | None:
         s = self.load().get((agent_id, task))

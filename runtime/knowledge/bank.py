@@ -55,6 +55,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from skill_edge.runtime.atomic import fsync_dir
 from skill_edge.runtime.knowledge.identity import TaskKey, display_names, match, short_agent
 from skill_edge.runtime.knowledge.records import KnowledgeError, TaskKnowledge
 
@@ -222,14 +223,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -672,9 +665,9 @@ class KnowledgeBank:
             for name, data in files.items():
                 _write_durably(tmp / name, data)
             _write_durably(tmp / MANIFEST, manifest)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(area)
+            fsync_dir(area)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -693,7 +686,7 @@ class KnowledgeBank:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _quarantine_files(self, files: dict[str, bytes], task: str | None, reason: str, *,
                           check_quota: bool = True) -> QuarantineEntry:

@@ -20,10 +20,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from skill_edge.runtime.atomic import write_atomically
 
 from .base import ReceivedPacket, Transport, TransportError, check_name, decode_segment, encode_segment
 
@@ -50,36 +51,6 @@ def packet_path(root: Path, fleet: str, task: str, agent_id: str, seq: int) -> P
         raise ValueError(f"seq must be >= 0, got {seq}")
     return (Path(root) / fleet / encode_segment("task", task)
             / f"{encode_segment('agent_id', agent_id)}-{int(seq)}{PACKET_SUFFIX}")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or all of it, even after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class DirectoryTransport(Transport):
