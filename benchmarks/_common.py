@@ -28,9 +28,6 @@ def machine() -> dict:
     return describe_machine()
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def command() -> str:
     """How this benchmark was started, from the repo root, with no path of this machine in it."""
     return "python " + portable_command(sys.argv)

@@ -501,11 +501,14 @@ def main() -> None:
         return np.stack([class_scores[:, train.owner == t].max(1) for t in range(len(tasks))], 1)
 
     redo = set(args.update or [])
-    want = set(args.methods)
+
+    def runs(method: str) -> bool:
+        """``--update`` redoes only its methods; otherwise ``--methods`` says what runs."""
+        return method in redo if redo else method in args.methods
     # --- ours, from the packets' records
     codec, key = PacketCodec(), DeviceKey.generate()
     for kind, label in ((("maha", "Mahalanobis (ours)"), ("gmmc", "GMMC (ours)"))
-                        if (not redo and "ours" in want) or "ours" in redo else ()):
+                        if runs("ours") else ()):
         t0 = time.perf_counter()
         mp = build_mapper(kind, knowledge)
         student = (time.perf_counter() - t0) / len(knowledge)
@@ -532,7 +535,7 @@ def main() -> None:
         del big
 
     # --- NCM
-    if (not redo and "ncm" in want) or "ncm" in redo:
+    if runs("ncm"):
         t0 = time.perf_counter()
         ncm = NCM().fit(train)
         student = (time.perf_counter() - t0) / len(tasks)
@@ -544,7 +547,7 @@ def main() -> None:
             extra={"open_set": leave_one_out(task_sel, None, test)})
 
     # --- FeCAM
-    if (not redo and "fecam" in want) or "fecam" in redo:
+    if runs("fecam"):
         t0 = time.perf_counter()
         fe = FeCAM().fit(train)
         student = (time.perf_counter() - t0) / len(tasks)
@@ -568,7 +571,7 @@ def main() -> None:
         merged = [fresh.pop(r["method"], r) for r in old["rows"]] + list(fresh.values())
         return finish(args, names, counts, merged, old["seconds"] + time.time() - t_start)
 
-    if "ranpac" in want:
+    if runs("ranpac"):
         # --- RanPAC: M and lambda on validation
         best, kept = None, None
         for m in args.ranpac_m:
@@ -596,7 +599,7 @@ def main() -> None:
             extra={"open_set": leave_one_out(task_sel, None, test)})
         del g, q, rp
 
-    if "klda" in want:
+    if runs("klda"):
         # --- KLDA: sigma on validation
         best = None
         scale = float(np.median(np.linalg.norm(fit.x[:2000] - fit.x[2000:4000], axis=1)))
@@ -617,7 +620,7 @@ def main() -> None:
             extra={"open_set": leave_one_out(task_sel, None, test)})
         del kl
 
-    if "relmaha" in want:
+    if runs("relmaha"):
         # --- relative Mahalanobis
         t0 = time.perf_counter()
         rm = RelativeMahalanobis().fit(train)
@@ -630,7 +633,7 @@ def main() -> None:
             extra={"open_set": leave_one_out(s, None, test)})
         del rm
 
-    if "joint" in want:
+    if runs("joint"):
         # --- the joint probe: the ceiling
         best = None if len(args.joint_wd) > 1 else (None, args.joint_wd[0])  # one given: no search
         for wd in args.joint_wd if best is None else ():

@@ -72,7 +72,7 @@ def portable_args(argv: Sequence[str]) -> list[str]:
             option = a[2:].split("=")[0]
             out.append(a)
             continue
-        if os.path.isabs(a):
+        if os.path.isabs(a) or (i == 0 and os.path.exists(a)):  # the program, however it was named
             p = Path(a).resolve()
             if p == REPO or REPO in p.parents:
                 a = os.path.relpath(p, REPO)
@@ -86,8 +86,6 @@ def portable_args(argv: Sequence[str]) -> list[str]:
                 name = option.upper().replace("-", "_") + "_DIR"
                 used[name] = used.get(name, 0) + 1
                 a = name if used[name] == 1 else f"{name}_{used[name]}"
-        elif i == 0 and os.path.exists(a):
-            a = os.path.relpath(Path(a).resolve(), REPO) if REPO in Path(a).resolve().parents else a
         out.append(a)
     return out
 
