@@ -46,6 +46,9 @@ RECIPES = {
     "adam-1e-3": BBRecipe("adam", 1e-3, 1e-3, batch_size=32, min_val_gain=0.01),
     "adam-1e-3-aug": BBRecipe("adam", 1e-3, 1e-3, batch_size=32, min_val_gain=0.01, augment="shift+flip"),
     "adam-3e-4-aug": BBRecipe("adam", 3e-4, 1e-3, batch_size=32, min_val_gain=0.01, augment="shift+flip"),
+    # the head starts at zero and learns beside the biases; epochs are judged by the refitted head
+    "fresh-1e-2": BBRecipe("adam", 1e-2, 1e-2, batch_size=32, min_val_gain=0.01, head_start="fresh"),
+    "fresh-3e-3": BBRecipe("adam", 3e-3, 1e-2, batch_size=32, min_val_gain=0.01, head_start="fresh"),
 }
 #: Tasks whose labels survive a horizontal flip (natural images); signs, characters and sketches are
 #: only shifted (an augmenting recipe's ``shift+flip`` becomes ``shift`` for them).
@@ -205,8 +208,7 @@ def main() -> None:
 
     def with_epochs(name: str) -> BBRecipe:
         b = RECIPES[name]
-        return BBRecipe(b.optimizer, b.lr, b.lr_head, args.epochs, b.batch_size, args.patience, b.min_val_gain,
-                        augment=b.augment)
+        return dataclasses.replace(b, epochs=args.epochs, patience=args.patience)
 
     # Each task is done whole before the next (results are written after every task): cache, the plain
     # head, every recipe at the explore split (the tail: cheap), the recipe best on *this task's*
@@ -314,7 +316,9 @@ def write_readme(p: dict, name: str) -> None:
 
     rows, s = p["rows"], p["summary"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    modes = [m for m in ["no_bb", "tail_v1", *[f"split{x}" for x in s["splits_tried"]], "auto"]
+    explore = p["settings"]["explore_split"]
+    recipes = [f"split{explore}/{n}" for n in p["settings"]["recipes"]] if len(p["settings"]["recipes"]) > 1 else []
+    modes = [m for m in ["no_bb", "tail_v1", *recipes, *[f"split{x}" for x in s["splits_tried"]], "auto"]
              if any(r["mode"] == m for r in rows)]
     get = {(r["task"], r["mode"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -346,8 +350,9 @@ def write_readme(p: dict, name: str) -> None:
 
 Oracle head test accuracy (%) per BB mode; ✓ = BB kept on validation, ✗ = not kept (the plain head ships).
 `splitN` learns the biases of stages N.. (Lite0: 7 = today's tail, 3,904 biases; 5 = 16,912; 0 = the whole network, 21,008);
-`auto` (the default) keeps each task's best split on validation. Recipe chosen per task on its validation
-split at split {args.explore_split}: {', '.join(f'{t} {n}' for t, n in s['recipe_per_task'].items())} (mean validation gains there:
+`auto` (the default) keeps each task's best split on validation; `splitN/recipe` columns are the recipes
+compared at the explore split, side by side on the same images. Recipe chosen per task on its validation
+split at split {explore}: {', '.join(f'{t} {n}' for t, n in s['recipe_per_task'].items())} (mean validation gains there:
 {', '.join(f'{k} {100 * v:+.2f}' for k, v in s['recipe_val_gain'].items())}). {s['tasks']} of {s['tasks_planned']} tasks done.
 
 {md_table(['task', *modes], table)}

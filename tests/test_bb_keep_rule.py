@@ -52,3 +52,37 @@ def test_a_kept_bb_head_is_refitted_on_all_of_train(tmp_path):
     full = train_head(acts + fit.bb, y, 3, val_fraction=0.0, weight_decays=(plain.weight_decay,))
     np.testing.assert_allclose(fit.head.weight, full.weight, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fit.head.bias, full.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_head_is_judged_by_the_head_that_would_ship(tmp_path):
+    """``head_start="fresh"``: the head learns from zero beside the biases, and each epoch is scored by a
+    plain head refitted through that epoch's biases on the fitting part (the joint head never ships)."""
+    torch = __import__("pytest").importorskip("torch")
+    from skill_edge.runtime.learn.bb import BBRecipe, train_bb
+    from skill_edge.runtime.learn.head import stratified_split, train_head
+
+    class CosBias(torch.nn.Module):  # cos(+-0.6) is the same number: without a bias the classes collide
+        layout = type("Layout", (), {"total": 2})()
+
+        def forward(self, act, bb):
+            return torch.cos(act + bb)
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 60)
+    acts = np.stack([np.where(y == 0, -0.6, 0.6) + rng.normal(0, 0.1, 120), rng.normal(0, 1, 120)], 1)
+    acts = acts.astype(np.float32)
+    plain = train_head(np.cos(acts), y, 2)
+    recipe = BBRecipe("adam", 5e-2, 5e-2, epochs=6, batch_size=16, min_val_gain=0.01, head_start="fresh")
+    fit = train_bb(tmp_path, acts, y, 2, plain, split=7, suffix=CosBias(), plain_features=np.cos(acts),
+                   recipe=recipe, refit_head=False)
+    assert fit.val_accuracy_without_bb < 0.6 and fit.kept and fit.val_accuracy >= 0.95
+    keep, held = stratified_split(y, 0.15, 0)
+    shipped = train_head(np.cos(acts + fit.bb)[keep], y[keep], 2, val_fraction=0.0,
+                         weight_decays=(plain.weight_decay,))
+    np.testing.assert_allclose(fit.head.weight, shipped.weight, rtol=1e-5, atol=1e-6)
+    judged = float(np.mean((np.cos(acts + fit.bb)[held] @ shipped.weight.T + shipped.bias).argmax(1) == y[held]))
+    assert fit.val_accuracy == judged == max(fit.history)
+    assert recipe.to_dict()["head_start"] == "fresh" and "head_start" not in BBRecipe().to_dict()
+    with __import__("pytest").raises(ValueError, match="head start"):
+        train_bb(tmp_path, acts, y, 2, plain, split=7, suffix=CosBias(), plain_features=np.cos(acts),
+                 recipe=BBRecipe(head_start="warm"))

@@ -73,6 +73,15 @@ class BBRecipe:
     #: the preprocessed images): ``"shift"`` (a random translation of up to 1/16 of the side, edge
     #: pixels repeated) or ``"shift+flip"`` (and a random horizontal flip: not for characters or signs).
     augment: str | None = None
+    #: Where the head that trains with the biases starts.  ``"plain"``: the plain head fitted on the
+    #: fitting part, so epoch 0 is exactly "no BB".  That head already fits the few hundred training
+    #: images perfectly (train accuracy 1.0), so the cross-entropy gives the biases almost no gradient and
+    #: they barely move (mean |bias| 0.01 after 12 epochs on gtsrb).  ``"fresh"``: the head starts at zero
+    #: and learns with the biases, so the biases are shaped while the classes are still being separated
+    #: (TinyTL trains its classifier from scratch beside the biases the same way); each epoch is then
+    #: judged by the head the device would ship, a plain head refitted through the biases on the
+    #: fitting part, since the jointly trained head is never shipped.
+    head_start: str = "plain"
 
     def to_dict(self) -> dict:
         d = {"optimizer": self.optimizer, "lr": self.lr, "lr_head": self.lr_head, "epochs": self.epochs,
@@ -80,10 +89,13 @@ class BBRecipe:
              "min_val_z": self.min_val_z}
         if self.augment:
             d["augment"] = self.augment
+        if self.head_start != "plain":
+            d["head_start"] = self.head_start
         return d
 
 
 AUGMENTATIONS = ("shift", "shift+flip")
+HEAD_STARTS = ("plain", "fresh")
 
 
 def augment_images(x, kind: str, generator):
@@ -119,7 +131,8 @@ def beats_by_more_than_noise(bb_correct: np.ndarray, plain_correct: np.ndarray, 
 #: The recipe the device used before issue 16: tail only, Adam 1e-2 / 1e-3, 8 epochs.
 TAIL_RECIPE_V1 = BBRecipe(min_val_z=None)  # kept on any validation gain, as then
 #: The device's recipe, chosen on validation splits (benchmarks/results/bb_gain.json).
-DEFAULT_BB_RECIPE = BBRecipe("adam", 1e-2, 1e-3, epochs=5, batch_size=32, patience=2, min_val_gain=0.01)
+DEFAULT_BB_RECIPE = BBRecipe("adam", 1e-2, 1e-2, epochs=12, batch_size=32, patience=4, min_val_gain=0.01,
+                             head_start="fresh")
 #: Split points ``learn --bb`` tries by default (``--bb-split auto``): the tail and stage 5 (Lite0: the
 #: 80-channel blocks on, 16,912 of 21,008 biases); the one best on validation is kept.
 DEFAULT_BB_SPLITS: tuple[str | int, ...] = ("tail", 5)
@@ -219,9 +232,12 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     r = recipe or TAIL_RECIPE_V1
     r = BBRecipe(r.optimizer, r.lr if lr is None else lr, r.lr_head if lr is None else lr * 0.1,
                  r.epochs if epochs is None else int(epochs), r.batch_size if batch_size is None else int(batch_size),
-                 r.patience, r.min_val_gain, r.min_val_z, r.augment)
+                 r.patience, r.min_val_gain, r.min_val_z, r.augment, r.head_start)
     if r.optimizer not in ("adam", "sign"):
         raise ValueError(f"unknown BB optimizer {r.optimizer!r} (adam or sign)")
+    if r.head_start not in HEAD_STARTS:
+        raise ValueError(f"unknown BB head start {r.head_start!r} (one of {', '.join(HEAD_STARTS)})")
+    fresh = r.head_start == "fresh"
     torch.manual_seed(seed)
     suffix = build_torch_suffix(rom_dir, split) if suffix is None else suffix
     split_used = int(split) if split is not None else _rom_tail_split(rom_dir)
@@ -248,8 +264,8 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     wd = head.weight_decay if weight_decay is None else weight_decay
     start = train_head(plain[keep], y[keep], num_classes, val_fraction=0.0, weight_decays=(wd,), seed=seed)
     bb = torch.zeros(suffix.layout.total, requires_grad=True)
-    w = torch.tensor(start.weight, requires_grad=True)
-    b = torch.tensor(start.bias, requires_grad=True)
+    w = torch.tensor(start.weight if not fresh else np.zeros_like(start.weight), requires_grad=True)
+    b = torch.tensor(start.bias if not fresh else np.zeros_like(start.bias), requires_grad=True)
     if r.optimizer == "adam":
         opt = torch.optim.Adam([{"params": [bb], "lr": r.lr}, {"params": [w, b], "lr": r.lr_head}])
     else:
@@ -272,8 +288,28 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
     def evaluate(idx: np.ndarray, use_bb: bool) -> float:
         return float(correct(idx, use_bb).mean()) if len(idx) else float("nan")
 
-    base = evaluate(held, use_bb=False)
-    plain_state = (base, torch.zeros_like(bb), w.detach().clone(), b.detach().clone(), 0)
+    def features_through(bbv: torch.Tensor) -> np.ndarray:
+        """Pooled features of every training row through the suffix with biases ``bbv``."""
+        with torch.no_grad():
+            return torch.cat([suffix(rows(torch.from_numpy(np.arange(i, min(i + 128, len(y))))),
+                                     bbv.expand(min(128, len(y) - i), -1))
+                              for i in range(0, len(y), 128)]).numpy()
+
+    def judged_state() -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(validation accuracy, biases, head) of this epoch: the joint head, or for a fresh head the
+        plain head refitted through the biases on the fitting part (what would ship)."""
+        bbv = bb.detach().clone()
+        if not fresh:
+            return evaluate(held, use_bb=True), bbv, w.detach().clone(), b.detach().clone()
+        refit = train_head(features_through(bbv)[keep], y[keep], num_classes, val_fraction=0.0,
+                           weight_decays=(wd,), seed=seed)
+        state = (bbv, torch.from_numpy(refit.weight), torch.from_numpy(refit.bias))
+        acc = float(correct(held, True, state).mean()) if len(held) else float("nan")
+        return (acc, *state)
+
+    start_w, start_b = torch.from_numpy(start.weight), torch.from_numpy(start.bias)
+    base = float(correct(held, False, (None, start_w, start_b)).mean()) if len(held) else float("nan")
+    plain_state = (base, torch.zeros_like(bb), start_w.clone(), start_b.clone(), 0)
     best_bb = None  # the best epoch >= 1
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, math.ceil(len(keep) / r.batch_size))
@@ -300,14 +336,15 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
                     bb -= r.lr * torch.sign(bb.grad)
             total += float(loss.detach()) * len(j)
         ran = epoch
-        acc = evaluate(held, use_bb=True)
+        acc, *state = judged_state()
         history.append(acc)
         if progress:
             progress(epoch, r.epochs, acc)
         log.info("BB split %d epoch %d loss %.4f val acc %.4f", split_used, epoch, total / len(keep), acc)
         if best_bb is None or acc > best_bb[0] + 1e-9:
-            improved = acc > max(base, best_bb[0] if best_bb else -1.0) + 1e-9
-            best_bb = (acc, bb.detach().clone(), w.detach().clone(), b.detach().clone(), epoch)
+            # a fresh head starts below the plain one, so its patience counts from its own best epoch
+            improved = acc > max(-1.0 if fresh else base, best_bb[0] if best_bb else -1.0) + 1e-9
+            best_bb = (acc, *state, epoch)
             if improved:
                 since_best = 0
                 continue
@@ -331,11 +368,7 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
         # head does (``Device`` refits it on everything after choosing its weight decay).  Otherwise a
         # kept BB task ships a head fitted on 85 % of the images against a plain head fitted on 100 %,
         # which costs the few-shot tasks (flowers102: 6 images a class) more than BB gains.
-        with torch.no_grad():
-            feats = torch.cat([suffix(rows(torch.from_numpy(np.arange(i, min(i + 128, len(y))))),
-                                      bb_best.expand(min(128, len(y) - i), -1))
-                               for i in range(0, len(y), 128)]).numpy()
-        full = train_head(feats, y, num_classes, val_fraction=0.0, weight_decays=(wd,), seed=seed)
+        full = train_head(features_through(bb_best), y, num_classes, val_fraction=0.0, weight_decays=(wd,), seed=seed)
         weight, bias = full.weight.astype(np.float32), full.bias.astype(np.float32)
     fitted = HeadFit(weight, bias, acc, wd, {"bb_best_epoch": ep})
     return BBFit(bb_best.numpy().astype(np.float32), fitted, acc, base, ran, split_used,
