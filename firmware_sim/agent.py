@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 
 from skill_edge.runtime.exchange.transport import encode_segment, write_atomically
+from skill_edge.runtime.learn.bb import DEFAULT_BB_RECIPE
 
 from .link import DeviceInterface, LinkModel, Transfer
 from .metrics import TeacherWork
@@ -168,7 +169,7 @@ class AgentSpec:
     threads: int = 1
     providers: list[str] | None = None
     bb: bool = False
-    bb_epochs: int = 8
+    bb_epochs: int = DEFAULT_BB_RECIPE.epochs  # the device default
     mappers: list[str] = field(default_factory=lambda: ["gmmc", "maha"])
     k: int = 25
     m: int = 5

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from skill_edge.runtime.learn.bb import DEFAULT_BB_RECIPE
+
 from .agent import KILL_POINTS, AgentError, AgentSpec, DeviceReport, TaskSource, load_feature_task
 from .engines import FleetError, make_engine
 from .link import LinkModel
@@ -65,7 +67,7 @@ class FleetConfig:
     threads: int = 1  # per device (ONNX Runtime, torch, OpenMP)
     providers: list[str] | None = None  # ROM backends, e.g. ["cpu"]; default: best available
     bb: bool = False
-    bb_epochs: int = 8
+    bb_epochs: int = DEFAULT_BB_RECIPE.epochs  # the device default
     mappers: tuple[str, ...] = MAPPERS
     k: int = 25  # GMMC components
     m: int = 5  # Mahalanobis exemplars per class
