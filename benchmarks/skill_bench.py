@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
+from _common import RESULTS, SKILL_BENCH, command, md_table, task_order, update_readme, write_result  # noqa: E402
 
 MAPPERS = ("gmmc", "maha")
 MAPPER_NAMES = {"gmmc": "gmmc", "maha": "mahalanobis"}
@@ -68,9 +68,11 @@ def main() -> None:
         prev["timings"]["bb_s"] = float(sum(r["seconds"] for r in bb_rows))
         names, per_task, summary = prev["task_order"], prev["per_task"], prev["summary"]
         conf = {k: np.asarray(v) for k, v in prev["task_confusion"].items()}
+        # the main results keep the command that made them; the BB rows record their own
         write_outputs(prev["per_task"], prev["summary"], prev["timings"], bb_rows, names,
                       {("gmmc" if k == "gmmc" else "maha"): v for k, v in conf.items()}, rom,
-                      sum(per_task[t]["test"] for t in names))
+                      sum(per_task[t]["test"] for t in names),
+                      {"command": prev["command"], "bb_command": command(), "bb_date": time.strftime("%Y-%m-%d %H:%M:%S")})
         return
     timings = {"extract_s": 0.0, "fit_s": 0.0, "classify_s": 0.0}
     per_task: dict[str, dict] = {}
@@ -160,7 +162,9 @@ def run_bb(args, dev, rom: Path, names: list[str]) -> list[dict]:
 
 
 def write_outputs(per_task: dict, summary: dict, timings: dict, bb_rows: list[dict], names: list[str],
-                  conf: dict, rom: Path, n_test: int) -> None:
+                  conf: dict, rom: Path, n_test: int, provenance: dict | None = None) -> None:
+    """``provenance``: keys that override the recorded command and date (``--bb-only`` keeps the main
+    run's command and records its own as ``bb_command``)."""
     oracle = summary["mean_oracle_acc"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / "skill_bench_confusion.png"
@@ -174,6 +178,7 @@ def write_outputs(per_task: dict, summary: dict, timings: dict, bb_rows: list[di
         "task_order": names,
         "beneficial_biases": bb_rows,
         "timings": timings,
+        **(provenance or {}),
     })
     meta = json.loads(path.read_text())
     rows = [[t, per_task[t]["classes"], per_task[t]["test"], f"{per_task[t]['oracle_acc']:.3f}",
@@ -192,8 +197,13 @@ def write_outputs(per_task: dict, summary: dict, timings: dict, bb_rows: list[di
         ["GMMC (k=25)", f"{summary['mean_no_oracle_acc']['gmmc']:.3f}",
          f"{summary['no_oracle_over_oracle']['gmmc']:.3f}", ">= 0.89"],
     ])
-    bbt = md_table(["task", "oracle acc without BB", "with BB", "BB kept (beat plain on val)"],
-                   [[r["task"], f"{r['oracle_acc_without_bb']:.3f}", f"{r['oracle_acc_with_bb']:.3f}", r["bb_kept"]]
+    def val(x) -> str:
+        return "" if x is None else f"{x:.3f}"
+
+    bbt = md_table(["task", "oracle acc without BB", "with BB", "BB kept (beat plain on val)",
+                    "val without / with", "learn s"],
+                   [[r["task"], f"{r['oracle_acc_without_bb']:.3f}", f"{r['oracle_acc_with_bb']:.3f}", r["bb_kept"],
+                     f"{val(r.get('val_acc_without_bb'))} / {val(r.get('val_acc_with_bb'))}", f"{r['seconds']:.0f}"]
                     for r in bb_rows]) if bb_rows else "(not run)"
     update_readme("skill_bench", f"""## skill-bench accuracy, no task oracle (`benchmarks/skill_bench.py`)
 
@@ -207,7 +217,9 @@ statistics; `benchmarks/mapper_ideas.py` compares it with features alone).
 
 {table}
 
-Beneficial biases (tail biases + head, trained on cached trunk activations; oracle accuracy on the test split):
+Beneficial biases, as `skill-edge learn --bb` makes them (every training image; split `auto`: the tail
+or stage 5, the one best on validation; a fresh head beside the biases, `docs/BENEFICIAL_BIASES.md`), oracle
+accuracy on the test split. Command: `{meta.get('bb_command', meta['command'])}`.
 
 {bbt}
 
