@@ -8,8 +8,8 @@ with its own home (key, trust store, bank, receive state) and the shared ROM:
    its flash quota, ONNX Runtime limited to ``threads`` so N devices on a few cores do not
    oversubscribe them;
 2. learn each of its tasks, from an ImageFolder (``Device.learn``) or from features the
-   caller already has (``Device.learn_features``, a feature-task file), with torch MACs
-   counted (``FlopCounterMode``); encode the signed packet (``PacketCodec(budget)``), and
+   caller already has (``Device.learn_features``, a feature-task file), with the training MACs
+   the learning code counts; encode the signed packet (``PacketCodec(budget)``), and
    store in the bank exactly what the packet carries, so teacher and students hold
    identical records;
 3. publish through the real transport and take in the others' packets with
@@ -288,32 +288,6 @@ def step_for(step: str, knowledge) -> str:
 
 
 # ---------------------------------------------------------------------------- small helpers
-class _BBFlopCounter:
-    """Torch's FLOP counter around BB training, and nothing (no torch import) without BB.
-
-    The head is fitted in numpy/scipy and reports its own MACs (``head_train_gmacs`` in the task's
-    metrics); only BB training runs in torch, where ``FlopCounterMode`` measures it."""
-
-    def __init__(self, bb: bool) -> None:
-        self._mode = None
-        if bb:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._mode = FlopCounterMode(display=False)
-
-    def __enter__(self) -> "_BBFlopCounter":
-        if self._mode is not None:
-            self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._mode is not None:
-            self._mode.__exit__(*exc)
-
-    def macs(self) -> int:
-        return int(self._mode.get_total_flops() // 2) if self._mode is not None else 0
-
-
 def limit_threads(n: int) -> None:
     """One device, ``n`` threads: BLAS/OpenMP (for libraries not loaded yet), and torch if it is loaded.
 
@@ -506,15 +480,13 @@ class Agent:
             if what.startswith("extract"):
                 self.emit("extract", done, total)
 
-        counter = _BBFlopCounter(spec.bb)
         if src.kind == "images":
             from skill_edge.runtime.sources.datasets import load_image_folder
 
             ds = load_image_folder(src.path, seed=spec.seed)
-            with counter:
-                report = self.device.learn(src.name, ds, bb=spec.bb, mappers=spec.mappers, k=spec.k, m=spec.m,
-                                           seed=spec.seed, bb_epochs=spec.bb_epochs, store=False,
-                                           progress=on_progress)
+            report = self.device.learn(src.name, ds, bb=spec.bb, mappers=spec.mappers, k=spec.k, m=spec.m,
+                                       seed=spec.seed, bb_epochs=spec.bb_epochs, store=False,
+                                       progress=on_progress)
             knowledge = report.knowledge
             n_train, n_test, test_acc = report.n_train, report.n_test, report.test_acc
             train_labels = np.asarray(ds.train.labels)
@@ -526,11 +498,10 @@ class Agent:
                 raise AgentError(f"task {src.name!r} is given as features, but BB training needs images "
                                  f"(trunk activations); learn it from an ImageFolder or run without BB")
             t_fit = time.perf_counter()
-            with counter:
-                knowledge, _ = self.device.learn_features(
-                    src.name, ft.classes, ft.train_features, ft.train_labels, trunk_stats=ft.train_trunk_stats,
-                    bb=False, mappers=spec.mappers,
-                    k=spec.k, m=spec.m, seed=spec.seed, source=f"features:{Path(src.path).resolve()}")
+            knowledge, _ = self.device.learn_features(
+                src.name, ft.classes, ft.train_features, ft.train_labels, trunk_stats=ft.train_trunk_stats,
+                bb=False, mappers=spec.mappers,
+                k=spec.k, m=spec.m, seed=spec.seed, source=f"features:{Path(src.path).resolve()}")
             test_acc = head_accuracy(knowledge.head_weight, knowledge.head_bias, ft.test_features, ft.test_labels)
             knowledge.meta.metrics["test_acc"] = float(test_acc)
             n_train, n_test = len(ft.train_labels), len(ft.test_labels)
@@ -548,7 +519,9 @@ class Agent:
             feature_dim=knowledge.feature_dim, anchor_dim=knowledge.anchor_dim or 0,
             backbone_macs_per_image=int(macs["full"]),
             tail_macs_per_image=int(macs.get("tail", 0)),
-            train_macs_measured=int(knowledge.meta.metrics.get("head_train_gmacs", 0.0) * 1e9) + counter.macs(),
+            # the head's L-BFGS MACs and BB training's, both counted by the learning code itself
+            train_macs_measured=int((knowledge.meta.metrics.get("head_train_gmacs", 0.0)
+                                     + knowledge.meta.metrics.get("bb_train_gmacs", 0.0)) * 1e9),
             bb=knowledge.bb is not None, bb_epochs=spec.bb_epochs if spec.bb else 0,
             gmmc_k=knowledge.gmmc.k if knowledge.gmmc is not None else 0,
             maha_exemplars=int(knowledge.maha.exemplars.shape[0]) if knowledge.maha is not None else 0,
@@ -750,27 +723,28 @@ class Agent:
         mappers = [mp for mp in spec.mappers if any(getattr(k, mp) is not None for k in stored.values())]
         for ti, src in enumerate(spec.fleet_tasks):
             self.emit("evaluate", ti, len(names))
-            feats, acts, stats, labels, classes = self._test_data(src)
+            feats, acts, stats, labels, classes, paths = self._test_data(src)
             if spec.eval_max_per_task and len(labels) > spec.eval_max_per_task:  # the same rows on every device
                 keep = np.sort(np.random.default_rng(spec.seed + ti).permutation(len(labels))[:spec.eval_max_per_task])
                 feats, labels = feats[keep], labels[keep]
                 acts = acts[keep] if acts is not None else None
                 stats = stats[keep] if stats is not None else None
+                paths = paths[keep] if paths is not None else None
             out["n_test"][src.name] = int(len(labels))
             out["test_labels"][src.name] = labels.tolist()
             if spec.eval_dir:
                 out["eval_files"][src.name] = str(self._save_eval(ti, src.name, classes, feats, acts, stats, labels))
             k = stored.get(src.name)
-            # the task's BB pass the way classify runs it (tail or whole graph); the lab keeps trunk
-            # activations but not images, so a task split before the tail has no oracle row here
-            if k is not None and (k.bb is None or acts is not None):
+            # the task's BB pass the way classify runs it: the tail on the trunk activations, or for a task
+            # split before the tail, the whole graph on the test images (decoded again, only for its rows)
+            if k is not None and (k.bb is None or acts is not None or paths is not None):
                 try:
-                    hf = dev.bb_features(k, acts, None) if k.bb is not None else feats
+                    hf = dev.bb_features(k, acts, paths) if k.bb is not None else feats
                     out["oracle_accuracy"][src.name] = head_accuracy(k.head_weight, k.head_bias, hf, labels)
                 except LearnError as exc:
                     log.warning("no oracle row for %s: %s", src.name, exc)
             for mp in mappers:
-                r = dev.classify_features(FeatureBatch(feats, acts, stats), mapper=mp, open_set=True)
+                r = dev.classify_features(FeatureBatch(feats, acts, stats, paths), mapper=mp, open_set=True)
                 to_fleet = np.array([fleet_index.get(n, -1) for n in r["task_names"]], np.int64)
                 task_pred = to_fleet[r["task_index"]]
                 cls_pred = np.asarray(r["class_index"], np.int64)
@@ -791,19 +765,21 @@ class Agent:
         return out
 
     def _test_data(self, src: TaskSource) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray,
-                                                   list[str]]:
-        """Test features, trunk activations (BB runs), trunk statistics, labels and classes of any fleet
-        task; image features come through the feature cache, keyed exactly as the teacher's own test
-        extraction so a shared cache is hit."""
+                                                   list[str], np.ndarray | None]:
+        """Test features, trunk activations (BB runs), trunk statistics, labels, classes and image paths
+        (for BB tasks that rerun the whole graph; None for a features task) of any fleet task; image
+        features come through the feature cache, keyed exactly as the teacher's own test extraction so a
+        shared cache is hit."""
         if src.kind == "features":
             ft = self._feature_task(src)
-            return ft.test_features, None, ft.test_trunk_stats, ft.test_labels, list(ft.classes)
+            return ft.test_features, None, ft.test_trunk_stats, ft.test_labels, list(ft.classes), None
         from skill_edge.runtime.sources.datasets import load_image_folder
 
         ds = load_image_folder(src.path, seed=self.spec.seed)
         ex = self.device.extract(ds.test.paths, keep_trunk=self.spec.bb)
         labels = np.asarray(ds.test.labels, np.int64)[ex.index]
-        return ex.features, ex.trunk_acts, ex.trunk_stats, labels, list(ds.classes)
+        paths = np.array([str(ds.test.paths[i]) for i in ex.index], dtype=object)
+        return ex.features, ex.trunk_acts, ex.trunk_stats, labels, list(ds.classes), paths
 
     def _save_eval(self, index: int, task: str, classes: list[str], feats: np.ndarray, acts: np.ndarray | None,
                    stats: np.ndarray | None, labels: np.ndarray) -> Path:

@@ -16,9 +16,10 @@ Where the MACs come from:
 
 * backbone: ROM manifest ``macs_per_image["full"]`` x training images, each pushed through the
   ROM once (features are cached, the backbone is frozen, so nothing runs it twice);
-* head (and BB) training: *measured* by ``torch.utils.flop_counter.FlopCounterMode`` around the
-  teacher's fit (FLOPs / 2), i.e. every L-BFGS evaluation of every weight-decay candidate, and
-  for BB every tail forward/backward of every epoch including validation passes.  Upper-bound
+* head (and BB) training: *counted* by the learning code: the head's L-BFGS reports every evaluation
+  of every weight-decay candidate (``head_train_gmacs``), and BB training every suffix row it ran,
+  forward and backward, of every epoch including the validation passes, each priced by one row
+  measured with ``torch.utils.flop_counter.FlopCounterMode`` (``bb_train_gmacs``).  Upper-bound
   formulas (``head_training_macs``, ``bb_training_macs``) are kept next to them for reference;
 * GMMC fitting (NumPy/scikit-learn, not countable by torch): EM with ``k`` diagonal
   components costs ~4 n k D MACs per iteration (E-step: two products, M-step: two);
@@ -63,7 +64,7 @@ class TeacherWork:
     feature_dim: int
     backbone_macs_per_image: int
     tail_macs_per_image: int = 0
-    train_macs_measured: int | None = None  # torch MACs of head (+ BB) training, FlopCounterMode
+    train_macs_measured: int | None = None  # MACs of head (+ BB) training, counted by the learning code
     bb: bool = False
     bb_epochs: int = 0
     gmmc_k: int = 0  # components actually fitted (0: no GMMC anchor)

@@ -90,7 +90,9 @@ class FeatureBatch:
     features: np.ndarray
     trunk_acts: np.ndarray | None
     trunk_stats: np.ndarray | None = None
-    images: np.ndarray | None = None  # preprocessed images, kept only when a stored task reruns the whole graph
+    #: preprocessed images [N,3,H,W], or their paths (an object array, decoded again only for the rows
+    #: routed to such a task), kept only when a stored task reruns the whole graph
+    images: np.ndarray | None = None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -294,6 +296,7 @@ class Device:
             metrics["bb_kept"] = fit.kept
             metrics["bb_split"] = fit.split
             metrics["bb_tried"] = fit.tried
+            metrics["bb_train_macs"] = fit.train_macs
             if fit.kept:
                 head, bb_vec, bb_at = fit.head, fit.bb, fit.split
                 bb_hash = self.engine.manifest.bias_layout_hash(fit.split)
@@ -310,6 +313,7 @@ class Device:
                         metrics={"head_val_acc": float(head.val_accuracy), "weight_decay": float(head.weight_decay),
                                  "head_train_gmacs": metrics["plain_head"].train_macs / 1e9,
                                  **({"bb_val_acc": float(metrics["bb_val_acc"]),
+                                     "bb_train_gmacs": float(metrics["bb_train_macs"]) / 1e9,
                                      "bb_val_acc_without": float(metrics["bb_val_acc_without"]),
                                      "bb_best_split": float(metrics["bb_split"])} if bb else {})})
         knowledge = TaskKnowledge(task=task, labels=[str(c) for c in classes], head_weight=head.weight,
@@ -389,6 +393,7 @@ class Device:
         kept = [f for f in fits if f.kept]
         best = max(kept, key=lambda f: (f.val_accuracy, f.split)) if kept else fits[-1]
         best.tried = {int(f.split): float(max(f.history, default=f.val_accuracy)) for f in fits}
+        best.train_macs = sum(f.train_macs for f in fits)  # what learning cost: every split tried
         return best
 
     def bb_features(self, k: TaskKnowledge, trunk_acts: np.ndarray | None,
@@ -402,7 +407,7 @@ class Device:
         if images is None:
             raise LearnError(f"task {k.task!r} reruns the whole network with its biases (split point "
                              f"{k.meta.bb_split}) but the images were not kept")
-        if isinstance(images, np.ndarray):
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
             return self.engine.full(images, k.bb)
         out = []
         for b in iter_batches(list(images), self.engine.preprocessing, 16, workers=1):

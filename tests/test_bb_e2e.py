@@ -151,3 +151,23 @@ def test_mixed_batch_matches_torch_with_the_same_biases(two_devices, tasks: dict
         ort = b.bb_features(tasks_k[task], batch.trunk_acts[rows], batch.images[rows])
         np.testing.assert_allclose(ort, feats[rows], rtol=1e-3, atol=1e-4)
         assert np.abs(ort - batch.features[rows]).max() > 1e-3
+
+
+def test_a_batch_may_carry_image_paths_for_whole_network_tasks(two_devices, tasks: dict[str, Path]) -> None:
+    """The fleet lab keeps test images as paths, not decoded arrays: a batch whose ``images`` are paths
+    classifies exactly as one with the preprocessed images (the whole-network task's rows are decoded
+    again), and without either the whole-network task is refused with a clear error."""
+    from skill_edge.runtime.device import FeatureBatch, LearnError
+
+    _, b = two_devices
+    images = _test_images(tasks)
+    batch, failed, index = b.featurize(images, keep_images=True)
+    assert not failed
+    want = b.classify_features(batch, open_set=False)
+    paths = np.array([str(images[i]) for i in index], dtype=object)
+    got = b.classify_features(FeatureBatch(batch.features, batch.trunk_acts, batch.trunk_stats, paths),
+                              open_set=False)
+    assert np.array_equal(got["task_index"], want["task_index"])
+    assert np.array_equal(got["class_index"], want["class_index"])
+    with pytest.raises(LearnError, match="images were not kept"):
+        b.classify_features(FeatureBatch(batch.features, batch.trunk_acts, batch.trunk_stats), open_set=False)

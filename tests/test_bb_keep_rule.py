@@ -86,3 +86,37 @@ def test_a_fresh_head_is_judged_by_the_head_that_would_ship(tmp_path):
     with __import__("pytest").raises(ValueError, match="head start"):
         train_bb(tmp_path, acts, y, 2, plain, split=7, suffix=CosBias(), plain_features=np.cos(acts),
                  recipe=BBRecipe(head_start="warm"))
+
+
+def test_bb_training_counts_its_macs_row_by_row(tmp_path):
+    """``BBFit.train_macs`` prices every suffix row the training ran (forward-only and forward+backward)
+    by one row measured with torch's FLOP counter, instead of tracing the whole run under it."""
+    torch = __import__("pytest").importorskip("torch")
+    from skill_edge.runtime.learn.bb import BBRecipe, suffix_macs_per_row, train_bb
+    from skill_edge.runtime.learn.head import train_head
+
+    class LinearBias(torch.nn.Module):  # 6 -> 4 features: 24 MACs a row forward
+        layout = type("Layout", (), {"total": 6})()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 4, bias=False)
+            self.lin.weight.requires_grad_(False)
+
+        def forward(self, act, bb):
+            return self.lin(act + bb)
+
+    mod = LinearBias()
+    fwd, step = suffix_macs_per_row(mod, torch.zeros(1, 6), torch.zeros(6))
+    assert fwd == 24 and step == 48  # backward: the gradient w.r.t. the input (weights are frozen)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 20)
+    acts = rng.normal(0, 1, (40, 6)).astype(np.float32)
+    with torch.no_grad():
+        plain_f = mod(torch.from_numpy(acts), torch.zeros(40, 6)).numpy()
+    plain = train_head(plain_f, y, 2)
+    fit = train_bb(tmp_path, acts, y, 2, plain, split=7, suffix=mod, plain_features=plain_f,
+                   recipe=BBRecipe("adam", 1e-2, 1e-2, epochs=2, batch_size=8, min_val_gain=None, min_val_z=None))
+    # 34 fitting rows trained twice; forward-only: the 6 held rows per epoch, the keep check is skipped
+    # (no gain needed), and the kept head's refit over all 40 rows
+    assert fit.train_macs == 2 * 34 * step + (2 * 6 + 40) * fwd

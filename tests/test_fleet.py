@@ -148,7 +148,7 @@ def check_fleet(r: FleetResult, killed: dict[str, str]) -> None:
     for t in r.tasks:
         w = r.learn[t]["work"]
         assert w["n_train"] == 2 * N_TRAIN and w["backbone_macs_per_image"] == macs
-        assert 0 < w["train_macs_measured"]  # counted by FlopCounterMode around the head fit
+        assert 0 < w["train_macs_measured"]  # the head's L-BFGS evaluations, counted by the fit
     # wall clock
     wall = r.wall
     assert wall["fleet_learn_share_wall_s"] > 0
