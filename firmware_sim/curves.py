@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 
-from skill_edge.runtime.device import Device
 from skill_edge.runtime.knowledge.records import TaskKnowledge
 from skill_edge.runtime.mapping.mapper import build_mapper
 
@@ -113,16 +112,17 @@ def fit_label(slope: float, intercept: float, zero: float | None, *, var: str = 
 
 def skill_curves(knowledge: Sequence[TaskKnowledge],
                  test_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-                 mapper: str, *, name: str | None = None, device: Device | None = None,
-                 incremental: bool = False) -> Curves:
+                 mapper: str, *, name: str | None = None, incremental: bool = False,
+                 head_inputs: dict[str, np.ndarray] | None = None) -> Curves:
     """Replay learning in ``knowledge`` order: after each new task, classify all seen test sets.
 
     ``test_sets`` maps task -> (features, labels, trunk statistics or None).  Features are the
-    ROM's plain features; a task with BB needs its tail rerun, which
-    ``device`` (holding the ROM) does when given trunk activations; without them the plain
-    features feed that task's head.  ``incremental`` (Mahalanobis only, see ``_prefix_covariances``)
-    grows the tied covariance's scatter task by task instead of recomputing it at every step.
+    ROM's plain features, which the mapper reads; ``head_inputs`` maps a BB task to what its head reads
+    on its own test rows (its BB pass, ``report.bb_head_inputs``), else the plain features feed the head.
+    ``incremental`` (Mahalanobis only, see ``_prefix_covariances``) grows the tied covariance's scatter
+    task by task instead of recomputing it at every step.
     """
+    head_inputs = head_inputs or {}
     order = list(knowledge)
     acc: list[list[float]] = []
     tid: list[list[float]] = []
@@ -135,7 +135,7 @@ def skill_curves(knowledge: Sequence[TaskKnowledge],
             x, y, stats = test_sets[k.task]
             res = mp.predict(x, stats)
             right = res.task_index == j
-            logits = x @ k.head_weight.T + k.head_bias
+            logits = head_inputs.get(k.task, x) @ k.head_weight.T + k.head_bias
             correct = right & (logits.argmax(1) == y)
             row.append(float(correct.mean()) if len(y) else float("nan"))
             trow.append(float(right.mean()) if len(y) else float("nan"))
@@ -190,10 +190,11 @@ def task_orders(n: int, count: int, seed: int = 0) -> list[list[int]]:
 def order_curves(knowledge: Sequence[TaskKnowledge],
                  test_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], mapper: str,
                  orders: Sequence[Sequence[int]], *, name: str | None = None,
-                 incremental: bool = False) -> list[Curves]:
+                 incremental: bool = False, head_inputs: dict[str, np.ndarray] | None = None) -> list[Curves]:
     """``skill_curves`` once per task order (indices into ``knowledge``)."""
     ks = list(knowledge)
-    return [skill_curves([ks[i] for i in order], test_sets, mapper, name=name, incremental=incremental)
+    return [skill_curves([ks[i] for i in order], test_sets, mapper, name=name, incremental=incremental,
+                         head_inputs=head_inputs)
             for order in orders]
 
 
@@ -225,16 +226,18 @@ def scores_are_per_task(mapper: str, knowledge: Sequence[TaskKnowledge], test_se
 
 
 def replay_from_scores(knowledge: Sequence[TaskKnowledge], test_sets, scores: dict[str, np.ndarray],
-                       orders: Sequence[Sequence[int]], *, name: str) -> list[Curves]:
+                       orders: Sequence[Sequence[int]], *, name: str,
+                       head_inputs: dict[str, np.ndarray] | None = None) -> list[Curves]:
     """``skill_curves`` for every order from one scoring pass (only for per-task scores, see above).
 
     An image of task j is mapped right after step t when its own task's score beats every other task
     learned so far; on a tie the task learned first wins, as ``argmax`` does."""
     ks = list(knowledge)
+    head_inputs = head_inputs or {}
     head_ok = {}
     for k in ks:
         x, y, _ = test_sets[k.task]
-        head_ok[k.task] = (x @ k.head_weight.T + k.head_bias).argmax(1) == y
+        head_ok[k.task] = (head_inputs.get(k.task, x) @ k.head_weight.T + k.head_bias).argmax(1) == y
     out = []
     for order in orders:
         n = len(order)

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from skill_edge.runtime.knowledge.records import TaskKnowledge
 from skill_edge.runtime.machine import describe_machine, portable_command
 
 from .curves import (PAPER_FIT, Curves, fit_dict, fit_label, incremental_matches, order_curves, plot_curves,
@@ -60,6 +61,7 @@ class TaskFeatures:
     test_x: np.ndarray
     test_y: np.ndarray
     test_trunk_stats: np.ndarray | None = None  # what the default anchors add to test_x
+    test_paths: np.ndarray | None = None  # the test images of test_x's rows (image tasks of a BB run)
 
 
 @dataclass
@@ -97,13 +99,15 @@ def load_task_features(result: FleetResult) -> list[TaskFeatures]:
         ds = load_image_folder(src, seed=int(cfg.get("seed", 0)))
         ex = dev.extract(ds.train.paths, keep_trunk=bool(cfg.get("bb")))
         tr_y = np.asarray(ds.train.labels, np.int64)[ex.index]
-        if ev and Path(ev).exists():
+        te_paths = None
+        if ev and Path(ev).exists() and not cfg.get("bb"):
             t = load_file(ev)
             te_x, te_y, te_s = t["features"], t["labels"].astype(np.int64), t.get("trunk_stats")
-        else:
+        else:  # a BB run's curves rerun BB tasks from the images, so their rows must be known
             tex = dev.extract(ds.test.paths, keep_trunk=bool(cfg.get("bb")))
             te_x, te_y, te_s = tex.features, np.asarray(ds.test.labels, np.int64)[tex.index], tex.trunk_stats
-        out.append(TaskFeatures(name, list(ds.classes), ex.features, tr_y, te_x, te_y, te_s))
+            te_paths = np.array([str(ds.test.paths[i]) for i in tex.index], dtype=object)
+        out.append(TaskFeatures(name, list(ds.classes), ex.features, tr_y, te_x, te_y, te_s, te_paths))
     return out
 
 
@@ -170,7 +174,34 @@ def subsample_tests(feats: Sequence[TaskFeatures], max_per_task: int | None, see
             continue
         keep = np.sort(np.random.default_rng(seed + i).permutation(len(f.test_y))[:max_per_task])
         out.append(TaskFeatures(f.name, f.classes, f.train_x, f.train_y, f.test_x[keep], f.test_y[keep],
-                                f.test_trunk_stats[keep] if f.test_trunk_stats is not None else None))
+                                f.test_trunk_stats[keep] if f.test_trunk_stats is not None else None,
+                                f.test_paths[keep] if f.test_paths is not None else None))
+    return out
+
+
+def bb_head_inputs(result: FleetResult, knowledge: Sequence[TaskKnowledge],
+                   feats: Sequence[TaskFeatures]) -> dict[str, np.ndarray]:
+    """What each BB task's head reads on its own test rows: the features of its BB pass (the tail on the
+    trunk activations, or the whole graph on the images, biases bound), as the devices classify.  The
+    replayed curves would otherwise feed a BB head the plain features it was never trained on."""
+    from skill_edge.runtime.device import Device
+
+    by_name = {f.name: f for f in feats}
+    bb_tasks = [k for k in knowledge if k.bb is not None and k.task in by_name]
+    if not bb_tasks:
+        return {}
+    cfg = result.config
+    cache = cfg.get("cache_dir") or str(Path(result.workdir) / "feature-cache")
+    dev = Device(Path(result.workdir) / "report-home", cfg["rom_dir"], cache_dir=cache, threads=None)
+    out = {}
+    for k in bb_tasks:
+        paths = by_name[k.task].test_paths
+        if paths is None:
+            raise ValueError(f"BB task {k.task!r} has no test images to rerun its BB pass on")
+        ex = dev.extract(list(paths), keep_trunk=True)
+        if len(ex.index) != len(paths):
+            raise ValueError(f"{len(paths) - len(ex.index)} test images of {k.task!r} no longer decode")
+        out[k.task] = dev.bb_features(k, ex.trunk_acts, paths)
     return out
 
 
@@ -200,6 +231,7 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
     knowledge = [stored[t] for t in result.tasks if t in stored]
     curve_feats = subsample_tests(feats, curve_max_per_task)
     test_sets = {f.name: (f.test_x, f.test_y, f.test_trunk_stats) for f in curve_feats}
+    head_inputs = bb_head_inputs(result, knowledge, curve_feats)
 
     curves: list[Curves] = []
     by_mapper: dict[str, list[Curves]] = {}
@@ -213,7 +245,8 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
         t0 = time.perf_counter()
         per_task, scores = scores_are_per_task(mp, knowledge, test_sets)
         if per_task:
-            by_mapper[mp] = replay_from_scores(knowledge, test_sets, scores, order_list, name=label)
+            by_mapper[mp] = replay_from_scores(knowledge, test_sets, scores, order_list, name=label,
+                                               head_inputs=head_inputs)
             how = "one scoring pass of the whole bank (each task scored on its own: checked on random subsets)"
         else:  # e.g. Mahalanobis: the tied covariance depends on every task held, so each step rebuilds it
             by_mapper[mp] = []
@@ -222,7 +255,8 @@ def build_report(result: FleetResult, out_dir: str | Path, *, baselines: bool = 
                 if i and slow_order_seconds is not None and time.perf_counter() - t0 > slow_order_seconds:
                     break
                 say(f"SKILL curves, {MAPPER_LABELS[mp]}: order {i + 1} of {len(order_list)}, rebuilt at every step")
-                by_mapper[mp] += order_curves(knowledge, test_sets, mp, [order], name=label, incremental=grow)
+                by_mapper[mp] += order_curves(knowledge, test_sets, mp, [order], name=label, incremental=grow,
+                                              head_inputs=head_inputs)
             how = ("the mapper rebuilt from the first T tasks at every step T" +
                    (" (its covariance's scatter summed task by task: checked equal to a fresh build)" if grow else ""))
         replay[mp] = {"orders": len(by_mapper[mp]), "method": how, "seconds": time.perf_counter() - t0}

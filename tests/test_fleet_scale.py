@@ -188,3 +188,38 @@ def test_a_device_reports_its_own_peak_memory_not_its_launchers() -> None:
     assert float(ballast.sum()) == 60_000_000
     assert own < 200 < 400 < inherited  # ru_maxrss carries the launcher's high-water mark across exec
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 400
+
+
+def test_replayed_curves_score_a_bb_head_on_its_bb_pass() -> None:
+    """A BB task's head reads its BB pass, not the plain features the mapper reads: both replays (one
+    scoring pass, and the mapper rebuilt at every step) score it on ``head_inputs``.  Fed the plain
+    features instead, a head trained on BB features scored near zero and the fleet report's Fig. 8 fell
+    from 0.93 to 0.26 over 6 tasks."""
+    import dataclasses
+
+    from test_mapper import knowledge_for, make_task
+
+    from skill_edge.firmware_sim.curves import order_curves, replay_from_scores, scores_are_per_task
+    from skill_edge.runtime.learn.head import train_head
+
+    rng = np.random.default_rng(3)
+    ks, test_sets = [], {}
+    for i in range(3):
+        x, y, xt, yt = make_task(rng, n_classes=3, n=240, shift=3.0)  # well separated: the mapper is right
+        head = train_head(x, y, 3)
+        ks.append(dataclasses.replace(knowledge_for(f"task{i}", x, y, "raw", seed=i), head_weight=head.weight,
+                                      head_bias=head.bias))
+        test_sets[f"task{i}"] = (xt, yt, None)
+    # task1's "BB pass": a fixed permutation of the features; its head is rewritten to read that space
+    perm = rng.permutation(test_sets["task1"][0].shape[1])
+    bb_head = ks[1].head_weight[:, perm]  # reads x[:, perm] as the plain head reads x
+    ks[1] = dataclasses.replace(ks[1], head_weight=bb_head)
+    head_inputs = {"task1": test_sets["task1"][0][:, perm]}
+    _, scores = scores_are_per_task("gmmc", ks, test_sets)
+    orders = [[0, 1, 2]]
+    for curves in (replay_from_scores(ks, test_sets, scores, orders, name="g", head_inputs=head_inputs),
+                   order_curves(ks, test_sets, "gmmc", orders, head_inputs=head_inputs)):
+        final = curves[0].acc[-1]
+        assert final[1] >= 0.9, final  # the BB head on its BB pass
+    blind = order_curves(ks, test_sets, "gmmc", orders)[0].acc[-1]
+    assert blind[1] < 0.7 and blind[0] == pytest.approx(final[0]), blind  # plain features: the head misreads
