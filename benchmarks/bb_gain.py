@@ -295,7 +295,7 @@ def write_outputs(args, rows: list[dict], timings: dict, cost: dict, chosen_reci
         if rs:
             summary[f"mean_gain_{mode}"] = float(np.mean([r["test_delta"] for r in rs]))
     payload = {"benchmark": args.name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-               "command": command().replace(str(args.data), "SKILL_BENCH_DIR"),
+               "command": command(),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                             if k not in ("data", "rom")},
                "activation_cache": "float16 activations at every split point, one torch pass per image; "

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mapper_tuning as mt  # noqa: E402
 from _common import md_table, update_readme, write_result  # noqa: E402
+from skill_edge.runtime.machine import portable_path  # noqa: E402
 
 from skill_edge.runtime.mapping.anchors import DEFAULT_MIN_EXEMPLAR_ROWS, transform_features  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> None:
     chosen = min(r["min_rows"] for r in val if r["ratio"] >= best - TIE)
     ceiling = cifar_logreg_ceiling(tasks)
     mt.log(f"CIFAR pair accuracy of a 10-way logistic regression on all features: {ceiling['test_pair_accuracy_mean']:.4f}")
-    payload = {"features": str(args.features), "tasks": len(tasks), "floors": list(FLOORS),
+    payload = {"features": portable_path(args.features, "features"), "tasks": len(tasks), "floors": list(FLOORS),
                "chosen_on_val": chosen, "tie": TIE, "runtime_default": DEFAULT_MIN_EXEMPLAR_ROWS, "rows": rows,
                "cifar_logreg_ceiling": ceiling, "seconds": time.time() - t0}
     write_result("maha_rows", payload)

@@ -36,6 +36,7 @@ from scipy.special import log_softmax, logsumexp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mapper_tuning as mt  # noqa: E402
 from _common import md_table, update_readme, write_result  # noqa: E402
+from skill_edge.runtime.machine import portable_path  # noqa: E402
 
 from skill_edge.runtime.mapping.anchors import fit_gmmc, fit_mahalanobis, transform_features  # noqa: E402
 from skill_edge.runtime.mapping.mapper import GmmcMapper, MahalanobisMapper, ScatterStats, exemplar_scatter  # noqa: E402
@@ -204,7 +205,7 @@ def main() -> None:
     t0 = time.time()
     args, tasks = mt.tasks_from_command_line(__doc__.split("\n")[0])
     rows = run(tasks, "fit", "val") + run(tasks, "train", "test")
-    write_result("mapper_ideas", {"features": str(args.features), "tasks": len(tasks), "rows": rows,
+    write_result("mapper_ideas", {"features": portable_path(args.features, "features"), "tasks": len(tasks), "rows": rows,
                                   "seconds": time.time() - t0})
     write_readme(rows)
 

@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
+from skill_edge.runtime.machine import portable_path  # noqa: E402
 
 from skill_edge.runtime.exchange.codec import (  # noqa: E402
     EncodingPlan,
@@ -518,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = [] if args.no_previous else sweep("previous", previous_ladder)
     payload = {"tasks": [t.name for t in tasks], "n_tasks": len(tasks),
                "classes": {t.name: len(t.classes) for t in tasks},
-               "features": str(args.features) if args.features else f"extracted from {args.data}",
+               "features": (portable_path(args.features, "features") if args.features
+                            else f"extracted from {portable_path(args.data, 'data')}"),
                "rom_fingerprint": device.fingerprint, "goal": {"bytes": GOAL_BYTES, "points": GOAL_POINTS},
                "over_budget_policy": "sent at the smallest ladder step (counted in over_budget); "
                                      "mean_no_oracle_acc_if_dropped = not sent, its images count as wrong",

@@ -61,11 +61,28 @@ def _gpu_name() -> str | None:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def portable_path(path: str | Path, option: str = "path", used: dict[str, int] | None = None) -> str:
+    """One absolute path with no trace of this machine: relative to the checkout's root when inside it,
+    the shared benchmarks as ``SKILL_BENCH_DIR`` / ``SKILL_BENCH_MORE_DIR``, anything else named after
+    its option (``features`` -> ``FEATURES_DIR``; ``used`` numbers repeats: ``FEATURES_DIR_2``)."""
+    p = Path(path).resolve()
+    if p == REPO or REPO in p.parents:
+        return os.path.relpath(p, REPO)
+    if "skill-bench-more" in p.parts:
+        return "SKILL_BENCH_MORE_DIR"
+    if "skill-bench" in p.parts:
+        return "SKILL_BENCH_DIR"
+    name = option.upper().replace("-", "_") + "_DIR"
+    if used is None:
+        return name
+    used[name] = used.get(name, 0) + 1
+    return name if used[name] == 1 else f"{name}_{used[name]}"
+
+
 def portable_args(argv: Sequence[str]) -> list[str]:
-    """``argv`` with no path of this machine in it, for the command a results file records: paths in
-    the checkout relative to its root, the shared benchmarks as ``SKILL_BENCH_DIR`` /
-    ``SKILL_BENCH_MORE_DIR``, any other absolute path named after its option (``--features /x /y`` ->
-    ``FEATURES_DIR FEATURES_DIR_2``), and an installed program by its name."""
+    """``argv`` with no path of this machine in it, for the command a results file records: every absolute
+    path through ``portable_path`` after its option (``--features /x /y`` -> ``FEATURES_DIR
+    FEATURES_DIR_2``), and an installed program by its name."""
     out, option, used = [], "path", {}
     for i, a in enumerate(argv):
         if a.startswith("--"):
@@ -74,18 +91,8 @@ def portable_args(argv: Sequence[str]) -> list[str]:
             continue
         if os.path.isabs(a) or (i == 0 and os.path.exists(a)):  # the program, however it was named
             p = Path(a).resolve()
-            if p == REPO or REPO in p.parents:
-                a = os.path.relpath(p, REPO)
-            elif i == 0:
-                a = p.name  # an installed entry point: skill-edge
-            elif "skill-bench-more" in p.parts:
-                a = "SKILL_BENCH_MORE_DIR"
-            elif "skill-bench" in p.parts:
-                a = "SKILL_BENCH_DIR"
-            else:
-                name = option.upper().replace("-", "_") + "_DIR"
-                used[name] = used.get(name, 0) + 1
-                a = name if used[name] == 1 else f"{name}_{used[name]}"
+            inside = p == REPO or REPO in p.parents
+            a = p.name if i == 0 and not inside else portable_path(p, option, used)  # an entry point: skill-edge
         out.append(a)
     return out
 
