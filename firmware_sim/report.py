@@ -74,17 +74,23 @@ class FleetReport:
     markdown: str = ""
 
 
+def report_device(result: FleetResult):
+    """A device on the run's ROM and feature cache, so the report's extractions hit what the fleet cached."""
+    from skill_edge.runtime.device import Device
+
+    cache = result.config.get("cache_dir") or str(Path(result.workdir) / "feature-cache")
+    return Device(Path(result.workdir) / "report-home", result.config["rom_dir"], cache_dir=cache, threads=None)
+
+
 def load_task_features(result: FleetResult) -> list[TaskFeatures]:
     """Train features through the shared feature cache (a cache hit: the teachers extracted them), test
     features from the evaluation files the reference device wrote."""
     from safetensors.numpy import load_file
 
     from skill_edge.runtime.sources.datasets import load_image_folder
-    from skill_edge.runtime.device import Device
 
     cfg = result.config
-    cache = cfg.get("cache_dir") or str(Path(result.workdir) / "feature-cache")
-    dev = Device(Path(result.workdir) / "report-home", cfg["rom_dir"], cache_dir=cache, threads=None)
+    dev = report_device(result)
     out = []
     for name in result.tasks:
         src = Path(cfg["tasks"][name])
@@ -184,15 +190,11 @@ def bb_head_inputs(result: FleetResult, knowledge: Sequence[TaskKnowledge],
     """What each BB task's head reads on its own test rows: the features of its BB pass (the tail on the
     trunk activations, or the whole graph on the images, biases bound), as the devices classify.  The
     replayed curves would otherwise feed a BB head the plain features it was never trained on."""
-    from skill_edge.runtime.device import Device
-
     by_name = {f.name: f for f in feats}
     bb_tasks = [k for k in knowledge if k.bb is not None and k.task in by_name]
     if not bb_tasks:
         return {}
-    cfg = result.config
-    cache = cfg.get("cache_dir") or str(Path(result.workdir) / "feature-cache")
-    dev = Device(Path(result.workdir) / "report-home", cfg["rom_dir"], cache_dir=cache, threads=None)
+    dev = report_device(result)
     out = {}
     for k in bb_tasks:
         paths = by_name[k.task].test_paths

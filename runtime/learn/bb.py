@@ -309,11 +309,11 @@ def train_bb(rom_dir: Path, acts: np.ndarray, labels: np.ndarray, num_classes: i
         bbv = bb.detach().clone()
         if not fresh:
             return evaluate(held, use_bb=True), bbv, w.detach().clone(), b.detach().clone()
-        refit = train_head(features_through(bbv)[keep], y[keep], num_classes, val_fraction=0.0,
-                           weight_decays=(wd,), seed=seed)
-        state = (bbv, torch.from_numpy(refit.weight), torch.from_numpy(refit.bias))
-        acc = float(correct(held, True, state).mean()) if len(held) else float("nan")
-        return (acc, *state)
+        feats = features_through(bbv)  # every row once: the fitting part refits, the held part scores
+        refit = train_head(feats[keep], y[keep], num_classes, val_fraction=0.0, weight_decays=(wd,), seed=seed)
+        hits = (feats[held] @ refit.weight.T + refit.bias).argmax(1) == y[held]
+        acc = float(hits.mean()) if len(held) else float("nan")
+        return acc, bbv, torch.from_numpy(refit.weight), torch.from_numpy(refit.bias)
 
     start_w, start_b = torch.from_numpy(start.weight), torch.from_numpy(start.bias)
     base = float(correct(held, False, (None, start_w, start_b)).mean()) if len(held) else float("nan")
