@@ -171,3 +171,26 @@ def test_a_batch_may_carry_image_paths_for_whole_network_tasks(two_devices, task
     assert np.array_equal(got["class_index"], want["class_index"])
     with pytest.raises(LearnError, match="images were not kept"):
         b.classify_features(FeatureBatch(batch.features, batch.trunk_acts, batch.trunk_stats), open_set=False)
+
+
+def test_a_path_that_no_longer_decodes_is_a_clear_error(two_devices, tasks: dict[str, Path], tmp_path: Path) -> None:
+    """A whole-network BB task decodes its rows again from their paths: if one of them is now corrupt,
+    classify stops with an error that names the decode failure, and the files are left as they were."""
+    import shutil
+
+    from skill_edge.runtime.device import FeatureBatch, LearnError
+
+    _, b = two_devices
+    images = sorted((tasks["digits"] / "test").glob("*/*.png"))
+    copies = []
+    for i, p in enumerate(images):
+        copies.append(tmp_path / f"{i}.png")
+        shutil.copy(p, copies[-1])
+    batch, failed, index = b.featurize(copies)
+    assert not failed
+    copies[0].write_bytes(b"not a png any more")
+    paths = np.array([str(copies[i]) for i in index], dtype=object)
+    k = next(k for k in b.knowledge() if k.task == "digits")
+    with pytest.raises(LearnError, match="failed to decode for the BB pass"):
+        b.bb_features(k, batch.trunk_acts, paths)
+    assert copies[0].read_bytes() == b"not a png any more" and copies[1].stat().st_size > 0
