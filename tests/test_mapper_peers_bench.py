@@ -79,3 +79,54 @@ def test_leave_one_out_flags_the_absent_task_when_scores_separate():
     assert out["auroc"] > 0.99 and out["operating_point"]["known_called_unknown"] <= 0.05
     out = mp.leave_one_out(scores, scores, d, relative_to_threshold=True)
     assert out["at_thresholds"]["absent_called_unknown"] == 1.0 and out["at_thresholds"]["known_called_unknown"] == 0.0
+
+
+def _without_task(d: "mp.Pooled", t: int) -> "mp.Pooled":
+    keep = d.task != t
+    return mp.Pooled(d.x[keep], d.y[keep], d.task[keep], d.owner, d.class_counts)
+
+
+def test_open_set_refits_forget_the_absent_task_exactly():
+    """Leave-one-task-out must refit shared statistics without t's rows: the refit from sums
+    equals a fit on the data that never held t (the absent task may not leak into the scores)."""
+    d = _pooled(dim=8, per_class=12)
+    other = d.owner != 1
+    # RanPAC: the Gram matrix minus task 1's share
+    rp = mp.RanPAC(64)
+    g, q = rp.stats(d)
+    got = rp.solve(g - rp.gram_of(d.x[d.task == 1]), q, 1e-3).scores(d.x)[:, other]
+    g0, q0 = mp.RanPAC(64).stats(_without_task(d, 1))
+    want = mp.RanPAC(64).with_w(rp.w).solve(g0, q0, 1e-3).scores(d.x)[:, other]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    full = rp.solve(g, q, 1e-3).scores(d.x)[:, other]
+    assert np.abs(full - want).max() > 1e-2  # the rows of task 1 did shape the full fit
+    # KLDA: task 1's classes and its share of the pooled covariance taken out
+    kl = mp.KLDA(32, 3.0).fit(d)
+    got = kl.take_out(d, 1).scores(d.x)
+    want = mp.KLDA(32, 3.0).fit(_without_task(d, 1)).scores(d.x)
+    np.testing.assert_allclose(got[:, other], want[:, other], rtol=1e-3, atol=1e-3)
+    assert np.all(np.isneginf(got[:, ~other]))
+    # relative Mahalanobis: the background of the other task only
+    rm = mp.RelativeMahalanobis().fit(d)
+    got = rm.background(1).background_scores(d.x)
+    x0 = d.x[d.task == 0].astype(np.float64)
+    cov = np.cov(x0, rowvar=False, bias=True)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    v = d.x - x0.mean(0)
+    want = (-0.5 * np.einsum("ij,jk,ik->i", v, np.linalg.inv(cov), v)
+            - 0.5 * np.linalg.slogdet(cov)[1])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_leave_one_out_scores_each_absent_task_with_its_refit():
+    d = _pooled()
+    leaky = np.where(d.task[:, None] == np.arange(2)[None], 5.0, -5.0)  # column-dropped scores separate
+    calls = []
+
+    def without(t: int) -> np.ndarray:  # a refit that no longer tells the absent task apart
+        calls.append(t)
+        return np.zeros_like(leaky) + np.random.default_rng(t).normal(0, 1, leaky.shape)
+
+    assert mp.leave_one_out(leaky, None, d)["auroc"] > 0.99
+    out = mp.leave_one_out(leaky, None, d, without=without)
+    assert calls == [0, 1] and out["auroc"] < 0.8
