@@ -744,12 +744,21 @@ def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds:
                          "oracle>=0.855": oracle >= 0.855}}
     from _common import command
 
-    path = write_result(args.name, {"tasks": names, "transform": TRANSFORM, "summary": summary, "rows": rows,
-                                    "seconds": seconds,
+    path = write_result(args.name, {"tasks": names, "transform": TRANSFORM, "rom": rom_identity(args.rom),
+                                    "summary": summary, "rows": rows, "seconds": seconds,
                                     **({"command": f"{after}; then {command()}"} if after else {})})
     scrub(path, args)
-    write_readme(args.name, rows, summary, json.loads(path.read_text())["command"])
+    written = json.loads(path.read_text())
+    write_readme(args.name, rows, summary, written["command"], written["rom"]["backbone"])
     log(f"wrote {path}")
+
+
+def rom_identity(rom: Path) -> dict:
+    """Which backbone made the features (the command names the ROM folder only as ROM_DIR)."""
+    from skill_edge.export.manifest import RomManifest
+
+    m = RomManifest.read(rom)
+    return {"backbone": m.backbone, "fingerprint": m.fingerprint}
 
 
 def _renamed(k, i: int):
@@ -767,7 +776,7 @@ def scrub(path: Path, args) -> None:
     path.write_text(text)
 
 
-def write_readme(name: str, rows: list[dict], summary: dict, cmd: str) -> None:
+def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone: str = "efficientnet_lite0") -> None:
     """The README section, from the result rows (``python -c`` can redo it from the JSON)."""
     table = md_table(
         ["method", "task-ID", "no-oracle", "ratio", "val task-ID", "bytes/task", "student s/task",
@@ -785,9 +794,15 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str) -> None:
     best_compact = summary["best_compact_product_ratio"]
     compact_text = ("no mapper of ours fits 56 KB per task at the default (fp32) rung; the budgeted rungs are in "
                     "`packet_budget`" if best_compact is None else f"the best packet under 56 KB {best_compact:.4f}x")
-    ceiling_text = ("the ceiling on these features" if summary["joint_probe_ratio"] >= summary["best_product_ratio"] else
-                    "below the best mapper here, so not a ceiling at this scale (one softmax over every class, "
-                    f"{args_probe_note(rows)}, loses to a Gaussian classifier with a tied covariance)")
+    probe = summary["joint_probe_ratio"]
+    if probe is None:
+        probe_text = "The joint linear probe was not run here."
+    else:
+        ceiling_text = ("the ceiling on these features" if probe >= summary["best_product_ratio"] else
+                        "below the best mapper here, so not a ceiling at this scale (one softmax over every class, "
+                        f"{args_probe_note(rows)}, loses to a Gaussian classifier with a tied covariance)")
+        probe_text = (f"The joint linear probe, which needs the fleet's pooled training data, reaches\n  {probe:.4f}x "
+                      f"the oracle: {ceiling_text}.")
     at_thr = op.get("at_thresholds")
     thr = ("" if not at_thr else
            f" With the teachers' calibrated thresholds (the product's rule) {at_thr['absent_called_unknown']:.1%} of an "
@@ -803,7 +818,7 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str) -> None:
   (ours and FeCAM, then RanPAC, KLDA and relative Mahalanobis) were timed on a quieter machine than the first
   run, whose NCM and joint-probe rows stay (load 30 to 70 from other jobs then), so compare ms and student
   seconds within a run only.""")
-    update_readme(name, f"""## Task mapper against its peers, {summary['tasks']} tasks (`results/{name}.json`)
+    update_readme(name, f"""## Task mapper against its peers, {summary['tasks']} tasks, {backbone} ROM (`results/{name}.json`)
 
 `{cmd}` ({summary['tasks']} tasks,
 {summary['classes']} classes, oracle {summary['oracle_acc']:.4f}, the device's heads for every method);
@@ -813,8 +828,7 @@ packet at the default fp32 rung with this anchor only and the head; peers: their
 
 {table}
 
-- The joint linear probe, which needs the fleet's pooled training data, reaches
-  {summary['joint_probe_ratio']:.4f}x the oracle: {ceiling_text}.  The best mapper in the
+- {probe_text}  The best mapper in the
   product reaches {summary['best_product_ratio']:.4f}x; {compact_text}{timing_note}
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
