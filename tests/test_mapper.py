@@ -301,7 +301,27 @@ def test_confidence_is_task_posterior(bank):
     s = res.scores.astype(np.float64) / mapper.temperature  # the posterior, tempered as calibrated
     p = np.exp(s - logsumexp(s, axis=1, keepdims=True))
     np.testing.assert_allclose(res.confidence, p.max(axis=1), rtol=1e-5)
-    assert mapper.temperature > 1.0
+    assert mapper.temperature == pytest.approx(56.0 / 1664 * D)
+
+
+@pytest.mark.parametrize("kind, at_lite0", [("gmmc", 56.0), ("maha", 32.0)])
+def test_temperature_scales_with_the_anchors_width(kind, at_lite0):
+    """Log-likelihood gaps grow with the width of the anchors' space, so the calibrated temperature
+    does too: Lite0's 1,664 keeps the value fitted there, Xception's 3,504 gets 3504/1664 of it
+    (a fixed Lite0 value left Xception's task confidence with an ECE of 0.11)."""
+    rng = np.random.default_rng(3)
+    by_width = {}
+    for width in (1664, 3504):
+        x = np.abs(rng.normal(1, 1, (120, width))).astype(np.float32)
+        y = np.repeat([0, 1], 60)
+        mp = build_mapper(kind, [knowledge_for("a", x, y, "raw"), knowledge_for("b", x + 1, y, "raw")])
+        by_width[width] = mp.temperature
+    assert by_width[1664] == pytest.approx(at_lite0)
+    assert by_width[3504] == pytest.approx(at_lite0 * 3504 / 1664)
+    mp.temperature = 7.0  # an explicit value overrides the rule
+    assert mp.temperature == 7.0
+    with pytest.raises(MapperError, match="temperature"):
+        mp.temperature = 0.0
 
 
 def test_transform_mismatch_refused(tasks):

@@ -195,11 +195,27 @@ class TaskMapper:
     """Shared plumbing: transform, block-wise scoring, decision and open-set test."""
 
     kind: str = ""  # the TaskKnowledge anchor attribute and thresholds key this mapper reads
-    #: Softmax temperature that turns per-task scores into a calibrated posterior (``confidence``).
-    #: The raw scores are log-likelihoods in a ~1,700-dimensional space whose coordinates are far
-    #: from independent, so their plain softmax says 1.000 for nearly every input; the temperature
-    #: is fitted by likelihood on held-out images (benchmarks/mapper_peers.py, ``calibration``).
-    temperature: float = 1.0
+    #: Softmax temperature per dimension of the anchors' space; ``temperature`` is this times
+    #: ``feature_dim``.  The raw scores are log-likelihoods, sums over ~1,700 (Lite0) to ~3,500
+    #: (Xception) coordinates that are far from independent, so their plain softmax says 1.000 for
+    #: nearly every input, and the gap between two tasks' scores grows with the width.  The
+    #: temperature is fitted by likelihood on held-out images (benchmarks/mapper_peers.py,
+    #: ``calibration``); on the same 13 tasks it was 2.2x (GMMC) and 1.8x (Mahalanobis) higher on
+    #: Xception (3,504 wide) than on Lite0 (1,664), and a fixed Lite0 value left an Xception
+    #: device's task confidence with an ECE of 0.11 (benchmarks/results/mapper_peers_siblings_xception.json).
+    temperature_per_dim: float = 1.0 / 1664
+    _temperature: float | None = None  # an explicit override (set ``temperature``)
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature that turns per-task scores into a calibrated posterior (``confidence``)."""
+        return self._temperature if self._temperature is not None else self.temperature_per_dim * self.feature_dim
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not value > 0:
+            raise MapperError(f"temperature must be > 0, got {value}")
+        self._temperature = float(value)
 
     @classmethod
     def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs):
@@ -310,9 +326,9 @@ class GmmcMapper(TaskMapper):
     """
 
     kind = "gmmc"
-    #: Lite0, ``sqrt_l2_trunk``, 21 skill-bench tasks: ECE of the task confidence 0.120 -> 0.008
-    #: (benchmarks/results/mapper_peers.json, ``calibration``; unmeasured for other ROMs).
-    temperature = 56.0
+    #: 56 at Lite0's 1,664 (``sqrt_l2_trunk``), fitted on the 21 skill-bench tasks: ECE of the task
+    #: confidence 0.120 -> 0.008 (benchmarks/results/mapper_peers.json, ``calibration``).
+    temperature_per_dim = 56.0 / 1664
 
     def __init__(
         self,
@@ -470,9 +486,9 @@ class MahalanobisMapper(TaskMapper):
     """
 
     kind = "maha"
-    #: Lite0, ``sqrt_l2_trunk``, 21 skill-bench tasks: ECE of the task confidence 0.086 -> 0.009
-    #: (benchmarks/results/mapper_peers.json, ``calibration``; unmeasured for other ROMs).
-    temperature = 32.0
+    #: 32 at Lite0's 1,664 (``sqrt_l2_trunk``), fitted on the 21 skill-bench tasks: ECE of the task
+    #: confidence 0.086 -> 0.009 (benchmarks/results/mapper_peers.json, ``calibration``).
+    temperature_per_dim = 32.0 / 1664
 
     def __init__(
         self,
