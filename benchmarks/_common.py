@@ -58,3 +58,36 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+FEATURES_ROM = "rom.json"
+"""Written by ``extract_features.py`` in each feature root: the backbone and fingerprint of the ROM
+that made its features (Lite0 and Lite2 features are both 1,280 wide, so the width cannot tell)."""
+
+
+def features_rom(roots: list[Path]) -> dict | None:
+    """The ROM that every feature root records (``None`` for roots extracted before the record existed).
+    Roots from two different ROMs cannot be mixed in one run."""
+    seen = {}
+    for root in roots:
+        path = Path(root) / FEATURES_ROM
+        if path.exists():
+            rec = json.loads(path.read_text())
+            seen[str(root)] = {"backbone": rec["backbone"], "fingerprint": rec["fingerprint"]}
+    if len({r["fingerprint"] for r in seen.values()}) > 1:
+        raise SystemExit("feature roots from different ROMs cannot be mixed: "
+                         + "; ".join(f"{k}: {v['backbone']} ({v['fingerprint'][:12]})" for k, v in seen.items()))
+    missing = [str(r) for r in roots if str(r) not in seen]
+    if seen and missing:
+        raise SystemExit(f"feature roots {missing} record no ROM ({FEATURES_ROM}) while others do; "
+                         "re-extract them with benchmarks/extract_features.py")
+    return next(iter(seen.values()), None)
+
+
+def check_same_rom(recorded: dict | None, rom: dict, what: str) -> None:
+    """Refuse a run whose features (or cached heads) came from another ROM than ``--rom``, with both named."""
+    def named(r: dict) -> str:
+        return f"ROM {r['fingerprint'][:12]}" + (f" ({r['backbone']})" if r.get("backbone") else "")
+
+    if recorded is not None and recorded["fingerprint"] != rom["fingerprint"]:
+        raise SystemExit(f"{what} came from {named(recorded)}, but --rom is {named(rom)}: pass the ROM that made them")

@@ -12,6 +12,7 @@ and its feature cache, exactly like ``skill-edge learn``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SKILL_BENCH, task_order  # noqa: E402
+from _common import FEATURES_ROM, SKILL_BENCH, check_same_rom, features_rom, task_order  # noqa: E402
 from packet_budget import DEFAULT_ROM, load_from_images  # noqa: E402
 
 
@@ -40,11 +41,22 @@ def main() -> None:
         build_rom("efficientnet_lite0", args.rom)
     with tempfile.TemporaryDirectory(prefix="extract-features-") as home:
         device = Device(home, args.rom, cache_dir=args.cache or args.out / ".cache")
+        record_rom(args.out, {"backbone": device.engine.manifest.backbone,
+                               "fingerprint": device.engine.manifest.fingerprint})
         for t in load_from_images(device, args.data, args.tasks or task_order(args.data)):
             (args.out / t.name).mkdir(parents=True, exist_ok=True)
             for split, x, y, s in (("train", t.x_train, t.y_train, t.s_train), ("test", t.x_test, t.y_test, t.s_test)):
                 np.savez(args.out / t.name / f"{split}.npz", features=x, labels=y, classes=np.array(t.classes),
                          trunk_stats=s)
+
+
+def record_rom(out: Path, rom: dict) -> None:
+    """Write ``out/rom.json``, or refuse when ``out`` already holds another ROM's features."""
+    check_same_rom(features_rom([out]) if out.exists() else None, rom, f"the features already in {out}")
+    from skill_edge.runtime.atomic import write_atomically
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / FEATURES_ROM, (json.dumps(rom) + "\n").encode())
 
 
 if __name__ == "__main__":

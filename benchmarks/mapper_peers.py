@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import md_table, update_readme, write_result  # noqa: E402
+from _common import check_same_rom, features_rom, md_table, update_readme, write_result  # noqa: E402
 from skill_scale import learned, load_tasks, log  # noqa: E402
 
 from skill_edge.runtime.mapping.anchors import transform_features  # noqa: E402
@@ -200,6 +200,16 @@ class FeCAM:
         return c * (d + d * (d + 1) // 2 + 1) * FP16
 
 
+def second_moments(features: Callable[[np.ndarray], np.ndarray], x: np.ndarray, m: int) -> np.ndarray:
+    """``sum f(x) f(x)^T`` [m, m] in float64 over the rows of ``x``, 4,096 at a time: one task's share
+    of a Gram matrix or a pooled covariance, which the open set takes out to forget that task."""
+    g = np.zeros((m, m), np.float64)
+    for i in range(0, len(x), 4096):
+        f = features(x[i:i + 4096]).astype(np.float64)
+        g += f.T @ f
+    return g
+
+
 class RanPAC:
     """Random ReLU projection to M dims, ridge regression over all classes from merged Gram sums."""
 
@@ -238,11 +248,7 @@ class RanPAC:
 
     def gram_of(self, x: np.ndarray) -> np.ndarray:
         """One task's share of ``G`` (its rows' projected outer products)."""
-        g = np.zeros((self.m, self.m), np.float64)
-        for i in range(0, len(x), 4096):
-            h = self.project(x[i:i + 4096])
-            g += (h.T @ h).astype(np.float64)
-        return g
+        return second_moments(self.project, x, self.m)
 
     def bytes(self, c: int, d: int) -> int:
         return (self.m * (self.m + 1) // 2 + self.m * c) * FP16
@@ -288,13 +294,7 @@ class KLDA:
 
     def take_out(self, d: Pooled, task: int) -> "KLDA":
         """Refit without one task's rows: its classes and its share of the second moments."""
-        sxx_out = np.zeros((self.m, self.m))
-        x = d.x[d.task == task]
-        for i in range(0, len(x), 4096):
-            f = self.phi(x[i:i + 4096]).astype(np.float64)
-            sxx_out += f.T @ f
-        keep = d.owner != task
-        return self.solve(keep, sxx_out)
+        return self.solve(d.owner != task, second_moments(self.phi, d.x[d.task == task], self.m))
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         return np.concatenate([self.phi(x[i:i + 4096]) @ self.coef.T + self.const for i in range(0, len(x), 4096)])
@@ -535,9 +535,15 @@ def main() -> None:
     if args.tasks:
         tasks = [t for t in tasks if t.name in args.tasks]
     names = [t.name for t in tasks]
+    rom = rom_identity(args.rom)
+    check_same_rom(features_rom(args.features), rom, "the features")
     knowledge = learned(tasks, args.cache, args.rom, ["gmmc", "maha"], newest=True)
     by_name = {k.task: k for k in knowledge}
     knowledge = [by_name[n] for n in names]
+    for k in knowledge:  # newest=True takes whatever the cache holds: heads of another ROM would pass silently
+        if k.meta.rom_fingerprint:
+            check_same_rom({"fingerprint": k.meta.rom_fingerprint}, rom,
+                           f"the heads of {k.task!r} cached in {args.cache}")
     counts = [len(t.classes) for t in tasks]
     log(f"{len(tasks)} tasks, {sum(counts)} classes")
 

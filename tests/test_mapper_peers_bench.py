@@ -130,3 +130,27 @@ def test_leave_one_out_scores_each_absent_task_with_its_refit():
     assert mp.leave_one_out(leaky, None, d)["auroc"] > 0.99
     out = mp.leave_one_out(leaky, None, d, without=without)
     assert calls == [0, 1] and out["auroc"] < 0.8
+
+
+def test_features_of_another_rom_are_refused(tmp_path):
+    """Lite0 and Lite2 features are both 1,280 wide, so only the ROM record tells them apart: a
+    feature folder keeps the ROM that made it, and a run that names another ROM stops with both named."""
+    common, extract = load_benchmark("_common"), load_benchmark("extract_features")
+    lite0 = {"backbone": "efficientnet_lite0", "fingerprint": "0" * 64}
+    lite2 = {"backbone": "efficientnet_lite2", "fingerprint": "2" * 64}
+    a, b, legacy = tmp_path / "a", tmp_path / "b", tmp_path / "legacy"
+    extract.record_rom(a, lite0)
+    extract.record_rom(a, lite0)  # more tasks from the same ROM: fine
+    with pytest.raises(SystemExit, match=r"features already in .*efficientnet_lite0.*--rom is .*efficientnet_lite2"):
+        extract.record_rom(a, lite2)
+    assert common.features_rom([a]) == lite0  # the refused call left the record alone
+    extract.record_rom(b, lite2)
+    with pytest.raises(SystemExit, match="different ROMs cannot be mixed"):
+        common.features_rom([a, b])
+    legacy.mkdir()
+    assert common.features_rom([legacy]) is None  # extracted before the record: nothing to check
+    with pytest.raises(SystemExit, match="record no ROM"):
+        common.features_rom([a, legacy])
+    common.check_same_rom(common.features_rom([a]), lite0, "the features")
+    with pytest.raises(SystemExit, match=r"heads .* came from ROM 222222222222, but --rom is ROM 000000000000"):
+        common.check_same_rom({"fingerprint": lite2["fingerprint"]}, lite0, "the heads of 't'")
