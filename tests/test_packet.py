@@ -21,6 +21,8 @@ from skill_edge.runtime.exchange.codec import (
     PlanError,
     decode_tensor,
     encode_tensor,
+    class_merge_path,
+    merge_class_means,
     merge_gmmc,
     merge_path,
     parse_size,
@@ -203,9 +205,14 @@ def test_every_ladder_step_round_trips_within_its_bounds(task, key, trust):
             x = task.tensors()[name]
             if name.startswith("gmmc.") and plan.gmmc_k != task.gmmc.k:
                 x = merge_gmmc(task.gmmc, plan.gmmc_k).__dict__[name.split(".")[1]]
-            if name.startswith("maha.ex") and plan.exemplars_per_class != 5:
-                thinned = thin_exemplars(task.maha, plan.exemplars_per_class)
-                x = thinned.exemplars if name == "maha.exemplars" else thinned.exemplar_labels
+            maha = task.maha
+            if plan.maha_means is not None:
+                maha = merge_class_means(maha, class_merge_path(maha.class_means)[plan.maha_means])
+            if plan.exemplars_per_class != 5:
+                maha = thin_exemplars(maha, plan.exemplars_per_class)
+            if name.startswith("maha."):
+                x = {"maha.class_means": maha.class_means, "maha.exemplars": maha.exemplars,
+                     "maha.exemplar_labels": maha.exemplar_labels}[name]
             y = got[name]
             assert y.shape == x.shape and y.dtype == np.float32, (plan.step, name)
             if enc == "f32":
@@ -229,7 +236,9 @@ def test_ladder_order_and_sizes_shrink(task, key):
     steps = [p.step for p in codec.plans(task)]
     assert steps[:6] == ["fp32", "fp16", "int8", "int4", "int3", "int3+gmmc_k=24"]
     assert steps[steps.index("int3+gmmc_k=1") + 1] == "int3+gmmc_k=1+bb_int8"
-    assert steps[-2:] == ["int3+gmmc_k=1+bb_int8+exemplars=1", "int3+gmmc_k=1+bb_int8+exemplars=1+head_int2"]
+    base = "int3+gmmc_k=1+bb_int8+exemplars=1"
+    assert steps[steps.index(base):] == [base] + [f"{base}+means={k}" for k in range(9, 0, -1)] + \
+        [f"{base}+means=1+head_int2"]  # 10 classes: every merged count
     sizes = [len(codec.encode(task, key, plan=s)) for s in steps]
     assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
     assert sizes[0] > 3.8 * sizes[2]  # int8 is about a quarter of fp32
@@ -597,7 +606,8 @@ def test_budget_for_the_reference_task(task, key, trust):
         assert PacketCodec().decode(data, trust=trust).plan.step == step
     with pytest.raises(BudgetError, match="raise the budget to at least") as e:
         PacketCodec(budget_bytes="10KB").encode(task, key)
-    assert isinstance(e.value, PacketError) and 20_000 < e.value.smallest_bytes < 40_000
+    assert isinstance(e.value, PacketError) and 10_000 < e.value.smallest_bytes < 25_000
+    assert e.value.smallest_step.endswith("+means=1+head_int2")  # its 10 class means merged into one row
 
 
 @pytest.mark.parametrize("text,n", [("64KB", 64_000), ("64kb", 64_000), ("1.5MB", 1_500_000), ("64KiB", 65_536),

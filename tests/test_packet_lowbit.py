@@ -141,7 +141,8 @@ def test_ladder_rungs_shrink_and_int4_is_well_under_int8(key):
     codec = PacketCodec()
     steps = ladder_steps(k)
     assert steps[:6] == ["fp32", "fp16", "int8", "int4", "int3", "int3+gmmc_k=24"]
-    assert steps[-2:] == ["int3+gmmc_k=1+exemplars=1", "int3+gmmc_k=1+exemplars=1+head_int2"]
+    assert steps[-3:] == ["int3+gmmc_k=1+exemplars=1+means=2", "int3+gmmc_k=1+exemplars=1+means=1",
+                          "int3+gmmc_k=1+exemplars=1+means=1+head_int2"]
     sizes = {s: len(codec.encode(k, key, plan=s)) for s in ("fp32", "int8", "int4", "int3", "int3+gmmc_k=12")}
     assert sizes["int4"] < 0.62 * sizes["int8"]
     assert sizes["int3"] < 0.93 * sizes["int4"]  # int3 narrows the head and exemplars only
@@ -215,7 +216,8 @@ def test_without_zstd_the_ladder_reduces_at_int8(key):
     codec = PacketCodec(compression="none")
     steps = [p.step for p in codec.plans(k)]
     assert steps == ["fp32", "fp16", "int8", "int8+gmmc_k=3", "int8+gmmc_k=2", "int8+gmmc_k=1",
-                     "int8+gmmc_k=1+exemplars=2", "int8+gmmc_k=1+exemplars=1"]
+                     "int8+gmmc_k=1+exemplars=2", "int8+gmmc_k=1+exemplars=1",
+                     "int8+gmmc_k=1+exemplars=1+means=2", "int8+gmmc_k=1+exemplars=1+means=1"]
     sizes = [len(codec.encode(k, key, plan=s)) for s in steps]
     assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
     assert len(codec.encode(k, key, plan="int4")) >= sizes[2]  # why int4 is left out here

@@ -45,6 +45,7 @@ from skill_edge.runtime.exchange.codec import (
     EncodingPlan,
     PlanError,
     apply_plan,
+    class_merge_path,
     format_size,
     merge_path,
     parse_size,
@@ -524,10 +525,13 @@ class PacketCodec:
             return self._encode_best_compression(knowledge, key, ladder[0])
         smallest: tuple[int, str] | None = None
         path: dict[int, GmmcAnchor] | None = None
+        means_path: dict[int, np.ndarray] | None = None
         for p in ladder:
             if path is None and knowledge.gmmc is not None and p.gmmc_k != knowledge.gmmc.k:
                 path = merge_path(knowledge.gmmc)  # once: every merged rung reads from it
-            data = self._encode_best_compression(knowledge, key, p, path)
+            if means_path is None and knowledge.maha is not None and p.maha_means is not None:
+                means_path = class_merge_path(knowledge.maha.class_means)  # likewise
+            data = self._encode_best_compression(knowledge, key, p, path, means_path)
             if len(data) <= self.budget_bytes:
                 return data
             if smallest is None or len(data) < smallest[0]:
@@ -536,15 +540,18 @@ class PacketCodec:
         raise BudgetError(self.budget_bytes, smallest[0], smallest[1])
 
     def _encode_best_compression(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan,
-                                 gmmc_path: dict[int, GmmcAnchor] | None = None) -> bytes:
+                                 gmmc_path: dict[int, GmmcAnchor] | None = None,
+                                 means_path: dict[int, np.ndarray] | None = None) -> bytes:
         options = {"auto": ("none", "zstd"), "zstd": ("zstd",), "none": ("none",)}[self.compression]
-        candidates = [self.encode_exact(knowledge, key, replace(plan, compression=c), gmmc_path) for c in options]
+        candidates = [self.encode_exact(knowledge, key, replace(plan, compression=c), gmmc_path, means_path)
+                      for c in options]
         return min(candidates, key=len)
 
     def encode_exact(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan,
-                     gmmc_path: dict[int, GmmcAnchor] | None = None) -> bytes:
+                     gmmc_path: dict[int, GmmcAnchor] | None = None,
+                     means_path: dict[int, np.ndarray] | None = None) -> bytes:
         """The packet for exactly this plan (including its compression setting)."""
-        reduced, wire = apply_plan(knowledge, plan, gmmc_path)
+        reduced, wire = apply_plan(knowledge, plan, gmmc_path, means_path)
         md = reduced.metadata()
         md["meta"]["encoding"] = plan.to_dict()
         md["meta"]["source"] = ""  # local provenance (e.g. a training folder) is not broadcast; receivers set their own
@@ -615,6 +622,12 @@ class PacketCodec:
 def _check_plan_matches(k: TaskKnowledge, plan: EncodingPlan) -> None:
     if k.gmmc is not None and k.gmmc.k != plan.gmmc_k:
         raise PacketError(f"plan says {plan.gmmc_k} GMMC components, the payload has {k.gmmc.k}", "bad-knowledge")
+    if k.maha is not None:
+        rows = k.maha.class_means.shape[0]
+        if rows != (plan.maha_means if plan.maha_means is not None else k.num_classes) or \
+                (plan.maha_means is not None and not rows < k.num_classes):
+            raise PacketError(f"plan says {plan.maha_means or k.num_classes} Mahalanobis mean rows "
+                              f"({k.num_classes} classes), the payload has {rows}", "bad-knowledge")
     if k.maha is not None and k.maha.exemplar_labels.size:
         per_class = int(np.bincount(k.maha.exemplar_labels.astype(np.int64)).max())
         if per_class > plan.exemplars_per_class:

@@ -189,11 +189,16 @@ class GmmcAnchor:
 
 @dataclass
 class MahalanobisAnchor:
-    """Class means plus m exemplar features per class; students pool exemplars into a tied covariance."""
+    """Class means plus m exemplar features per class; students pool exemplars into a tied covariance.
 
-    class_means: np.ndarray  # [C, D]
-    exemplars: np.ndarray  # [C*m, D]
-    exemplar_labels: np.ndarray  # [C*m] int class indices (stored as float32 on the wire)
+    A packet squeezed under a byte budget may carry fewer mean rows than the task has classes
+    (``runtime.exchange.codec.merge_class_means``): each row is then the centroid of a group of
+    classes, and the exemplars are labelled with their row.  The mapper only needs a task's
+    best row; class labels come from the head."""
+
+    class_means: np.ndarray  # [K, D], K = C unless merged (1 <= K <= C)
+    exemplars: np.ndarray  # [K*m, D]
+    exemplar_labels: np.ndarray  # [K*m] int row indices into class_means (stored as float32 on the wire)
 
 
 @dataclass
@@ -310,15 +315,18 @@ class TaskKnowledge:
                                      f"{np.nanmin(v):.3g} .. {np.nanmax(v):.3g}")
         if self.maha is not None:
             m = self.maha
-            if m.class_means.shape != (c, a) or m.exemplars.ndim != 2 or m.exemplars.shape[1] != a:
-                raise KnowledgeError("Mahalanobis anchor shapes are inconsistent")
+            rows = m.class_means.shape[0] if m.class_means.ndim == 2 else -1
+            if m.class_means.shape != (rows, a) or not 1 <= rows <= c or m.exemplars.ndim != 2 \
+                    or m.exemplars.shape[1] != a:
+                raise KnowledgeError("Mahalanobis anchor shapes are inconsistent (it needs 1 to C mean rows "
+                                     "of the anchors' width)")
             if m.exemplar_labels.shape != (m.exemplars.shape[0],):
                 raise KnowledgeError("Mahalanobis exemplar labels do not match exemplars")
             if m.exemplars.shape[0] < 1:
                 raise KnowledgeError("a Mahalanobis anchor needs at least one exemplar row: students pool "
                                      "exemplars into their covariance")
             lab = m.exemplar_labels
-            if lab.size and (lab.min() < 0 or lab.max() >= c or np.any(lab != np.round(lab))):
+            if lab.size and (lab.min() < 0 or lab.max() >= rows or np.any(lab != np.round(lab))):
                 raise KnowledgeError("Mahalanobis exemplar labels out of range")
         for name, arr in self.tensors().items():
             if not np.all(np.isfinite(arr)):

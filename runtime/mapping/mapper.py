@@ -639,6 +639,12 @@ class OwnExemplarMetric:
         quad = (ak * a).sum(axis=1)[:, None] - 2.0 * ak @ self.means_u.T + self.means_quad
         return (-0.5 * (sq - quad) / self.a).max(axis=1)
 
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` draws from N(mean row, ``S``), the rows in turn: the task as its own anchor models it."""
+        rows = np.arange(n) % self.class_means.shape[0]
+        low_rank = rng.standard_normal((n, self.u.shape[1])) @ self.u.T
+        return self.class_means[rows] + low_rank + np.sqrt(self.a) * rng.standard_normal((n, self.u.shape[0]))
+
 
 def mahalanobis_task_score(anchor: MahalanobisAnchor, x: np.ndarray) -> np.ndarray:
     """Open-set score of one task: its own-exemplar Mahalanobis score (teacher and student agree), [N]."""

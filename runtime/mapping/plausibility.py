@@ -534,10 +534,7 @@ def _sample_maha(k: TaskKnowledge, n: int, rng: np.random.Generator) -> np.ndarr
     """``n`` draws from N(class mean, the task's own-exemplar covariance), classes in turn."""
     if k.maha is None or n < 1 or k.maha.exemplars.shape[0] < 2:
         return None
-    metric = OwnExemplarMetric.from_anchor(k.maha)
-    cls = np.arange(n) % metric.class_means.shape[0]
-    low_rank = rng.standard_normal((n, metric.u.shape[1])) @ metric.u.T
-    return metric.class_means[cls] + low_rank + np.sqrt(metric.a) * rng.standard_normal((n, metric.u.shape[0]))
+    return OwnExemplarMetric.from_anchor(k.maha).sample(n, rng)
 
 
 def _log_mean_variance(variances: np.ndarray) -> np.ndarray:
