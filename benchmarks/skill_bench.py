@@ -133,12 +133,18 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1), flush=True)
 
+    provenance = None
     if args.keep_bb:
-        bb_rows = json.loads((RESULTS / "skill_bench.json").read_text())["beneficial_biases"]
+        # the kept BB rows keep where they came from: their command, date and ROM (a rebuilt ROM
+        # has another fingerprint, and the main results below record this run's)
+        prev = json.loads((RESULTS / "skill_bench.json").read_text())
+        bb_rows = prev["beneficial_biases"]
+        provenance = {"bb_command": prev.get("bb_command", prev["command"]),
+                      "bb_date": prev.get("bb_date", prev["date"]), "bb_rom": prev.get("bb_rom", prev["rom"])}
     else:
         bb_rows = run_bb(args, dev, rom, names)
     timings["bb_s"] = float(sum(r["seconds"] for r in bb_rows))
-    write_outputs(per_task, summary, timings, bb_rows, names, conf, rom, n_test)
+    write_outputs(per_task, summary, timings, bb_rows, names, conf, rom, n_test, provenance)
 
 
 def run_bb(args, dev, rom: Path, names: list[str]) -> list[dict]:
@@ -205,6 +211,8 @@ def write_outputs(per_task: dict, summary: dict, timings: dict, bb_rows: list[di
                    [[r["task"], f"{r['oracle_acc_without_bb']:.3f}", f"{r['oracle_acc_with_bb']:.3f}", r["bb_kept"],
                      f"{val(r.get('val_acc_without_bb'))} / {val(r.get('val_acc_with_bb'))}", f"{r['seconds']:.0f}"]
                     for r in bb_rows]) if bb_rows else "(not run)"
+    bb_rom_note = (f", on an earlier export of the same weights (ROM fingerprint {meta['bb_rom'][:12]}...; the "
+                   f"results above: {meta['rom'][:12]}...)" if meta.get("bb_rom", meta["rom"]) != meta["rom"] else "")
     update_readme("skill_bench", f"""## skill-bench accuracy, no task oracle (`benchmarks/skill_bench.py`)
 
 Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores. Command: `{meta['command']}`.
@@ -219,7 +227,7 @@ statistics; `benchmarks/mapper_ideas.py` compares it with features alone).
 
 Beneficial biases, as `skill-edge learn --bb` makes them (every training image; split `auto`: the tail
 or stage 5, the one best on validation; a fresh head beside the biases, `docs/BENEFICIAL_BIASES.md`), oracle
-accuracy on the test split. Command: `{meta.get('bb_command', meta['command'])}`.
+accuracy on the test split. Command: `{meta.get('bb_command', meta['command'])}`{bb_rom_note}.
 
 {bbt}
 
