@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import stat
 
@@ -10,7 +11,7 @@ import pytest
 import typer
 from skill_edge.runtime.cli.packets import keys_app, packet_app
 from skill_edge.runtime.exchange.keys import DeviceKey, load_device_key
-from skill_edge.runtime.knowledge.records import GmmcAnchor, TaskKnowledge, TaskMeta
+from skill_edge.runtime.knowledge.records import GmmcAnchor, MahalanobisAnchor, TaskKnowledge, TaskMeta
 from skill_edge.runtime.exchange.packet import PacketCodec
 from typer.testing import CliRunner
 
@@ -106,3 +107,18 @@ def test_inspect_fails_on_a_malformed_packet(tmp_path, home_with_peer):
     f.write_bytes(PacketCodec().encode(small_task(), peer)[:100])
     r = cli("packet", "inspect", str(f), "--home", str(home))
     assert r.exit_code == 1 and "truncated" in r.output
+
+
+def test_inspect_shows_merged_mahalanobis_means(tmp_path, home_with_peer):
+    home, peer = home_with_peer
+    rng = np.random.default_rng(1)
+    means = rng.normal(size=(3, 16)).astype(np.float32)
+    task = dataclasses.replace(small_task(), gmmc=None, maha=MahalanobisAnchor(
+        means, (means[np.arange(6) % 3] + rng.normal(size=(6, 16))).astype(np.float32),
+        (np.arange(6) % 3).astype(np.float32)), thresholds={"maha": -40.0})
+    f = tmp_path / "flowers.skp"
+    f.write_bytes(PacketCodec().encode(task, peer, plan="int8+exemplars=1+means=2"))
+    r = cli("packet", "inspect", str(f), "--home", str(home))
+    assert r.exit_code == 0, r.output
+    for text in ("Mahalanobis mean rows", "2 for 3 classes (merged)", "1 of 2 (per merged row)", "maha=-"):
+        assert text in r.output, text

@@ -180,7 +180,9 @@ def _show(file: Path, p: Packet) -> None:
         ("plan", p.plan.step + (" (lossless)" if p.plan.lossless else "")),
         ("GMMC components", f"{p.plan.gmmc_k} of {p.plan.gmmc_k_original}" if p.plan.gmmc_k else "-"),
         ("exemplars/class", f"{p.plan.exemplars_per_class} of {p.plan.exemplars_per_class_original}"
-         if p.plan.exemplars_per_class is not None else "-"),
+         + (" (per merged row)" if p.plan.maha_means else "") if p.plan.exemplars_per_class is not None else "-"),
+        ("Mahalanobis mean rows", (f"{p.plan.maha_means} for {len(p.labels)} classes (merged)" if p.plan.maha_means
+                                   else "one per class") if k.maha is not None else "-"),
         ("sizes", f"metadata {p.metadata_bytes} B, payload {p.payload_bytes} B on the wire"
                   + (f" (zstd of {p.payload_raw_bytes} B)" if p.compressed else " (not compressed)")),
         ("sha256", p.sha256),
