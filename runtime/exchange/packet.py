@@ -44,10 +44,9 @@ from skill_edge.runtime.exchange.codec import (
     TENSOR_NDIM,
     EncodingPlan,
     PlanError,
+    TaskReductions,
     apply_plan,
-    class_merge_path,
     format_size,
-    merge_path,
     parse_size,
     plan_for_step,
     plan_ladder,
@@ -62,7 +61,6 @@ from skill_edge.runtime.knowledge.records import (
     MAX_CLASSES,
     MAX_COUNT,
     SCHEMA_VERSION,
-    GmmcAnchor,
     KnowledgeError,
     TaskKnowledge,
     TaskMeta,
@@ -524,14 +522,9 @@ class PacketCodec:
         if self.budget_bytes is None:
             return self._encode_best_compression(knowledge, key, ladder[0])
         smallest: tuple[int, str] | None = None
-        path: dict[int, GmmcAnchor] | None = None
-        means_path: dict[int, np.ndarray] | None = None
+        reductions = TaskReductions(knowledge)  # merge paths and threshold draws, once for every rung
         for p in ladder:
-            if path is None and knowledge.gmmc is not None and p.gmmc_k != knowledge.gmmc.k:
-                path = merge_path(knowledge.gmmc)  # once: every merged rung reads from it
-            if means_path is None and knowledge.maha is not None and p.maha_means is not None:
-                means_path = class_merge_path(knowledge.maha.class_means)  # likewise
-            data = self._encode_best_compression(knowledge, key, p, path, means_path)
+            data = self._encode_best_compression(knowledge, key, p, reductions)
             if len(data) <= self.budget_bytes:
                 return data
             if smallest is None or len(data) < smallest[0]:
@@ -540,18 +533,18 @@ class PacketCodec:
         raise BudgetError(self.budget_bytes, smallest[0], smallest[1])
 
     def _encode_best_compression(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan,
-                                 gmmc_path: dict[int, GmmcAnchor] | None = None,
-                                 means_path: dict[int, np.ndarray] | None = None) -> bytes:
+                                 reductions: TaskReductions | None = None) -> bytes:
         options = {"auto": ("none", "zstd"), "zstd": ("zstd",), "none": ("none",)}[self.compression]
-        candidates = [self.encode_exact(knowledge, key, replace(plan, compression=c), gmmc_path, means_path)
+        applied = apply_plan(knowledge, plan, reductions)  # the same tensors whichever compression wins
+        candidates = [self.encode_exact(knowledge, key, replace(plan, compression=c), applied=applied)
                       for c in options]
         return min(candidates, key=len)
 
-    def encode_exact(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan,
-                     gmmc_path: dict[int, GmmcAnchor] | None = None,
-                     means_path: dict[int, np.ndarray] | None = None) -> bytes:
-        """The packet for exactly this plan (including its compression setting)."""
-        reduced, wire = apply_plan(knowledge, plan, gmmc_path, means_path)
+    def encode_exact(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan, *,
+                     applied: tuple[TaskKnowledge, dict[str, np.ndarray]] | None = None) -> bytes:
+        """The packet for exactly this plan (including its compression setting).  ``applied``: what
+        ``apply_plan`` returned for this knowledge and plan, when the caller has it already."""
+        reduced, wire = applied if applied is not None else apply_plan(knowledge, plan)
         md = reduced.metadata()
         md["meta"]["encoding"] = plan.to_dict()
         md["meta"]["source"] = ""  # local provenance (e.g. a training folder) is not broadcast; receivers set their own
