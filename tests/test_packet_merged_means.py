@@ -17,6 +17,8 @@ import pytest
 from skill_edge.runtime.exchange.codec import (
     EncodingPlan,
     PlanError,
+    TaskReductions,
+    apply_plan,
     class_merge_path,
     merge_class_means,
     plan_for_step,
@@ -194,3 +196,16 @@ def test_every_rung_of_the_ladder_can_be_sent(tasks, key, trust):
         for plan in codec.plans(k):
             got = codec.decode(codec.encode(k, key, plan=plan), trust=trust).knowledge
             assert np.isfinite(got.thresholds["maha"])
+
+
+def test_a_budget_walk_sends_the_bytes_its_chosen_plan_sends_alone(tasks, key, trust):
+    """The walk reuses merge paths and threshold draws across rungs (``TaskReductions``); the packet
+    must be exactly what encoding its chosen plan from scratch gives."""
+    (many, _, _), _ = tasks
+    codec = PacketCodec()
+    for budget in (60_000, 40_000, 25_000):
+        walked = PacketCodec(budget_bytes=budget).encode(many, key)
+        step = codec.decode(walked, trust=trust).plan.step
+        assert codec.encode(many, key, plan=step) == walked, step
+    with pytest.raises(PlanError, match="another task record"):
+        apply_plan(many, plan_for_step(many, "int8"), TaskReductions(replace(many)))
