@@ -616,11 +616,11 @@ def _check_plan_matches(k: TaskKnowledge, plan: EncodingPlan) -> None:
     if k.gmmc is not None and k.gmmc.k != plan.gmmc_k:
         raise PacketError(f"plan says {plan.gmmc_k} GMMC components, the payload has {k.gmmc.k}", "bad-knowledge")
     if k.maha is not None:
-        rows = k.maha.class_means.shape[0]
-        if rows != (plan.maha_means if plan.maha_means is not None else k.num_classes) or \
-                (plan.maha_means is not None and not rows < k.num_classes):
-            raise PacketError(f"plan says {plan.maha_means or k.num_classes} Mahalanobis mean rows "
-                              f"({k.num_classes} classes), the payload has {rows}", "bad-knowledge")
+        rows = k.maha.class_means.shape[0]  # at most one per class (validate)
+        expected = plan.maha_means if plan.maha_means is not None else k.num_classes
+        if rows != expected:
+            raise PacketError(f"plan says {expected} Mahalanobis mean rows ({k.num_classes} classes), the payload "
+                              f"has {rows}", "bad-knowledge")
     if k.maha is not None and k.maha.exemplar_labels.size:
         per_class = int(np.bincount(k.maha.exemplar_labels.astype(np.int64)).max())
         if per_class > plan.exemplars_per_class:
