@@ -62,7 +62,8 @@ from skill_edge.runtime.exchange.codec import (  # noqa: E402
 )
 from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore  # noqa: E402
 from skill_edge.runtime.knowledge.records import TaskKnowledge  # noqa: E402
-from skill_edge.runtime.mapping.mapper import build_mapper  # noqa: E402
+from skill_edge.runtime.mapping.anchors import transform_features  # noqa: E402
+from skill_edge.runtime.mapping.mapper import build_mapper, mahalanobis_task_score  # noqa: E402
 from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +185,7 @@ class Sent:
     nbytes: int
     step: str
     over_budget: bool
+    encode_s: float = 0.0  # the sender's budget walk, signing included
 
 
 class Radio:
@@ -199,6 +201,7 @@ class Radio:
         """The codec's own budget walk; or, with ``ladder``, the same walk over other plans (for comparisons)."""
         codec = PacketCodec(budget_bytes=budget)
         over = False
+        t0 = time.perf_counter()
         if ladder is None:
             try:
                 data = codec.encode(k, self.key)
@@ -214,8 +217,9 @@ class Radio:
             else:
                 over = True
             data = packets[-1] if not over else min(packets, key=len)
+        encode_s = time.perf_counter() - t0
         p = codec.decode(data, trust=self.trust)
-        return Sent(p.knowledge, len(data), p.plan.step, over)
+        return Sent(p.knowledge, len(data), p.plan.step, over, encode_s)
 
 
 def fixed_step(step: str) -> Callable[[TaskKnowledge], list[EncodingPlan]]:
@@ -285,6 +289,23 @@ def open_set(kind: str, received: list[TaskKnowledge], tasks: list[TaskData]) ->
             "per_task_absent": dict(zip([t.name for t in tasks], absent))}
 
 
+def threshold_carry(sent: list[TaskKnowledge], originals: list[TaskKnowledge], tasks: list[TaskData]) -> dict:
+    """How well ``carry_maha_threshold`` does, against two references per task: the teacher's own
+    threshold left as it was (the control), and the threshold the real test images would give the
+    sent anchor (the test fraction the teacher's threshold leaves below it on the original anchor,
+    taken as a quantile of the sent anchor's test scores).  Ratios of carried to that real one."""
+    control = [replace(k, thresholds={**k.thresholds, "maha": o.thresholds["maha"]}) for k, o in zip(sent, originals)]
+    ratios = {}
+    for k, o, t in zip(sent, originals, tasks):
+        x = transform_features(t.x_test, o.meta.feature_transform, t.s_test)
+        before, after = mahalanobis_task_score(o.maha, x), mahalanobis_task_score(k.maha, x)
+        real = float(np.quantile(after, np.mean(before < o.thresholds["maha"])))
+        ratios[t.name] = k.thresholds["maha"] / real
+    return {"uncarried_open_set": open_set("maha", control, tasks),
+            "carried_over_real_threshold": ratios,
+            "carried_over_real_threshold_range": [min(ratios.values()), max(ratios.values())]}
+
+
 def run_config(radio: Radio, kind: str, knowledge: list[TaskKnowledge], tasks: list[TaskData],
                budget: int | None, ladder: Callable[[TaskKnowledge], list[EncodingPlan]] | None = None,
                with_open_set: bool = False) -> dict:
@@ -304,8 +325,12 @@ def run_config(radio: Radio, kind: str, knowledge: list[TaskKnowledge], tasks: l
         row["mean_no_oracle_acc_if_dropped"] = (evaluate(kind, kept, tasks)["mean"]["no_oracle"] if kept else 0.0)
     else:
         row["mean_no_oracle_acc_if_dropped"] = row["mean_no_oracle_acc"]
+    row["max_encode_s"] = round(max(s.encode_s for s in sent), 2)
+    row["slowest_encode"] = max(zip(knowledge, sent), key=lambda ks: ks[1].encode_s)[0].task
     if with_open_set:
         row["open_set"] = open_set(kind, [s.knowledge for s in sent], tasks)
+        if kind == "maha" and budget is not None:
+            row["threshold_carry"] = threshold_carry([s.knowledge for s in sent], knowledge, tasks)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -452,6 +477,13 @@ def markdown(payload: dict) -> str:
                          f"{100 * b['known_task_images_unknown']:.1f} % at 56 KB; an absent task's images called "
                          f"unknown (each task left out of the bank in turn) {100 * a['absent_task_images_unknown']:.1f} % "
                          f"and {100 * b['absent_task_images_unknown']:.1f} %.")
+            carry = goal_row.get("threshold_carry")
+            if carry is not None:
+                u, (lo, hi) = carry["uncarried_open_set"], carry["carried_over_real_threshold_range"]
+                lines.append(f"  Control, the teachers' thresholds sent unchanged: {100 * u['known_task_images_unknown']:.1f} % "
+                             f"and {100 * u['absent_task_images_unknown']:.1f} %.  The carried thresholds are "
+                             f"{lo:.2f}x to {hi:.2f}x the ones the real test images would give the sent anchors.")
+            lines.append(f"  Slowest budget walk at 56 KB: {goal_row['max_encode_s']:.2f} s ({goal_row['slowest_encode']}).")
         fixed = v["fixed_steps_meeting_goal"]
         if fixed:
             lines.append("  Fixed steps (every task at one step, no per-packet cap) that meet it: " + "; ".join(

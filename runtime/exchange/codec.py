@@ -477,7 +477,8 @@ def carry_maha_threshold(original: MahalanobisAnchor, sent: MahalanobisAnchor, t
     lies beyond nearly every draw.  Against the threshold the sent anchor would get from those
     real images, the ratio is 0.73-1.07 of it on the skill-bench tasks at 56 KB, lowest where
     most exemplars were dropped (real deviations are not Gaussian), so a receiver errs on the
-    strict side there; ``benchmarks/packet_budget.py`` reports the unknown rates.  The result is
+    strict side there (``benchmarks/results/packet_budget.json``, ``threshold_carry``, with the
+    unknown rates and the uncarried control).  The result is
     kept within the packet's score bound: one exemplar row gives a metric with no isotropic part,
     whose distances (and carried threshold) run past 1e12; such a receiver calls every input
     unknown with either threshold.
