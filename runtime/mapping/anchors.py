@@ -335,10 +335,10 @@ def fit_task_anchors(
     classes with a 0.1 relative variance floor, principal-axis Mahalanobis exemplars, at least
     ``min_exemplar_rows`` of them per task (benchmarks/results/maha_rows.md).
 
-    Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out.  The GMMC anchor
-    used for calibration is fitted on the rest and the returned one refitted on all features;
-    the Mahalanobis anchor returned is the calibrated one (class means from all features,
-    exemplars from the fitting part).
+    Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out, each with anchors
+    fitted on the rest only.  The GMMC anchor returned is refitted on all features; the
+    Mahalanobis anchor returned keeps the fitting part's exemplars (no held-out input is its own
+    exemplar) and takes its class means from all features.
     """
     unknown = set(kinds) - {"gmmc", "maha"}
     if unknown or not kinds:
@@ -359,13 +359,17 @@ def fit_task_anchors(
                                                    percentile))
         out.gmmc = gmmc(np.arange(y.size))  # refitted on everything; the mixture barely moves
     if "maha" in kinds:
-        # Exemplars come from the fitting part only, so no held-out input is its own exemplar;
-        # the deployed anchor *is* the calibrated one (its metric depends on which exemplars it has).
+        # Calibrated on the anchor fitted without the held-out part, class means included: a
+        # held-out input inside its own class mean sits (1 - 1/n) / (1 + 1/n) closer to it than a
+        # new input does, which at 7 images a class put the threshold above 40-97 % of the task's
+        # own test images (benchmarks/results/mapper_peers71.json before this fix).  The deployed
+        # anchor keeps those exemplars and takes its class means from every input, so new inputs
+        # score at least as well as the calibration inputs did: the threshold errs on the lenient side.
         part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes, exemplars=exemplars,
                                min_rows=min_exemplar_rows)
+        out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=part), x[cal_idx], percentile))
         out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), part.exemplars,
                                      part.exemplar_labels)
-        out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=out.maha), x[cal_idx], percentile))
     return out
 
 
