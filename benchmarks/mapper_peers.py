@@ -40,8 +40,9 @@ Ours are the real packet sizes at the default codec (fp32 records, zstd), head i
 
 Open set, leave-one-task-out: with task t absent from the mapper, t's test images should be
 "unknown" and the other tasks' should not.  ``open_set_auroc`` is the AUROC of each method's
-known-ness score (ours: the chosen task's open-set score minus its calibrated threshold),
-pooled over all t; ``operating_point`` is the fraction of absent-task images flagged when the
+known-ness score (ours: the chosen task's open-set score minus its calibrated threshold; for
+the fp32 rows, the product's rule on records with both anchors, the smaller margin of the two,
+with ``open_set_own_anchor`` the test of the row's own anchor alone), pooled over all t; ``operating_point`` is the fraction of absent-task images flagged when the
 threshold marks at most 2 % of known-task images unknown.  A method whose statistics are shared
 by all tasks (RanPAC's Gram matrix, KLDA's pooled covariance, relative Mahalanobis' background)
 is refitted from its sums without t's training rows for each t, as a fleet that never received t
@@ -457,6 +458,7 @@ def leave_one_out(task_scores: np.ndarray, known: np.ndarray | None, test: Poole
     pos, neg = np.concatenate(pos_all), np.concatenate(neg_all)
     thr = np.quantile(pos, 0.02)  # at most 2 % of known-task images called unknown
     out = {"auroc": auroc(pos, neg), "auroc_per_left_out_task_mean": float(np.mean(per_task)),
+           "auroc_per_left_out_task": [float(a) for a in per_task],
            "operating_point": {"known_called_unknown": float(np.mean(pos < thr)),
                                "absent_called_unknown": float(np.mean(neg < thr))}}
     if relative_to_threshold:  # known-ness is the score minus the teacher's threshold: the product's rule
@@ -593,7 +595,13 @@ def main() -> None:
     # --- ours, from the packets' records: as sent at fp32, and as a 56 KB budget sends them
     codec, key = PacketCodec(), DeviceKey.generate()
 
-    def ours(kind: str, label: str, records: list, nbytes: int, extra: dict) -> None:
+    def margins(mp, xs: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """[N, T]: each image's open-set margin under each task as its choice (< 0: unknown)."""
+        return np.stack([mp.open_set_margins(xs, np.full(len(xs), j), sel) for j in range(len(tasks))], axis=1)
+
+    def ours(kind: str, label: str, records: list, nbytes: int, extra: dict, both: list | None = None) -> None:
+        """One of our rows from the records a receiver holds; ``both``: the same tasks' records with both
+        anchors, as ``learn`` sends them by default, whose open-set test rejects when either anchor's does."""
         t0 = time.perf_counter()
         mp = build_mapper(kind, records)
         student = (time.perf_counter() - t0) / len(records)
@@ -607,13 +615,18 @@ def main() -> None:
         xs = np.concatenate([mp.prepare(t.x_test, t.s_test) for t in tasks])
         sel = mp.task_scores(xs)
         pred = sel.argmax(axis=1)  # what predict() chooses
-        # known-ness under each task as the choice: its own open-set score minus its threshold
-        known = np.stack([mp.open_set_scores(xs, np.full(len(xs), j), sel) - mp.thresholds[j]
-                          for j in range(len(records))], axis=1)
+        # known-ness under each task as the choice: its open-set score(s) minus threshold(s)
+        own = leave_one_out(sel, margins(mp, xs, sel), test, relative_to_threshold=True)
+        open_set = {"open_set": own}
+        if both is not None:
+            mb = build_mapper(kind, both)
+            open_set = {"open_set": leave_one_out(sel, margins(mb, xs, sel), test, relative_to_threshold=True),
+                        "open_set_rule": "either anchor's threshold rejects (records with both anchors, "
+                                         f"{int(np.mean([len(codec.encode(k, key)) for k in both])):,} B a packet)",
+                        "open_set_own_anchor": own}
         add(label, pred, bytes_per_task=nbytes, student_s=student, ms_1000=ms, in_product=True,
             extra={"calibration": calibration(sel.astype(np.float64), test.task, mp.temperature),
-                   "temperature_in_runtime": mp.temperature,
-                   "open_set": leave_one_out(sel, known, test, relative_to_threshold=True),
+                   "temperature_in_runtime": mp.temperature, **open_set,
                    "open_set_by_selection_score": leave_one_out(sel, None, test), **extra},
             own=heads_correct(records, [(t.x_test, t.y_test) for t in tasks]))
 
@@ -621,7 +634,8 @@ def main() -> None:
         # what this mapper needs sent: the record with this anchor only (and the head)
         sent = [dataclasses.replace(k, **{"gmmc" if kind == "maha" else "maha": None}) for k in knowledge]
         if runs("ours"):
-            ours(kind, f"{name} (ours)", sent, int(np.mean([len(codec.encode(k, key)) for k in sent])), {})
+            ours(kind, f"{name} (ours)", sent, int(np.mean([len(codec.encode(k, key)) for k in sent])), {},
+                 both=knowledge)
         if runs("ours56"):
             # the receiver's records: every packet under the budget, decoded (3-bit heads included)
             packets = [PacketCodec(budget_bytes=COMPACT_BYTES).encode(k, key) for k in sent]
@@ -849,6 +863,15 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
                   "Dropping only the task's column let its rows shape the shared statistics and overstated AUROC: "
                   + "; ".join(f"{r['method']} {r['open_set_column_dropped_only']['auroc']:.3f} -> "
                               f"{r['open_set']['auroc']:.3f}" for r in refit) + ".")
+    fused = [r for r in rows if "open_set_own_anchor" in r]
+    fused_note = ("" if not fused else "\n- Open set under the product's rule, where a task rejects an input when either of its "
+                  "anchors' thresholds does (records with both anchors, as `learn` sends them), against the row's own "
+                  "anchor alone: " + "; ".join(
+                      f"{r['method']} AUROC {r['open_set']['auroc']:.3f} (own anchor {r['open_set_own_anchor']['auroc']:.3f}),"
+                      f" at the thresholds {r['open_set']['at_thresholds']['known_called_unknown']:.1%} of known / "
+                      f"{r['open_set']['at_thresholds']['absent_called_unknown']:.1%} of absent-task images unknown "
+                      f"(own anchor {r['open_set_own_anchor']['at_thresholds']['known_called_unknown']:.1%} / "
+                      f"{r['open_set_own_anchor']['at_thresholds']['absent_called_unknown']:.1%})" for r in fused) + ".")
     timing_note = ("" if "; then " not in cmd else """
 - Times are those of the run that made each row (the command lists the runs; an `--update` redoes only its
   rows), so compare ms and student seconds within one run only.""")
@@ -868,7 +891,7 @@ codec's budget ladder must fit every packet in 56 KB, 3-bit heads included; peer
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
   calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
-  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{refit_note}
+  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{fused_note}{refit_note}
 """)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy.special import logsumexp
@@ -472,3 +474,45 @@ def test_mahalanobis_task_scores_of_a_subset_equal_the_full_columns():
     full = m.task_scores(x)
     for tasks in ([4, 0], [2], [1, 3, 4]):
         np.testing.assert_allclose(m.task_scores_of(x, tasks), full[:, tasks], rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- open set over both anchors
+@pytest.mark.parametrize("kind", ["gmmc", "maha"])
+def test_open_set_rejects_when_either_anchor_of_the_chosen_task_does(tasks, kind):
+    """Records with both anchors: the chosen task rejects an input when its GMMC threshold or its
+    Mahalanobis one does; ``own_anchor`` keeps the mapper's own test alone, and a record sent with
+    one anchor only is tested by that one."""
+    knowledge = [knowledge_for(n, x, y, "raw") for n, (x, y, _, _) in tasks.items()]
+    rng = np.random.default_rng(11)
+    xt = np.concatenate([v[2] for v in tasks.values()]
+                        + [np.abs(rng.normal(2.0, 1.5, (200, D))).astype(np.float32)])  # some near, some not
+    both = build_mapper(kind, knowledge)
+    alone = {k: build_mapper(k, knowledge, open_set="own_anchor") for k in ("gmmc", "maha")}
+    x = both.prepare(xt)
+    sel = both.task_scores(x)
+    best = sel.argmax(1)
+    per_kind = {k: m.open_set_margins(x, best, m.task_scores(x)) for k, m in alone.items()}
+    np.testing.assert_allclose(per_kind[kind], alone[kind].open_set_scores(x, best, sel) - alone[kind].thresholds[best])
+    fused = both.open_set_margins(x, best, sel)
+    np.testing.assert_allclose(fused, np.minimum(per_kind["gmmc"], per_kind["maha"]), rtol=1e-5, atol=1e-3)
+    got = both.predict(xt).unknown
+    assert np.array_equal(got, (per_kind["gmmc"] < 0) | (per_kind["maha"] < 0))
+    # the two tests disagree on some inputs here, so the rule is not one of them in disguise
+    assert np.any((per_kind["gmmc"] < 0) != (per_kind["maha"] < 0))
+    assert np.array_equal(alone[kind].predict(xt).unknown, per_kind[kind] < 0)
+    other = "maha" if kind == "gmmc" else "gmmc"
+    one_anchor = [replace(k, **{other: None}, thresholds={kind: k.thresholds[kind]}) for k in knowledge]
+    assert build_mapper(kind, one_anchor).other_tests is None
+    assert np.array_equal(build_mapper(kind, one_anchor).predict(xt).unknown, per_kind[kind] < 0)
+    # a task whose record lacks the other anchor passes that test; the others keep it
+    mixed = [one_anchor[0]] + knowledge[1:]
+    m = build_mapper(kind, mixed)
+    idx = np.zeros(len(x), dtype=np.int64)
+    np.testing.assert_allclose(m.open_set_margins(x, idx, sel), per_kind_at(alone[kind], x, idx))
+    with pytest.raises(MapperError, match="open_set"):
+        build_mapper(kind, knowledge, open_set="sometimes")
+
+
+def per_kind_at(mapper, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The mapper's own-anchor margins with every input assigned to task ``idx``."""
+    return mapper.open_set_scores(x, idx, mapper.task_scores(x)) - mapper.thresholds[idx]

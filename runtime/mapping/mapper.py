@@ -11,10 +11,11 @@ Every stored task is scored in one vectorised pass over the batch:
 
 Both report, per input, the best task, its posterior over tasks (softmax of the per-task
 log-likelihoods), the full score matrix, and ``unknown`` when the chosen task's open-set
-score falls below the threshold its teacher calibrated.  The open-set score depends on that
-task's anchor alone (GMMC: its mixture log-likelihood; Mahalanobis: the distance under its
-own exemplars' covariance, ``OwnExemplarMetric``), so it means on every student exactly what
-it meant on the teacher, however many other tasks the student holds.
+score falls below the threshold its teacher calibrated, under any anchor its record carries
+(``OtherAnchorTests``).  Each open-set score depends on that task's anchor alone (GMMC: its
+mixture log-likelihood; Mahalanobis: the distance under its own exemplars' covariance,
+``OwnExemplarMetric``), so it means on every student exactly what it meant on the teacher,
+however many other tasks the student holds.
 
 Inputs are *raw* pooled backbone features, plus the ROM's trunk statistics for the default
 ``sqrt_l2_trunk`` transform; the mapper applies the feature transform its tasks were fitted in
@@ -53,7 +54,7 @@ class MapperResult:
     task_names: list[str]  # [T]
     confidence: np.ndarray  # [N] calibrated posterior of the chosen task (softmax of scores / temperature)
     scores: np.ndarray  # [N, T] per-task scores used for the choice (higher = more likely)
-    unknown: np.ndarray  # [N] bool, the best task's score is below its open-set threshold
+    unknown: np.ndarray  # [N] bool, the best task rejects the input: below an open-set threshold its record carries
 
     @property
     def tasks(self) -> list[str]:
@@ -230,12 +231,22 @@ class TaskMapper:
                               f"use the {other} mapper or refit them")
         # two agents may teach one name: their tasks are named task@agent here (runtime.knowledge.identity)
         names = display_names([TaskKey(k.task, k.meta.agent_id) for k in knowledge])
-        return cls(names, [getattr(k, cls.kind) for k in knowledge],
-                   feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, cls.kind),
-                   **kwargs)
+        open_set = kwargs.pop("open_set", "every_anchor")
+        if open_set not in ("every_anchor", "own_anchor"):
+            raise MapperError(f"open_set must be 'every_anchor' or 'own_anchor', got {open_set!r}")
+        mapper = cls(names, [getattr(k, cls.kind) for k in knowledge],
+                     feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, cls.kind),
+                     **kwargs)
+        if open_set == "every_anchor":
+            other = next(k for k in _ANCHOR_NAMES if k != cls.kind)
+            if any(getattr(k, other) is not None and other in k.thresholds for k in knowledge):
+                mapper.other_tests = OtherAnchorTests(other, [getattr(k, other) for k in knowledge],
+                                                      _thresholds(knowledge, other))
+        return mapper
     task_names: list[str]
     feature_transform: str
     thresholds: np.ndarray  # [T]
+    other_tests: "OtherAnchorTests | None" = None  # the other anchor kind's open-set tests (``from_knowledge``)
     feature_dim: int  # width of the anchors' space (ROM features, plus trunk statistics for trunk transforms)
     layout: TaskLayout
     block_elements: int
@@ -266,6 +277,15 @@ class TaskMapper:
     def open_set_scores(self, x: np.ndarray, task_index: np.ndarray, selection: np.ndarray) -> np.ndarray:
         """The calibrated score of the chosen task per input (what thresholds compare against)."""
         return selection[np.arange(len(task_index)), task_index]
+
+    def open_set_margins(self, x: np.ndarray, task_index: np.ndarray, selection: np.ndarray) -> np.ndarray:
+        """Per input, how far it clears its chosen task's open-set tests: the smallest of score minus
+        threshold over this mapper's anchor and, where the record carries it, the other kind's
+        (``other_tests``).  Below 0 is ``unknown``; each margin is in its own test's units."""
+        margin = self.open_set_scores(x, task_index, selection) - self.thresholds[task_index]
+        if self.other_tests is not None:
+            margin = np.minimum(margin, self.other_tests.margins(x, task_index))
+        return margin
 
     def nbytes(self) -> int:
         """Bytes held by the mapper's arrays (what a device must keep in RAM)."""
@@ -299,7 +319,7 @@ class TaskMapper:
         x = self.prepare(features, trunk_stats)
         sel = self.task_scores(x)
         best = sel.argmax(axis=1)
-        unknown = self.open_set_scores(x, best, sel) < self.thresholds[best]
+        unknown = self.open_set_margins(x, best, sel) < 0
         return MapperResult(
             task_index=best,
             task_names=list(self.task_names),
@@ -649,6 +669,48 @@ class OwnExemplarMetric:
 def mahalanobis_task_score(anchor: MahalanobisAnchor, x: np.ndarray) -> np.ndarray:
     """Open-set score of one task: its own-exemplar Mahalanobis score (teacher and student agree), [N]."""
     return OwnExemplarMetric.from_anchor(anchor).scores(x)
+
+
+class OtherAnchorTests:
+    """The open-set tests of the anchor kind a mapper does not choose with, one per task.
+
+    A task learned with both anchors carries both thresholds, each set so that about 1 % of
+    its held-out images fall below it, so rejecting when either test fails calls at most about
+    2 % of its own images unknown.  The two tests fail on different families: leaving one of
+    the 21 skill-bench tasks out of the bank, GMMC separates an absent Omniglot alphabet's
+    images from the known tasks' with an AUROC of 0.52-0.72 and the Mahalanobis own-exemplar
+    metric with 0.84-0.96, while on the CIFAR-10 pairs it is the other way round (0.78-0.89
+    against 0.50-0.75; benchmarks/results/mapper_peers.json, ``open_set_own_anchor``).  Both
+    scores depend on the task's own anchor alone, as the teacher calibrated them.  A task
+    without the other anchor, or without its threshold, passes.
+    """
+
+    def __init__(self, kind: str, anchors: Sequence[GmmcAnchor | MahalanobisAnchor | None],
+                 thresholds: np.ndarray) -> None:
+        if kind not in _ANCHOR_NAMES:
+            raise MapperError(f"unknown anchor kind {kind!r}")
+        self.kind = kind
+        self._anchors = list(anchors)  # the bank's arrays, referenced (not copied)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self._scorers: dict[int, GmmcMapper | OwnExemplarMetric] = {}
+
+    def _score(self, t: int, x: np.ndarray) -> np.ndarray:
+        if t not in self._scorers:
+            a = self._anchors[t]
+            self._scorers[t] = GmmcMapper(["task"], [a]) if self.kind == "gmmc" else OwnExemplarMetric.from_anchor(a)
+        scorer = self._scorers[t]
+        return scorer.task_scores(x)[:, 0].astype(np.float64) if self.kind == "gmmc" else scorer.scores(x)
+
+    def margins(self, x: np.ndarray, task_index: np.ndarray) -> np.ndarray:
+        """Score minus threshold of each input's chosen task, [N]; +inf where that task has no test."""
+        out = np.full(len(task_index), np.inf)
+        for t in np.unique(task_index):
+            t = int(t)
+            if self._anchors[t] is None or not np.isfinite(self.thresholds[t]):
+                continue
+            sel = task_index == t
+            out[sel] = self._score(t, np.asarray(x[sel], dtype=np.float32)) - self.thresholds[t]
+        return out
 
 
 def build_mapper(kind: Literal["gmmc", "maha"], knowledge: Sequence[TaskKnowledge], **kwargs) -> TaskMapper:
