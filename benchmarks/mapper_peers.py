@@ -772,6 +772,10 @@ def main() -> None:
     finish(args, names, counts, rows, time.time() - t_start)
 
 
+#: The row of classify's default mapper: ``auto`` is Mahalanobis on records with both anchors (device.DEFAULT_MAPPER).
+DEFAULT_ROW = "Mahalanobis (ours)"
+
+
 def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds: float,
            after: str | None = None) -> None:
     """Summary, result file and README section (``after``: the command of the run whose other rows
@@ -779,7 +783,7 @@ def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds:
     oracle = rows[0]["oracle_acc"]
     product = [r for r in rows if r["in_product"]]
     compact = [r for r in product if r.get("max_packet_bytes", r["bytes_per_task"]) <= COMPACT_BYTES]
-    default = next(r for r in product if r["method"].startswith("GMMC"))  # classify's default mapper (cli.py)
+    default = next(r for r in product if r["method"] == DEFAULT_ROW)  # classify's default (device.DEFAULT_MAPPER)
     summary = {"oracle_acc": oracle, "tasks": len(names), "classes": int(sum(counts)),
                "methods": sorted(args.methods),
                "joint_probe_ratio": next((r["ratio"] for r in rows if r["method"].startswith("joint")), None),
@@ -834,7 +838,7 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
           f"{r['bytes_per_task']:,}", _num(r["student_s_per_task"], 3), _num(r["ms_per_image_1000_tasks"], 2),
           f"{r['open_set']['auroc']:.3f}" if "open_set" in r else "-", "yes" if r["in_product"] else "no"]
          for r in rows])
-    ours = sorted((r for r in rows if r["in_product"]), key=lambda r: not r["method"].startswith("GMMC"))
+    ours = sorted((r for r in rows if r["in_product"]), key=lambda r: r["method"] != DEFAULT_ROW)
     calib = "; ".join(f"{r['method']}: temperature {c['temperature']:.3g}, ECE "
                       f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}"
                       + (f"; at the runtime's temperature {c['runtime_temperature']:.3g}: ECE {c['ece_runtime']:.3f}"

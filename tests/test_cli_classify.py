@@ -121,7 +121,7 @@ def test_piped_output_is_plain_whole_and_progress_goes_to_stderr(learned: dict) 
     res = _run(["classify", str(folder), *_common(learned)])
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == f"{len(files)} inputs, mapper gmmc"
+    assert lines[0] == f"{len(files)} inputs, mapper mahalanobis"  # auto: every task carries both anchors
     assert lines[1].split() == ["input", "task", "class", "task", "conf", "class", "conf", "note"]
     assert [ln.split()[0] for ln in lines[2:2 + len(files)]] == [str(f) for f in files]
     assert lines[-1].startswith(f"{len(files)} inputs: digits ")

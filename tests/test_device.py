@@ -303,3 +303,27 @@ def test_learning_into_a_bank_of_another_anchor_space_says_how_to_fix_it(tmp_pat
     assert np.mean([p.task == "digits-low" for p in preds]) >= 0.9
     res = runner.invoke(app, [*args, "--anchor-space", "pca"])
     assert res.exit_code == 2 and "--anchor-space must be one of" in res.output
+
+
+def test_default_mapper_is_mahalanobis_where_every_task_carries_it(learned: Path, rom_dir: Path,
+                                                                   tasks: dict[str, Path], tmp_path: Path) -> None:
+    """``auto`` (classify's and eval's default) is Mahalanobis on a bank learned with both anchors,
+    the same answers as naming it, and GMMC once a stored task carries no Mahalanobis anchor."""
+    home = tmp_path / "home"
+    shutil.copytree(learned, home)
+    dev = Device(home, rom_dir)
+    assert dev.resolve_mapper() == "maha" and dev.resolve_mapper("gmmc") == "gmmc"
+    files = sorted((tasks["shapes"] / "test").glob("*/*.png"))[:6]
+    auto = [p.to_dict() for p in dev.classify(files)]
+    assert auto == [p.to_dict() for p in dev.classify(files, mapper="mahalanobis")]
+    res = runner.invoke(app, ["classify", *map(str, files), "--home", str(home), "--rom", str(rom_dir)])
+    assert res.exit_code == 0 and "mapper mahalanobis" in res.stdout, res.output
+    res = runner.invoke(app, ["learn", "--task", "digits-gmmc", "--data", str(tasks["digits-low"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--mapper", "gmmc", "--json"])
+    assert res.exit_code == 0, res.output
+    assert dev.resolve_mapper() == "gmmc"  # a Mahalanobis mapper would leave digits-gmmc out
+    assert {p.task for p in dev.classify(files)} <= {"shapes", None}
+    assert "digits-gmmc" in dev.mapper()[0].task_names
+    res = runner.invoke(app, ["classify", *map(str, files), "--home", str(home), "--rom", str(rom_dir),
+                              "--mapper", "bogus"])
+    assert res.exit_code == 2 and "auto, gmmc or mahalanobis" in res.output

@@ -58,7 +58,7 @@ def test_eval_prints_readable_tables(learned: dict) -> None:  # noqa: F811
     res = runner.invoke(app, _args(learned, learned["tasks"]["shapes"], learned["tasks"]["digits"]))
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[0] == "eval, no task oracle (mapper gmmc, test split)"
+    assert lines[0] == "eval, no task oracle (mapper mahalanobis, test split)"  # auto: both anchors stored
     assert lines[1].split() == ["task", "images", "task-ID", "acc", "no-oracle", "acc", "oracle", "acc", "unknown",
                                 "unreadable"]
     assert [ln.split()[0] for ln in lines[2:5]] == ["shapes", "digits", "all"]

@@ -123,14 +123,12 @@ def evaluate_folder(dev, data: Path, *, task: str | None, split: str, mapper: st
     """Classify one labelled folder with no task oracle and count what came out (see the module docstring)."""
     from skill_edge.runtime.sources.datasets import load_image_folder
 
-    from skill_edge.runtime.device import MAPPER_ALIASES
-
     ds = load_image_folder(data, seed=seed)
     k = _bank_task(dev, data, ds.classes, task)
-    kind = MAPPER_ALIASES[mapper]
+    kind = dev.resolve_mapper(mapper)
     if getattr(k, kind) is None:  # the mapper could never pick it: every image would count as a miss
-        other = "mahalanobis" if kind == "gmmc" else "gmmc"
-        raise EvalError(f"task {k.task!r} has no {mapper} anchor, so this mapper never picks it; "
+        name, other = ("gmmc", "mahalanobis") if kind == "gmmc" else ("mahalanobis", "gmmc")
+        raise EvalError(f"task {k.task!r} has no {name} anchor, so this mapper never picks it; "
                         f"use --mapper {other}")
     parts = [ds.test] if split == "test" else [ds.train, ds.val, ds.test]
     paths = [p for s in parts for p in s.paths]
@@ -220,6 +218,7 @@ def eval_command(
         say_error("cannot evaluate:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     total = _total(results)
+    mapper = {"gmmc": "gmmc", "maha": "mahalanobis"}[dev.resolve_mapper(mapper)]  # what ``auto`` chose
     report = {"backend": dev.engine.backend, "mapper": mapper, "open_set": not no_open_set, "split": split,
               "images": total.images, "classified": total.classified, "unreadable": len(total.unreadable),
               **total.rates(), "unknown": total.unknown, "tasks": [r.to_dict() for r in results],

@@ -36,7 +36,8 @@ ProviderOption = typer.Option(None, "--provider",
                               help="Backend order override (repeatable): tensorrt, cuda, cpu, or ONNX Runtime's "
                                    "names TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider. "
                                    "The backend that runs is printed to stderr ('backend: ...').")
-MapperOption = typer.Option("gmmc", "--mapper", help="Task mapper: gmmc or mahalanobis.")
+MapperOption = typer.Option("auto", "--mapper", help="Task mapper: auto (Mahalanobis when every stored task "
+                            "carries its anchor, else GMMC), gmmc or mahalanobis.")
 NoOpenSetOption = typer.Option(False, "--no-open-set", help="Never answer unknown.")
 CameraHelp = ("Video source: 0 (= V4L2 /dev/video0; a CSI camera is csi://0, unlike jetson-inference where 0 "
               "means CSI), v4l2:///dev/video0, csi://0, file://clip.mp4, rtsp://...")
@@ -70,12 +71,15 @@ def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
         raise typer.Exit(EXIT_USAGE) from None
 
 
+_MAPPER_NAMES = {"gmmc": "gmmc", "maha": "mahalanobis"}
+
+
 def check_mapper(mapper: str) -> None:
-    """``--mapper`` of classify and eval: gmmc, maha or mahalanobis, else a usage error (exit 2)."""
+    """``--mapper`` of classify and eval: auto, gmmc, maha or mahalanobis, else a usage error (exit 2)."""
     from skill_edge.runtime.device import MAPPER_ALIASES
 
-    if mapper not in MAPPER_ALIASES:
-        say_error(f"--mapper must be gmmc or mahalanobis, not {mapper!r}")
+    if mapper != "auto" and mapper not in MAPPER_ALIASES:
+        say_error(f"--mapper must be auto, gmmc or mahalanobis, not {mapper!r}")
         raise typer.Exit(EXIT_USAGE)
 
 
@@ -418,7 +422,8 @@ def classify_command(
         rows = [[p.source, _task_shown(p), p.label or "-", f"{p.task_confidence:.3f}", f"{p.class_confidence:.3f}",
                  p.error or (f"unknown: fits no stored task (nearest {p.nearest_task} / {p.nearest_label})"
                              if p.unknown else "")] for p in preds]
-        print_table(f"{len(preds)} inputs, mapper {mapper}", ("input", "task", "class", "task conf", "class conf",
+        shown = _MAPPER_NAMES[dev.resolve_mapper(mapper)] if preds else mapper
+        print_table(f"{len(preds)} inputs, mapper {shown}", ("input", "task", "class", "task conf", "class conf",
                                                                "note"), rows, shorten=0)
     summary = classify_summary(preds)
     (console if as_json else out).print(summary, markup=False, highlight=False, soft_wrap=True)
