@@ -9,6 +9,7 @@ device in ``firmware_sim``.  Flow for one image at classify time (no task oracle
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -495,8 +496,39 @@ class Device:
             # (tied scatter, centres) then come out bit-identical on every device holding the same
             # packets, so two devices that received them in different orders classify identically.
             tasks.sort(key=lambda k: (k.task, k.meta.agent_id or ""))
-            self._mappers[kind] = (stamp, build_mapper(kind, tasks), tasks)
+            self._mappers[kind] = (stamp, self._build_mapper(kind, tasks, stamp), tasks)
         return self._mappers[kind][1], self._mappers[kind][2]
+
+    def _build_mapper(self, kind: MapperKind, tasks: list[TaskKnowledge], stamp: str) -> TaskMapper:
+        """``build_mapper``, reusing the Mahalanobis student's derived arrays from the last process that
+        built them for this bank state (``mapper/maha-<bank digest>.safetensors`` in the home).  A
+        missing, stale or unreadable file only means they are computed again and written back; a
+        failed write only costs the next cold start the same work."""
+        if kind != "maha":
+            return build_mapper(kind, tasks)
+        from safetensors import SafetensorError
+        from safetensors.numpy import load, save
+
+        from skill_edge.runtime.atomic import write_atomically
+        from skill_edge.runtime.mapping.mapper import MahalanobisMapper, MapperError
+
+        digest = hashlib.sha256(f"{MahalanobisMapper.STATE_VERSION}|{stamp}".encode()).hexdigest()[:32]
+        folder = self.home / "mapper"
+        path = folder / f"maha-{digest}.safetensors"
+        if path.is_file():
+            try:
+                return build_mapper(kind, tasks, state=load(path.read_bytes()))
+            except (OSError, ValueError, SafetensorError, MapperError) as exc:
+                log.warning("rebuilding the Mahalanobis mapper: its saved state %s is unusable (%s)", path.name, exc)
+        mapper = build_mapper(kind, tasks)
+        try:
+            write_atomically(path, save(mapper.state()))
+            for old in folder.glob("maha-*.safetensors"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not save the Mahalanobis mapper's state (%s); the next cold start rebuilds it", exc)
+        return mapper
 
     def _fits_rom(self, k: TaskKnowledge) -> bool:
         """Whether a bank task has this ROM's widths.  One that does not (stored before receivers

@@ -327,3 +327,45 @@ def test_default_mapper_is_mahalanobis_where_every_task_carries_it(learned: Path
     res = runner.invoke(app, ["classify", *map(str, files), "--home", str(home), "--rom", str(rom_dir),
                               "--mapper", "bogus"])
     assert res.exit_code == 2 and "auto, gmmc or mahalanobis" in res.output
+
+
+def test_a_cold_device_reuses_its_banks_mahalanobis_state(learned: Path, rom_dir: Path, tasks: dict[str, Path],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Mahalanobis student's whitening is saved per bank state: a cold process holding the same
+    tasks loads it instead of redoing the covariance (same answers), an unreadable file is rebuilt
+    and written back, and a bank change replaces it."""
+    import skill_edge.runtime.mapping.mapper as mapper_module
+
+    home = tmp_path / "home"
+    shutil.copytree(learned, home)
+    shutil.rmtree(home / "mapper", ignore_errors=True)
+    files = sorted((tasks["shapes"] / "test").glob("*/*.png"))[:4] + sorted((tasks["digits-low"] / "test").glob("*/*.png"))[:4]
+    first = Device(home, rom_dir)
+    want = [p.to_dict() for p in first.classify(files, mapper="maha")]
+    built = first.mapper("maha")[0]
+    saved = list((home / "mapper").glob("maha-*.safetensors"))
+    assert len(saved) == 1
+
+    real_scatter = mapper_module.exemplar_scatter
+
+    def no_scatter(*a, **k):
+        raise AssertionError("the cold device recomputed the tied covariance")
+
+    monkeypatch.setattr(mapper_module, "exemplar_scatter", no_scatter)
+    cold = Device(home, rom_dir)
+    assert [p.to_dict() for p in cold.classify(files, mapper="maha")] == want
+    np.testing.assert_array_equal(cold.mapper("maha")[0].whiten_t, built.whiten_t)
+    np.testing.assert_array_equal(cold.mapper("maha")[0].means_w, built.means_w)
+    monkeypatch.setattr(mapper_module, "exemplar_scatter", real_scatter)
+
+    saved[0].write_bytes(b"not a safetensors file")
+    assert [p.to_dict() for p in Device(home, rom_dir).classify(files, mapper="maha")] == want
+    assert saved[0].read_bytes() != b"not a safetensors file"  # rebuilt and written back
+
+    res = runner.invoke(app, ["learn", "--task", "digits-again", "--data", str(tasks["digits-low"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    grown = Device(home, rom_dir)
+    assert "digits-again" in grown.mapper("maha")[0].task_names
+    now = list((home / "mapper").glob("maha-*.safetensors"))
+    assert len(now) == 1 and now[0] != saved[0]

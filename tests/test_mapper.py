@@ -516,3 +516,17 @@ def test_open_set_rejects_when_either_anchor_of_the_chosen_task_does(tasks, kind
 def per_kind_at(mapper, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """The mapper's own-anchor margins with every input assigned to task ``idx``."""
     return mapper.open_set_scores(x, idx, mapper.task_scores(x)) - mapper.thresholds[idx]
+
+
+def test_mahalanobis_state_round_trips_and_bad_state_is_refused(tasks):
+    knowledge = [knowledge_for(n, x, y, "raw") for n, (x, y, _, _) in tasks.items()]
+    built = build_mapper("maha", knowledge)
+    again = build_mapper("maha", knowledge, state=built.state())
+    xt = np.concatenate([v[2] for v in tasks.values()])
+    np.testing.assert_array_equal(again.task_scores(again.prepare(xt)), built.task_scores(built.prepare(xt)))
+    assert np.array_equal(again.predict(xt).unknown, built.predict(xt).unknown)
+    for bad in ({**built.state(), "means_w": built.means_w[:-1]},  # another bank's classes
+                {k: v for k, v in built.state().items() if k != "whiten_t"},
+                {**built.state(), "center": np.full(D, np.nan, np.float32)}):
+        with pytest.raises(MapperError, match="saved mapper state"):
+            build_mapper("maha", knowledge, state=bad)

@@ -519,6 +519,7 @@ class MahalanobisMapper(TaskMapper):
         thresholds: np.ndarray | None = None,
         shrinkage: Literal["ledoit_wolf", "oas"] = "ledoit_wolf",
         covariance: np.ndarray | None = None,
+        state: dict[str, np.ndarray] | None = None,
         block_rows: int = DEFAULT_BLOCK_ROWS,
         block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     ) -> None:
@@ -535,6 +536,11 @@ class MahalanobisMapper(TaskMapper):
         self.thresholds = (np.full(len(names), -np.inf) if thresholds is None
                            else np.asarray(thresholds, dtype=np.float64))
         self.layout = TaskLayout([a.class_means.shape[0] for a in anchors], block_rows)
+        self._anchors = list(anchors)  # the bank's arrays, referenced (not copied) for the open-set metric
+        self._own_metric: dict[int, OwnExemplarMetric] = {}
+        if state is not None:
+            self._set_state(state)
+            return
         if covariance is None:
             covariance, self.shrinkage = exemplar_scatter(anchors).shrunk(shrinkage)
         else:
@@ -556,8 +562,6 @@ class MahalanobisMapper(TaskMapper):
         self.whiten_t = np.ascontiguousarray(inv_l, dtype=np.float32)  # [D, D], W transposed for matmul_nt
         self.center = np.mean([a.class_means.astype(np.float64).mean(axis=0) for a in anchors],
                               axis=0).astype(np.float32)
-        self._anchors = list(anchors)  # the bank's arrays, referenced (not copied) for the open-set metric
-        self._own_metric: dict[int, OwnExemplarMetric] = {}
         self.means_w = np.empty((self.layout.rows, d), dtype=np.float32)  # whitened class means
         self.half_sq_norm = np.empty(self.layout.rows, dtype=np.float32)
         for start in range(0, len(anchors), 256):  # whiten 256 tasks' means per product
@@ -566,6 +570,30 @@ class MahalanobisMapper(TaskMapper):
             rows = np.concatenate([self.layout.positions(t) for t in group])
             self.means_w[rows] = z
             self.half_sq_norm[rows] = 0.5 * (z * z).sum(axis=1)
+
+    #: What ``state()`` holds and how it is computed; a saved state of another version is not taken.
+    STATE_VERSION = 1
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The arrays the student derived from all its tasks: the tied covariance's whitening and the
+        whitened class means.  Computing them is O(D^3) plus a pass over every exemplar (0.4 s of a
+        cold ``classify`` on 21 Lite0 tasks); ``Device`` keeps them per bank state and passes them
+        back as ``state=`` to a cold process holding the same tasks."""
+        return {"whiten_t": self.whiten_t, "center": self.center, "means_w": self.means_w,
+                "half_sq_norm": self.half_sq_norm, "shrinkage": np.array([self.shrinkage], np.float64)}
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        d, rows = self.feature_dim, self.layout.rows
+        want = {"whiten_t": (d, d), "center": (d,), "means_w": (rows, d), "half_sq_norm": (rows,), "shrinkage": (1,)}
+        for name, shape in want.items():
+            a = state.get(name)
+            if a is None or a.shape != shape or (name != "shrinkage" and not np.all(np.isfinite(a))):
+                raise MapperError(f"saved mapper state: {name} is missing, not {shape} or not finite")
+        self.whiten_t = np.ascontiguousarray(state["whiten_t"], dtype=np.float32)
+        self.center = np.asarray(state["center"], dtype=np.float32)
+        self.means_w = np.ascontiguousarray(state["means_w"], dtype=np.float32)
+        self.half_sq_norm = np.asarray(state["half_sq_norm"], dtype=np.float32)
+        self.shrinkage = float(state["shrinkage"][0])
 
     def _prepare_batch(self, x: np.ndarray) -> np.ndarray:
         z = matmul_nt(np.ascontiguousarray(x - self.center), self.whiten_t)
