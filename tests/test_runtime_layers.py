@@ -20,7 +20,7 @@ ALLOWED = {
     "mapping": {"knowledge"},
     "exchange": {"atomic", "knowledge", "mapping"},
     "cli": {"device", "exchange", "knowledge", "rom", "sources"},
-    "device": {"exchange", "knowledge", "mapping", "rom", "sources", "learn"},
+    "device": {"atomic", "exchange", "knowledge", "mapping", "rom", "sources", "learn"},
     "machine": set(),
 }
 
