@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MapperKind = Literal["gmmc", "maha"]
 MAPPER_ALIASES = {"gmmc": "gmmc", "maha": "maha", "mahalanobis": "maha"}
+MAPPER_NAMES: dict[str, str] = {"gmmc": "gmmc", "maha": "mahalanobis"}  # a kind as the CLI names it
 #: The mapper ``classify`` and ``eval`` use when none is named: Mahalanobis where every stored task
 #: carries its anchor (``learn`` fits both by default), else GMMC (``Device.resolve_mapper``).
 #: Mahalanobis wins routing, open set and speed on Lite0 (benchmarks/results/mapper_peers*.json):
@@ -470,12 +471,12 @@ class Device:
             self._held_cache = (stamp, [k for k in self.knowledge() if self._fits_rom(k)])
         return self._held_cache[1]
 
-    def resolve_mapper(self, kind: str = DEFAULT_MAPPER) -> MapperKind:
+    def resolve_mapper(self, kind: str = DEFAULT_MAPPER, stamp: str | None = None) -> MapperKind:
         """The mapper kind a name means for this bank: ``auto`` (``DEFAULT_MAPPER``) is Mahalanobis when
         every stored task carries a Mahalanobis anchor, else the kind that covers more of them."""
         if kind != "auto":
             return MAPPER_ALIASES[kind]
-        held = self._held(self._bank_stamp())
+        held = self._held(stamp if stamp is not None else self._bank_stamp())
         n_maha = sum(k.maha is not None for k in held)
         n_gmmc = sum(k.gmmc is not None for k in held)
         return "maha" if n_maha == len(held) or n_maha >= n_gmmc else "gmmc"
@@ -486,8 +487,8 @@ class Device:
         The bank's index (one small file) says whether it changed; the records themselves, every
         task's tensors read and hash-checked, are loaded only then.  Before, every call loaded them
         all: with 119 tasks that was 180 MB of reads per call, and most of a fleet device's time."""
-        kind = self.resolve_mapper(kind)
         stamp = self._bank_stamp()
+        kind = self.resolve_mapper(kind, stamp)
         cached = self._mappers.get(kind)
         if cached is None or cached[0] != stamp:
             tasks = [k for k in self._held(stamp) if (k.gmmc if kind == "gmmc" else k.maha) is not None]
@@ -513,7 +514,8 @@ class Device:
         from skill_edge.runtime.atomic import write_atomically
         from skill_edge.runtime.mapping.mapper import MahalanobisMapper, MapperError
 
-        digest = hashlib.sha256(f"{MahalanobisMapper.STATE_VERSION}|{stamp}".encode()).hexdigest()[:32]
+        # the ROM too: the same bank read through another ROM of the same widths holds other tasks
+        digest = hashlib.sha256(f"{MahalanobisMapper.STATE_VERSION}|{self.fingerprint}|{stamp}".encode()).hexdigest()[:32]
         folder = self.home / "mapper"
         path = folder / f"maha-{digest}.safetensors"
         if path.is_file():
@@ -553,7 +555,7 @@ class Device:
                           open_set: bool = True) -> dict[str, np.ndarray | list[str]]:
         """Mapper picks the task, that task's head (with its BB tail pass) picks the class."""
         mp, tasks = self.mapper(mapper)
-        res = mp.predict(batch.features, batch.trunk_stats)
+        res = mp.predict(batch.features, batch.trunk_stats, open_set=open_set)
         n = len(batch.features)
         cls = np.zeros(n, np.int64)
         cls_conf = np.zeros(n, np.float64)
@@ -571,7 +573,7 @@ class Device:
         return {"task_index": res.task_index, "task_names": [k.task for k in tasks],
                 "task_agents": [k.agent for k in keys], "task_labels": display_names(keys), "class_index": cls,
                 "task_confidence": res.confidence, "class_confidence": cls_conf,
-                "unknown": res.unknown if open_set else np.zeros(n, bool), "labels": [k.labels for k in tasks]}
+                "unknown": res.unknown, "labels": [k.labels for k in tasks]}
 
     def classify(self, images: Sequence[ImageInput], *, mapper: str = DEFAULT_MAPPER, open_set: bool = True,
                  names: Sequence[str] | None = None) -> list[Prediction]:

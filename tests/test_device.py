@@ -369,3 +369,25 @@ def test_a_cold_device_reuses_its_banks_mahalanobis_state(learned: Path, rom_dir
     assert "digits-again" in grown.mapper("maha")[0].task_names
     now = list((home / "mapper").glob("maha-*.safetensors"))
     assert len(now) == 1 and now[0] != saved[0]
+
+
+def test_a_full_disk_only_costs_the_saved_mapper_state(learned: Path, rom_dir: Path, tasks: dict[str, Path],
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the Mahalanobis state fails (ENOSPC): classify still answers, as without the state, and
+    leaves no file behind; the next process builds the mapper again."""
+    import errno
+
+    import skill_edge.runtime.atomic as atomic
+
+    home = tmp_path / "home"
+    shutil.copytree(learned, home)
+    shutil.rmtree(home / "mapper", ignore_errors=True)
+    files = sorted((tasks["shapes"] / "test").glob("*/*.png"))[:4]
+    want = [p.to_dict() for p in Device(learned, rom_dir).classify(files, mapper="maha")]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "write_atomically", full)
+    assert [p.to_dict() for p in Device(home, rom_dir).classify(files, mapper="maha")] == want
+    assert not any((home / "mapper").glob("*"))

@@ -530,3 +530,17 @@ def test_mahalanobis_state_round_trips_and_bad_state_is_refused(tasks):
                 {**built.state(), "center": np.full(D, np.nan, np.float32)}):
         with pytest.raises(MapperError, match="saved mapper state"):
             build_mapper("maha", knowledge, state=bad)
+
+
+def test_predict_without_open_set_runs_no_open_set_test(tasks, monkeypatch):
+    knowledge = [knowledge_for(n, x, y, "raw") for n, (x, y, _, _) in tasks.items()]
+    mp = build_mapper("gmmc", knowledge)
+    far = np.abs(np.random.default_rng(7).normal(40.0, 5.0, (20, D))).astype(np.float32)
+    assert mp.predict(far).unknown.all()
+
+    def boom(*a, **k):
+        raise AssertionError("an open-set test ran")
+
+    monkeypatch.setattr(mp, "open_set_margins", boom)
+    res = mp.predict(far, open_set=False)
+    assert not res.unknown.any() and res.task_index.shape == (20,)

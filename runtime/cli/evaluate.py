@@ -125,10 +125,12 @@ def evaluate_folder(dev, data: Path, *, task: str | None, split: str, mapper: st
 
     ds = load_image_folder(data, seed=seed)
     k = _bank_task(dev, data, ds.classes, task)
+    from skill_edge.runtime.device import MAPPER_NAMES
+
     kind = dev.resolve_mapper(mapper)
     if getattr(k, kind) is None:  # the mapper could never pick it: every image would count as a miss
-        name, other = ("gmmc", "mahalanobis") if kind == "gmmc" else ("mahalanobis", "gmmc")
-        raise EvalError(f"task {k.task!r} has no {name} anchor, so this mapper never picks it; "
+        other = next(n for c, n in MAPPER_NAMES.items() if c != kind)
+        raise EvalError(f"task {k.task!r} has no {MAPPER_NAMES[kind]} anchor, so this mapper never picks it; "
                         f"use --mapper {other}")
     parts = [ds.test] if split == "test" else [ds.train, ds.val, ds.test]
     paths = [p for s in parts for p in s.paths]
@@ -218,7 +220,9 @@ def eval_command(
         say_error("cannot evaluate:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     total = _total(results)
-    mapper = {"gmmc": "gmmc", "maha": "mahalanobis"}[dev.resolve_mapper(mapper)]  # what ``auto`` chose
+    from skill_edge.runtime.device import MAPPER_NAMES
+
+    mapper = MAPPER_NAMES[dev.resolve_mapper(mapper)]  # what ``auto`` chose
     report = {"backend": dev.engine.backend, "mapper": mapper, "open_set": not no_open_set, "split": split,
               "images": total.images, "classified": total.classified, "unreadable": len(total.unreadable),
               **total.rates(), "unknown": total.unknown, "tasks": [r.to_dict() for r in results],

@@ -71,9 +71,6 @@ def check_providers(provider: Optional[List[str]]) -> Optional[List[str]]:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-_MAPPER_NAMES = {"gmmc": "gmmc", "maha": "mahalanobis"}
-
-
 def check_mapper(mapper: str) -> None:
     """``--mapper`` of classify and eval: auto, gmmc, maha or mahalanobis, else a usage error (exit 2)."""
     from skill_edge.runtime.device import MAPPER_ALIASES
@@ -422,7 +419,9 @@ def classify_command(
         rows = [[p.source, _task_shown(p), p.label or "-", f"{p.task_confidence:.3f}", f"{p.class_confidence:.3f}",
                  p.error or (f"unknown: fits no stored task (nearest {p.nearest_task} / {p.nearest_label})"
                              if p.unknown else "")] for p in preds]
-        shown = _MAPPER_NAMES[dev.resolve_mapper(mapper)] if preds else mapper
+        from skill_edge.runtime.device import MAPPER_NAMES
+
+        shown = MAPPER_NAMES[dev.resolve_mapper(mapper)] if preds else mapper
         print_table(f"{len(preds)} inputs, mapper {shown}", ("input", "task", "class", "task conf", "class conf",
                                                                "note"), rows, shorten=0)
     summary = classify_summary(preds)

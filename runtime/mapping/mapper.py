@@ -12,7 +12,7 @@ Every stored task is scored in one vectorised pass over the batch:
 Both report, per input, the best task, its posterior over tasks (softmax of the per-task
 log-likelihoods), the full score matrix, and ``unknown`` when the chosen task's open-set
 score falls below the threshold its teacher calibrated, under any anchor its record carries
-(``OtherAnchorTests``).  Each open-set score depends on that task's anchor alone (GMMC: its
+(``AnchorTests``).  Each open-set score depends on that task's anchor alone (GMMC: its
 mixture log-likelihood; Mahalanobis: the distance under its own exemplars' covariance,
 ``OwnExemplarMetric``), so it means on every student exactly what it meant on the teacher,
 however many other tasks the student holds.
@@ -219,8 +219,10 @@ class TaskMapper:
         self._temperature = float(value)
 
     @classmethod
-    def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], **kwargs):
-        """Build from received task records; every record needs this mapper's anchor and the same transform."""
+    def from_knowledge(cls, knowledge: Sequence[TaskKnowledge], *,
+                       open_set: Literal["every_anchor", "own_anchor"] = "every_anchor", **kwargs):
+        """Build from received task records; every record needs this mapper's anchor and the same transform.
+        ``open_set``: whether a task also rejects inputs with the other anchor kind its record carries."""
         knowledge = list(knowledge)
         if not knowledge:
             raise MapperError("a mapper needs at least one task")
@@ -231,7 +233,6 @@ class TaskMapper:
                               f"use the {other} mapper or refit them")
         # two agents may teach one name: their tasks are named task@agent here (runtime.knowledge.identity)
         names = display_names([TaskKey(k.task, k.meta.agent_id) for k in knowledge])
-        open_set = kwargs.pop("open_set", "every_anchor")
         if open_set not in ("every_anchor", "own_anchor"):
             raise MapperError(f"open_set must be 'every_anchor' or 'own_anchor', got {open_set!r}")
         mapper = cls(names, [getattr(k, cls.kind) for k in knowledge],
@@ -240,13 +241,13 @@ class TaskMapper:
         if open_set == "every_anchor":
             other = next(k for k in _ANCHOR_NAMES if k != cls.kind)
             if any(getattr(k, other) is not None and other in k.thresholds for k in knowledge):
-                mapper.other_tests = OtherAnchorTests(other, [getattr(k, other) for k in knowledge],
-                                                      _thresholds(knowledge, other))
+                mapper.other_tests = AnchorTests(other, [getattr(k, other) for k in knowledge],
+                                                 _thresholds(knowledge, other))
         return mapper
     task_names: list[str]
     feature_transform: str
     thresholds: np.ndarray  # [T]
-    other_tests: "OtherAnchorTests | None" = None  # the other anchor kind's open-set tests (``from_knowledge``)
+    other_tests: "AnchorTests | None" = None  # the other anchor kind's open-set tests (``from_knowledge``)
     feature_dim: int  # width of the anchors' space (ROM features, plus trunk statistics for trunk transforms)
     layout: TaskLayout
     block_elements: int
@@ -314,12 +315,14 @@ class TaskMapper:
                               f"but the anchors are {self.feature_dim} wide (another ROM?)")
         return z
 
-    def predict(self, features: np.ndarray, trunk_stats: np.ndarray | None = None) -> MapperResult:
-        """Choose a task for each row of raw ``features`` [N, D] (and ``trunk_stats`` for trunk transforms)."""
+    def predict(self, features: np.ndarray, trunk_stats: np.ndarray | None = None, *,
+                open_set: bool = True) -> MapperResult:
+        """Choose a task for each row of raw ``features`` [N, D] (and ``trunk_stats`` for trunk transforms);
+        ``open_set=False`` skips the open-set tests (``unknown`` is all False)."""
         x = self.prepare(features, trunk_stats)
         sel = self.task_scores(x)
         best = sel.argmax(axis=1)
-        unknown = self.open_set_margins(x, best, sel) < 0
+        unknown = self.open_set_margins(x, best, sel) < 0 if open_set else np.zeros(len(best), dtype=bool)
         return MapperResult(
             task_index=best,
             task_names=list(self.task_names),
@@ -536,8 +539,7 @@ class MahalanobisMapper(TaskMapper):
         self.thresholds = (np.full(len(names), -np.inf) if thresholds is None
                            else np.asarray(thresholds, dtype=np.float64))
         self.layout = TaskLayout([a.class_means.shape[0] for a in anchors], block_rows)
-        self._anchors = list(anchors)  # the bank's arrays, referenced (not copied) for the open-set metric
-        self._own_metric: dict[int, OwnExemplarMetric] = {}
+        self._own_tests = AnchorTests("maha", anchors, self.thresholds)  # the open-set metric, per task
         if state is not None:
             self._set_state(state)
             return
@@ -607,14 +609,7 @@ class MahalanobisMapper(TaskMapper):
 
     def open_set_scores(self, x: np.ndarray, task_index: np.ndarray, selection: np.ndarray) -> np.ndarray:
         """The chosen task's own-exemplar score (``OwnExemplarMetric``), the quantity teachers calibrate."""
-        out = np.empty(len(task_index), dtype=np.float64)
-        for t in np.unique(task_index):
-            t = int(t)
-            if t not in self._own_metric:
-                self._own_metric[t] = OwnExemplarMetric.from_anchor(self._anchors[t])
-            sel = task_index == t
-            out[sel] = self._own_metric[t].scores(x[sel])
-        return out
+        return self._own_tests.scores(x, task_index)
 
     def task_scores_of(self, x: np.ndarray, tasks: Sequence[int]) -> np.ndarray:
         """``task_scores(x)[:, tasks]`` computed from those tasks' classes only, [N, len(tasks)]: what a
@@ -699,18 +694,20 @@ def mahalanobis_task_score(anchor: MahalanobisAnchor, x: np.ndarray) -> np.ndarr
     return OwnExemplarMetric.from_anchor(anchor).scores(x)
 
 
-class OtherAnchorTests:
-    """The open-set tests of the anchor kind a mapper does not choose with, one per task.
+class AnchorTests:
+    """One anchor kind's open-set test per task: the score that depends on the task's anchor alone
+    (GMMC: its mixture log-likelihood; Mahalanobis: ``OwnExemplarMetric``), against its threshold.
 
-    A task learned with both anchors carries both thresholds, each set so that about 1 % of
-    its held-out images fall below it, so rejecting when either test fails calls at most about
-    2 % of its own images unknown.  The two tests fail on different families: leaving one of
-    the 21 skill-bench tasks out of the bank, GMMC separates an absent Omniglot alphabet's
-    images from the known tasks' with an AUROC of 0.52-0.72 and the Mahalanobis own-exemplar
-    metric with 0.84-0.96, while on the CIFAR-10 pairs it is the other way round (0.78-0.89
-    against 0.50-0.75; benchmarks/results/mapper_peers.json, ``open_set_own_anchor``).  Both
-    scores depend on the task's own anchor alone, as the teacher calibrated them.  A task
-    without the other anchor, or without its threshold, passes.
+    ``MahalanobisMapper`` scores its own open set with one; ``from_knowledge`` gives every mapper one
+    of the *other* kind (``TaskMapper.other_tests``).  A task learned with both anchors carries both
+    thresholds, each set so that about 1 % of its held-out images fall below it, so rejecting when
+    either fails calls at most about 2 % of its own images unknown.  The two fail on different
+    families: leaving one of the 21 skill-bench tasks out of the bank, GMMC separates an absent
+    Omniglot alphabet's images from the known tasks' with an AUROC of 0.52-0.72 and the Mahalanobis
+    own-exemplar metric with 0.84-0.96, while on the CIFAR-10 pairs it is the other way round
+    (0.78-0.89 against 0.50-0.75; benchmarks/results/mapper_peers.json, ``open_set_own_anchor``).
+    A task without the anchor, or without its threshold, passes.  Scorers are built per task on
+    first use, since an input batch usually reaches few tasks.
     """
 
     def __init__(self, kind: str, anchors: Sequence[GmmcAnchor | MahalanobisAnchor | None],
@@ -729,15 +726,22 @@ class OtherAnchorTests:
         scorer = self._scorers[t]
         return scorer.task_scores(x)[:, 0].astype(np.float64) if self.kind == "gmmc" else scorer.scores(x)
 
-    def margins(self, x: np.ndarray, task_index: np.ndarray) -> np.ndarray:
-        """Score minus threshold of each input's chosen task, [N]; +inf where that task has no test."""
-        out = np.full(len(task_index), np.inf)
+    def scores(self, x: np.ndarray, task_index: np.ndarray) -> np.ndarray:
+        """Each input's score under its chosen task's anchor, [N]; -inf where that task has none."""
+        out = np.full(len(task_index), -np.inf)
         for t in np.unique(task_index):
             t = int(t)
-            if self._anchors[t] is None or not np.isfinite(self.thresholds[t]):
-                continue
-            sel = task_index == t
-            out[sel] = self._score(t, np.asarray(x[sel], dtype=np.float32)) - self.thresholds[t]
+            if self._anchors[t] is not None:
+                sel = task_index == t
+                out[sel] = self._score(t, x[sel])
+        return out
+
+    def margins(self, x: np.ndarray, task_index: np.ndarray) -> np.ndarray:
+        """Score minus threshold of each input's chosen task, [N]; +inf where that task has no test."""
+        tested = np.array([self._anchors[int(t)] is not None for t in task_index], bool) & np.isfinite(
+            self.thresholds[task_index])
+        out = np.full(len(task_index), np.inf)
+        out[tested] = self.scores(x[tested], task_index[tested]) - self.thresholds[task_index[tested]]
         return out
 
 
