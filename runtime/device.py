@@ -48,6 +48,18 @@ DEFAULT_MAPPER = "auto"
 UNKNOWN = "unknown"
 
 
+def _state_digest(state: dict[str, np.ndarray]) -> np.ndarray:
+    """sha256 over a saved mapper state's arrays (names, shapes, dtypes and bytes), as uint8[32]: a
+    flipped bit in the file would otherwise change answers silently, where the bank's records are
+    hash-checked on every load."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        a = np.ascontiguousarray(state[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
 class LearnError(ValueError):
     """A task that cannot be learned from what was given (no images decoded, one class...)."""
 
@@ -520,12 +532,16 @@ class Device:
         path = folder / f"maha-{digest}.safetensors"
         if path.is_file():
             try:
-                return build_mapper(kind, tasks, state=load(path.read_bytes()))
+                state = load(path.read_bytes())
+                if not np.array_equal(state.pop("sha256", None), _state_digest(state)):
+                    raise ValueError("its arrays do not match their checksum")
+                return build_mapper(kind, tasks, state=state)
             except (OSError, ValueError, SafetensorError, MapperError) as exc:
                 log.warning("rebuilding the Mahalanobis mapper: its saved state %s is unusable (%s)", path.name, exc)
         mapper = build_mapper(kind, tasks)
         try:
-            write_atomically(path, save(mapper.state()))
+            state = mapper.state()
+            write_atomically(path, save({**state, "sha256": _state_digest(state)}))
             for old in folder.glob("maha-*.safetensors"):
                 if old != path:
                     old.unlink(missing_ok=True)

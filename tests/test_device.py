@@ -362,6 +362,17 @@ def test_a_cold_device_reuses_its_banks_mahalanobis_state(learned: Path, rom_dir
     assert [p.to_dict() for p in Device(home, rom_dir).classify(files, mapper="maha")] == want
     assert saved[0].read_bytes() != b"not a safetensors file"  # rebuilt and written back
 
+    from safetensors.numpy import load, save
+
+    tampered = load(saved[0].read_bytes())
+    tampered["whiten_t"] = tampered["whiten_t"] * 2  # valid shapes, wrong values: the checksum catches it
+    saved[0].write_bytes(save(tampered))
+    monkeypatch.setattr(mapper_module, "exemplar_scatter", no_scatter)
+    with pytest.raises(AssertionError, match="recomputed"):  # it is not used: the device rebuilds
+        Device(home, rom_dir).classify(files, mapper="maha")
+    monkeypatch.setattr(mapper_module, "exemplar_scatter", real_scatter)
+    assert [p.to_dict() for p in Device(home, rom_dir).classify(files, mapper="maha")] == want
+
     res = runner.invoke(app, ["learn", "--task", "digits-again", "--data", str(tasks["digits-low"]), "--home", str(home),
                               "--rom", str(rom_dir), "--json"])
     assert res.exit_code == 0, res.output
