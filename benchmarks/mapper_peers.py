@@ -898,7 +898,9 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
 {summary['classes']} classes, oracle {summary['oracle_acc']:.4f}, the device's heads for every method);
 `results/{name}.json`.  Bytes are what a device must send per task for that method (ours: the real signed
 packet at the default fp32 rung with this anchor only and the head; the 56 KB rows: the mean packet when the
-codec's budget ladder must fit every packet in 56 KB, 3-bit heads included; peers: their mergeable sums in fp16);
+codec's budget ladder must fit every packet in 56 KB, 3-bit heads included; "both anchors": what `learn` sends
+by default under that budget, one packet with both anchors, each reduced further so the two fit, routed by the
+row's mapper, with an open set that rejects when either anchor's test does; peers: their mergeable sums in fp16);
 "ms/img @1000 tasks" times the mapper's scoring of one image against 1,000 tasks on this CPU.
 
 {table}
