@@ -603,7 +603,8 @@ def main() -> None:
         return {"max_packet_bytes": int(max(len(p) for p in packets)), "budget_bytes": COMPACT_BYTES,
                 "steps": {k.task: k.meta.encoding["step"] for k in received}}
 
-    def ours(kind: str, label: str, records: list, nbytes: int, extra: dict, both: list | None = None) -> None:
+    def ours(kind: str, label: str, records: list, nbytes: int, extra: dict, both: list | None = None,
+             control: list | None = None) -> None:
         """One of our rows from the records a receiver holds; ``both``: the same tasks' records with both
         anchors, as ``learn`` sends them by default, whose open-set test rejects when either anchor's does."""
         t0 = time.perf_counter()
@@ -628,6 +629,9 @@ def main() -> None:
                         "open_set_rule": "either anchor's threshold rejects (records with both anchors, "
                                          f"{int(np.mean([len(codec.encode(k, key)) for k in both])):,} B a packet)",
                         "open_set_own_anchor": own}
+        if control is not None:  # the same records with the teacher's GMMC thresholds, as sent before they were carried
+            open_set["open_set_gmmc_threshold_uncarried"] = leave_one_out(
+                sel, margins(build_mapper(kind, control), xs, sel), test, relative_to_threshold=True)["at_thresholds"]
         add(label, pred, bytes_per_task=nbytes, student_s=student, ms_1000=ms, in_product=True,
             extra={"calibration": calibration(sel.astype(np.float64), test.task, mp.temperature),
                    "temperature_in_runtime": mp.temperature, **open_set,
@@ -652,9 +656,12 @@ def main() -> None:
         log("56 KB packets with both anchors")
         packets = [PacketCodec(budget_bytes=COMPACT_BYTES).encode(k, key) for k in knowledge]
         received = [codec.decode(p).knowledge for p in packets]
+        uncarried = [dataclasses.replace(r, thresholds={**r.thresholds, "gmmc": k.thresholds["gmmc"]})
+                     for r, k in zip(received, knowledge)]
         for kind, name in (("maha", "Mahalanobis"), ("gmmc", "GMMC")):
             ours(kind, f"{name} (ours, 56 KB packets, both anchors)", received,
-                 int(np.mean([len(p) for p in packets])), compact_extra(packets, received), both=received)
+                 int(np.mean([len(p) for p in packets])), compact_extra(packets, received), both=received,
+                 control=uncarried)
 
     # --- NCM
     if runs("ncm"):
@@ -888,7 +895,10 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
                       f" at the thresholds {r['open_set']['at_thresholds']['known_called_unknown']:.1%} of known / "
                       f"{r['open_set']['at_thresholds']['absent_called_unknown']:.1%} of absent-task images unknown "
                       f"(own anchor {r['open_set_own_anchor']['at_thresholds']['known_called_unknown']:.1%} / "
-                      f"{r['open_set_own_anchor']['at_thresholds']['absent_called_unknown']:.1%})" for r in fused) + ".")
+                      f"{r['open_set_own_anchor']['at_thresholds']['absent_called_unknown']:.1%})"
+                      + (f"; with the teacher's GMMC thresholds uncarried {u['known_called_unknown']:.1%} / "
+                         f"{u['absent_called_unknown']:.1%}" if (u := r.get("open_set_gmmc_threshold_uncarried")) else "")
+                      for r in fused) + ".")
     timing_note = ("" if "; then " not in cmd else """
 - Times are those of the run that made each row (the command lists the runs; an `--update` redoes only its
   rows), so compare ms and student seconds within one run only.""")
