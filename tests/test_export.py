@@ -250,6 +250,20 @@ def test_bound_biases_match_per_sample_biases(rom_dir: Path) -> None:
     assert len(engine._bound) == 2 and _rel_err(few, plain.tail(acts[:2], tails[0] + 1.0)) < 1e-6
 
 
+def test_a_few_rows_of_zero_biases_run_on_the_open_tail_session(rom_dir: Path) -> None:
+    """Binding zeros rewrites the tail and opens another session (0.5-0.6 s for Lite0 on 2 cores): a
+    cold one-image classify must not pay it.  A full batch still binds them."""
+    from skill_edge.runtime.rom.engine import BIND_MIN_ROWS, RomEngine
+
+    engine = RomEngine(rom_dir, providers=["cpu"], bound_sessions=2)
+    plain = RomEngine(rom_dir, providers=["cpu"], bound_sessions=0)
+    acts = engine.trunk(_images(BIND_MIN_ROWS, 224, seed=6).numpy())
+    assert _rel_err(engine.tail(acts[:1]), plain.tail(acts[:1])) < 1e-6
+    assert len(engine._bound) == 0
+    assert _rel_err(engine.tail(acts), plain.tail(acts)) < 1e-5
+    assert len(engine._bound) == 1
+
+
 def test_engine_sessions_do_not_spin(rom_dir: Path) -> None:
     """Trunk, tail and bound-tail pools alternate on the same cores; a spinning idle pool halves
     batch-1 throughput on 2 cores (benchmarks/README.md, the 'spinning pools' rows)."""

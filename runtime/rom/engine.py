@@ -126,8 +126,10 @@ def usable_cores() -> int:
 
 #: Bias-bound tail sessions kept per engine (a Lite0 tail is ~4 MB of weights each).
 DEFAULT_BOUND_SESSIONS = 8
-#: Rows a batch needs before a not-yet-bound bias vector gets its own session (building one
-#: takes ~0.05-0.1 s, more than a few rows cost on the per-sample graph).
+#: Rows a batch needs before a not-yet-bound bias vector, zeros included, gets its own session.
+#: Building one rewrites the graph and opens a session: 0.5-0.6 s for Lite0's tail on 2 cores, where
+#: one image costs about 0.03 s on the per-sample graph.  Zeros used to be bound at any size, and a
+#: cold one-image ``classify`` with ``onnx`` installed paid the 0.6 s for nothing.
 BIND_MIN_ROWS = 8
 
 
@@ -427,7 +429,7 @@ class RomEngine:
         if graph is not None:
             self._bound.move_to_end(key)
             return graph
-        if len(bb) < BIND_MIN_ROWS and np.any(row):  # zeros: always worth binding (every extraction)
+        if len(bb) < BIND_MIN_ROWS:
             return None
         graph = _OrtGraph(bind_biases(self._verified_graph_bytes(name), row), self.provider, self.threads)
         self._bound[key] = graph
