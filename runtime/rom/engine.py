@@ -127,9 +127,9 @@ def usable_cores() -> int:
 #: Bias-bound tail sessions kept per engine (a Lite0 tail is ~4 MB of weights each).
 DEFAULT_BOUND_SESSIONS = 8
 #: Rows a batch needs before a not-yet-bound bias vector, zeros included, gets its own session.
-#: Building one imports onnx, rewrites the graph and opens a session: 0.5-0.6 s in all for Lite0's tail on 2 cores, where
-#: one image costs about 0.03 s on the per-sample graph.  Zeros used to be bound at any size, and a
-#: cold one-image ``classify`` with ``onnx`` installed paid the 0.6 s for nothing.
+#: Building one imports onnx, rewrites the graph and opens a session: 0.5-0.6 s in all for Lite0's
+#: tail on 2 cores, where one image costs about 0.03 s on the per-sample graph.  Zeros used to be
+#: bound at any size, and a cold one-image ``classify`` with ``onnx`` installed paid that for nothing.
 BIND_MIN_ROWS = 8
 
 
