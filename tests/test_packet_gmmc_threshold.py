@@ -81,3 +81,22 @@ def test_the_carry_is_a_pure_function_of_the_anchors(digits_task):
     th = k.thresholds["gmmc"]
     assert carry_gmmc_threshold(k.gmmc, th, ref) == pytest.approx(th, abs=1e-6)
     assert carry_gmmc_threshold(k.gmmc, float("-inf"), ref) == float("-inf")
+
+
+def test_a_budget_walk_carries_thresholds_for_the_rung_it_sends_only(digits_task, key, trust, monkeypatch):
+    """Rungs are sized with the teacher's thresholds; the carried ones are computed for a rung that
+    fits (scoring the reference draws under every rung made a walk 14x slower under qemu).  The
+    packet is byte for byte the one that rung's plan gives with its carried thresholds."""
+    import skill_edge.runtime.exchange.packet as packet_module
+
+    k, _ = digits_task
+    codec = PacketCodec()
+    budget = len(codec.encode(k, key, plan="int3+gmmc_k=2"))
+    calls = []
+    real = packet_module.carry_thresholds
+    monkeypatch.setattr(packet_module, "carry_thresholds", lambda *a: calls.append(a[1].step) or real(*a))
+    walked = PacketCodec(budget_bytes=budget).encode(k, key)
+    got = codec.decode(walked, trust=trust)
+    assert len(walked) <= budget and len(calls) <= 2 and calls[-1] == got.plan.step
+    assert walked == codec.encode(k, key, plan=got.plan.step)
+    assert got.knowledge.thresholds["gmmc"] != k.thresholds["gmmc"]

@@ -719,9 +719,12 @@ class TaskReductions:
         return self._gmmc_reference
 
 
-def apply_plan(knowledge: TaskKnowledge, plan: EncodingPlan, reductions: TaskReductions | None = None
-               ) -> tuple[TaskKnowledge, dict[str, np.ndarray]]:
+def apply_plan(knowledge: TaskKnowledge, plan: EncodingPlan, reductions: TaskReductions | None = None, *,
+               carry: bool = True) -> tuple[TaskKnowledge, dict[str, np.ndarray]]:
     """The (possibly reduced) knowledge a plan sends, and its wire tensors for safetensors.
+
+    ``carry=False`` leaves the teacher's open-set thresholds as they are: the packet then has the
+    size of the real one to within a few bytes of JSON digits (``carry_thresholds`` adds them).
 
     ``reductions`` (for this ``knowledge``) saves re-merging when many plans of one task are
     tried.  Class means are merged before exemplars are thinned, so ``exemplars_per_class`` then
@@ -745,22 +748,33 @@ def apply_plan(knowledge: TaskKnowledge, plan: EncodingPlan, reductions: TaskRed
     for name, arr in reduced.tensors().items():
         for suffix, part in encode_tensor(arr, plan.tensors[name]).items():
             wire[name + suffix] = part
-    lossy_maha = maha is not knowledge.maha or any(plan.tensors.get(n, "f32") != "f32" for n in _MAHA_TENSORS)
+    if carry:
+        reduced = carry_thresholds(knowledge, plan, reduced, wire, cache)
+    return reduced, wire
+
+
+def carry_thresholds(knowledge: TaskKnowledge, plan: EncodingPlan, reduced: TaskKnowledge,
+                     wire: dict[str, np.ndarray], reductions: TaskReductions) -> TaskKnowledge:
+    """``reduced`` with the open-set thresholds of the anchors a receiver restores from ``wire``
+    (``carry_maha_threshold``, ``carry_gmmc_threshold``) where the plan changed them.  A budget
+    walk calls this for the rung that fits only: scoring the reference draws under every rung's
+    anchors made a 16 KB walk 14x slower under qemu (aarch64_check)."""
+    lossy_maha = reduced.maha is not knowledge.maha or any(plan.tensors.get(n, "f32") != "f32" for n in _MAHA_TENSORS)
     if knowledge.maha is not None and lossy_maha and "maha" in knowledge.thresholds:
         restored = restore_tensors({n: v for n, v in wire.items() if n.startswith("maha.")},
                                    replace(plan, tensors={n: plan.tensors[n] for n in _MAHA_TENSORS}))
         received = MahalanobisAnchor(*(restored[n] for n in _MAHA_TENSORS))
         threshold = carry_maha_threshold(knowledge.maha, received, knowledge.thresholds["maha"],
-                                         cache.threshold_reference())
+                                         reductions.threshold_reference())
         reduced = replace(reduced, thresholds={**reduced.thresholds, "maha": threshold})
     lossy_gmmc = reduced.gmmc is not knowledge.gmmc or any(plan.tensors.get(n, "f32") != "f32" for n in _GMMC_TENSORS)
     if knowledge.gmmc is not None and lossy_gmmc and "gmmc" in knowledge.thresholds:
         restored = restore_tensors({n: v for n, v in wire.items() if n.startswith("gmmc.")},
                                    replace(plan, tensors={n: plan.tensors[n] for n in _GMMC_TENSORS}))
         received_gmmc = GmmcAnchor(*(restored[n] for n in _GMMC_TENSORS))
-        threshold = carry_gmmc_threshold(received_gmmc, knowledge.thresholds["gmmc"], cache.gmmc_threshold_reference())
+        threshold = carry_gmmc_threshold(received_gmmc, knowledge.thresholds["gmmc"], reductions.gmmc_threshold_reference())
         reduced = replace(reduced, thresholds={**reduced.thresholds, "gmmc": threshold})
-    return reduced, wire
+    return reduced
 
 
 _MAHA_TENSORS = ("maha.class_means", "maha.exemplars", "maha.exemplar_labels")

@@ -46,6 +46,7 @@ from skill_edge.runtime.exchange.codec import (
     PlanError,
     TaskReductions,
     apply_plan,
+    carry_thresholds,
     format_size,
     parse_size,
     plan_for_step,
@@ -78,6 +79,10 @@ HEADER_BYTES = HEADER.size  # 20
 SIGNATURE_BYTES = 64
 TRAILER_BYTES = KEY_ID_BYTES + SIGNATURE_BYTES  # 72
 
+#: How much a packet sized with the teacher's open-set thresholds may exceed the budget and still be
+#: re-encoded with the carried ones: a threshold is a JSON float (up to 24 characters), and zstd
+#: may spend a few bytes more on other digits.
+THRESHOLD_DIGITS_SLACK = 64
 MAX_PACKET_BYTES = 64 * 1024 * 1024  # a 300-class Mahalanobis task at fp32 is ~17 MB
 MAX_META_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = 128 * 1024 * 1024  # decompressed safetensors bytes
@@ -524,18 +529,24 @@ class PacketCodec:
         smallest: tuple[int, str] | None = None
         reductions = TaskReductions(knowledge)  # merge paths and threshold draws, once for every rung
         for p in ladder:
-            data = self._encode_best_compression(knowledge, key, p, reductions)
-            if len(data) <= self.budget_bytes:
-                return data
+            # sized with the teacher's thresholds; the carried ones are computed for a rung that fits
+            reduced, wire = apply_plan(knowledge, p, reductions, carry=False)
+            data = self._encode_best_compression(knowledge, key, p, applied=(reduced, wire))
+            if len(data) <= self.budget_bytes + THRESHOLD_DIGITS_SLACK:
+                carried = carry_thresholds(knowledge, p, reduced, wire, reductions)
+                data = self._encode_best_compression(knowledge, key, p, applied=(carried, wire))
+                if len(data) <= self.budget_bytes:
+                    return data
             if smallest is None or len(data) < smallest[0]:
                 smallest = (len(data), p.step)
         # unsigned packets are 72 bytes smaller, but the receivers reject them: report what the caller asked for
         raise BudgetError(self.budget_bytes, smallest[0], smallest[1])
 
-    def _encode_best_compression(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan,
-                                 reductions: TaskReductions | None = None) -> bytes:
+    def _encode_best_compression(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan, *,
+                                 applied: tuple[TaskKnowledge, dict[str, np.ndarray]] | None = None) -> bytes:
         options = {"auto": ("none", "zstd"), "zstd": ("zstd",), "none": ("none",)}[self.compression]
-        applied = apply_plan(knowledge, plan, reductions)  # the same tensors whichever compression wins
+        if applied is None:
+            applied = apply_plan(knowledge, plan)  # the same tensors whichever compression wins
         candidates = [self.encode_exact(knowledge, key, replace(plan, compression=c), applied=applied)
                       for c in options]
         return min(candidates, key=len)
