@@ -759,22 +759,24 @@ def carry_thresholds(knowledge: TaskKnowledge, plan: EncodingPlan, reduced: Task
     (``carry_maha_threshold``, ``carry_gmmc_threshold``) where the plan changed them.  A budget
     walk calls this for the rung that fits only: scoring the reference draws under every rung's
     anchors made a 16 KB walk 14x slower under qemu (aarch64_check)."""
-    lossy_maha = reduced.maha is not knowledge.maha or any(plan.tensors.get(n, "f32") != "f32" for n in _MAHA_TENSORS)
-    if knowledge.maha is not None and lossy_maha and "maha" in knowledge.thresholds:
-        restored = restore_tensors({n: v for n, v in wire.items() if n.startswith("maha.")},
-                                   replace(plan, tensors={n: plan.tensors[n] for n in _MAHA_TENSORS}))
-        received = MahalanobisAnchor(*(restored[n] for n in _MAHA_TENSORS))
-        threshold = carry_maha_threshold(knowledge.maha, received, knowledge.thresholds["maha"],
-                                         reductions.threshold_reference())
-        reduced = replace(reduced, thresholds={**reduced.thresholds, "maha": threshold})
-    lossy_gmmc = reduced.gmmc is not knowledge.gmmc or any(plan.tensors.get(n, "f32") != "f32" for n in _GMMC_TENSORS)
-    if knowledge.gmmc is not None and lossy_gmmc and "gmmc" in knowledge.thresholds:
-        restored = restore_tensors({n: v for n, v in wire.items() if n.startswith("gmmc.")},
-                                   replace(plan, tensors={n: plan.tensors[n] for n in _GMMC_TENSORS}))
-        received_gmmc = GmmcAnchor(*(restored[n] for n in _GMMC_TENSORS))
-        threshold = carry_gmmc_threshold(received_gmmc, knowledge.thresholds["gmmc"], reductions.gmmc_threshold_reference())
-        reduced = replace(reduced, thresholds={**reduced.thresholds, "gmmc": threshold})
-    return reduced
+    def received(kind: str, names: tuple[str, ...], anchor_type: type):
+        """The anchor of ``kind`` as the receiver restores it, or None where the plan left it exact."""
+        if getattr(knowledge, kind) is None or kind not in knowledge.thresholds:
+            return None
+        if getattr(reduced, kind) is getattr(knowledge, kind) and all(plan.tensors[n] == "f32" for n in names):
+            return None
+        restored = restore_tensors({n: v for n, v in wire.items() if n.startswith(kind + ".")},
+                                   replace(plan, tensors={n: plan.tensors[n] for n in names}))
+        return anchor_type(*(restored[n] for n in names))
+
+    thresholds = dict(reduced.thresholds)
+    if (maha := received("maha", _MAHA_TENSORS, MahalanobisAnchor)) is not None:
+        thresholds["maha"] = carry_maha_threshold(knowledge.maha, maha, knowledge.thresholds["maha"],
+                                                  reductions.threshold_reference())
+    if (gmmc := received("gmmc", _GMMC_TENSORS, GmmcAnchor)) is not None:
+        thresholds["gmmc"] = carry_gmmc_threshold(gmmc, knowledge.thresholds["gmmc"],
+                                                  reductions.gmmc_threshold_reference())
+    return reduced if thresholds == reduced.thresholds else replace(reduced, thresholds=thresholds)
 
 
 _MAHA_TENSORS = ("maha.class_means", "maha.exemplars", "maha.exemplar_labels")
