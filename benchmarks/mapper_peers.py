@@ -74,7 +74,7 @@ from skill_scale import learned, load_tasks, log  # noqa: E402
 from skill_edge.runtime.mapping.anchors import transform_features  # noqa: E402
 from skill_edge.runtime.exchange.packet import PacketCodec  # noqa: E402
 from skill_edge.runtime.exchange.keys import DeviceKey  # noqa: E402
-from skill_edge.runtime.mapping.mapper import build_mapper, exemplar_scatter  # noqa: E402
+from skill_edge.runtime.mapping.mapper import AnchorTests, build_mapper, exemplar_scatter  # noqa: E402
 
 TRANSFORM = "sqrt_l2_trunk"
 COMPACT_BYTES = 56_000
@@ -599,6 +599,21 @@ def main() -> None:
         """[N, T]: each image's open-set margin under each task as its choice (< 0: unknown)."""
         return np.stack([mp.open_set_margins(xs, np.full(len(xs), j), sel) for j in range(len(tasks))], axis=1)
 
+    def own_images_unknown(received: list, teacher: dict[str, list]) -> dict:
+        """Each task's own test images that its own anchor's test rejects, per anchor kind, with the
+        thresholds the packets carry and with the teacher's (uncarried): mean and worst over tasks."""
+        prep = build_mapper("maha", received)
+        xs = [prep.prepare(t.x_test, t.s_test) for t in tasks]
+        out = {}
+        for kind in ("maha", "gmmc"):
+            for label, records in (("carried", received), ("uncarried", teacher[kind])):
+                tests = AnchorTests(kind, [getattr(r, kind) for r in received],
+                                    np.array([r.thresholds[kind] for r in records]))
+                rates = [float(np.mean(tests.margins(x, np.full(len(x), j)) < 0)) for j, x in enumerate(xs)]
+                out.setdefault(kind, {})[label] = {"mean": float(np.mean(rates)), "max": float(np.max(rates)),
+                                                   "worst_task": names[int(np.argmax(rates))]}
+        return out
+
     def compact_extra(packets: list[bytes], received: list) -> dict:
         return {"max_packet_bytes": int(max(len(p) for p in packets)), "budget_bytes": COMPACT_BYTES,
                 "steps": {k.task: k.meta.encoding["step"] for k in received}}
@@ -658,10 +673,12 @@ def main() -> None:
         received = [codec.decode(p).knowledge for p in packets]
         uncarried = [dataclasses.replace(r, thresholds={**r.thresholds, "gmmc": k.thresholds["gmmc"]})
                      for r, k in zip(received, knowledge)]
+        own = own_images_unknown(received, {"maha": knowledge, "gmmc": knowledge})
         for kind, name in (("maha", "Mahalanobis"), ("gmmc", "GMMC")):
             ours(kind, f"{name} (ours, 56 KB packets, both anchors)", received,
-                 int(np.mean([len(p) for p in packets])), compact_extra(packets, received), both=received,
-                 control=uncarried)
+                 int(np.mean([len(p) for p in packets])), {**compact_extra(packets, received),
+                                                           "own_images_called_unknown_by_anchor": own},
+                 both=received, control=uncarried)
 
     # --- NCM
     if runs("ncm"):
@@ -899,6 +916,14 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
                       + (f"; with the teacher's GMMC thresholds uncarried {u['known_called_unknown']:.1%} / "
                          f"{u['absent_called_unknown']:.1%}" if (u := r.get("open_set_gmmc_threshold_uncarried")) else "")
                       for r in fused) + ".")
+    own_rows = [r for r in rows if "own_images_called_unknown_by_anchor" in r][:1]
+    own_note = ("" if not own_rows else "\n- Each task's own test images rejected by its own anchor's test in the 56 KB "
+                "packets with both anchors (the teachers set 1 %), with the thresholds the packets carry against the "
+                "teacher's: " + "; ".join(
+                    f"{'Mahalanobis' if kind == 'maha' else 'GMMC'} {v['carried']['mean']:.1%} (worst "
+                    f"{v['carried']['max']:.1%}) against {v['uncarried']['mean']:.1%} (worst {v['uncarried']['max']:.1%}, "
+                    f"{v['uncarried']['worst_task']})"
+                    for kind, v in own_rows[0]["own_images_called_unknown_by_anchor"].items()) + ".")
     timing_note = ("" if "; then " not in cmd else """
 - Times are those of the run that made each row (the command lists the runs; an `--update` redoes only its
   rows), so compare ms and student seconds within one run only.""")
@@ -920,7 +945,7 @@ row's mapper, with an open set that rejects when either anchor's test does; peer
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
   calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
-  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{fused_note}{refit_note}
+  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{fused_note}{own_note}{refit_note}
 """)
 
 

@@ -510,7 +510,8 @@ def carry_gmmc_threshold(sent: GmmcAnchor, threshold: float, reference: tuple[np
     9.7 % of the tasks' own test images unknown (44 % for one task) where the teacher set 1 %.
     The threshold is shifted by the mean change of log-likelihood, sent minus original, over
     ``THRESHOLD_DRAWS`` seeded draws from the original mixture (``gmmc_threshold_reference``):
-    1.0 % of own images called unknown on average there, 3.0 % at worst.  Real images lie far
+    1.0 % of own images called unknown on average there, 3.0 % at worst (benchmarks/results/
+    mapper_peers.json, ``own_images_called_unknown_by_anchor``).  Real images lie far
     below the draws, but their change follows the draws' closely enough; a median, or the
     change at the task's exemplars, did no better.  The result is kept within the packet's
     score bound.
