@@ -91,3 +91,30 @@ def check_same_rom(recorded: dict | None, rom: dict, what: str) -> None:
 
     if recorded is not None and recorded["fingerprint"] != rom["fingerprint"]:
         raise SystemExit(f"{what} came from {named(recorded)}, but --rom is {named(rom)}: pass the ROM that made them")
+
+
+def teacher_calibrations(tasks: list, knowledge: list) -> list:
+    """Each task's ``ThresholdCalibration``, as its teacher held it when it encoded its packet.
+
+    The calibration is never stored with a record, so a benchmark that reads cached records fits
+    the Mahalanobis anchor again from the same features (``fit_task_anchors`` is deterministic) and
+    refuses a record that anchor does not reproduce (it was learned by other code).  ``tasks`` have
+    ``name``, ``x_train``, ``y_train`` and ``s_train``; records without a Mahalanobis anchor get None."""
+    import numpy as np
+
+    from skill_edge.runtime.mapping.anchors import fit_task_anchors
+
+    out = []
+    for t, k in zip(tasks, knowledge):
+        if k.maha is None:
+            out.append(None)
+            continue
+        again = fit_task_anchors(t.x_train, t.y_train, trunk_stats=t.s_train, transform=k.meta.feature_transform,
+                                 kinds=("maha",))
+        if not (np.array_equal(again.maha.class_means, k.maha.class_means)
+                and np.array_equal(again.maha.exemplars, k.maha.exemplars)
+                and again.thresholds["maha"] == k.thresholds["maha"]):
+            raise SystemExit(f"the cached record of {t.name!r} is not what fit_task_anchors gives today: "
+                             "relearn it (delete its cache entry) before measuring its calibrated thresholds")
+        out.append(again.calibration)
+    return out

@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_same_rom, features_rom, md_table, update_readme, write_result  # noqa: E402
+from _common import check_same_rom, features_rom, md_table, teacher_calibrations, update_readme, write_result  # noqa: E402
 from skill_scale import learned, load_tasks, log  # noqa: E402
 
 from skill_edge.runtime.mapping.anchors import transform_features  # noqa: E402
@@ -599,14 +599,15 @@ def main() -> None:
         """[N, T]: each image's open-set margin under each task as its choice (< 0: unknown)."""
         return np.stack([mp.open_set_margins(xs, np.full(len(xs), j), sel) for j in range(len(tasks))], axis=1)
 
-    def own_images_unknown(received: list, teacher: dict[str, list]) -> dict:
+    def own_images_unknown(received: list, controls: dict[str, dict[str, list]]) -> dict:
         """Each task's own test images that its own anchor's test rejects, per anchor kind, with the
-        thresholds the packets carry and with the teacher's (uncarried): mean and worst over tasks."""
+        thresholds the packets carry and with each control's (per kind: label -> records whose
+        thresholds are used): mean and worst over tasks."""
         prep = build_mapper("maha", received)
         xs = [prep.prepare(t.x_test, t.s_test) for t in tasks]
         out = {}
         for kind in ("maha", "gmmc"):
-            for label, records in (("carried", received), ("uncarried", teacher[kind])):
+            for label, records in (("carried", received), *controls[kind].items()):
                 tests = AnchorTests(kind, [getattr(r, kind) for r in received],
                                     np.array([r.thresholds[kind] for r in records]))
                 rates = [float(np.mean(tests.margins(x, np.full(len(x), j)) < 0)) for j, x in enumerate(xs)]
@@ -619,9 +620,10 @@ def main() -> None:
                 "steps": {k.task: k.meta.encoding["step"] for k in received}}
 
     def ours(kind: str, label: str, records: list, nbytes: int, extra: dict, both: list | None = None,
-             control: list | None = None) -> None:
+             controls: dict[str, list] | None = None) -> None:
         """One of our rows from the records a receiver holds; ``both``: the same tasks' records with both
-        anchors, as ``learn`` sends them by default, whose open-set test rejects when either anchor's does."""
+        anchors, as ``learn`` sends them by default, whose open-set test rejects when either anchor's does;
+        ``controls``: JSON key -> the same records with other thresholds (their unknown rates are kept)."""
         t0 = time.perf_counter()
         mp = build_mapper(kind, records, open_set="own_anchor")
         student = (time.perf_counter() - t0) / len(records)
@@ -644,14 +646,34 @@ def main() -> None:
                         "open_set_rule": "either anchor's threshold rejects (records with both anchors, "
                                          f"{int(np.mean([len(codec.encode(k, key)) for k in both])):,} B a packet)",
                         "open_set_own_anchor": own}
-        if control is not None:  # the same records with the teacher's GMMC thresholds, as sent before they were carried
-            open_set["open_set_gmmc_threshold_uncarried"] = leave_one_out(
+        for key_name, control in (controls or {}).items():  # thresholds as sent before a fix, at the same anchors
+            open_set[key_name] = leave_one_out(
                 sel, margins(build_mapper(kind, control), xs, sel), test, relative_to_threshold=True)["at_thresholds"]
         add(label, pred, bytes_per_task=nbytes, student_s=student, ms_1000=ms, in_product=True,
             extra={"calibration": calibration(sel.astype(np.float64), test.task, mp.temperature),
                    "temperature_in_runtime": mp.temperature, **open_set,
                    "open_set_by_selection_score": leave_one_out(sel, None, test), **extra},
             own=heads_correct(records, [(t.x_test, t.y_test) for t in tasks]))
+
+    teacher_cals: list = []
+
+    def calibrations() -> list:
+        """The teachers' held-out calibrations (fitted again from the features, once)."""
+        if not teacher_cals:
+            log("the teachers' threshold calibrations")
+            teacher_cals.extend(teacher_calibrations(tasks, knowledge))
+        return teacher_cals
+
+    def drawn(records: list, received: list) -> list:
+        """``records`` sent at the steps ``received`` were, as before the teachers' calibration reached the
+        encoder: their Mahalanobis thresholds carried over draws of each anchor's own model."""
+        return [codec.decode(codec.encode(k, key, plan=r.meta.encoding["step"])).knowledge
+                for k, r in zip(records, received)]
+
+    def with_thresholds(received: list, others: list, kind: str) -> list:
+        """The received records with ``kind``'s thresholds taken from ``others`` (a control)."""
+        return [dataclasses.replace(r, thresholds={**r.thresholds, kind: o.thresholds[kind]})
+                for r, o in zip(received, others)]
 
     for kind, name in (("maha", "Mahalanobis"), ("gmmc", "GMMC")):
         # what this mapper needs sent: the record with this anchor only (and the head)
@@ -660,25 +682,32 @@ def main() -> None:
             ours(kind, f"{name} (ours)", sent, int(np.mean([len(codec.encode(k, key)) for k in sent])), {},
                  both=knowledge)
         if runs("ours56"):
-            # the receiver's records: every packet under the budget, decoded (3-bit heads included)
-            packets = [PacketCodec(budget_bytes=COMPACT_BYTES).encode(k, key) for k in sent]
+            # the receiver's records: every packet under the budget, decoded (3-bit heads included), with the
+            # Mahalanobis thresholds the teachers set on their held-out images for the anchors they send
+            cals = calibrations()
+            packets = [PacketCodec(budget_bytes=COMPACT_BYTES).encode(k, key, calibration=c) for k, c in zip(sent, cals)]
             received = [codec.decode(p).knowledge for p in packets]
             ours(kind, f"{name} (ours, 56 KB packets)", received, int(np.mean([len(p) for p in packets])),
-                 compact_extra(packets, received))
+                 compact_extra(packets, received),
+                 controls={"open_set_maha_threshold_drawn": with_thresholds(received, drawn(sent, received), "maha")}
+                 if kind == "maha" else None)
     if runs("ours56"):
         # what `learn` sends by default under the budget: both anchors share the 56 KB, so each is
         # reduced further, and the receiver's open set rejects when either anchor's test does
         log("56 KB packets with both anchors")
-        packets = [PacketCodec(budget_bytes=COMPACT_BYTES).encode(k, key) for k in knowledge]
+        packets = [PacketCodec(budget_bytes=COMPACT_BYTES).encode(k, key, calibration=c)
+                   for k, c in zip(knowledge, calibrations())]
         received = [codec.decode(p).knowledge for p in packets]
-        uncarried = [dataclasses.replace(r, thresholds={**r.thresholds, "gmmc": k.thresholds["gmmc"]})
-                     for r, k in zip(received, knowledge)]
-        own = own_images_unknown(received, {"maha": knowledge, "gmmc": knowledge})
+        controls = {"open_set_gmmc_threshold_uncarried": with_thresholds(received, knowledge, "gmmc"),
+                    "open_set_maha_threshold_drawn": with_thresholds(received, drawn(knowledge, received), "maha")}
+        own = own_images_unknown(received, {"maha": {"drawn": controls["open_set_maha_threshold_drawn"],
+                                                     "uncarried": knowledge},
+                                            "gmmc": {"uncarried": knowledge}})
         for kind, name in (("maha", "Mahalanobis"), ("gmmc", "GMMC")):
             ours(kind, f"{name} (ours, 56 KB packets, both anchors)", received,
                  int(np.mean([len(p) for p in packets])), {**compact_extra(packets, received),
                                                            "own_images_called_unknown_by_anchor": own},
-                 both=received, control=uncarried)
+                 both=received, controls=controls)
 
     # --- NCM
     if runs("ncm"):
@@ -917,13 +946,25 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
                          f"{u['absent_called_unknown']:.1%}" if (u := r.get("open_set_gmmc_threshold_uncarried")) else "")
                       for r in fused) + ".")
     own_rows = [r for r in rows if "own_images_called_unknown_by_anchor" in r][:1]
+    control_names = {"drawn": "carried over draws of the anchor's own model (before)",
+                     "uncarried": "the teacher's, unchanged"}
     own_note = ("" if not own_rows else "\n- Each task's own test images rejected by its own anchor's test in the 56 KB "
-                "packets with both anchors (the teachers set 1 %), with the thresholds the packets carry against the "
-                "teacher's: " + "; ".join(
+                "packets with both anchors (the teachers set 1 %), with the thresholds the packets carry (Mahalanobis: "
+                "set on the teacher's held-out images for the sent anchor; GMMC: shifted over draws), against "
+                "controls: " + "; ".join(
                     f"{'Mahalanobis' if kind == 'maha' else 'GMMC'} {v['carried']['mean']:.1%} (worst "
-                    f"{v['carried']['max']:.1%}) against {v['uncarried']['mean']:.1%} (worst {v['uncarried']['max']:.1%}, "
-                    f"{v['uncarried']['worst_task']})"
+                    f"{v['carried']['max']:.1%}, {v['carried']['worst_task']})" + "".join(
+                        f", {control_names.get(c, c)} {v[c]['mean']:.1%} (worst {v[c]['max']:.1%}, {v[c]['worst_task']})"
+                        for c in v if c != "carried")
                     for kind, v in own_rows[0]["own_images_called_unknown_by_anchor"].items()) + ".")
+    drawn_rows = [r for r in rows if "open_set_maha_threshold_drawn" in r and r["method"].startswith("Mahalanobis")]
+    drawn_note = ("" if not drawn_rows else "\n- Known-task / absent-task images called unknown at the thresholds "
+                  "the 56 KB packets carry, against the same packets with the Mahalanobis thresholds carried over "
+                  "draws (before the teachers' calibration reached the encoder): " + "; ".join(
+                      f"{r['method']} {r['open_set']['at_thresholds']['known_called_unknown']:.1%} / "
+                      f"{r['open_set']['at_thresholds']['absent_called_unknown']:.1%} against "
+                      f"{r['open_set_maha_threshold_drawn']['known_called_unknown']:.1%} / "
+                      f"{r['open_set_maha_threshold_drawn']['absent_called_unknown']:.1%}" for r in drawn_rows) + ".")
     timing_note = ("" if "; then " not in cmd else """
 - Times are those of the run that made each row (the command lists the runs; an `--update` redoes only its
   rows), so compare ms and student seconds within one run only.""")
@@ -945,7 +986,7 @@ row's mapper, with an open set that rejects when either anchor's test does; peer
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
   calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
-  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{fused_note}{own_note}{refit_note}
+  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{fused_note}{drawn_note}{own_note}{refit_note}
 """)
 
 

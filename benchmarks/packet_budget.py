@@ -50,7 +50,7 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SKILL_BENCH, md_table, task_order, update_readme, write_result  # noqa: E402
+from _common import RESULTS, SKILL_BENCH, md_table, task_order, teacher_calibrations, update_readme, write_result  # noqa: E402
 from skill_edge.runtime.machine import portable_path  # noqa: E402
 
 from skill_edge.runtime.exchange.codec import (  # noqa: E402
@@ -62,7 +62,7 @@ from skill_edge.runtime.exchange.codec import (  # noqa: E402
 )
 from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore  # noqa: E402
 from skill_edge.runtime.knowledge.records import TaskKnowledge  # noqa: E402
-from skill_edge.runtime.mapping.anchors import transform_features  # noqa: E402
+from skill_edge.runtime.mapping.anchors import ThresholdCalibration, transform_features  # noqa: E402
 from skill_edge.runtime.mapping.mapper import build_mapper, mahalanobis_task_score  # noqa: E402
 from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec  # noqa: E402
 
@@ -197,21 +197,22 @@ class Radio:
         self.trust.add("teacher", self.key.public_key)
 
     def send(self, k: TaskKnowledge, budget: int | None, ladder: Callable[[TaskKnowledge], list[EncodingPlan]]
-             | None = None) -> Sent:
-        """The codec's own budget walk; or, with ``ladder``, the same walk over other plans (for comparisons)."""
+             | None = None, calibration: ThresholdCalibration | None = None) -> Sent:
+        """The codec's own budget walk; or, with ``ladder``, the same walk over other plans (for comparisons).
+        ``calibration``: the teacher's held-out images, as ``learn`` hands them to the encoder."""
         codec = PacketCodec(budget_bytes=budget)
         over = False
         t0 = time.perf_counter()
         if ladder is None:
             try:
-                data = codec.encode(k, self.key)
+                data = codec.encode(k, self.key, calibration=calibration)
             except BudgetError as err:
-                data = codec.encode(k, self.key, plan=err.smallest_step)
+                data = codec.encode(k, self.key, plan=err.smallest_step, calibration=calibration)
                 over = True
         else:
             packets = []
             for plan in ladder(k):
-                packets.append(codec.encode(k, self.key, plan=plan))
+                packets.append(codec.encode(k, self.key, plan=plan, calibration=calibration))
                 if budget is None or len(packets[-1]) <= budget:
                     break
             else:
@@ -289,28 +290,37 @@ def open_set(kind: str, received: list[TaskKnowledge], tasks: list[TaskData]) ->
             "per_task_absent": dict(zip([t.name for t in tasks], absent))}
 
 
-def threshold_carry(sent: list[TaskKnowledge], originals: list[TaskKnowledge], tasks: list[TaskData]) -> dict:
-    """How well ``carry_maha_threshold`` does, against two references per task: the teacher's own
-    threshold left as it was (the control), and the threshold the real test images would give the
-    sent anchor (the test fraction the teacher's threshold leaves below it on the original anchor,
-    taken as a quantile of the sent anchor's test scores).  Ratios of carried to that real one."""
+def threshold_carry(radio: Radio, sent: list[TaskKnowledge], originals: list[TaskKnowledge],
+                    tasks: list[TaskData]) -> dict:
+    """How well the thresholds the packets carry (set on each teacher's held-out images for the sent
+    anchor, ``recalibrate_maha_threshold``) do, against two controls: the teacher's own threshold left
+    as it was, and the one carried over draws of the anchor's own model (``carry_maha_threshold``,
+    before the teacher's calibration reached the encoder); and against the threshold the real test
+    images would give the sent anchor (the test fraction the teacher's threshold leaves below it on
+    the original anchor, taken as a quantile of the sent anchor's test scores)."""
     control = [replace(k, thresholds={**k.thresholds, "maha": o.thresholds["maha"]}) for k, o in zip(sent, originals)]
-    ratios = {}
-    for k, o, t in zip(sent, originals, tasks):
+    drawn = [replace(k, thresholds={**k.thresholds, "maha": radio.send(o, None, fixed_step(k.meta.encoding["step"]))
+                                    .knowledge.thresholds["maha"]}) for k, o in zip(sent, originals)]
+    ratios, drawn_ratios = {}, {}
+    for k, d, o, t in zip(sent, drawn, originals, tasks):
         x = transform_features(t.x_test, o.meta.feature_transform, t.s_test)
         before, after = mahalanobis_task_score(o.maha, x), mahalanobis_task_score(k.maha, x)
         real = float(np.quantile(after, np.mean(before < o.thresholds["maha"])))
         ratios[t.name] = k.thresholds["maha"] / real
+        drawn_ratios[t.name] = d.thresholds["maha"] / real
     return {"uncarried_open_set": open_set("maha", control, tasks),
+            "drawn_open_set": open_set("maha", drawn, tasks),
             "carried_over_real_threshold": ratios,
-            "carried_over_real_threshold_range": [min(ratios.values()), max(ratios.values())]}
+            "carried_over_real_threshold_range": [min(ratios.values()), max(ratios.values())],
+            "drawn_over_real_threshold_range": [min(drawn_ratios.values()), max(drawn_ratios.values())]}
 
 
 def run_config(radio: Radio, kind: str, knowledge: list[TaskKnowledge], tasks: list[TaskData],
                budget: int | None, ladder: Callable[[TaskKnowledge], list[EncodingPlan]] | None = None,
-               with_open_set: bool = False) -> dict:
+               with_open_set: bool = False, calibrations: list | None = None) -> dict:
     t0 = time.perf_counter()
-    sent = [radio.send(for_mapper(k, kind), budget, ladder) for k in knowledge]
+    cals = calibrations if calibrations is not None and kind == "maha" else [None] * len(knowledge)
+    sent = [radio.send(for_mapper(k, kind), budget, ladder, c) for k, c in zip(knowledge, cals)]
     ev = evaluate(kind, [s.knowledge for s in sent], tasks)
     row = {"mapper": kind, "budget_bytes": budget,
            "mean_packet_bytes": float(np.mean([s.nbytes for s in sent])),
@@ -330,7 +340,8 @@ def run_config(radio: Radio, kind: str, knowledge: list[TaskKnowledge], tasks: l
     if with_open_set:
         row["open_set"] = open_set(kind, [s.knowledge for s in sent], tasks)
         if kind == "maha" and budget is not None:
-            row["threshold_carry"] = threshold_carry([s.knowledge for s in sent], knowledge, tasks)
+            row["threshold_carry"] = threshold_carry(radio, [s.knowledge for s in sent],
+                                                     [for_mapper(k, kind) for k in knowledge], tasks)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -481,8 +492,14 @@ def markdown(payload: dict) -> str:
             if carry is not None:
                 u, (lo, hi) = carry["uncarried_open_set"], carry["carried_over_real_threshold_range"]
                 lines.append(f"  Control, the teachers' thresholds sent unchanged: {100 * u['known_task_images_unknown']:.1f} % "
-                             f"and {100 * u['absent_task_images_unknown']:.1f} %.  The carried thresholds are "
+                             f"and {100 * u['absent_task_images_unknown']:.1f} %.  The thresholds the packets carry, "
+                             f"set on each teacher's held-out images for the sent anchor, are "
                              f"{lo:.2f}x to {hi:.2f}x the ones the real test images would give the sent anchors.")
+                if "drawn_open_set" in carry:
+                    dr, (dlo, dhi) = carry["drawn_open_set"], carry["drawn_over_real_threshold_range"]
+                    lines.append(f"  Control, the thresholds carried over draws of each anchor's own model (before): "
+                                 f"{100 * dr['known_task_images_unknown']:.1f} % and "
+                                 f"{100 * dr['absent_task_images_unknown']:.1f} %, {dlo:.2f}x to {dhi:.2f}x the real ones.")
             lines.append(f"  Slowest budget walk at 56 KB: {goal_row['max_encode_s']:.2f} s ({goal_row['slowest_encode']}).")
         fixed = v["fixed_steps_meeting_goal"]
         if fixed:
@@ -554,12 +571,14 @@ def main(argv: list[str] | None = None) -> int:
                  else load_from_images(device, args.data, names))
         knowledge = [learn(device, t, Path(args.learn_cache) if args.learn_cache else None) for t in tasks]
         radio = Radio(work)
+        cals = teacher_calibrations(tasks, knowledge) if "maha" in args.mappers else None
 
         def sweep(label: str, ladder=None) -> list[dict]:
             out = []
             for kind in args.mappers:
                 for b in budgets:
-                    r = run_config(radio, kind, knowledge, tasks, b, ladder, with_open_set=b == GOAL_BYTES)
+                    r = run_config(radio, kind, knowledge, tasks, b, ladder, with_open_set=b == GOAL_BYTES,
+                                   calibrations=cals)
                     out.append(r)
                     log(f"{label} {kind} {format_size(b)}: {r['mean_packet_bytes'] / 1000:.1f} KB mean / "
                         f"{r['max_packet_bytes'] / 1000:.1f} max, acc {100 * r['mean_no_oracle_acc']:.2f} % "
@@ -569,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fp32 = {}
         for kind in args.mappers:
-            r = run_config(radio, kind, knowledge, tasks, None, with_open_set=True)
+            r = run_config(radio, kind, knowledge, tasks, None, with_open_set=True, calibrations=cals)
             fp32[kind] = {k: r[k] for k in ("mean_packet_bytes", "max_packet_bytes", "mean_no_oracle_acc",
                                             "mean_task_id_acc", "mean_oracle_acc", "packets", "open_set")}
             log(f"fp32 {kind}: {r['mean_packet_bytes'] / 1000:.1f} KB mean, acc {100 * r['mean_no_oracle_acc']:.2f} %")
@@ -580,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 for step in ["int8 (per-row head)", *ablation_steps(kind)]:
                     ladder = ((lambda k: [with_row_head(plan_for_step(k, "int8"))]) if step.startswith("int8 (")
                               else fixed_step(step))
-                    r = run_config(radio, kind, knowledge, tasks, None, ladder)
+                    r = run_config(radio, kind, knowledge, tasks, None, ladder, calibrations=cals)
                     ablation[kind].append({"step": step, **{k: r[k] for k in (
                         "mean_packet_bytes", "max_packet_bytes", "mean_no_oracle_acc", "mean_task_id_acc",
                         "mean_oracle_acc")}})

@@ -487,7 +487,7 @@ class Agent:
             report = self.device.learn(src.name, ds, bb=spec.bb, mappers=spec.mappers, k=spec.k, m=spec.m,
                                        seed=spec.seed, bb_epochs=spec.bb_epochs, store=False,
                                        progress=on_progress)
-            knowledge = report.knowledge
+            knowledge, calibration = report.knowledge, report.calibration
             n_train, n_test, test_acc = report.n_train, report.n_test, report.test_acc
             train_labels = np.asarray(ds.train.labels)
             seconds = dict(report.seconds)
@@ -498,18 +498,19 @@ class Agent:
                 raise AgentError(f"task {src.name!r} is given as features, but BB training needs images "
                                  f"(trunk activations); learn it from an ImageFolder or run without BB")
             t_fit = time.perf_counter()
-            knowledge, _ = self.device.learn_features(
+            knowledge, metrics = self.device.learn_features(
                 src.name, ft.classes, ft.train_features, ft.train_labels, trunk_stats=ft.train_trunk_stats,
                 bb=False, mappers=spec.mappers,
                 k=spec.k, m=spec.m, seed=spec.seed, source=f"features:{Path(src.path).resolve()}")
             test_acc = head_accuracy(knowledge.head_weight, knowledge.head_bias, ft.test_features, ft.test_labels)
             knowledge.meta.metrics["test_acc"] = float(test_acc)
+            calibration = metrics["threshold_calibration"]
             n_train, n_test = len(ft.train_labels), len(ft.test_labels)
             train_labels = ft.train_labels
             seconds = {"extract": 0.0, "fit": time.perf_counter() - t_fit}
             seconds["total"] = seconds["fit"]
             skipped = 0
-        packet, sizes, plan = self._encode(knowledge)
+        packet, sizes, plan = self._encode(knowledge, calibration)
         decoded = self._codec().decode(packet)
         stored = decoded.knowledge
         stored.meta.source = knowledge.meta.source  # provenance stays local; it is not part of the content hash
@@ -557,8 +558,9 @@ class Agent:
 
         return PacketCodec(self.spec.budget)
 
-    def _encode(self, knowledge) -> tuple[bytes, dict[str, int], str]:
+    def _encode(self, knowledge, calibration=None) -> tuple[bytes, dict[str, int], str]:
         """The packet, plus the size each single-anchor variant would have (for the per-mapper cost rows).
+        ``calibration``: the teacher's held-out features, which set a reduced Mahalanobis anchor's threshold.
 
         With ``anchor_budgets`` the budget is per mapper: each single-anchor packet (head + that anchor,
         what a fleet running only that mapper sends) gets its own cap, and the lab's packet, which
@@ -580,9 +582,9 @@ class Agent:
                         alone = PacketCodec(b).encode(variants.get(kind, knowledge), self.key)
                         steps.append(codec.decode(alone).plan.step)
                     step = compose_steps(steps)
-                    packet = codec.encode(knowledge, self.key, plan=step)
+                    packet = codec.encode(knowledge, self.key, plan=step, calibration=calibration)
                 else:
-                    packet = codec.encode(knowledge, self.key)
+                    packet = codec.encode(knowledge, self.key, calibration=calibration)
                     step = None
             except BudgetError as exc:
                 raise AgentError(f"task {knowledge.task!r}: {exc}") from None

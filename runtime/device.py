@@ -20,7 +20,12 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from skill_edge.runtime.mapping.anchors import DEFAULT_TRANSFORM, fit_task_anchors, needs_trunk_stats
+from skill_edge.runtime.mapping.anchors import (
+    DEFAULT_TRANSFORM,
+    ThresholdCalibration,
+    fit_task_anchors,
+    needs_trunk_stats,
+)
 from skill_edge.runtime.knowledge.bank import KnowledgeBank
 from skill_edge.runtime.knowledge.identity import TaskKey, display_names
 from skill_edge.runtime.sources.datasets import ImageFolderTask, load_image_folder
@@ -78,6 +83,8 @@ class LearnReport:
     seconds: dict[str, float] = field(default_factory=dict)
     knowledge: TaskKnowledge | None = None
     packet: bytes | None = None  # the signed packet stored with the task (None when stored without a key)
+    #: the anchors' held-out calibration, for a caller that encodes the packet itself (store=False); never stored
+    calibration: ThresholdCalibration | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -255,24 +262,28 @@ class Device:
             knowledge.meta.metrics["test_acc"] = float(test_acc)
             if bb_test is not None:
                 knowledge.meta.metrics["bb_test_acc"] = float(bb_test)
-        packet = self.store_own(knowledge, key=key, budget=budget) if store else None
+        packet = (self.store_own(knowledge, key=key, budget=budget, calibration=metrics["threshold_calibration"])
+                  if store else None)
         return LearnReport(task, list(ds.classes), int(len(ex.index)), int(len(ds.test)), skipped,
                            float(metrics["head_val_acc"]), float(test_acc), metrics.get("bb_val_acc"), bb_test,
                            {"extract": t_extract, "fit": t_fit, "total": time.perf_counter() - t0}, knowledge,
-                           packet)
+                           packet, metrics["threshold_calibration"])
 
-    def store_own(self, knowledge: TaskKnowledge, *, key=None, budget: int | None = None) -> bytes | None:
+    def store_own(self, knowledge: TaskKnowledge, *, key=None, budget: int | None = None,
+                  calibration: ThresholdCalibration | None = None) -> bytes | None:
         """Encode ``knowledge``'s signed packet, then store both as this device's own task in one bank write.
 
         ``key`` defaults to the device key in ``home/keys``; without any key the task is stored
-        without a packet (and cannot be published until it is learned again with one).  Returns the
+        without a packet (and cannot be published until it is learned again with one).
+        ``calibration`` (``learn_features``' ``metrics["threshold_calibration"]``) lets a budget packet
+        set its Mahalanobis threshold on the held-out images (``PacketCodec.encode``).  Returns the
         packet bytes.  Raises ``BudgetError`` (nothing stored) or ``BankError`` (bank unchanged)."""
         key = key if key is not None else self._device_key()
         packet = None
         if key is not None:
             from skill_edge.runtime.exchange.packet import PacketCodec
 
-            packet = PacketCodec(budget).encode(knowledge, key)
+            packet = PacketCodec(budget).encode(knowledge, key, calibration=calibration)
         self.bank.put(knowledge, packet_bytes=packet, own=True)
         self._mappers.clear()
         self._held_cache = None
@@ -344,6 +355,7 @@ class Device:
         knowledge = TaskKnowledge(task=task, labels=[str(c) for c in classes], head_weight=head.weight,
                                   head_bias=head.bias, meta=meta, bb=bb_vec, gmmc=anchors.gmmc, maha=anchors.maha,
                                   thresholds=dict(anchors.thresholds)).validate()
+        metrics["threshold_calibration"] = anchors.calibration  # for store_own's encoder; never stored or sent
         return knowledge, metrics
 
     # ------------------------------------------------------------------ beneficial biases

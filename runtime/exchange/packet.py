@@ -45,6 +45,7 @@ from skill_edge.runtime.exchange.codec import (
     EncodingPlan,
     PlanError,
     TaskReductions,
+    ThresholdCalibration,
     apply_plan,
     carry_thresholds,
     format_size,
@@ -510,11 +511,14 @@ class PacketCodec:
         return plan_ladder(knowledge, entropy_coded=self.compression != "none")
 
     def encode(self, knowledge: TaskKnowledge, key: DeviceKey | Ed25519PrivateKey | None,
-               plan: EncodingPlan | str | None = None) -> bytes:
+               plan: EncodingPlan | str | None = None, *,
+               calibration: ThresholdCalibration | None = None) -> bytes:
         """Signed packet bytes (unsigned when ``key`` is None: receivers reject those).
 
         With ``plan`` (an ``EncodingPlan`` or a step name, see ``plan_for_step``) exactly that plan is
         used and the budget is not applied; otherwise the first ladder step whose real packet fits the budget.
+        ``calibration`` (the teacher's, from ``fit_task_anchors``; never sent) sets the Mahalanobis
+        threshold of a reduced anchor on the teacher's held-out images instead of carrying it.
         """
         knowledge.validate()
         if isinstance(key, Ed25519PrivateKey):
@@ -522,10 +526,10 @@ class PacketCodec:
         if plan is not None:
             if isinstance(plan, str):
                 plan = plan_for_step(knowledge, plan)  # PlanError (a ValueError) names what does not fit
-            return self._encode_best_compression(knowledge, key, plan)
+            return self._encode_best_compression(knowledge, key, plan, calibration=calibration)
         ladder = self.plans(knowledge)
         if self.budget_bytes is None:
-            return self._encode_best_compression(knowledge, key, ladder[0])
+            return self._encode_best_compression(knowledge, key, ladder[0], calibration=calibration)
         smallest: tuple[int, str] | None = None
         reductions = TaskReductions(knowledge)  # merge paths and threshold draws, once for every rung
         for p in ladder:
@@ -533,7 +537,7 @@ class PacketCodec:
             reduced, wire = apply_plan(knowledge, p, reductions, carry=False)
             data = self._encode_best_compression(knowledge, key, p, applied=(reduced, wire))
             if len(data) <= self.budget_bytes + THRESHOLD_DIGITS_SLACK:
-                carried = carry_thresholds(knowledge, p, reduced, wire, reductions)
+                carried = carry_thresholds(knowledge, p, reduced, wire, reductions, calibration)
                 data = self._encode_best_compression(knowledge, key, p, applied=(carried, wire))
                 if len(data) <= self.budget_bytes:
                     return data
@@ -543,10 +547,11 @@ class PacketCodec:
         raise BudgetError(self.budget_bytes, smallest[0], smallest[1])
 
     def _encode_best_compression(self, knowledge: TaskKnowledge, key: DeviceKey | None, plan: EncodingPlan, *,
-                                 applied: tuple[TaskKnowledge, dict[str, np.ndarray]] | None = None) -> bytes:
+                                 applied: tuple[TaskKnowledge, dict[str, np.ndarray]] | None = None,
+                                 calibration: ThresholdCalibration | None = None) -> bytes:
         options = {"auto": ("none", "zstd"), "zstd": ("zstd",), "none": ("none",)}[self.compression]
-        if applied is None:
-            applied = apply_plan(knowledge, plan)  # the same tensors whichever compression wins
+        if applied is None:  # the same tensors whichever compression wins
+            applied = apply_plan(knowledge, plan, calibration=calibration)
         candidates = [self.encode_exact(knowledge, key, replace(plan, compression=c), applied=applied)
                       for c in options]
         return min(candidates, key=len)

@@ -26,7 +26,7 @@ inputs that fit no stored task.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -40,6 +40,13 @@ DEFAULT_THRESHOLD_PERCENTILE = 1.0
 #: the student's tied covariance; 64 rows raised their validation task-ID 0.749 -> 0.787
 #: (benchmarks/results/maha_rows.md).
 DEFAULT_MIN_EXEMPLAR_ROWS = 64
+#: Fewest held-out rows the Mahalanobis threshold is calibrated on.  A task with 7 images a class
+#: holds out one a class, and the 1st percentile of 20-50 rows is their minimum: on the 71 tasks
+#: it called 2.3 % of the tasks' own test images unknown (14 % at worst) where 1 % was meant.
+#: Pooling disjoint hold-outs (each scored under the anchor fitted without it) to 100 rows: 1.5 %
+#: (6.5 % at worst).  Larger tasks hold out 100+ rows at once and fit a single fold.
+MIN_CALIBRATION_ROWS = 100
+MAX_CALIBRATION_FOLDS = 5
 
 
 class AnchorError(ValueError):
@@ -278,14 +285,47 @@ def _check_labels(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- everything for one task
+@dataclass(frozen=True)
+class CalibrationFold:
+    """Held-out features of one task and its Mahalanobis anchor fitted without them."""
+
+    held_out: np.ndarray  # [n, A] float32, transformed features
+    maha: MahalanobisAnchor  # fitted on the task's other features: class means and exemplars
+
+
+@dataclass(frozen=True)
+class ThresholdCalibration:
+    """What the teacher calibrated its Mahalanobis threshold on: disjoint hold-outs, each scored under
+    the anchor fitted without it, pooled, and a low ``percentile`` of them taken.
+
+    Teacher-private: never stored, never sent.  A budget packet may merge class means, thin
+    exemplars or code them in 3-4 bits, and the threshold then has to be set again for the
+    anchor a receiver restores; with this record the encoder reduces every fold's anchor as it
+    reduces the sent one and takes the same percentile (``codec.recalibrate_maha_threshold``),
+    instead of carrying the threshold over seeded draws.
+    """
+
+    folds: tuple[CalibrationFold, ...]
+    percentile: float = DEFAULT_THRESHOLD_PERCENTILE
+
+    def maha_threshold(self, reduce: Callable[[MahalanobisAnchor], MahalanobisAnchor] | None = None) -> float:
+        """The percentile of every fold's held-out scores under its anchor (``reduce``d, e.g. as a plan sends it)."""
+        from skill_edge.runtime.mapping.mapper import mahalanobis_task_score  # scoring lives with the student
+
+        scores = [mahalanobis_task_score(reduce(f.maha) if reduce else f.maha, f.held_out) for f in self.folds]
+        return float(np.percentile(np.concatenate(scores), self.percentile))
+
+
 @dataclass
 class TaskAnchors:
-    """What a teacher adds to its ``TaskKnowledge``: anchors, thresholds and the transform used."""
+    """What a teacher adds to its ``TaskKnowledge``: anchors, thresholds and the transform used,
+    and (not part of the knowledge) what the thresholds were calibrated on."""
 
     feature_transform: str
     gmmc: GmmcAnchor | None = None
     maha: MahalanobisAnchor | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+    calibration: ThresholdCalibration | None = None
 
 
 def calibrate_thresholds(
@@ -338,7 +378,10 @@ def fit_task_anchors(
     Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out, each with anchors
     fitted on the rest only.  The GMMC anchor returned is refitted on all features; the
     Mahalanobis anchor returned keeps the fitting part's exemplars (no held-out input is its own
-    exemplar) and takes its class means from all features.
+    exemplar) and takes its class means from all features.  Where the hold-out is small, the
+    Mahalanobis threshold pools further disjoint hold-outs (``MIN_CALIBRATION_ROWS``).
+    ``calibration`` keeps the hold-outs and their anchors, so that a budget packet's encoder can
+    set the Mahalanobis threshold again for the anchor it sends.
     """
     unknown = set(kinds) - {"gmmc", "maha"}
     if unknown or not kinds:
@@ -359,27 +402,50 @@ def fit_task_anchors(
                                                    percentile))
         out.gmmc = gmmc(np.arange(y.size))  # refitted on everything; the mixture barely moves
     if "maha" in kinds:
-        # Calibrated on the anchor fitted without the held-out part, class means included: a
+        # Calibrated on anchors fitted without the held-out part, class means included: a
         # held-out input inside its own class mean sits (1 - 1/n) / (1 + 1/n) closer to it than a
         # new input does, which at 7 images a class put the threshold above 40-97 % of the task's
         # own test images (benchmarks/results/mapper_peers71.json before this fix).  The deployed
-        # anchor keeps those exemplars and takes its class means from every input, so new inputs
-        # score at least as well as the calibration inputs did: the threshold errs on the lenient side.
-        part = fit_mahalanobis(x[fit_idx], y[fit_idx], m, seed, num_classes=n_classes, exemplars=exemplars,
-                               min_rows=min_exemplar_rows)
-        out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=part), x[cal_idx], percentile))
-        out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), part.exemplars,
-                                     part.exemplar_labels)
+        # anchor keeps the first fold's exemplars and takes its class means from every input.
+        def part(idx: np.ndarray) -> MahalanobisAnchor:
+            return fit_mahalanobis(x[idx], y[idx], m, seed, num_classes=n_classes, exemplars=exemplars,
+                                   min_rows=min_exemplar_rows)
+
+        if cal_idx is fit_idx:  # no hold-out: the optimistic training scores
+            first = part(fit_idx)
+            out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=first), x[cal_idx], percentile))
+        else:
+            folds = _calibration_folds(y, calibration_fraction, seed, min_rows=MIN_CALIBRATION_ROWS)
+            out.calibration = ThresholdCalibration(tuple(
+                CalibrationFold(np.ascontiguousarray(x[held], dtype=np.float32), part(fit))
+                for fit, held in folds), percentile)
+            out.thresholds["maha"] = out.calibration.maha_threshold()
+            first = out.calibration.folds[0].maha
+        out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), first.exemplars,
+                                     first.exemplar_labels)
     return out
 
 
 def _calibration_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split that leaves every class at least one fitting sample."""
+    return _calibration_folds(y, fraction, seed, min_rows=0)[0]
+
+
+def _calibration_folds(y: np.ndarray, fraction: float, seed: int, *, min_rows: int,
+                       max_folds: int = MAX_CALIBRATION_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Disjoint stratified hold-outs of ``fraction`` of each class, as ``(fit, held)`` index pairs: the
+    first is ``_calibration_split``'s, and more follow (up to ``max_folds``) until ``min_rows`` are held
+    out in all.  Every class keeps at least one fitting sample in every fold."""
     rng = np.random.default_rng(seed + 7919)
-    fit_idx, cal_idx = [], []
-    for cls in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == cls))
-        n_cal = min(int(round(fraction * idx.size)), idx.size - 1)
-        cal_idx.append(idx[:n_cal])
-        fit_idx.append(idx[n_cal:])
-    return np.sort(np.concatenate(fit_idx)), np.sort(np.concatenate(cal_idx))
+    order = {int(c): rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)}
+    n_cal = {c: min(int(round(fraction * idx.size)), idx.size - 1) for c, idx in order.items()}
+    first = sum(n_cal.values())
+    n_folds = 1 if first == 0 or first >= min_rows else min(max_folds, -(-min_rows // first))
+    out = []
+    for f in range(n_folds):
+        held = [idx[f * n_cal[c]:(f + 1) * n_cal[c]] for c, idx in order.items()]
+        held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+        if f and held.size == 0:
+            break
+        out.append((np.setdiff1d(np.arange(y.size), held), held))
+    return out
