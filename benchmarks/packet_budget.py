@@ -514,8 +514,8 @@ def markdown(payload: dict) -> str:
               "a per-packet cap the tasks with 40+ classes (gtsrb, flowers102, the larger Omniglot alphabets) "
               "merge their class means into fewer rows (`+means=K`, Ward's criterion; the head keeps its 3-bit "
               "code) before any falls back to a ternary head; GMMC anchors do not grow with classes.  A rung that "
-              "changes the Mahalanobis anchor rescales its open-set threshold to the receiver's metric "
-              "(`carry_maha_threshold`).", ""]
+              "changes the Mahalanobis anchor sets its open-set threshold again for the anchor the receiver "
+              "restores, on the teacher's held-out images (`recalibrate_maha_threshold`).", ""]
     lines += ["### Where accuracy goes (every task sent at one fixed step)", ""]
     table = []
     for kind in payload["ablation"]:
