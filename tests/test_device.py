@@ -122,6 +122,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, rom_dir: Path) -
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["skipped_images"] == 3 and summary["train_images"] == 20
+    # 2 of 10 a class held out, in 5 disjoint folds (every image once): the threshold rests on all 20
+    assert summary["open_set_calibration_images"] == 20
 
 
 def test_single_class_and_empty_class_are_clear_errors(tmp_path: Path, rom_dir: Path) -> None:
