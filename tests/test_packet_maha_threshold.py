@@ -65,30 +65,34 @@ def test_the_teacher_keeps_its_hold_out_and_the_anchor_fitted_without_it(digits_
 
 def test_a_small_task_pools_disjoint_hold_outs(monkeypatch):
     """At 7 images a class one is held out a class, and the 1st percentile of 10 rows is their minimum:
-    the threshold then rejected 10 % of the task's new images on average (24 % at worst) where 1 % is
-    meant.  Pooling disjoint hold-outs, each scored under the anchor fitted without it: under 2 %."""
+    the thresholds then rejected 7 % (GMMC) and 10 % (Mahalanobis) of the task's new images on average,
+    24 % at worst, where 1 % is meant.  Pooling disjoint hold-outs, each scored under anchors fitted
+    without it: under 2 %."""
     import skill_edge.runtime.mapping.anchors as anchors_module
 
     d = load_digits()
     proj = np.random.default_rng(1).normal(size=(64, 768)) / 8.0
     x, y = np.maximum(d.data / 16.0 @ proj, 0).astype(np.float32), d.target
-    pooled, single = [], []
+    rates: dict[tuple[str, str], list[float]] = {}
     min_rows = anchors_module.MIN_CALIBRATION_ROWS
     for seed in range(6):
         rng = np.random.default_rng(seed)
         small = np.concatenate([rng.choice(np.flatnonzero(y == c), 7, replace=False) for c in range(10)])
         new = np.setdiff1d(np.arange(len(y)), small)
-        for rows, out in ((min_rows, pooled), (0, single)):
+        for rows, label in ((min_rows, "pooled"), (0, "single")):
             monkeypatch.setattr(anchors_module, "MIN_CALIBRATION_ROWS", rows)
-            a = fit_task_anchors(x[small], y[small], transform="raw", kinds=("maha",), seed=seed)
-            tests = AnchorTests("maha", [a.maha], np.array([a.thresholds["maha"]]))
-            out.append(float(np.mean(tests.margins(x[new], np.zeros(len(new), dtype=np.int64)) < 0)))
+            a = fit_task_anchors(x[small], y[small], transform="raw", kinds=("gmmc", "maha"), seed=seed, k=10)
+            for kind in ("gmmc", "maha"):
+                tests = AnchorTests(kind, [getattr(a, kind)], np.array([a.thresholds[kind]]))
+                rates.setdefault((kind, label), []).append(
+                    float(np.mean(tests.margins(x[new], np.zeros(len(new), dtype=np.int64)) < 0)))
             folds = a.calibration.folds
             held = np.concatenate([f.held_out for f in folds])
             assert len(np.unique(held, axis=0)) == len(held)  # disjoint
             assert len(folds) == (5 if rows else 1) and len(held) == 10 * len(folds)
-    assert np.mean(pooled) <= 0.02, pooled
-    assert np.mean(single) >= 0.05, single
+    for kind in ("gmmc", "maha"):
+        assert np.mean(rates[kind, "pooled"]) <= 0.02, rates
+        assert np.mean(rates[kind, "single"]) >= 0.05, rates
 
 
 @pytest.mark.parametrize("step", ["int4+exemplars=2", "int3+exemplars=1+means=6", "int3+exemplars=1+means=2"])

@@ -40,11 +40,11 @@ DEFAULT_THRESHOLD_PERCENTILE = 1.0
 #: the student's tied covariance; 64 rows raised their validation task-ID 0.749 -> 0.787
 #: (benchmarks/results/maha_rows.md).
 DEFAULT_MIN_EXEMPLAR_ROWS = 64
-#: Fewest held-out rows the Mahalanobis threshold is calibrated on.  A task with 7 images a class
+#: Fewest held-out rows the open-set thresholds are calibrated on.  A task with 7 images a class
 #: holds out one a class, and the 1st percentile of 20-50 rows is their minimum: on the 71 tasks
-#: it called 2.3 % of the tasks' own test images unknown (14 % at worst) where 1 % was meant.
-#: Pooling disjoint hold-outs (each scored under the anchor fitted without it) to 100 rows: 1.5 %
-#: (7.0 % at worst).  Larger tasks hold out 100+ rows at once and fit a single fold.
+#: the Mahalanobis test called 2.3 % of the tasks' own test images unknown (14 % at worst) where
+#: 1 % was meant.  Pooling disjoint hold-outs (each scored under anchors fitted without it) to 100
+#: rows: 1.5 % (7.0 % at worst).  Larger tasks hold out 100+ rows at once and fit a single fold.
 MIN_CALIBRATION_ROWS = 100
 MAX_CALIBRATION_FOLDS = 5
 
@@ -378,8 +378,8 @@ def fit_task_anchors(
     Thresholds are calibrated on a seeded ``calibration_fraction`` hold-out, each with anchors
     fitted on the rest only.  The GMMC anchor returned is refitted on all features; the
     Mahalanobis anchor returned keeps the fitting part's exemplars (no held-out input is its own
-    exemplar) and takes its class means from all features.  Where the hold-out is small, the
-    Mahalanobis threshold pools further disjoint hold-outs (``MIN_CALIBRATION_ROWS``).
+    exemplar) and takes its class means from all features.  Where the hold-out is small, both
+    thresholds pool further disjoint hold-outs (``MIN_CALIBRATION_ROWS``).
     ``calibration`` keeps the hold-outs and their anchors, so that a budget packet's encoder can
     set the Mahalanobis threshold again for the anchor it sends.
     """
@@ -394,12 +394,17 @@ def fit_task_anchors(
     if cal_idx.size == 0:  # too little data to hold any out: fall back to (optimistic) training scores
         fit_idx = cal_idx = np.arange(y.size)
     out = TaskAnchors(feature_transform=transform)
+    # a small first hold-out is pooled with further disjoint ones, each scored under anchors fitted without it
+    folds = ([(fit_idx, cal_idx)] if cal_idx is fit_idx else
+             _calibration_folds(y, calibration_fraction, seed, min_rows=MIN_CALIBRATION_ROWS))
     if "gmmc" in kinds:
+        from skill_edge.runtime.mapping.mapper import gmmc_task_loglik  # scoring lives with the student
+
         def gmmc(idx: np.ndarray) -> GmmcAnchor:
             return fit_gmmc(x[idx], k, seed, var_floor=var_floor, labels=y[idx] if gmmc_per_class else None)
 
-        out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, gmmc=gmmc(fit_idx)), x[cal_idx],
-                                                   percentile))
+        held_scores = [gmmc_task_loglik(gmmc(fit), x[held]) for fit, held in folds]
+        out.thresholds["gmmc"] = float(np.percentile(np.concatenate(held_scores), percentile))
         out.gmmc = gmmc(np.arange(y.size))  # refitted on everything; the mixture barely moves
     if "maha" in kinds:
         # Calibrated on anchors fitted without the held-out part, class means included: a
@@ -415,7 +420,6 @@ def fit_task_anchors(
             first = part(fit_idx)
             out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=first), x[cal_idx], percentile))
         else:
-            folds = _calibration_folds(y, calibration_fraction, seed, min_rows=MIN_CALIBRATION_ROWS)
             out.calibration = ThresholdCalibration(tuple(
                 CalibrationFold(np.ascontiguousarray(x[held], dtype=np.float32), part(fit))
                 for fit, held in folds), percentile)
