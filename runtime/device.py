@@ -45,7 +45,7 @@ MAPPER_NAMES: dict[str, str] = {"gmmc": "gmmc", "maha": "mahalanobis"}  # a kind
 #: carries its anchor (``learn`` fits both by default), else GMMC (``Device.resolve_mapper``).
 #: Mahalanobis wins routing, open set and speed on Lite0 (benchmarks/results/mapper_peers*.json):
 #: 0.935x / 0.863x the oracle at 21 / 71 tasks against GMMC's 0.893x / 0.761x, 0.923x / 0.832x
-#: with 56 KB packets (0.890x / 0.739x), open-set AUROC 0.882 / 0.803 (0.871 / 0.782), and a
+#: with 56 KB packets (0.890x / 0.739x), open-set AUROC 0.881 / 0.798 (0.871 / 0.776), and a
 #: third of GMMC's scoring time at 1,000 tasks.  GMMC keeps half the anchor bytes, no student
 #: work, a better calibrated task confidence with 56 KB packets (ECE 0.009 against 0.049), and the
 #: paper's MAC accounting, so the fleet lab's Fig. 9 row stays GMMC's.
