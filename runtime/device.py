@@ -22,6 +22,7 @@ import numpy as np
 
 from skill_edge.runtime.mapping.anchors import (
     DEFAULT_TRANSFORM,
+    MIN_CALIBRATION_ROWS,
     ThresholdCalibration,
     fit_task_anchors,
     needs_trunk_stats,
@@ -85,6 +86,18 @@ class LearnReport:
     packet: bytes | None = None  # the signed packet stored with the task (None when stored without a key)
     #: the anchors' held-out calibration, for a caller that encodes the packet itself (store=False); never stored
     calibration: ThresholdCalibration | None = field(default=None, repr=False)
+
+    @property
+    def open_set_calibration_images(self) -> int:
+        """Held-out images the Mahalanobis open-set threshold rests on (0: none could be held out)."""
+        return sum(len(f.held_out) for f in self.calibration.folds) if self.calibration is not None else 0
+
+    @property
+    def open_set_calibration_thin(self) -> bool:
+        """Fewer held-out images than the calibration aims for (``MIN_CALIBRATION_ROWS``): the task's 1 %
+        open-set test is then a rough one, and "unknown" noisy for it."""
+        return (self.knowledge is not None and self.knowledge.maha is not None
+                and self.open_set_calibration_images < MIN_CALIBRATION_ROWS)
 
 
 @dataclass

@@ -126,6 +126,14 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, rom_dir: Path) -
     assert summary["open_set_calibration_images"] == 20
 
 
+def test_learn_warns_when_the_open_set_threshold_rests_on_few_images(tmp_path: Path, rom_dir: Path) -> None:
+    task = _digit_task(tmp_path / "t", [3, 4], n_train=10, n_test=2)
+    res = runner.invoke(app, ["learn", "--task", "t", "--data", str(task), "--home", str(tmp_path / "h"),
+                              "--rom", str(rom_dir)])
+    assert res.exit_code == 0, res.output
+    assert "open-set threshold rests on 20 held-out images" in " ".join(res.output.split())
+
+
 def test_single_class_and_empty_class_are_clear_errors(tmp_path: Path, rom_dir: Path) -> None:
     one = _digit_task(tmp_path / "one", [5], n_train=5, n_test=2)
     res = runner.invoke(app, ["learn", "--task", "one", "--data", str(one), "--home", str(tmp_path / "h"),

@@ -203,7 +203,6 @@ def learn_command(
         say_error("bad --budget:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     from skill_edge.runtime.knowledge.records import KnowledgeError, validate_name
-    from skill_edge.runtime.mapping.anchors import MIN_CALIBRATION_ROWS
 
     try:  # before anything is written: the name becomes a folder (captures/<task>) and a file name
         validate_name(task)
@@ -249,9 +248,7 @@ def learn_command(
             "bb_split": int(knowledge.meta.bb_split) if knowledge.bb is not None else None,
             "bb_biases": int(knowledge.bb.size) if knowledge.bb is not None else 0} if bb else {}),
         "anchors": [a for a in ("gmmc", "maha") if getattr(knowledge, a) is not None],
-        # how many held-out images the Mahalanobis open-set threshold rests on (0: none could be held out)
-        "open_set_calibration_images": (sum(len(f.held_out) for f in report.calibration.folds)
-                                        if report.calibration is not None else 0),
+        "open_set_calibration_images": report.open_set_calibration_images,
         "packet": str(pkt_path), "packet_bytes": len(packet), "packet_plan": plan.step,
         "backend": dev.engine.backend,
         "seconds": {k2: round(v, 2) for k2, v in report.seconds.items()},
@@ -268,11 +265,10 @@ def learn_command(
         else:
             console.print(f"BB not kept: validation accuracy {report.bb_val_acc:.4f} with biases did not beat "
                           f"{without:.4f} without; the plain head ships")
-    held = summary["open_set_calibration_images"]
-    if knowledge.maha is not None and held < MIN_CALIBRATION_ROWS:
-        console.print(f"[yellow]the open-set threshold rests on {held} held-out images (fewer than "
-                      f"{MIN_CALIBRATION_ROWS}): expect 'unknown' to be noisy for this task until it is learned "
-                      f"from more images[/yellow]")
+    if report.open_set_calibration_thin:
+        console.print(f"[yellow]the open-set threshold rests on {report.open_set_calibration_images} held-out "
+                      f"images: expect 'unknown' to be noisy for this task until it is learned from more "
+                      f"images[/yellow]")
     for path, why in report.skipped[:10]:
         say_error("skipped", why, style="yellow")
     if len(report.skipped) > 10:
