@@ -63,25 +63,24 @@ def test_the_teacher_keeps_its_hold_out_and_the_anchor_fitted_without_it(digits_
     assert half == pytest.approx(k.thresholds["maha"], rel=1e-3)
 
 
-def test_a_small_task_pools_disjoint_hold_outs(monkeypatch):
+def test_a_small_task_pools_disjoint_hold_outs():
     """At 7 images a class one is held out a class, and the 1st percentile of 10 rows is their minimum:
     the thresholds then rejected 7 % (GMMC) and 10 % (Mahalanobis) of the task's new images on average,
     24 % at worst, where 1 % is meant.  Pooling disjoint hold-outs, each scored under anchors fitted
     without it: under 2 %."""
-    import skill_edge.runtime.mapping.anchors as anchors_module
+    from skill_edge.runtime.mapping.anchors import MIN_CALIBRATION_ROWS
 
     d = load_digits()
     proj = np.random.default_rng(1).normal(size=(64, 768)) / 8.0
     x, y = np.maximum(d.data / 16.0 @ proj, 0).astype(np.float32), d.target
     rates: dict[tuple[str, str], list[float]] = {}
-    min_rows = anchors_module.MIN_CALIBRATION_ROWS
     for seed in range(6):
         rng = np.random.default_rng(seed)
         small = np.concatenate([rng.choice(np.flatnonzero(y == c), 7, replace=False) for c in range(10)])
         new = np.setdiff1d(np.arange(len(y)), small)
-        for rows, label in ((min_rows, "pooled"), (0, "single")):
-            monkeypatch.setattr(anchors_module, "MIN_CALIBRATION_ROWS", rows)
-            a = fit_task_anchors(x[small], y[small], transform="raw", kinds=("gmmc", "maha"), seed=seed, k=10)
+        for rows, label in ((MIN_CALIBRATION_ROWS, "pooled"), (0, "single")):
+            a = fit_task_anchors(x[small], y[small], transform="raw", kinds=("gmmc", "maha"), seed=seed, k=10,
+                                 min_calibration_rows=rows)
             for kind in ("gmmc", "maha"):
                 tests = AnchorTests(kind, [getattr(a, kind)], np.array([a.thresholds[kind]]))
                 rates.setdefault((kind, label), []).append(

@@ -366,6 +366,7 @@ def fit_task_anchors(
     min_exemplar_rows: int = DEFAULT_MIN_EXEMPLAR_ROWS,
     calibration_fraction: float = 0.2,
     percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
+    min_calibration_rows: int = MIN_CALIBRATION_ROWS,
 ) -> TaskAnchors:
     """Transform raw features, fit the requested anchors and calibrate their thresholds.
 
@@ -379,7 +380,7 @@ def fit_task_anchors(
     fitted on the rest only.  The GMMC anchor returned is refitted on all features; the
     Mahalanobis anchor returned keeps the fitting part's exemplars (no held-out input is its own
     exemplar) and takes its class means from all features.  Where the hold-out is small, both
-    thresholds pool further disjoint hold-outs (``MIN_CALIBRATION_ROWS``).
+    thresholds pool further disjoint hold-outs, up to ``min_calibration_rows`` rows (0: the first only).
     ``calibration`` keeps the hold-outs and their anchors, so that a budget packet's encoder can
     set the Mahalanobis threshold again for the anchor it sends.
     """
@@ -390,13 +391,12 @@ def fit_task_anchors(
     y = _check_labels(labels, x.shape[0])
 
     n_classes = int(y.max()) + 1
-    fit_idx, cal_idx = _calibration_split(y, calibration_fraction, seed)
-    if cal_idx.size == 0:  # too little data to hold any out: fall back to (optimistic) training scores
-        fit_idx = cal_idx = np.arange(y.size)
-    out = TaskAnchors(feature_transform=transform)
     # a small first hold-out is pooled with further disjoint ones, each scored under anchors fitted without it
-    folds = ([(fit_idx, cal_idx)] if cal_idx is fit_idx else
-             _calibration_folds(y, calibration_fraction, seed, min_rows=MIN_CALIBRATION_ROWS))
+    folds = _calibration_folds(y, calibration_fraction, seed, min_rows=min_calibration_rows)
+    held_out = folds[0][1].size > 0
+    if not held_out:  # too little data to hold any out: fall back to (optimistic) training scores
+        folds = [(np.arange(y.size), np.arange(y.size))]
+    out = TaskAnchors(feature_transform=transform)
     if "gmmc" in kinds:
         from skill_edge.runtime.mapping.mapper import gmmc_task_loglik  # scoring lives with the student
 
@@ -416,29 +416,21 @@ def fit_task_anchors(
             return fit_mahalanobis(x[idx], y[idx], m, seed, num_classes=n_classes, exemplars=exemplars,
                                    min_rows=min_exemplar_rows)
 
-        if cal_idx is fit_idx:  # no hold-out: the optimistic training scores
-            first = part(fit_idx)
-            out.thresholds.update(calibrate_thresholds(TaskAnchors(transform, maha=first), x[cal_idx], percentile))
-        else:
-            out.calibration = ThresholdCalibration(tuple(
-                CalibrationFold(np.ascontiguousarray(x[held], dtype=np.float32), part(fit))
-                for fit, held in folds), percentile)
-            out.thresholds["maha"] = out.calibration.maha_threshold()
-            first = out.calibration.folds[0].maha
+        calibration = ThresholdCalibration(tuple(
+            CalibrationFold(np.ascontiguousarray(x[held], dtype=np.float32), part(fit)) for fit, held in folds),
+            percentile)
+        out.thresholds["maha"] = calibration.maha_threshold()
+        out.calibration = calibration if held_out else None  # training scores recalibrate nothing
+        first = calibration.folds[0].maha
         out.maha = MahalanobisAnchor(_class_means(x, y, n_classes).astype(np.float32), first.exemplars,
                                      first.exemplar_labels)
     return out
 
 
-def _calibration_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split that leaves every class at least one fitting sample."""
-    return _calibration_folds(y, fraction, seed, min_rows=0)[0]
-
-
 def _calibration_folds(y: np.ndarray, fraction: float, seed: int, *, min_rows: int,
                        max_folds: int = MAX_CALIBRATION_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
     """Disjoint stratified hold-outs of ``fraction`` of each class, as ``(fit, held)`` index pairs: the
-    first is ``_calibration_split``'s, and more follow (up to ``max_folds``) until ``min_rows`` are held
+    first is the task's seeded split, and more follow (up to ``max_folds``) until ``min_rows`` are held
     out in all.  Every class keeps at least one fitting sample in every fold."""
     rng = np.random.default_rng(seed + 7919)
     order = {int(c): rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)}
