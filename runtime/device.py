@@ -487,6 +487,14 @@ class Device:
                 return self.bank.get(e.key).meta.feature_transform
         return None
 
+    def own_entry(self, task: str):
+        """This device's stored ``task`` (learned here, or its own packet come back), None if none.
+
+        ``learn`` asks before it relearns a task this device already holds: the new version
+        outdates the old one at every peer, and the old one is not kept."""
+        mine = [e for e in self.bank.entries() if self._is_mine(e, task)]
+        return max(mine, key=lambda e: int(e.seq), default=None)
+
     def _previous_seq(self, task: str) -> int:
         """The newest seq this device used for ``task``: a relearn must outdate it at every peer."""
         return max((int(e.seq) for e in self.bank.entries() if self._is_mine(e, task)), default=0)

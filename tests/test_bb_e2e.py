@@ -52,9 +52,10 @@ def test_cli_learn_bb_prints_the_verdict_and_writes_a_packet(rom_dir: Path, task
     assert len(packets) == 1
     p = PacketCodec().decode(packets[0].read_bytes())
     assert p.task == "shapes"
-    res = runner.invoke(app, [*args, "--json"])
+    res = runner.invoke(app, [*args, "--replace", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
+    assert summary["replaced_seq"] == 1
     assert 0.0 <= summary["bb_val_acc"] <= 1.0 and 0.0 <= summary["bb_val_acc_without"] <= 1.0
     assert summary["bb"] == (summary["bb_biases"] > 0)
 

@@ -128,3 +128,28 @@ def test_a_bad_task_name_or_label_is_refused_before_anything_is_captured(clip: P
     assert "Traceback" not in res.output and "\x1b[2J" not in res.output
     assert not (tmp_path / "escape").exists() and not (home / "captures").exists()
     assert not list(tmp_path.rglob("*.jpg"))
+
+
+def test_relearning_a_task_from_the_camera_asks_before_capturing(clip: Path, tmp_path: Path, rom_dir: Path) -> None:
+    """The device's own task is never replaced by accident: with no earlier capture to ask about (here
+    deleted), learn refuses before capturing, or asks at a terminal, and --replace says yes."""
+    import shutil
+
+    from skill_edge.runtime.device import Device
+
+    home = tmp_path / "h"
+    assert _learn(clip, home, rom_dir, "--headless").exit_code == 0
+    shutil.rmtree(home / "captures")
+    res = _learn(clip, home, rom_dir, "--headless")
+    assert res.exit_code == 2, res.output
+    assert "already learned 'colours' (seq 1" in " ".join(res.output.split())
+    assert not (home / "captures").exists(), "refused before anything was captured"
+    assert Device(home, rom_dir).own_entry("colours").seq == 1
+
+    args = ["learn", "--task", "colours", "--camera", f"file://{clip}", "--labels", "red,blue", "--frames",
+            str(FRAMES), "--home", str(home), "--rom", str(rom_dir), "--headless"]
+    code, screen = _run_in_pty(args, answers={"[r]eplace or [q]uit": "q"})
+    assert code == 2 and not (home / "captures").exists(), screen
+    code, screen = _run_in_pty(args, answers={"[r]eplace or [q]uit": "r"})
+    assert code == 0, screen
+    assert Device(home, rom_dir).own_entry("colours").seq == 2 and _frames(home) == {"blue": FRAMES, "red": FRAMES}

@@ -99,12 +99,26 @@ def test_classify_without_oracle_from_cli(learned: Path, rom_dir: Path, tasks: d
     assert right / len(files) >= 0.8
 
 
-def test_relearning_bumps_sequence(learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
+def test_relearning_a_task_needs_replace_and_bumps_sequence(learned: Path, rom_dir: Path, tasks: dict[str, Path],
+                                                            tmp_path: Path) -> None:
     home = tmp_path / "home"
     shutil.copytree(learned, home)
-    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
-                              "--rom", str(rom_dir), "--mapper", "gmmc", "--budget", "40KB", "--json"])
+    before = Device(home, rom_dir).bank.get("shapes")
+    args = ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
+            "--rom", str(rom_dir), "--mapper", "gmmc", "--budget", "40KB", "--json"]
+    outbox = sorted(p.name for p in (home / "outbox").glob("*.skp"))
+    res = runner.invoke(app, args)  # not a terminal: no prompt, a refusal that names the way out
+    assert res.exit_code == 2, res.output
+    assert "already learned 'shapes' (seq 1" in " ".join(res.output.split()) and "--replace" in res.output
+    kept = Device(home, rom_dir).bank.get("shapes")
+    assert kept.meta.seq == 1 and kept.content_hash() == before.content_hash()
+    assert sorted(p.name for p in (home / "outbox").glob("*.skp")) == outbox
+    res = runner.invoke(app, [*args[:5], "--append", *args[5:]])  # --append is a camera capture's
+    assert res.exit_code == 2 and "--append adds frames to a camera capture" in " ".join(res.output.split())
+
+    res = runner.invoke(app, [*args, "--replace"])
     assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["replaced_seq"] == 1
     k = Device(home, rom_dir).bank.get("shapes")
     assert k.meta.seq == 2 and k.maha is None
     pkt = home / "outbox" / "shapes-2.skp"

@@ -103,7 +103,7 @@ def test_eval_with_a_mapper_the_task_has_no_anchor_for(learned: dict, tmp_path: 
     home = tmp_path / "home"
     shutil.copytree(learned["home"], home)
     res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(learned["tasks"]["shapes"]), "--home",
-                              str(home), "--rom", str(learned["rom"]), "--mapper", "gmmc", "--json"])
+                              str(home), "--rom", str(learned["rom"]), "--mapper", "gmmc", "--replace", "--json"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["eval", "--data", str(learned["tasks"]["shapes"]), "--home", str(home), "--rom",
                               str(learned["rom"]), "--mapper", "mahalanobis"])

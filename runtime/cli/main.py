@@ -148,8 +148,11 @@ def learn_command(
     headless: bool = typer.Option(False, "--headless",
                                   help="Capture without a preview window (timed bursts per label). Automatic when "
                                        "there is no display or OpenCV has no GUI (opencv-python-headless)."),
-    append: bool = typer.Option(False, "--append", help="Add the new frames to an earlier capture of this task."),
-    replace: bool = typer.Option(False, "--replace", help="Delete an earlier capture of this task first."),
+    append: bool = typer.Option(False, "--append", help="Add the new frames to an earlier capture of this task "
+                                                        "(with --camera), and relearn it."),
+    replace: bool = typer.Option(False, "--replace", help="Relearn a task this device learned before (the new "
+                                                          "version replaces it at every peer); with --camera, "
+                                                          "delete its earlier capture first."),
     bb: bool = typer.Option(False, "--bb", help="Also learn beneficial biases (kept only if they beat the plain "
                                                 "head on validation)."),
     bb_split: str = typer.Option("auto", "--bb-split",
@@ -174,7 +177,8 @@ def learn_command(
     Exit codes:
     0 learned, stored, and its packet written to the outbox;
     1 a file could not be written (disk full, permissions), and nothing half-written is left;
-    2 a bad option, no ROM, or data that a task cannot be learned from;
+    2 a bad option, no ROM, data that a task cannot be learned from, or a task this device already
+      learned, without --replace;
     3 no packet fits --budget, so nothing is stored.
     """
     from skill_edge.runtime.knowledge.bank import BankError
@@ -189,6 +193,10 @@ def learn_command(
         raise typer.Exit(EXIT_USAGE)
     if append and replace:
         console.print("[red]give at most one of --append and --replace[/red]")
+        raise typer.Exit(EXIT_USAGE)
+    if append and camera is None:
+        say_error("--append adds frames to a camera capture; a --data folder is the whole task "
+                  "(relearn it with --replace)")
         raise typer.Exit(EXIT_USAGE)
     kinds = {"gmmc": ("gmmc",), "mahalanobis": ("maha",), "maha": ("maha",), "both": ("gmmc", "maha")}.get(mapper)
     if kinds is None:
@@ -213,6 +221,7 @@ def learn_command(
         say_error("cannot learn:", exc)
         raise typer.Exit(EXIT_USAGE) from None
     dev = open_device(home, rom, provider, need_key=True)
+    replaced = _confirm_relearn(dev, task, replace=replace, append=append, camera=camera is not None)
     if camera is not None:
         data = _capture(dev.home, task, camera, labels, frames, countdown, headless=headless,
                         previous="append" if append else "replace" if replace else None)
@@ -249,6 +258,7 @@ def learn_command(
             "bb_biases": int(knowledge.bb.size) if knowledge.bb is not None else 0} if bb else {}),
         "anchors": [a for a in ("gmmc", "maha") if getattr(knowledge, a) is not None],
         "open_set_calibration_images": report.open_set_calibration_images,
+        "replaced_seq": None if replaced is None else int(replaced.seq),
         "packet": str(pkt_path), "packet_bytes": len(packet), "packet_plan": plan.step,
         "backend": dev.engine.backend,
         "seconds": {k2: round(v, 2) for k2, v in report.seconds.items()},
@@ -273,6 +283,35 @@ def learn_command(
         say_error("skipped", why, style="yellow")
     if len(report.skipped) > 10:
         console.print(f"[yellow]... and {len(report.skipped) - 10} more unreadable images[/yellow]")
+
+
+def _confirm_relearn(dev, task: str, *, replace: bool, append: bool, camera: bool):
+    """The entry a relearn of ``task`` will replace, None if this device never learned it.
+
+    A device's own work is never replaced by accident: relearning a task it holds needs
+    ``--replace`` (or ``--append`` to a camera capture), or a "yes" on a terminal.  A camera
+    capture that already holds frames asks its own append-or-replace question, which answers
+    this one too.  Otherwise exits with EXIT_USAGE before anything is captured or written."""
+    from datetime import datetime
+
+    old = dev.own_entry(task)
+    if old is None or replace or append:
+        return old
+    if camera:
+        from skill_edge.runtime.sources.camera import captured_frames
+
+        if captured_frames(dev.home / "captures" / task):
+            return old  # the capture's own prompt (or its refusal) decides
+    when = datetime.fromtimestamp(old.created).strftime("%Y-%m-%d %H:%M")
+    what = (f"this device already learned {task!r} (seq {old.seq}, {old.classes} classes, {when}, "
+            f"{old.source}); relearning replaces it at every peer, and the old version is not kept")
+    if _stdin_is_terminal():
+        answer = typer.prompt(f"{what}. [r]eplace or [q]uit", default="q", err=True).strip().lower()[:1]
+        if answer == "r":
+            return old
+        raise typer.Exit(EXIT_USAGE)
+    say_error(f"{what}: pass --replace to relearn it, or pick another --task name")
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _capture(home: Path, task: str, camera: str, labels: Optional[str], frames: int, countdown: float, *,
