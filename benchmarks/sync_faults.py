@@ -413,9 +413,11 @@ class Lab:
         return time.monotonic() > self.deadlines.get(loop, math.inf)
 
     def learn(self, home: Path, task: str = "mnist", kill: Kill | None = None, env: dict | None = None,
-              timeout: float = 900.0) -> CliRun:
+              timeout: float = 900.0, replace: bool = False) -> CliRun:
+        """``replace``: relearn a task this device already learned (learn refuses that without it)."""
         return run_cli(["learn", "--task", task, "--data", str(self.images), "--home", str(home),
-                        "--rom", str(self.rom), "--json"], kill=kill, env=env, timeout=timeout)
+                        "--rom", str(self.rom), "--json", *(["--replace"] if replace else [])],
+                       kill=kill, env=env, timeout=timeout)
 
     def trust(self, home: Path) -> None:
         t = TrustStore(home / "trust")
@@ -592,7 +594,7 @@ def m9_learn_kills(lab: Lab, tally: KillTally) -> Scenario:
     share = lab.work / "learn-share"
     rng = random.Random(9)
     t0 = time.monotonic()
-    lab.learn(home)
+    lab.learn(home, replace=True)
     span = max(time.monotonic() - t0, 1.0)
     unpublished: list[int] = []
     kills = 0
@@ -606,7 +608,7 @@ def m9_learn_kills(lab: Lab, tally: KillTally) -> Scenario:
             kill = Kill(trigger=home / "bank" / "index.json", after=rng.uniform(0.0, 0.05), give_up=span * 1.5)
         else:
             kill = Kill(delay=rng.uniform(0.2, span))
-        if not tally.record(lab.learn(home, kill=kill), home, f"learn kill {kills + 1}"):
+        if not tally.record(lab.learn(home, kill=kill, replace=True), home, f"learn kill {kills + 1}"):
             continue
         kills += 1
         pub = lab.sync(home, f"dir:{share}", "--publish-bank-of", lab.agent, fleet="pub", idle=0.2)
