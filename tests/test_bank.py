@@ -381,6 +381,47 @@ def test_cli_ls_show_rm_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_cli_ls_show_verify_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json gives scripts the listing, one task and the check as data, errors on stderr only."""
+    import json
+
+    monkeypatch.setenv("SKILL_EDGE_HOME", str(tmp_path / "home"))
+    root = tmp_path / "home" / "bank"
+    bank = KnowledgeBank(root)
+    bank.put(make_knowledge("birds", 1), packet_bytes=make_packet("birds", 1))
+    bank.put(make_knowledge("cars", 2))
+    bank.quarantine(None, "bad signature", packet_bytes=b"junk")
+    runner = CliRunner()
+
+    r = runner.invoke(app, ["ls", "--json"])
+    assert r.exit_code == 0, r.output
+    listing = json.loads(r.stdout)
+    tasks = {t["task"]: t for t in listing["tasks"]}
+    assert sorted(tasks) == ["birds", "cars"] and tasks["birds"]["has_packet"] and not tasks["cars"]["has_packet"]
+    assert tasks["birds"]["classes"] == 4 and tasks["birds"]["anchors"] == ["gmmc"]
+    assert tasks["birds"]["content_hash"] == make_knowledge("birds", 1).content_hash()
+    assert [q["reason"] for q in listing["quarantined"]] == ["bad signature"]
+    assert listing["used_bytes"] == KnowledgeBank(root).used_bytes()
+
+    r = runner.invoke(app, ["show", "birds", "--json"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.stdout)
+    assert shown["labels"][0] == "birds-class0" and shown["tensors"]["head.weight"]["shape"] == [4, 256]
+    assert shown["source"] == "learned:/data/birds" and shown["metrics"]["val_acc"] > 0
+
+    r = runner.invoke(app, ["verify", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
+    flip_byte(root / "records" / tasks["cars"]["record"] / "tensors.safetensors", 300)
+    r = runner.invoke(app, ["verify", "--json"])
+    report = json.loads(r.stdout)
+    assert r.exit_code == 1 and not report["ok"] and any("tensors.safetensors" in p for p in report["problems"])
+
+    r = runner.invoke(app, ["show", "owls", "--json"])
+    assert r.exit_code == 1 and r.stdout == "" and "no task 'owls'" in r.stderr
+    r = runner.invoke(app, ["ls", "--bank", str(tmp_path / "nowhere"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["exists"] is False and json.loads(r.stdout)["tasks"] == []
+
+
 def test_a_bank_written_before_bb_split_existed_still_opens(tmp_path: Path) -> None:
     """Records stored before ``TaskMeta.bb_split`` (issue 16) carry no such key in their metadata; an
     upgraded device must read them as they were hashed, not call its own bank corrupt."""

@@ -122,3 +122,38 @@ def test_inspect_shows_merged_mahalanobis_means(tmp_path, home_with_peer):
     assert r.exit_code == 0, r.output
     for text in ("Mahalanobis mean rows", "2 for 3 classes (merged)", "1 of 2 (per merged row)", "maha=-"):
         assert text in r.output, text
+
+
+def test_keys_ls_and_inspect_as_json(tmp_path, home_with_peer):
+    """--json where the output is data: the same facts as the tables, parseable, on stdout alone."""
+    import json
+
+    home, peer = home_with_peer
+    r = runner.invoke(app, ["keys", "ls", "--home", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    keys = json.loads(r.stdout)
+    assert keys["device_key"]["key_id"] == load_device_key(home).key_id
+    assert [(k["name"], k["key_id"]) for k in keys["trusted"]] == [("cam-7", peer.key_id)]
+
+    f = tmp_path / "flowers.skp"
+    data = PacketCodec().encode(small_task(), peer, plan="int8+gmmc_k=2")
+    f.write_bytes(data)
+    r = runner.invoke(app, ["packet", "inspect", str(f), "--home", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert (p["task"], p["labels"], p["agent"], p["seq"], p["bytes"]) == ("flowers", ["rose", "tulip", "daisy"],
+                                                                          "cam-7", 4, len(data))
+    assert p["sha256"] == hashlib.sha256(data).hexdigest()
+    assert p["plan"]["step"] == "int8+gmmc_k=2" and (p["plan"]["gmmc_k"], p["plan"]["gmmc_k_original"]) == (2, 4)
+    assert {"name": "gmmc.means", "shape": [2, 16]}.items() <= next(
+        t for t in p["tensors"] if t["name"] == "gmmc.means").items()
+    assert p["signature"] == {"signer": peer.key_id, "trusted_as": "cam-7", "verifies": True, "problem": None}
+
+    f.write_bytes(PacketCodec().encode(small_task(), DeviceKey.generate()))
+    r = runner.invoke(app, ["packet", "inspect", str(f), "--home", str(home), "--json"])
+    assert r.exit_code == 1  # still a failure, and still data: which key, and why
+    p = json.loads(r.stdout)
+    assert p["signature"]["verifies"] is False and "unknown signer" in p["signature"]["problem"]
+    f.write_bytes(data[:100])
+    r = runner.invoke(app, ["packet", "inspect", str(f), "--home", str(home), "--json"])
+    assert r.exit_code == 1 and r.stdout == "" and "truncated" in r.stderr

@@ -54,6 +54,47 @@ def test_all_rejected_exits_3_with_one_line_per_packet_and_a_summary(tmp_path: P
     assert "accepted 2," in r.stdout.splitlines()[-1]
 
 
+def test_sync_json_is_one_object_with_every_event_and_the_exit_code(tmp_path: Path) -> None:
+    import json
+
+    a, b = make_fleet(tmp_path, ["dev-a", "dev-b"], trusted=["dev-a"])  # a does not trust b
+    share = f"dir:{tmp_path / 'share'}"
+    a.learn("birds")
+    b.learn("cars")
+    r = run_sync(b, share, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["counts"]["published"] == 1 and [e["event"] for e in out["events"]] == ["published"]
+    r = run_sync(a, share, "--json")
+    assert r.returncode == 3, r.stdout + r.stderr
+    out = json.loads(r.stdout)  # stdout is the JSON alone: no table, no summary line
+    assert out["exit_code"] == 3 and out["counts"]["rejected"] == 1 and out["counts"]["refused"] == 1
+    rejected = [e for e in out["events"] if e["event"] == "rejected"]
+    assert [(e["task"], e["agent"], e["seq"]) for e in rejected] == [("cars", "dev-b", 1)]
+    assert "unknown signer" in rejected[0]["reason"]
+
+
+def test_sync_watch_json_streams_one_event_a_line_then_a_summary(tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+
+    a, b = make_fleet(tmp_path, ["dev-a", "dev-b"])
+    share = f"dir:{tmp_path / 'share'}"
+    a.learn("birds")
+    assert run_sync(a, share).returncode == 0
+    proc = subprocess.Popen([str(SKILL_EDGE), "sync", *b.cli_args(share, "lab"), "--watch", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = json.loads(proc.stdout.readline())  # a line as soon as the packet is taken in, not at the end
+    assert (first["event"], first["task"], first["agent"]) == ("accepted", "birds", "dev-a")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=30)
+    lines = [json.loads(ln) for ln in rest.splitlines()]
+    assert proc.returncode == 0, err
+    assert lines[-1]["summary"]["counts"]["accepted"] == 1 and lines[-1]["summary"]["exit_code"] == 0
+
+
 def test_help_documents_the_exit_codes() -> None:
     r = CliRunner().invoke(sync_app, ["--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0

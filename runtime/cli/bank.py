@@ -16,11 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from skill_edge.runtime.knowledge.bank import BankEntry, BankError, KnowledgeBank
+from skill_edge.runtime.cli.output import iso_time, print_json
+from skill_edge.runtime.knowledge.bank import BankEntry, BankError, KnowledgeBank, VerifyReport
 from skill_edge.runtime.knowledge.identity import display_names, short_agent
 
 app = typer.Typer(help="Inspect and manage the on-device knowledge bank.", no_args_is_help=True)
-console = Console()
+console = Console()  # results
+err = Console(stderr=True, soft_wrap=True)  # errors: stdout stays clean for --json
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 BankOption = Annotated[
     Optional[Path],
@@ -44,13 +47,17 @@ def default_bank_dir(home: Path | None = None) -> Path:
 def _open(bank: Path | None, home: Path | None = None) -> KnowledgeBank:
     root = bank or default_bank_dir(home)
     if not (root / "index.json").exists() and not (root / "index.prev.json").exists():
-        console.print(f"[yellow]no bank at {root}[/]")
+        err.print(f"[yellow]no bank at {escape(str(root))}[/]")
         raise typer.Exit(1)
     try:
         return KnowledgeBank(root)
     except BankError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
+        _fail(exc)
+
+
+def _fail(exc: BankError) -> None:
+    err.print(f"[red]{escape(str(exc))}[/]")
+    raise typer.Exit(1) from exc
 
 
 def _when(t: float) -> str:
@@ -62,14 +69,35 @@ def _origin(e: BankEntry) -> str:
     return f"{'own' if e.own else 'received'}{'' if e.has_packet else ', no packet'}"
 
 
+def _entry_json(e: BankEntry, label: str) -> dict:
+    return {"task": e.task, "name": label, "agent": e.agent, "own": e.own, "has_packet": e.has_packet,
+            "classes": e.classes, "anchors": list(e.anchors), "bb": e.has_bb, "seq": e.seq, "source": e.source,
+            "created": iso_time(e.created), "stored": iso_time(e.stored), "bytes": e.bytes,
+            "content_hash": e.content_hash, "record": e.record}
+
+
 @app.command("ls")
-def list_tasks(bank: BankOption = None, home: HomeOption = None) -> None:
+def list_tasks(bank: BankOption = None, home: HomeOption = None, as_json: JsonOption = False) -> None:
     """List stored tasks with their origin agent (and quarantined items)."""
     root = bank or default_bank_dir(home)
     if not (root / "index.json").exists() and not (root / "index.prev.json").exists():
-        console.print(f"no bank at {root} (it is created by the first stored task)")
+        if as_json:
+            print_json({"bank": str(root), "exists": False, "tasks": [], "quarantined": [], "used_bytes": 0,
+                        "quota_bytes": None})
+        else:
+            console.print(f"no bank at {root} (it is created by the first stored task)")
         return
     kb = _open(root)
+    if as_json:
+        entries = kb.entries()
+        print_json({"bank": str(root), "exists": True,
+                    "tasks": [_entry_json(e, label) for e, label in
+                              zip(entries, display_names([e.key for e in entries]))],
+                    "quarantined": [{"id": q.id, "task": q.task, "reason": q.reason,
+                                     "quarantined_at": iso_time(q.quarantined_at), "bytes": q.bytes}
+                                    for q in kb.quarantined()],
+                    "used_bytes": kb.used_bytes(), "quota_bytes": kb.quota_bytes or None})
+        return
     table = Table(title=f"Knowledge bank {root}")
     for col in ("task", "agent", "origin", "classes", "anchors", "BB", "seq", "source", "created", "bytes"):
         numeric = col in ("classes", "seq", "bytes")
@@ -92,16 +120,26 @@ def list_tasks(bank: BankOption = None, home: HomeOption = None) -> None:
 
 
 @app.command()
-def show(task: TaskArgument, bank: BankOption = None, home: HomeOption = None) -> None:
+def show(task: TaskArgument, bank: BankOption = None, home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Print one task: origin, labels, tensor shapes, metadata, metrics, source."""
     kb = _open(bank, home)
     try:
         entry = kb.resolve(task)
         knowledge = kb.get(entry.key)
     except BankError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
+        _fail(exc)
     m = knowledge.meta
+    if as_json:
+        entries = kb.entries()
+        name = dict(zip([e.key for e in entries], display_names([e.key for e in entries])))[entry.key]
+        print_json({**_entry_json(entry, name), "labels": list(knowledge.labels),
+                    "feature_dim": knowledge.feature_dim, "n_train": m.n_train,
+                    "feature_transform": m.feature_transform, "rom_fingerprint": m.rom_fingerprint or None,
+                    "bb_layout_hash": m.bb_layout_hash or None, "thresholds": dict(knowledge.thresholds),
+                    "metrics": dict(m.metrics),
+                    "tensors": {name: {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": int(arr.nbytes)}
+                                for name, arr in knowledge.tensors().items()}})
+        return
     console.print(f"[bold]{escape(entry.key.short)}[/]  {knowledge.num_classes} classes, feature dim "
                   f"{knowledge.feature_dim}, {_origin(entry)}")
     console.print(f"labels: {', '.join(knowledge.labels)}")
@@ -154,20 +192,21 @@ def remove(
         else:
             what = f"task {kb.remove(name).key.short}"
     except BankError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
+        _fail(exc)
     console.print(f"removed {escape(what)}")
 
 
 @app.command()
-def verify(bank: BankOption = None, home: HomeOption = None) -> None:
+def verify(bank: BankOption = None, home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Check every record against its sha256; exit 1 on any problem."""
     kb = _open(bank, home)
     try:
         report = kb.verify()
     except BankError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
+        _fail(exc)
+    if as_json:
+        _verify_json(report)
+        return
     for note in report.repaired:
         console.print(f"[yellow]repaired: {note}[/]")
     for problem in report.problems:
@@ -180,3 +219,11 @@ def verify(bank: BankOption = None, home: HomeOption = None) -> None:
         console.print("[red]bank verify FAILED[/]")
         raise typer.Exit(1)
     console.print("[green]bank OK[/]")
+
+
+def _verify_json(report: VerifyReport) -> None:
+    print_json({"ok": report.ok, "index_file": report.index_file, "tasks_checked": report.tasks_checked,
+                "problems": report.problems, "repaired": report.repaired, "orphans": report.orphans,
+                "staging_leftovers": report.staging_leftovers, "quarantined": report.quarantined})
+    if not report.ok:
+        raise typer.Exit(1)

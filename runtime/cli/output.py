@@ -26,6 +26,33 @@ out = Console(soft_wrap=True)  # results
 PLAIN_PROGRESS_EVERY_S = 5.0
 
 
+def _json_default(obj: object) -> object:
+    """numpy scalars and arrays as plain numbers and lists; anything else by its text."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def print_json(data: object, *, line: bool = False) -> None:
+    """``data`` as JSON on stdout, for scripts: never coloured, wrapped or cut.
+
+    ``line``: one compact object on one line, for a stream of them (``sync --watch --json``)."""
+    import json
+    import sys
+
+    text = (json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=_json_default) if line
+            else json.dumps(data, ensure_ascii=False, indent=1, default=_json_default))
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def iso_time(t: float) -> str:
+    """A Unix time as ISO 8601 in UTC (``2026-12-07T03:10:05+00:00``): what ``--json`` output carries."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def say_error(prefix: str, detail: object = "", *, style: str = "red") -> None:
     """``prefix`` in colour on stderr, then ``detail`` (an exception, a path) as literal text.
 

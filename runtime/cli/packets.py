@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from skill_edge.runtime.cli.output import iso_time, print_json
 from skill_edge.runtime.exchange.codec import format_size
 from skill_edge.runtime.exchange.keys import (
     DEVICE_KEY_FILE,
@@ -44,6 +45,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 HomeOption = typer.Option(None, "--home", envvar=HOME_ENV, show_envvar=True,
                           help="skill-edge home (keys/ and trust/ live here); default ~/.skill-edge")
+JsonOption = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -95,17 +97,25 @@ def keys_add(name: str = typer.Argument(..., help="a label for the peer, e.g. it
 
 
 @keys_app.command("ls")
-def keys_ls(home: Path | None = HomeOption) -> None:
+def keys_ls(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
     """List this device's key and every trusted key."""
     try:
         dev = load_device_key(home)
-        console.print(f"device key: [bold]{dev.key_id}[/] ({key_dir(home) / 'device.pem'})")
+        device = {"key_id": dev.key_id, "file": str(key_dir(home) / DEVICE_KEY_FILE), "problem": None}
     except KeyStoreError as exc:
-        console.print(f"device key: none ({exc})")
+        device = {"key_id": None, "file": None, "problem": str(exc)}
     try:
         keys = TrustStore.at_home(home).keys()
     except KeyStoreError as exc:
         _fail(str(exc))
+    if as_json:
+        print_json({"device_key": device, "trust_store": str(TrustStore.at_home(home).directory),
+                    "trusted": [{"name": k.name, "key_id": k.key_id, "file": str(k.path)} for k in keys]})
+        return
+    if device["key_id"]:
+        console.print(f"device key: [bold]{device['key_id']}[/] ({device['file']})")
+    else:
+        console.print(f"device key: none ({device['problem']})")
     table = Table(title=f"trust store {TrustStore.at_home(home).directory}")
     table.add_column("name")
     table.add_column("key id")
@@ -128,7 +138,7 @@ def keys_rm(name: str = typer.Argument(..., help="name or key id of the trusted 
 
 @packet_app.command("inspect")
 def packet_inspect(file: Path = typer.Argument(..., exists=True, dir_okay=False),
-                   home: Path | None = HomeOption) -> None:
+                   home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
     """Show everything in a packet and whether its signature verifies against the trust store.
 
     Exits 1 when the packet is malformed, unsigned, signed by an unknown key or modified after signing.
@@ -144,9 +154,10 @@ def packet_inspect(file: Path = typer.Argument(..., exists=True, dir_okay=False)
         _fail(f"{file}: {exc}")
     # the signature first: if the bytes were modified, that is the finding, whatever else is broken
     signer = frame.key_id.hex() if frame.key_id is not None else "nobody (unsigned)"
+    trusted_name = None
     try:
-        trusted = check_signature(frame, TrustStore.at_home(home))
-        signature = f"signer: {signer} = trusted key [bold]{trusted.name}[/]; [green]signature verifies[/]"
+        trusted_name = check_signature(frame, TrustStore.at_home(home)).name
+        signature = f"signer: {signer} = trusted key [bold]{trusted_name}[/]; [green]signature verifies[/]"
         signature_problem = None
     except (PacketError, KeyStoreError) as exc:
         signature = f"signer: {signer}; [red]{exc}[/]"
@@ -154,12 +165,37 @@ def packet_inspect(file: Path = typer.Argument(..., exists=True, dir_okay=False)
     try:
         packet = PacketCodec().decode(data)
     except PacketError as exc:
-        console.print(signature)
+        if not as_json:
+            console.print(signature)
         _fail(f"{file}: {signature_problem or exc.reason}" + (f" (and: {exc.reason})" if signature_problem else ""))
-    _show(file, packet)
-    console.print(signature)
+    if as_json:
+        print_json({**_packet_json(file, packet),
+                    "signature": {"signer": frame.key_id.hex() if frame.key_id is not None else None,
+                                  "trusted_as": trusted_name, "verifies": signature_problem is None,
+                                  "problem": signature_problem}})
+    else:
+        _show(file, packet)
+        console.print(signature)
     if signature_problem:
         _fail(f"{file}: {signature_problem}")
+
+
+def _packet_json(file: Path, p: Packet) -> dict:
+    """What ``packet inspect`` shows, as data."""
+    k, plan = p.knowledge, p.plan
+    return {"file": str(file), "version": p.version, "bytes": p.raw_size, "task": p.task, "labels": list(p.labels),
+            "agent": p.agent_id, "seq": p.seq, "created": iso_time(p.created), "rom_fingerprint": p.rom_fingerprint,
+            "bb_layout_hash": p.bb_layout_hash or None, "feature_transform": k.meta.feature_transform,
+            "n_train": k.meta.n_train, "metrics": dict(k.meta.metrics), "thresholds": dict(k.thresholds),
+            "plan": {"step": plan.step, "lossless": plan.lossless, "compression": plan.compression,
+                     "gmmc_k": plan.gmmc_k, "gmmc_k_original": plan.gmmc_k_original,
+                     "exemplars_per_class": plan.exemplars_per_class,
+                     "exemplars_per_class_original": plan.exemplars_per_class_original,
+                     "maha_means": plan.maha_means, "tensors": dict(plan.tensors)},
+            "metadata_bytes": p.metadata_bytes, "payload_bytes": p.payload_bytes,
+            "payload_raw_bytes": p.payload_raw_bytes, "sha256": p.sha256,
+            "tensors": [{"name": t.name, "encoding": plan.tensors.get(t.name), "wire_dtype": t.dtype,
+                         "shape": list(t.shape), "bytes": int(t.nbytes)} for t in p.wire_tensors]}
 
 
 def _show(file: Path, p: Packet) -> None:

@@ -22,6 +22,7 @@ Wire into the root command with ``app.command("sync")(sync_command)``.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skill_edge.export.manifest import RomError, RomManifest
+from skill_edge.runtime.cli.output import iso_time, print_json
 from skill_edge.runtime.knowledge.bank import BankError, KnowledgeBank
 from skill_edge.runtime.exchange.codec import format_size, parse_size
 from skill_edge.runtime.exchange.keys import HOME_ENV, KeyStoreError, TrustStore, skill_edge_home
@@ -143,6 +145,9 @@ def sync_command(
     idle: float = typer.Option(2.0, "--idle", help="one-shot: stop after this many quiet seconds"),
     timeout: float = typer.Option(300.0, "--timeout", help="one-shot: stop receiving after this many seconds"),
     connect_timeout: float = typer.Option(15.0, "--connect-timeout", help="MQTT: give up connecting after this"),
+    as_json: bool = typer.Option(False, "--json", help="one-shot: print one JSON object (events, counts, exit "
+                                                       "code); with --watch: one JSON object a line per event, "
+                                                       "then a summary line"),
 ) -> None:
     """Publish this device's packets and store what the fleet sends (one-shot, or --watch).
 
@@ -173,14 +178,18 @@ def sync_command(
         tx = open_transport(transport, fleet, state_dir=state_dir, **mqtt_options)
     except (ValueError, KeyStoreError, BankError, TransportError, OSError, RomError) as exc:
         _fail(str(exc))
-    view = WatchView(fleet, transport) if watch else None
-    service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox,
-                          on_event=view.add if view else _print_event)
+    view = WatchView(fleet, transport) if watch and not as_json else None
+    events: list[dict] = []
+    if as_json:
+        on_event = (lambda e: print_json(_event_json(e), line=True)) if watch else (lambda e: events.append(_event_json(e)))
+    else:
+        on_event = view.add if view else _print_event
+    service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox, on_event=on_event)
     stop = threading.Event()
     try:
         if publish_bank_of:
             service.publish_bank(publish_bank_of)
-        if view is None:
+        if not watch:
             service.sync_once(idle=idle, timeout=timeout)
         else:
             # Ctrl-C and SIGTERM both stop after the current poll.  Installing a SIGINT handler also
@@ -188,7 +197,10 @@ def sync_command(
             # non-interactive shell, as in CI): Python then raises no KeyboardInterrupt at all.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
-            view.run(service, stop)
+            if view is None:
+                service.run(stop)
+            else:
+                view.run(service, stop)
     except KeyboardInterrupt:
         pass
     except (TransportError, BankError) as exc:
@@ -196,6 +208,10 @@ def sync_command(
         _fail(str(exc))
     _close_within(tx, CLOSE_TIMEOUT_S)
     code = exit_code(service.stats)
+    if as_json:
+        summary = {"fleet": fleet, "transport": transport, "counts": _counts_json(service.stats), "exit_code": code}
+        print_json({"summary": summary}, line=True) if watch else print_json({**summary, "events": events})
+        raise typer.Exit(code)
     if view is None or not view.used_live:  # the live view's last frame already shows the counts
         console.print(_stats_line(service.stats, transport, fleet) + _verdict(service.stats, code), soft_wrap=True)
     raise typer.Exit(code)
@@ -210,6 +226,15 @@ def _print_event(e: SyncEvent) -> None:
     console.print(Text.assemble((f"{e.kind:<11}", style), f" {e.task}/{e.agent_id} seq {seq} "
                                 f"({format_size(e.size)})", (f"  {e.reason}" if e.kind != "published" else "", "dim")),
                   soft_wrap=True)
+
+
+def _event_json(e: SyncEvent) -> dict:
+    return {"event": e.kind, "task": e.task, "agent": e.agent_id, "seq": None if e.seq < 0 else e.seq,
+            "bytes": e.size, "reason": e.reason, "origin": e.origin, "at": iso_time(e.at)}
+
+
+def _counts_json(s: SyncStats) -> dict:
+    return {**dataclasses.asdict(s), "failed": s.failed, "refused": s.refused}
 
 
 def _stats_line(s: SyncStats, transport: str, fleet: str) -> str:
