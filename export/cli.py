@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(emoji=False)
 rom_app = typer.Typer(help="Inspect and verify ROM directories.", no_args_is_help=True)
 
 

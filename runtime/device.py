@@ -538,6 +538,9 @@ class Device:
         if cached is None or cached[0] != stamp:
             tasks = [k for k in self._held(stamp) if (k.gmmc if kind == "gmmc" else k.maha) is not None]
             if not tasks:
+                if not self._held(stamp):
+                    raise LearnError(f"the bank at {self.bank.root} holds no task for this ROM; learn or sync "
+                                     "some tasks first")
                 raise LearnError(f"the bank holds no task with a {kind} anchor; learn or sync some tasks first")
             # Merge order is the tasks' fleet-wide identity, never arrival order: the mapper's sums
             # (tied scatter, centres) then come out bit-identical on every device holding the same

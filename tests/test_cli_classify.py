@@ -104,6 +104,15 @@ def test_missing_and_unreadable_inputs_exit_1_and_the_rest_is_still_classified(l
     assert nothing.exit_code == 2 and "nothing to classify" in nothing.output
 
 
+def test_an_empty_home_says_so(learned: dict, tmp_path: Path) -> None:
+    """Not "no task with a maha anchor" (what --mapper auto picked): the bank is empty, and where it is."""
+    image = sorted((learned["tasks"]["shapes"] / "test" / "disc").glob("*.png"))[0]
+    res = runner.invoke(app, ["classify", str(image), "--home", str(tmp_path / "new"), "--rom", str(learned["rom"])])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"the bank at {tmp_path / 'new' / 'bank'} holds no task for this ROM" in text and "Traceback" not in text
+
+
 def test_exit_codes_are_documented_in_help() -> None:
     for verb in ("classify", "learn", "eval"):
         res = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "200"})

@@ -95,6 +95,24 @@ def test_sync_watch_json_streams_one_event_a_line_then_a_summary(tmp_path: Path)
     assert lines[-1]["summary"]["counts"]["accepted"] == 1 and lines[-1]["summary"]["exit_code"] == 0
 
 
+def test_a_mistyped_transport_is_refused_and_names_are_printed_as_they_are(tmp_path: Path, monkeypatch) -> None:
+    """"usb:/media/x" or "mqt:broker" used to become a local folder that sync created and published into,
+    with exit 0; and rich turned a ":x:" in a fleet or folder name into an emoji."""
+    a, = make_fleet(tmp_path, ["dev-a"])
+    a.learn("birds")
+    monkeypatch.chdir(tmp_path)
+    r = subprocess.run([str(SKILL_EDGE), "sync", *a.cli_args("usb:share", "lab")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "unknown transport 'usb:share'" in r.stderr and "dir:usb:share" in r.stderr
+    assert not (tmp_path / "usb:share").exists() and list(a.outbox.glob("*.skp")), "nothing published"
+
+    r = subprocess.run([str(SKILL_EDGE), "sync", *a.cli_args("dir:lab:x:", "f:x:"), "--idle", "0.2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("sync f:x: via dir:lab:x:: published 1,"), r.stdout
+    assert (tmp_path / "lab:x:").is_dir()
+
+
 def test_help_documents_the_exit_codes() -> None:
     r = CliRunner().invoke(sync_app, ["--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0

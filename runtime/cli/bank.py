@@ -21,8 +21,8 @@ from skill_edge.runtime.knowledge.bank import BankEntry, BankError, KnowledgeBan
 from skill_edge.runtime.knowledge.identity import display_names, short_agent
 
 app = typer.Typer(help="Inspect and manage the on-device knowledge bank.", no_args_is_help=True)
-console = Console()  # results
-err = Console(stderr=True, soft_wrap=True)  # errors: stdout stays clean for --json
+console = Console(emoji=False)  # results
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # errors: stdout stays clean for --json
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 BankOption = Annotated[

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=True, soft_wrap=True)  # messages, warnings, progress (long lines are not cut)
-out = Console(soft_wrap=True)  # results
+console = Console(stderr=True, soft_wrap=True, emoji=False)  # messages, warnings, progress (long lines are not cut)
+out = Console(soft_wrap=True, emoji=False)  # results; names are text, never emoji codes
 
 #: Seconds between two progress lines of one stage when stderr is not a terminal.
 PLAIN_PROGRESS_EVERY_S = 5.0

@@ -40,8 +40,8 @@ from skill_edge.runtime.exchange.packet import (
 keys_app = typer.Typer(help="This device's signing key and the trust store of peers' public keys.",
                        no_args_is_help=True)
 packet_app = typer.Typer(help="Look inside knowledge packets.", no_args_is_help=True)
-console = Console(soft_wrap=True)  # a long path stays on one line in a pipe or a log
-err = Console(stderr=True, soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)  # a long path stays on one line in a pipe or a log
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 HomeOption = typer.Option(None, "--home", envvar=HOME_ENV, show_envvar=True,
                           help="skill-edge home (keys/ and trust/ live here); default ~/.skill-edge")

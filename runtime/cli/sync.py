@@ -47,8 +47,9 @@ from skill_edge.runtime.exchange.sync import BankPlausibility, SyncEvent, SyncSe
 from skill_edge.runtime.exchange.transport import TransportError, open_transport
 
 app = typer.Typer(help="Share knowledge packets with the fleet.", no_args_is_help=False)
-console = Console()
-err = Console(stderr=True)
+# emoji=False: a fleet, path or task name such as "lab:x:" is text, not an emoji code
+console = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 
 STYLE = {"published": "cyan", "accepted": "green", "released": "green", "duplicate": "dim", "rejected": "red",
          "quarantined": "yellow", "own": "dim", "error": "bold red"}

@@ -7,6 +7,7 @@ two implementations and their on-disk / on-broker layouts.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .base import (
@@ -21,6 +22,10 @@ from .base import (
 from .directory import DirectoryTransport, packet_path, write_atomically
 
 
+#: ``word:`` at the start of a transport spec: a scheme, never a folder name on its own.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 def open_transport(spec: str, fleet: str, *, state_dir: str | Path | None = None, **mqtt_options: object) -> Transport:
     """Open the transport named by ``spec``: ``dir:PATH`` (or a plain path) or ``mqtt[s]://host:port``.
 
@@ -31,8 +36,10 @@ def open_transport(spec: str, fleet: str, *, state_dir: str | Path | None = None
         from .mqtt import MqttConfig, MqttTransport  # paho is only imported when MQTT is used
 
         return MqttTransport(MqttConfig.from_url(spec, fleet, **mqtt_options))
-    if "://" in spec:
-        raise ValueError(f"unknown transport {spec!r}; use dir:PATH or mqtt://host:port")
+    if "://" in spec or (_SCHEME.match(spec) and not spec.startswith("dir:")):
+        # "mqt://broker" or "usb:/media/x" is a typo, not a folder to create and publish into
+        raise ValueError(f"unknown transport {spec!r}; use dir:PATH (a folder whose name holds ':' goes as "
+                         f"dir:{spec}) or mqtt://host:port")
     path = Path(spec[4:] if spec.startswith("dir:") else spec).expanduser()
     state = Path(state_dir) / f"dir-transport-{fleet}.json" if state_dir is not None else None
     return DirectoryTransport(path, fleet, state_file=state)
