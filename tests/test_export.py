@@ -412,6 +412,21 @@ def test_cuda_provider_that_cannot_start_is_refused_not_run_on_cpu(rom_dir: Path
     assert RomEngine(rom_dir, providers=["cuda", "cpu"]).provider == "cpu"
 
 
+def test_cuda_asked_of_a_cpu_only_onnxruntime_names_the_package(rom_dir: Path) -> None:
+    """The CPU wheel has no CUDA provider at all: say which package to install, not "check cuDNN"."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has a CUDA provider")
+    import warnings
+
+    from skill_edge.export.manifest import RomError
+    from skill_edge.runtime.rom.engine import RomEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # onnxruntime's own "Specified provider ..." warning is not shown
+        with pytest.raises(RomError, match="has no CUDAExecutionProvider.*install onnxruntime-gpu"):
+            RomEngine(rom_dir, providers=["cuda"])
+
+
 def test_engine_tag_mismatch_message(tmp_path: Path) -> None:
     from skill_edge.export.trt import EngineTag, TrtUnavailable
 

@@ -52,8 +52,8 @@ def resolve_rom(rom: Optional[Path]) -> Path:
 
     path = Path(rom) if rom else default_rom_dir()
     if not (path / "manifest.json").exists():
-        say_error(f"no ROM at {path}:", "build it with `skill-edge export --backbone efficientnet_lite0`"
-                  f"{' --out ' + str(path) if rom else ''}")
+        say_error(f"no ROM at {path}:", "build it with `skill-edge export --backbone efficientnet_lite0"
+                  f"{' --out ' + str(path) if rom else ''}`")
         raise typer.Exit(2)
     return path
 

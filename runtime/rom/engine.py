@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,11 +191,19 @@ class _OrtGraph:
 
         so = ort_session_options(self.threads)
         options = self.cuda_options if self.provider == "cuda" else {}
-        session = ort.InferenceSession(self.model, so, providers=[(_ORT[self.provider], options)])
+        with warnings.catch_warnings():
+            # "Specified provider ... is not in available provider names": the check below says it
+            # in the product's words, and names what to install
+            warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
+            session = ort.InferenceSession(self.model, so, providers=[(_ORT[self.provider], options)])
         # onnxruntime falls back to the CPU with only a log line when the CUDA provider cannot load
         # (missing libcudnn, say); refuse instead, so RomEngine tries the next backend and says why.
         got = session.get_providers()
         if not got or got[0] != _ORT[self.provider]:
+            if _ORT[self.provider] not in ort.get_available_providers():
+                raise RuntimeError(f"this onnxruntime build has no {_ORT[self.provider]} (it has "
+                                   f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu in place "
+                                   "of onnxruntime (README: 'swap the runtimes')")
             raise RuntimeError(f"onnxruntime could not start {_ORT[self.provider]} (session runs on {got}); "
                                "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         return session

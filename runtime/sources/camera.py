@@ -17,6 +17,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+# OpenCV's own "[ WARN:0@0.01] global cap_v4l.cpp:915 open VIDEOIO..." lines on a missing camera
+# come before our one-line error and say the same less clearly; a user's setting still wins.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
 
 class VideoSourceError(RuntimeError):
     """A camera or stream that cannot be opened or stops delivering frames."""
