@@ -22,6 +22,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -90,7 +91,18 @@ def run(tasks: dict[str, Path], out: Path, *, rom: Optional[Path], engine: str, 
 
         result = FleetResult.load(saved)
     else:
-        result = _run_with_progress(cfg)
+        from .engines import FleetError
+        from .fleet import FleetConfigError
+
+        try:
+            result = _run_with_progress(cfg)
+        except FleetConfigError as exc:
+            console.print(f"[red]cannot run the fleet:[/red] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+        except FleetError as exc:
+            console.print(f"[red]the fleet failed:[/red] {escape(str(exc))}")
+            console.print(f"every device's log is under {work / 'devices'}; --resume continues from where it stopped")
+            raise typer.Exit(1) from None
         result.save(saved)
     t_fleet = time.perf_counter() - t0
     eq = None

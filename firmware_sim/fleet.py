@@ -312,6 +312,26 @@ def _spec(cfg: FleetConfig, plan: _Plan, name: str, home: Path, learn: list[str]
         learn_slot_dir=str(Path(cfg.workdir) / "learn-slots") if cfg.max_concurrent_learning else None)
 
 
+def _check_transport(cfg: FleetConfig, plan: _Plan) -> None:
+    """Open the fleet's transport once before any device starts: a mistyped spec or an unreachable
+    broker is one clear error, not every device failing after its connect timeout."""
+    from skill_edge.runtime.exchange.transport import TransportError, open_transport
+
+    spec = plan.transport
+    if not spec.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
+        try:
+            open_transport(spec, plan.fleet).close()
+        except (ValueError, TransportError, OSError) as exc:
+            raise FleetConfigError(f"transport {spec!r}: {exc}") from exc
+        return
+    options = {**cfg.mqtt_options, "connect_timeout": min(float(cfg.mqtt_options.get("connect_timeout", 15.0)), 5.0)}
+    try:
+        open_transport(spec, plan.fleet, **options).close()
+    except (ValueError, TransportError, OSError) as exc:
+        raise FleetConfigError(f"transport {spec!r}: {exc} (start a broker, e.g. `mosquitto -d`, or leave "
+                               "--transport out for the directory transport)") from exc
+
+
 def _engine(cfg: FleetConfig):
     if cfg.engine == "ray":
         return make_engine("ray", address=cfg.ray_address, num_cpus=cfg.ray_num_cpus, max_restarts=cfg.max_restarts)
@@ -338,6 +358,8 @@ def run_fleet(config: FleetConfig, progress: FleetProgress | None = None) -> Fle
         manifest = verify_rom(plan.rom_dir)
     except RomError as exc:
         raise FleetConfigError(f"the fleet's ROM is unusable: {exc}") from exc
+    engine = _engine(config)
+    _check_transport(config, plan)
     homes = {name: plan.workdir / "devices" / name for name in plan.assignment}
     for i, (name, home) in enumerate(homes.items()):
         if progress:
@@ -349,7 +371,6 @@ def run_fleet(config: FleetConfig, progress: FleetProgress | None = None) -> Fle
     eval_dir = plan.workdir / "eval" if config.save_eval_features else None
     specs = [_spec(config, plan, name, homes[name], tasks, eval_dir=eval_dir if name == reference else None)
              for name, tasks in plan.assignment.items()]
-    engine = _engine(config)
     t0 = time.time()
     reports = _finished_reports(specs) if config.resume else {}
     for name in reports:

@@ -69,3 +69,24 @@ def test_equivalence_map_scoring(tmp_path: Path) -> None:
 
     with pytest.raises(EquivalenceError):
         EquivalenceMap.load(bad)
+
+
+def test_demo_refuses_a_bad_engine_or_an_unreachable_broker_before_any_device_starts(tmp_path: Path,
+                                                                                      rom_dir: Path) -> None:
+    """Each used to end in a traceback (the broker one after every device had waited out its connect timeout)."""
+    from test_device import _digit_task
+
+    root = tmp_path / "tasks"
+    for name, digits in (("a", [0, 1]), ("b", [2, 3])):
+        _digit_task(root / name, digits, n_train=6, n_test=2)
+    base = ["demo", "--data", str(root), "--rom", str(rom_dir), "--no-baselines"]
+    for extra, want in ((["--engine", "threads"], "engine must be 'process' or 'ray'"),
+                        (["--transport", "mqtt://127.0.0.1:1"], "start a broker"),
+                        (["--transport", "usb:/media/x"], "unknown transport 'usb:/media/x'"),
+                        (["--agents", "3"], "agents must be between 1 and the number of tasks")):
+        out = tmp_path / f"out-{len(extra[1])}"
+        res = runner.invoke(app, [*base, "--out", str(out), *extra])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2, (extra, res.output)
+        assert "cannot run the fleet:" in text and want in text and "Traceback" not in text, (extra, text)
+        assert not (out / "work" / "devices").exists(), f"{extra}: no device was started"
