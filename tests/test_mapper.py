@@ -343,6 +343,41 @@ def test_temperature_scales_with_the_anchors_width(kind, at_lite0):
         mp.temperature = 0.0
 
 
+def test_a_bank_of_reduced_packets_gets_the_reduced_temperature():
+    """Anchors that came in 3-bit packets with thinned exemplars score with narrower gaps (a wider tied
+    covariance), so the Mahalanobis temperature moves from 32 to 22 at 1,664 wide, in proportion to the
+    exemplar rows that came reduced; own records and 8-bit packets keep 32 (GMMC keeps its one value)."""
+    from skill_edge.runtime.exchange.keys import DeviceKey
+    from skill_edge.runtime.exchange.packet import PacketCodec
+    from skill_edge.runtime.mapping.mapper import maha_was_reduced
+
+    rng = np.random.default_rng(5)
+    width = 1664
+    own = []
+    for i in range(3):
+        x = np.abs(rng.normal(1, 1, (90, width))).astype(np.float32) + i
+        k = knowledge_for(f"t{i}", x, np.repeat([0, 1, 2], 30), "raw")
+        own.append(replace(k, meta=replace(k.meta, agent_id="dev-a", rom_fingerprint="ab" * 32)))
+    codec, key = PacketCodec(), DeviceKey.generate()
+
+    def sent(k, plan):
+        return codec.decode(codec.encode(k, key, plan=plan)).knowledge
+
+    small = [sent(k, "int3+exemplars=2") for k in own]
+    assert [maha_was_reduced(k) for k in own + small] == [False] * 3 + [True] * 3
+    assert not maha_was_reduced(sent(own[0], "int8")) and not maha_was_reduced(sent(own[0], "fp32"))
+    assert build_mapper("maha", own).temperature == pytest.approx(32.0)
+    assert build_mapper("maha", [sent(k, "int8") for k in own]).temperature == pytest.approx(32.0)
+    assert build_mapper("maha", small).temperature == pytest.approx(22.0)
+    mixed = build_mapper("maha", [own[0], *small[1:]])
+    rows = [own[0].maha.exemplars.shape[0], *(k.maha.exemplars.shape[0] for k in small[1:])]
+    assert rows[0] > rows[1]  # thinned: fewer rows from each reduced packet
+    share = sum(rows[1:]) / sum(rows)
+    assert mixed.reduced_share == pytest.approx(share)
+    assert mixed.temperature == pytest.approx(32.0 * (1 - share) + 22.0 * share)
+    assert build_mapper("gmmc", small).temperature == build_mapper("gmmc", own).temperature
+
+
 def test_transform_mismatch_refused(tasks):
     (n0, (x0, y0, _, _)), (n1, (x1, y1, _, _)) = list(tasks.items())[:2]
     mixed = [knowledge_for(n0, x0, y0, "raw"), knowledge_for(n1, x1, y1, "sqrt_l2")]

@@ -210,7 +210,10 @@ class TaskMapper:
     @property
     def temperature(self) -> float:
         """Softmax temperature that turns per-task scores into a calibrated posterior (``confidence``)."""
-        return self._temperature if self._temperature is not None else self.temperature_per_dim * self.feature_dim
+        return self._temperature if self._temperature is not None else self._temperature_per_dim() * self.feature_dim
+
+    def _temperature_per_dim(self) -> float:
+        return self.temperature_per_dim
 
     @temperature.setter
     def temperature(self, value: float) -> None:
@@ -238,6 +241,7 @@ class TaskMapper:
         mapper = cls(names, [getattr(k, cls.kind) for k in knowledge],
                      feature_transform=_common_transform(knowledge), thresholds=_thresholds(knowledge, cls.kind),
                      **kwargs)
+        mapper._note_reduced(knowledge)
         if open_set == "every_anchor":
             other = next(k for k in _ANCHOR_NAMES if k != cls.kind)
             if any(getattr(k, other) is not None and other in k.thresholds for k in knowledge):
@@ -251,6 +255,9 @@ class TaskMapper:
     feature_dim: int  # width of the anchors' space (ROM features, plus trunk statistics for trunk transforms)
     layout: TaskLayout
     block_elements: int
+
+    def _note_reduced(self, knowledge: Sequence[TaskKnowledge]) -> None:
+        """Hook for what the records' packet plans tell the mapper (``MahalanobisMapper``); none by default."""
 
     def _block_scores(self, x: np.ndarray, b: _Block) -> np.ndarray:
         """Row scores [N, b.r1 - b.r0] of one block for prepared inputs."""
@@ -518,6 +525,23 @@ class MahalanobisMapper(TaskMapper):
     #: 32 at Lite0's 1,664 (``sqrt_l2_trunk``), fitted on the 21 skill-bench tasks: ECE of the task
     #: confidence 0.086 -> 0.009 (benchmarks/results/mapper_peers.json, ``calibration``).
     temperature_per_dim = 32.0 / 1664
+    #: 22 at 1,664 for anchors that came in reduced packets (exemplars quantized to a few bits or
+    #: thinned, class means merged: the 56 KB budget), fitted the same way on the same tasks.  Their
+    #: exemplars carry the quantization noise and are fewer, so the tied covariance comes out wider
+    #: and the scores' gaps narrower: at 32 the task confidence of a 56 KB bank had an ECE of 0.049.
+    reduced_temperature_per_dim = 22.0 / 1664
+    #: Share of the tied scatter's exemplar rows that came from reduced packets (``from_knowledge``).
+    reduced_share: float = 0.0
+
+    def _note_reduced(self, knowledge: Sequence[TaskKnowledge]) -> None:
+        rows = np.array([k.maha.exemplars.shape[0] for k in knowledge], dtype=np.float64)
+        reduced = np.array([maha_was_reduced(k) for k in knowledge])
+        self.reduced_share = float(rows[reduced].sum() / rows.sum()) if rows.sum() else 0.0
+
+    def _temperature_per_dim(self) -> float:
+        """Between the lossless and the reduced value, by the share of exemplar rows from reduced packets."""
+        s = self.reduced_share
+        return (1.0 - s) * self.temperature_per_dim + s * self.reduced_temperature_per_dim
 
     def __init__(
         self,
@@ -751,6 +775,18 @@ class AnchorTests:
         out = np.full(len(task_index), np.inf)
         out[tested] = self.scores(x[tested], task_index[tested]) - self.thresholds[task_index[tested]]
         return out
+
+
+def maha_was_reduced(knowledge: TaskKnowledge) -> bool:
+    """Whether this record's Mahalanobis anchor came in a packet that reduced it: exemplars at 4 bits
+    or fewer, fewer exemplars than the teacher kept, or merged class means.  Own records (learned
+    here, no packet) and fp32, fp16 or 8-bit packets are not."""
+    enc = knowledge.meta.encoding or {}
+    if not enc:
+        return False
+    quantized = enc.get("tensors", {}).get("maha.exemplars", "f32") not in ("f32", "f16", "i8r", "i8c")
+    thinned = (enc.get("exemplars_per_class") or 0) < (enc.get("exemplars_per_class_original") or 0)
+    return bool(quantized or thinned or enc.get("maha_means") is not None)
 
 
 def build_mapper(kind: Literal["gmmc", "maha"], knowledge: Sequence[TaskKnowledge], **kwargs) -> TaskMapper:
