@@ -180,11 +180,16 @@ def sync_command(
     except (ValueError, KeyStoreError, BankError, TransportError, OSError, RomError) as exc:
         _fail(str(exc))
     view = WatchView(fleet, transport) if watch and not as_json else None
-    events: list[dict] = []
-    if as_json:
-        on_event = (lambda e: print_json(_event_json(e), line=True)) if watch else (lambda e: events.append(_event_json(e)))
-    else:
-        on_event = view.add if view else _print_event
+    events: list[dict] = []  # one-shot --json: printed with the counts at the end
+
+    def on_event(e: SyncEvent) -> None:
+        if not as_json:
+            (view.add if view else _print_event)(e)
+        elif watch:
+            print_json(_event_json(e), line=True)  # as it happens: a stream a script can follow
+        else:
+            events.append(_event_json(e))
+
     service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox, on_event=on_event)
     stop = threading.Event()
     try:
@@ -211,7 +216,10 @@ def sync_command(
     code = exit_code(service.stats)
     if as_json:
         summary = {"fleet": fleet, "transport": transport, "counts": _counts_json(service.stats), "exit_code": code}
-        print_json({"summary": summary}, line=True) if watch else print_json({**summary, "events": events})
+        if watch:
+            print_json({"summary": summary}, line=True)
+        else:
+            print_json({**summary, "events": events})
         raise typer.Exit(code)
     if view is None or not view.used_live:  # the live view's last frame already shows the counts
         console.print(_stats_line(service.stats, transport, fleet) + _verdict(service.stats, code), soft_wrap=True)
