@@ -315,21 +315,16 @@ def _spec(cfg: FleetConfig, plan: _Plan, name: str, home: Path, learn: list[str]
 def _check_transport(cfg: FleetConfig, plan: _Plan) -> None:
     """Open the fleet's transport once before any device starts: a mistyped spec or an unreachable
     broker is one clear error, not every device failing after its connect timeout."""
-    from skill_edge.runtime.exchange.transport import TransportError, open_transport
+    from skill_edge.runtime.exchange.transport import TransportError, is_mqtt, open_transport
 
     spec = plan.transport
-    if not spec.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
-        try:
-            open_transport(spec, plan.fleet).close()
-        except (ValueError, TransportError, OSError) as exc:
-            raise FleetConfigError(f"transport {spec!r}: {exc}") from exc
-        return
     options = {**cfg.mqtt_options, "connect_timeout": min(float(cfg.mqtt_options.get("connect_timeout", 15.0)), 5.0)}
     try:
-        open_transport(spec, plan.fleet, **options).close()
+        open_transport(spec, plan.fleet, **options).close()  # a folder transport ignores the MQTT options
     except (ValueError, TransportError, OSError) as exc:
-        raise FleetConfigError(f"transport {spec!r}: {exc} (start a broker, e.g. `mosquitto -d`, or leave "
-                               "--transport out for the directory transport)") from exc
+        hint = (" (start a broker, e.g. `mosquitto -d`, or leave --transport out for the directory transport)"
+                if is_mqtt(spec) else "")
+        raise FleetConfigError(f"transport {spec!r}: {exc}{hint}") from exc
 
 
 def _engine(cfg: FleetConfig):

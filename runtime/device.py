@@ -48,8 +48,7 @@ MAPPER_NAMES: dict[str, str] = {"gmmc": "gmmc", "maha": "mahalanobis"}  # a kind
 #: 0.935x / 0.863x the oracle at 21 / 71 tasks against GMMC's 0.893x / 0.761x, 0.923x / 0.832x
 #: with 56 KB packets (0.890x / 0.739x), open-set AUROC 0.881 / 0.798 (0.871 / 0.776), and a
 #: third of GMMC's scoring time at 1,000 tasks.  GMMC keeps half the anchor bytes, no student
-#: work, a better calibrated task confidence with 56 KB packets (ECE 0.009 against 0.049), and the
-#: paper's MAC accounting, so the fleet lab's Fig. 9 row stays GMMC's.
+#: work, and the paper's MAC accounting, so the fleet lab's Fig. 9 row stays GMMC's.
 DEFAULT_MAPPER = "auto"
 UNKNOWN = "unknown"
 
@@ -497,7 +496,8 @@ class Device:
 
     def _previous_seq(self, task: str) -> int:
         """The newest seq this device used for ``task``: a relearn must outdate it at every peer."""
-        return max((int(e.seq) for e in self.bank.entries() if self._is_mine(e, task)), default=0)
+        entry = self.own_entry(task)
+        return int(entry.seq) if entry is not None else 0
 
     def _is_mine(self, entry, task: str) -> bool:
         """Whether ``entry`` is this device's ``task``: learned here, or its own packet come back."""

@@ -14,7 +14,6 @@ another task or answered ``unknown`` in their own columns.  ``--json`` gives all
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from skill_edge.runtime.cli.main import (
     check_mapper,
     open_device,
 )
-from skill_edge.runtime.cli.output import StageProgress, console, out, print_table, say_error
+from skill_edge.runtime.cli.output import StageProgress, console, out, print_json, print_table, say_error
 
 OTHER_TASK = "other task"
 UNKNOWN = "unknown"
@@ -228,7 +227,7 @@ def eval_command(
               **total.rates(), "unknown": total.unknown, "tasks": [r.to_dict() for r in results],
               "unreadable_files": [{"path": p, "error": why} for p, why in total.unreadable]}
     if as_json:
-        out.print_json(json.dumps(report))
+        print_json(report)
     else:
         _print_report(results, total, mapper, split)
     if total.unreadable:

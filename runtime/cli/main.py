@@ -7,7 +7,6 @@ directory (``--home``, env ``SKILL_EDGE_HOME``, default ``~/.skill-edge``): ``ba
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from skill_edge.runtime.cli.output import StageProgress, console, out, print_record, print_table, say_error
+from skill_edge.runtime.cli.output import StageProgress, console, out, print_json, print_record, print_table, say_error
 from skill_edge.runtime.knowledge.records import DEFAULT_TRANSFORM, FEATURE_TRANSFORMS
 
 #: Exit codes of the device verbs (``--help`` and README.md list them too).
@@ -264,7 +263,7 @@ def learn_command(
         "seconds": {k2: round(v, 2) for k2, v in report.seconds.items()},
     }
     if as_json:
-        out.print_json(json.dumps(summary))
+        print_json(summary)
         return
     print_record(f"learned {task!r}", summary)
     if bb:
@@ -458,7 +457,7 @@ def classify_command(
         raise typer.Exit(EXIT_USAGE) from None
     preds += [Prediction(name, None, None, 0.0, 0.0, error=why) for name, why in missing]
     if as_json:
-        out.print_json(json.dumps([p.to_dict() for p in preds]))
+        print_json([p.to_dict() for p in preds])
     else:
         rows = [[p.source, _task_shown(p), p.label or "-", f"{p.task_confidence:.3f}", f"{p.class_confidence:.3f}",
                  p.error or (f"unknown: fits no stored task (nearest {p.nearest_task} / {p.nearest_label})"

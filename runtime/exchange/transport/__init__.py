@@ -26,13 +26,18 @@ from .directory import DirectoryTransport, packet_path, write_atomically
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
+def is_mqtt(spec: str) -> bool:
+    """Whether ``spec`` names an MQTT broker (``mqtt://``, ``mqtts://``, ``tcp://``, ``ssl://``)."""
+    return spec.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://"))
+
+
 def open_transport(spec: str, fleet: str, *, state_dir: str | Path | None = None, **mqtt_options: object) -> Transport:
     """Open the transport named by ``spec``: ``dir:PATH`` (or a plain path) or ``mqtt[s]://host:port``.
 
     ``state_dir`` lets the directory transport remember what it already delivered between runs;
     ``mqtt_options`` are :class:`~.mqtt.MqttConfig` fields (chunk_size, username, tls_ca, ...).
     """
-    if spec.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
+    if is_mqtt(spec):
         from .mqtt import MqttConfig, MqttTransport  # paho is only imported when MQTT is used
 
         return MqttTransport(MqttConfig.from_url(spec, fleet, **mqtt_options))
@@ -54,6 +59,7 @@ __all__ = [
     "check_name",
     "decode_segment",
     "encode_segment",
+    "is_mqtt",
     "open_transport",
     "packet_path",
     "write_atomically",
