@@ -81,3 +81,59 @@ def test_decode_threads_run_at_the_asked_nice_and_leave_the_caller_alone(nice: i
     assert [b.x[:, 0, 0, 0].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert set(pre.nice) == {min(19, before + nice)}  # capped at 19
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+# ---------------------------------------------------------------------------- decoding real-world files
+PRE = Preprocessing(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)
+
+
+def _photo(tmp_path, size: tuple[int, int], name: str = "photo.jpg", **save) -> tuple[Image.Image, "object"]:
+    """A real photograph (scikit-learn's sample) scaled to a camera's size and saved as a JPEG."""
+    from sklearn.datasets import load_sample_image
+
+    im = Image.fromarray(load_sample_image("china.jpg")).resize(size, Image.BICUBIC)
+    path = tmp_path / name
+    im.save(path, "JPEG", quality=92, **save)
+    return im, path
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_never_below_the_target(tmp_path) -> None:
+    """libjpeg's draft mode must be set before the pixels are read (decoder 1 set it after: no effect)."""
+    from skill_edge.runtime.rom.preprocess import _open
+
+    _, path = _photo(tmp_path, (4032, 3024))  # a 12-megapixel phone photo
+    assert PRE._target_size(4032, 3024) == (341, 256)
+    assert PRE._draft_size(4032, 3024) == (682, 512)
+    assert _open(path, PRE._draft_size).size == (1008, 756)  # 1/4 scale: the smallest that covers the draft size
+    _, small = _photo(tmp_path, (1000, 667), "small.jpg")  # under twice the draft size: decoded whole
+    assert _open(small, PRE._draft_size).size == (1000, 667)
+    assert Image.open(path).size == (4032, 3024) and PRE(path).shape == (3, 224, 224)
+
+
+def test_draft_decoding_keeps_the_features(tmp_path, rom_engine) -> None:
+    """On the real ROM the reduced decode gives the features of the full one (cosine >= 0.999)."""
+    _, path = _photo(tmp_path, (3000, 2000))
+    full = Image.open(path)
+    full.load()  # the full-resolution decode, as decoder 1 did it
+    a, b = rom_engine.features(np.stack([rom_engine.preprocess(path), rom_engine.preprocess(full)]))
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.999
+
+
+def test_exif_orientation_is_applied(tmp_path) -> None:
+    im, plain = _photo(tmp_path, (320, 240))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    _, turned = _photo(tmp_path, (320, 240), "turned.jpg", exif=exif)
+    upright = Image.open(plain).transpose(Image.Transpose.ROTATE_270)
+    np.testing.assert_allclose(PRE(turned), PRE(upright), rtol=0, atol=1e-6)
+    assert not np.allclose(PRE(turned), PRE(plain), atol=0.1)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path) -> None:
+    """A 16-bit PNG (medical scans, depth cameras) reads as its 8-bit version, not as a white page."""
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 256, (120, 90), dtype=np.uint16)
+    Image.fromarray((v * 257).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(v.astype(np.uint8)).save(tmp_path / "flat.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    np.testing.assert_array_equal(PRE(tmp_path / "deep.png"), PRE(tmp_path / "flat.png"))

@@ -15,14 +15,21 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Bump whenever decoding or resizing changes its output (e.g. JPEG draft mode, a new resampling
 #: filter): the feature cache mixes it into its keys, so features from the old decoder are not reused.
-DECODER_VERSION = "pil-draft-1"
+#: 2: JPEG draft decoding that takes effect (1 set it after the pixels were read), EXIF orientation,
+#: 16-bit greyscale scaled instead of clipped.  JPEGs under 4x the ROM's resize target decode as before.
+DECODER_VERSION = "pil-draft-2"
+
+#: A reduced JPEG decode stops at this many times the resize target, so the resample after it still
+#: shrinks by 2x or more (Pillow's own ``thumbnail`` default).  The ROM features then stay within
+#: cosine 0.999 of the full decode's; at 1x they drift to 0.995 (``benchmarks/decode_speed.py``).
+DRAFT_GAP = 2
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -38,6 +45,19 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    #: Let libjpeg decode large JPEGs at a reduced scale (``_open``).  False decodes every pixel, as
+    #: decoder 1 did; ``benchmarks/decode_speed.py`` measures the two side by side.
+    draft: bool = True
+
+    def _target_size(self, w: int, h: int) -> tuple[int, int]:
+        """Size the image is resized to before the centre crop: shorter side ``resize``, no side below ``crop``."""
+        scale = self.resize / min(w, h)
+        return max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+
+    def _draft_size(self, w: int, h: int) -> tuple[int, int]:
+        """The smallest decode libjpeg may make of a ``w`` x ``h`` JPEG: ``DRAFT_GAP`` times the target."""
+        nw, nh = self._target_size(w, h)
+        return nw * DRAFT_GAP, nh * DRAFT_GAP
 
     @classmethod
     def from_manifest(cls, pre: dict[str, Any]) -> "Preprocessing":
@@ -46,14 +66,11 @@ class Preprocessing:
 
     def __call__(self, image: "ImageInput") -> np.ndarray:
         """One image -> float32 ``[3, crop, crop]``; raises ``ImageDecodeError``."""
-        im = _open(image)
+        im = _open(image, self._draft_size if self.draft else None)
         w, h = im.size
         if w < 1 or h < 1:
             raise ImageDecodeError(f"{_name(image)}: empty image")
-        scale = self.resize / min(w, h)
-        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
-        if hasattr(im, "draft") and im.format == "JPEG":
-            im.draft("RGB", (nw, nh))  # let libjpeg decode at reduced size when it can
+        nw, nh = self._target_size(w, h)
         im = im.convert("RGB").resize((nw, nh), _INTERP.get(self.interpolation, Image.BICUBIC))
         left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
         im = im.crop((left, top, left + self.crop, top + self.crop))
@@ -73,7 +90,16 @@ def _name(image: ImageInput) -> str:
     return str(image) if isinstance(image, (str, Path)) else type(image).__name__
 
 
-def _open(image: ImageInput) -> Image.Image:
+def _open(image: ImageInput, draft_size: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+    """Decode ``image`` fully, upright, in a mode ``convert("RGB")`` maps faithfully.
+
+    - A JPEG at least twice ``draft_size(w, h)`` is decoded by libjpeg at 1/2, 1/4 or 1/8 scale,
+      never below that size: a 12-megapixel photo decodes about 5x faster.
+      This must be set before the pixels are read, so the full decode (which makes a truncated
+      file fail here, not later) comes after it.
+    - EXIF orientation is applied, so a phone photo taken upright is seen upright.
+    - 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: ``convert`` would clip it to white.
+    """
     try:
         if isinstance(image, Image.Image):
             return image
@@ -86,11 +112,16 @@ def _open(image: ImageInput) -> Image.Image:
             if arr.dtype != np.uint8:
                 arr = np.clip(arr, 0, 255).astype(np.uint8)
             return Image.fromarray(arr[..., :3] if arr.shape[2] != 1 else arr[..., 0])
-        if isinstance(image, bytes):
-            im = Image.open(io.BytesIO(image))
-        else:
-            im = Image.open(str(image))
+        im = Image.open(io.BytesIO(image) if isinstance(image, bytes) else str(image))
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ImageDecodeError(f"{_name(image)}: empty image")
+        if draft_size is not None and im.format == "JPEG":
+            im.draft("RGB", draft_size(w, h))
         im.load()  # force a full decode now: truncated files fail here, not later
+        ImageOps.exif_transpose(im, in_place=True)
+        if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit samples (mode "I" is how PIL widens them)
+            im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257.0).round().clip(0, 255).astype(np.uint8))
         return im
     except ImageDecodeError:
         raise
