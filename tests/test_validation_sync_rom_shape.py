@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from skill_edge.export.manifest import RomManifest
 from skill_edge.runtime.knowledge.bank import KnowledgeBank
 from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
@@ -24,7 +26,9 @@ from test_packet_validation import honest
 SKILL_EDGE = Path(sys.executable).parent / "skill-edge"
 
 
-def test_sync_rejects_a_wrong_width_packet_and_accepts_the_honest_one(rom_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("rom_from", ["--rom", "SKILL_EDGE_ROM"])
+def test_sync_rejects_a_wrong_width_packet_and_accepts_the_honest_one(rom_dir: Path, tmp_path: Path, rom_from: str):
+    """The ROM comes from ``--rom`` or, as for ``learn`` and ``classify``, from ``SKILL_EDGE_ROM``."""
     shape = RomShape.from_manifest(RomManifest.read(rom_dir))
     key = DeviceKey.generate()
     home = tmp_path / "home"
@@ -41,9 +45,28 @@ def test_sync_rejects_a_wrong_width_packet_and_accepts_the_honest_one(rom_dir: P
         for k, data in packets:  # the wrong one first: the bank is empty when it arrives
             tx.publish(data, fleet="default", task=k.task, agent_id=k.meta.agent_id, seq=k.meta.seq)
     env = {**os.environ, "SKILL_EDGE_HOME": str(home), "COLUMNS": "300"}
-    p = subprocess.run([str(SKILL_EDGE), "sync", "--transport", f"dir:{shared}", "--rom", str(rom_dir),
+    rom_args = ["--rom", str(rom_dir)] if rom_from == "--rom" else []
+    if rom_from == "SKILL_EDGE_ROM":
+        env["SKILL_EDGE_ROM"] = str(rom_dir)
+    p = subprocess.run([str(SKILL_EDGE), "sync", "--transport", f"dir:{shared}", *rom_args,
                         "--idle", "1", "--timeout", "60"], capture_output=True, text=True, env=env, timeout=300)
     out = p.stdout + p.stderr
     assert "Traceback" not in out
     assert "its head reads 7 features, this device's ROM gives 1280" in out, out
     assert [e.task for e in KnowledgeBank(home / "bank").entries()] == ["cifar"], out
+
+
+def test_a_fresh_device_without_a_rom_is_told_how_to_name_one(tmp_path: Path, monkeypatch) -> None:
+    """Empty bank, no --rom, no SKILL_EDGE_ROM and no default ROM folder: a usage error (exit 2), no traceback."""
+    import skill_edge.models
+    from typer.testing import CliRunner
+
+    from skill_edge.runtime.cli.sync import app
+
+    monkeypatch.setattr(skill_edge.models, "default_rom_dir", lambda: tmp_path / "no-rom")
+    monkeypatch.delenv("SKILL_EDGE_ROM", raising=False)
+    r = CliRunner().invoke(app, ["--home", str(tmp_path / "home"), "--transport", f"dir:{tmp_path / 'fleet'}",
+                                 "--idle", "0.2"])
+    assert r.exit_code == 2, r.output
+    assert "the bank is empty and there is no ROM at" in r.output and "--rom ROM_DIR" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console, Group
@@ -90,28 +91,36 @@ def exit_code(stats: SyncStats) -> int:
     return EXIT_REFUSED if stats.refused else EXIT_OK
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> None:
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
-def resolve_rom_fingerprint(rom: Path | None, fingerprint: str | None, bank: KnowledgeBank) -> str:
-    """``--rom-fingerprint``, else the fingerprint in ``--rom``'s manifest, else the one every bank task shares."""
-    if fingerprint:
-        return fingerprint
-    if rom is not None:
-        from skill_edge.export.manifest import RomError, RomManifest
+def resolve_rom(rom: Path | None, fingerprint: str | None, bank: KnowledgeBank) -> tuple[str, RomShape | None]:
+    """The fingerprint of the ROM this device runs, and its shape where a manifest was read (the widths
+    packets are checked against): ``--rom-fingerprint``; else ``--rom`` (or ``SKILL_EDGE_ROM``); else the
+    fingerprint every bank task shares; else, for a device that has learned and received nothing yet,
+    the default ROM folder, as ``learn`` and ``classify`` use it."""
+    if fingerprint and rom is None:
+        return fingerprint, None
+    if rom is None:
+        fps = {k.meta.rom_fingerprint for k in bank.load_all()}
+        if len(fps) == 1:
+            return fps.pop(), None
+        if len(fps) > 1:
+            _fail(f"cannot tell which ROM this device runs: the bank mixes {len(fps)} ROM fingerprints; "
+                  "pass --rom ROM_DIR (or --rom-fingerprint HEX)", EXIT_USAGE)
+        from skill_edge.models import default_rom_dir
 
-        try:
-            return RomManifest.read(rom).fingerprint
-        except RomError as exc:
-            _fail(str(exc))
-    fps = {k.meta.rom_fingerprint for k in bank.load_all()}
-    if len(fps) == 1:
-        return fps.pop()
-    _fail("cannot tell which ROM this device runs: pass --rom ROM_DIR (or --rom-fingerprint HEX)"
-          + (f"; the bank mixes {len(fps)} ROM fingerprints" if fps else "; the bank is empty"))
-    raise AssertionError  # unreachable
+        rom = default_rom_dir()
+        if not (rom / "manifest.json").exists():
+            _fail(f"cannot tell which ROM this device runs: the bank is empty and there is no ROM at {rom}; "
+                  "pass --rom ROM_DIR (or --rom-fingerprint HEX)", EXIT_USAGE)
+    try:
+        manifest = RomManifest.read(rom)
+    except RomError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    return fingerprint or manifest.fingerprint, RomShape.from_manifest(manifest)
 
 
 def sync_command(
@@ -136,7 +145,9 @@ def sync_command(
     trust_dir: Path | None = typer.Option(None, "--trust", help="trust store folder (default HOME/trust)"),
     outbox: Path | None = typer.Option(None, "--outbox", help="packets to publish (default HOME/outbox)"),
     state_dir: Path | None = typer.Option(None, "--state", help="sync state folder (default HOME/sync)"),
-    rom: Path | None = typer.Option(None, "--rom", help="this device's ROM folder (for its fingerprint)"),
+    rom: Path | None = typer.Option(None, "--rom", envvar="SKILL_EDGE_ROM", show_envvar=True,
+                                    help="this device's ROM folder, for its fingerprint (default: the one every "
+                                         "bank task shares, else models/rom/efficientnet_lite0)"),
     rom_fingerprint: str | None = typer.Option(None, "--rom-fingerprint", help="the ROM fingerprint, if no --rom"),
     publish_bank_of: str | None = typer.Option(None, "--publish-bank-of", metavar="AGENT_ID",
                                                help="also publish the stored packets of bank tasks learned by "
@@ -169,8 +180,7 @@ def sync_command(
         if not trust.keys():
             err.print(f"[yellow]warning:[/] trust store {trust_dir} is empty: every packet will be rejected "
                       "(add peers with: skill-edge keys add NAME FILE)", soft_wrap=True)
-        fingerprint = resolve_rom_fingerprint(rom, rom_fingerprint, bank)
-        shape = RomShape.from_manifest(RomManifest.read(rom)) if rom is not None else None  # packet widths
+        fingerprint, shape = resolve_rom(rom, rom_fingerprint, bank)
         check = BankPlausibility(bank) if plausibility else None
         receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check, bank=bank,
                                   rom_shape=shape)
