@@ -96,7 +96,7 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def resolve_rom(rom: Path | None, fingerprint: str | None, bank: KnowledgeBank) -> tuple[str, RomShape | None]:
+def resolve_rom_identity(rom: Path | None, fingerprint: str | None, bank: KnowledgeBank) -> tuple[str, RomShape | None]:
     """The fingerprint of the ROM this device runs, and its shape where a manifest was read (the widths
     packets are checked against): ``--rom-fingerprint``; else ``--rom`` (or ``SKILL_EDGE_ROM``); else the
     fingerprint every bank task shares; else, for a device that has learned and received nothing yet,
@@ -180,7 +180,7 @@ def sync_command(
         if not trust.keys():
             err.print(f"[yellow]warning:[/] trust store {trust_dir} is empty: every packet will be rejected "
                       "(add peers with: skill-edge keys add NAME FILE)", soft_wrap=True)
-        fingerprint, shape = resolve_rom(rom, rom_fingerprint, bank)
+        fingerprint, shape = resolve_rom_identity(rom, rom_fingerprint, bank)
         check = BankPlausibility(bank) if plausibility else None
         receiver = PacketReceiver(trust, fingerprint, state_dir / "receive", plausibility=check, bank=bank,
                                   rom_shape=shape)
