@@ -96,7 +96,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def resolve_rom_identity(rom: Path | None, fingerprint: str | None, bank: KnowledgeBank) -> tuple[str, RomShape | None]:
+def resolve_rom_identity(rom: Path | None, fingerprint: str | None,
+                         bank: KnowledgeBank) -> tuple[str, RomShape | None]:
     """The fingerprint of the ROM this device runs, and its shape where a manifest was read (the widths
     packets are checked against): ``--rom-fingerprint``; else ``--rom`` (or ``SKILL_EDGE_ROM``); else the
     fingerprint every bank task shares; else, for a device that has learned and received nothing yet,
