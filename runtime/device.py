@@ -495,9 +495,12 @@ class Device:
         return max(mine, key=lambda e: int(e.seq), default=None)
 
     def _previous_seq(self, task: str) -> int:
-        """The newest seq this device used for ``task``: a relearn must outdate it at every peer."""
+        """The newest seq this device used for ``task``, stored or removed: a relearn must outdate it
+        at every peer, and peers keep a version the device removed (``KnowledgeBank.removed``)."""
         entry = self.own_entry(task)
-        return int(entry.seq) if entry is not None else 0
+        seqs = [int(entry.seq)] if entry is not None else []
+        seqs += [r.seq for r in self.bank.removed() if self._is_mine(r, task)]
+        return max(seqs, default=0)
 
     def _is_mine(self, entry, task: str) -> bool:
         """Whether ``entry`` is this device's ``task``: learned here, or its own packet come back."""

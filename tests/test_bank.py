@@ -4,6 +4,7 @@ index fallback, lock contention, quarantine and the ``skill-edge bank`` CLI."""
 from __future__ import annotations
 
 import errno
+import json
 import importlib.util
 import os
 import subprocess
@@ -114,6 +115,33 @@ def test_remove_and_unknown_task(tmp_path: Path) -> None:
     with pytest.raises(UnknownTaskError, match="no task 'birds'"):
         bank.remove("birds")
     assert bank.verify().ok
+
+
+def test_a_removed_task_keeps_its_newest_seq_until_stored_again(tmp_path: Path) -> None:
+    """Peers may keep a removed version, so its seq is remembered: a relearn must start above it."""
+    root = tmp_path / "bank"
+    bank = KnowledgeBank(root)
+    bank.put(make_knowledge("birds", 3), own=True)
+    bank.put(make_knowledge("cars", 1))
+    assert bank.removed() == []
+    bank.remove("birds")
+    bank.remove("cars")
+    again = KnowledgeBank(root)  # kept in the index, across processes
+    assert [(r.task, r.seq, r.own) for r in again.removed()] == [("birds", 3, True), ("cars", 1, False)]
+    assert again.verify().ok
+    again.put(make_knowledge("birds", 4), own=True)  # stored again above it: forgotten
+    assert [r.task for r in again.removed()] == ["cars"]
+    again.put(make_knowledge("cars", 1))  # the same version back (a sync): forgotten too
+    assert again.removed() == []
+
+
+def test_an_index_written_before_removed_seqs_reads_the_same(tmp_path: Path) -> None:
+    root = tmp_path / "bank"
+    bank = KnowledgeBank(root)
+    bank.put(make_knowledge("birds", 1))
+    assert "removed" not in json.loads((root / "index.json").read_text())  # byte-compatible until a removal
+    bank.remove("birds")
+    assert json.loads((root / "index.json").read_text())["removed"][0]["seq"] == 1
 
 
 def test_invalid_knowledge_is_rejected_before_anything_is_written(tmp_path: Path) -> None:

@@ -125,6 +125,46 @@ def test_relearning_a_task_needs_replace_and_bumps_sequence(learned: Path, rom_d
     assert pkt.exists() and pkt.stat().st_size <= 40_000
 
 
+def test_a_task_removed_and_learned_again_outdates_the_version_peers_kept(
+        learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
+    """``bank rm`` of an own task, then ``learn`` of the same name: before, seq restarted at 1, and every
+    peer that kept seq 1 refused the new packet as equivocation, so the fleet disagreed for good."""
+    from skill_edge.runtime.cli.sync import app as sync_app
+    from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
+
+    home, peer = tmp_path / "home", tmp_path / "peer"
+    shutil.copytree(learned, home)
+    me = Device(home, rom_dir)
+    DeviceKey.generate().save(peer / "keys")
+    TrustStore(peer / "trust").add("me", DeviceKey.load(home / "keys" / "device.pem").public_key)
+    share = f"dir:{tmp_path / 'share'}"
+
+    def sync(h: Path) -> str:
+        r = CliRunner().invoke(sync_app, ["--home", str(h), "--transport", share, "--rom", str(rom_dir),
+                                          "--idle", "0.2", "--no-plausibility"])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    sync(home)
+    assert "accepted 2," in sync(peer)
+    res = runner.invoke(app, ["bank", "rm", "shapes", "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "(learned here, seq 1)" in out and "publishes seq 2" in out
+    assert [(r.task, r.seq, r.own) for r in me.bank.removed()] == [("shapes", 1, True)]
+
+    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--mapper", "gmmc", "--json"])  # no --replace: it is gone
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["replaced_seq"] is None
+    new = me.bank.get("shapes")
+    assert new.meta.seq == 2 and me.bank.removed() == []
+    sync(home)
+    assert "accepted 1," in sync(peer) and "rejected 0," in sync(peer)
+    got = Device(peer, rom_dir).bank.get("shapes")
+    assert got.meta.seq == 2 and got.content_hash() == new.content_hash()
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, rom_dir: Path) -> None:
     task = _digit_task(tmp_path / "t", [3, 4], n_train=10, n_test=4)
     (task / "train" / "d3" / "garbage.png").write_bytes(b"this is not a png")

@@ -190,10 +190,15 @@ def remove(
             kb.remove_quarantined(matches[0])
             what = f"quarantined item {name}"
         else:
-            what = f"task {kb.remove(name).key.short}"
+            entry = kb.remove(name)
+            what = f"task {entry.key.short} ({'learned here' if entry.own else 'received'}, seq {entry.seq})"
+            what += (f"; peers keep that version, and learning {entry.task!r} again publishes seq {entry.seq + 1}, "
+                     "which replaces it there" if entry.own else
+                     "; the next sync takes it in again while its signer is trusted (skill-edge keys rm NAME "
+                     "stops that)")
     except BankError as exc:
         _fail(exc)
-    console.print(f"removed {escape(what)}")
+    console.print(f"removed {escape(what)}", soft_wrap=True)
 
 
 @app.command()

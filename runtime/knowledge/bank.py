@@ -14,7 +14,8 @@ On-disk layout (``root`` is e.g. ``~/.skill-edge/bank``)::
 
     lock                    flock()ed by the single writer; holds its pid for error messages
     index.json              current generation: a list of (task, agent) -> record hash + summary
-                            entries; sha256 of itself inside.  Format /1 (keyed by task name alone)
+                            entries, and the newest seq of each removed task (``RemovedTask``);
+                            sha256 of itself inside.  Format /1 (keyed by task name alone)
                             is still read, and rewritten as /2 by the next writer
     index.prev.json         previous generation; used when index.json fails its checksum
     index.json.corrupt      the last index.json that failed its checksum (kept for forensics)
@@ -127,6 +128,24 @@ class BankEntry:
 
 
 @dataclass(frozen=True)
+class RemovedTask:
+    """The newest seq of a task that was removed from the bank.
+
+    A seq names one version fleet-wide: peers that kept the removed version refuse a different
+    packet under the same seq, so a device that learns one of its removed tasks again must start
+    above it (``Device`` reads this).  Kept in the index, a few bytes a task."""
+
+    task: str
+    agent: str
+    seq: int
+    own: bool  # it was learned by this device
+
+    @property
+    def key(self) -> TaskKey:
+        return TaskKey(self.task, self.agent)
+
+
+@dataclass(frozen=True)
 class QuarantineEntry:
     """One quarantined item: kept for inspection, never activated."""
 
@@ -171,10 +190,13 @@ class _Index:
     generation: int
     tasks: dict[TaskKey, BankEntry]
     legacy: bool = False  # read from a format /1 index: own flags inferred, packet digests not yet known
+    removed: dict[TaskKey, RemovedTask] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         body = {"format": INDEX_FORMAT, "generation": self.generation,
                 "tasks": [asdict(e) for _, e in sorted(self.tasks.items())]}
+        if self.removed:  # absent until a task is removed: indexes written before it read the same
+            body["removed"] = [asdict(r) for _, r in sorted(self.removed.items())]
         return json.dumps({**body, "sha256": _index_digest(body)}, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -187,13 +209,15 @@ class _Index:
         claimed = doc.pop("sha256", None)
         if claimed != _index_digest(doc):
             raise ValueError("checksum mismatch")
+        removed = [RemovedTask(**r) for r in doc.get("removed", [])]
         if fmt == INDEX_FORMAT:
             entries = [BankEntry(**{**e, "anchors": tuple(e["anchors"])}) for e in doc["tasks"]]
         else:  # /1 had no own flag: what a device stored from a packet has source "packet:<sha256>"
             entries = [BankEntry(**{**e, "anchors": tuple(e["anchors"]),
                                     "own": not str(e["source"]).startswith("packet:")})
                        for e in doc["tasks"].values()]
-        return cls(int(doc["generation"]), {e.key: e for e in entries}, legacy=fmt != INDEX_FORMAT)
+        return cls(int(doc["generation"]), {e.key: e for e in entries}, legacy=fmt != INDEX_FORMAT,
+                   removed={r.key: r for r in removed})
 
     def records(self) -> set[str]:
         return {e.record for e in self.tasks.values()}
@@ -305,6 +329,11 @@ class KnowledgeBank:
                     raise BankCorruptError(f"a record listed in {self.root / 'index.json'} is missing")
         raise BankError(f"the bank at {self.root} kept changing while loading; try again")
 
+    def removed(self) -> list[RemovedTask]:
+        """The newest seq of every task removed from this bank and not stored again since."""
+        index, _ = self._read_index()
+        return [index.removed[k] for k in sorted(index.removed)]
+
     def used_bytes(self) -> int:
         """Bytes the quota counts: live records plus quarantined items (file sizes, not disk blocks)."""
         index, _ = self._read_index()
@@ -356,7 +385,9 @@ class KnowledgeBank:
             try:
                 created = self._store_record(self.records_dir, record, files, manifest)
                 kept = {k: e for k, e in index.tasks.items() if k not in replaced}
-                self._commit(index, {**kept, key: entry})
+                gone = index.removed.get(key)
+                removed = {k: r for k, r in index.removed.items() if not (k == key and entry.seq >= gone.seq)}
+                self._commit(index, {**kept, key: entry}, removed)
             except OSError as exc:
                 if created:
                     with contextlib.suppress(OSError):
@@ -366,12 +397,16 @@ class KnowledgeBank:
         return entry
 
     def remove(self, ref: str | TaskKey) -> BankEntry:
-        """Forget a task (atomically) and return its entry; ``ref`` as for ``resolve``."""
+        """Forget a task (atomically) and return its entry; ``ref`` as for ``resolve``.  Its seq is
+        kept (``removed``): peers may still hold that version."""
         with self._locked():
             index = self._recover()
             entry = self._resolve(index, ref)
+            gone = index.removed.get(entry.key)
+            seq = max(int(entry.seq), gone.seq if gone is not None else 0)
+            removed = {**index.removed, entry.key: RemovedTask(entry.task, entry.agent, seq, entry.own)}
             try:
-                self._commit(index, {k: e for k, e in index.tasks.items() if k != entry.key})
+                self._commit(index, {k: e for k, e in index.tasks.items() if k != entry.key}, removed)
             except OSError as exc:
                 raise self._write_error(f"removing {_what(entry)}", exc) from exc
             self._collect_garbage()
@@ -673,10 +708,13 @@ class KnowledgeBank:
             raise
         return True
 
-    def _commit(self, old: _Index, tasks: dict[str, BankEntry]) -> None:
-        """Make ``tasks`` the current generation; the old one becomes the fallback."""
+    def _commit(self, old: _Index, tasks: dict[TaskKey, BankEntry],
+                removed: dict[TaskKey, RemovedTask] | None = None) -> None:
+        """Make ``tasks`` (and ``removed``, default unchanged) the current generation; the old one
+        becomes the fallback."""
         self._write_index_file("index.prev.json", old.to_bytes())
-        self._write_index_file("index.json", _Index(old.generation + 1, tasks).to_bytes())
+        new = _Index(old.generation + 1, tasks, removed=old.removed if removed is None else removed)
+        self._write_index_file("index.json", new.to_bytes())
 
     def _write_index_file(self, name: str, data: bytes) -> None:
         tmp = self.staging_dir / f"{name}.{secrets.token_hex(4)}"
