@@ -369,6 +369,25 @@ def test_quarantine_is_listed_never_loaded_and_removable(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------- CLI
+def test_cli_ls_and_show_in_a_pipe_print_every_cell_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal (a pipe, a log, CliRunner) the tables are plain columns: a long source path or
+    task name is printed whole, not cut to 80 columns with an ellipsis, and the counts line up."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    root = tmp_path / "bank"
+    k = make_knowledge("a-rather-long-task-name-for-the-bank", 1)
+    k.meta.source = "learned:/media/sdcard/captures/2026-12-07/kitchen-counter/left-camera/session-0042"
+    KnowledgeBank(root).put(k)
+    r = CliRunner().invoke(app, ["ls", "--bank", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "\u2026" not in r.output and k.meta.source in r.output and k.task in r.output
+    header, row = r.output.splitlines()[1:3]
+    assert header.split()[:4] == ["task", "agent", "origin", "classes"]
+    assert row.index(f"{KnowledgeBank(root).entries()[0].bytes:,}") + len(f"{KnowledgeBank(root).entries()[0].bytes:,}") \
+        == len(header), "sizes are aligned right, under their heading"
+    r = CliRunner().invoke(app, ["show", "--bank", str(root), k.task])
+    assert r.exit_code == 0 and f"source: {k.meta.source}" in r.output and "\u2026" not in r.output, r.output
+
+
 def test_cli_ls_show_rm_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SKILL_EDGE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")

@@ -14,9 +14,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from skill_edge.runtime.cli.output import iso_time, print_json
+from skill_edge.runtime.cli.output import iso_time, print_json, print_record, print_table
 from skill_edge.runtime.knowledge.bank import BankEntry, BankError, KnowledgeBank, VerifyReport
 from skill_edge.runtime.knowledge.identity import display_names, short_agent
 
@@ -98,23 +97,18 @@ def list_tasks(bank: BankOption = None, home: HomeOption = None, as_json: JsonOp
                                     for q in kb.quarantined()],
                     "used_bytes": kb.used_bytes(), "quota_bytes": kb.quota_bytes or None})
         return
-    table = Table(title=f"Knowledge bank {root}")
-    for col in ("task", "agent", "origin", "classes", "anchors", "BB", "seq", "source", "created", "bytes"):
-        numeric = col in ("classes", "seq", "bytes")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col in ("BB", "agent"))
     entries = kb.entries()
-    for e, label in zip(entries, display_names([e.key for e in entries])):
-        table.add_row(label, short_agent(e.agent), _origin(e), str(e.classes), " ".join(e.anchors) or "-",
-                      "yes" if e.has_bb else "-", str(e.seq), e.source, _when(e.created), f"{e.bytes:,}")
-    console.print(table)
+    print_table(f"Knowledge bank {root}",
+                ["task", "agent", "origin", "classes", "anchors", "BB", "seq", "source", "created", "bytes"],
+                [[label, short_agent(e.agent), _origin(e), str(e.classes), " ".join(e.anchors) or "-",
+                  "yes" if e.has_bb else "-", str(e.seq), e.source, _when(e.created), f"{e.bytes:,}"]
+                 for e, label in zip(entries, display_names([e.key for e in entries]))],
+                right=("classes", "seq", "bytes"))
     quarantined = kb.quarantined()
     if quarantined:
-        q_table = Table(title="Quarantined (never activated)")
-        for col in ("id", "task", "reason", "when", "bytes"):
-            q_table.add_column(col)
-        for q in quarantined:
-            q_table.add_row(q.id[:12], q.task or "?", q.reason, _when(q.quarantined_at), f"{q.bytes:,}")
-        console.print(q_table)
+        print_table("Quarantined (never activated)", ["id", "task", "reason", "when", "bytes"],
+                    [[q.id[:12], q.task or "?", q.reason, _when(q.quarantined_at), f"{q.bytes:,}"] for q in quarantined],
+                    right=("bytes",))
     quota = f" of {kb.quota_bytes:,}" if kb.quota_bytes else ""
     console.print(f"{len(kb.entries())} task(s), {kb.used_bytes():,}{quota} bytes used")
 
@@ -143,33 +137,20 @@ def show(task: TaskArgument, bank: BankOption = None, home: HomeOption = None, a
     console.print(f"[bold]{escape(entry.key.short)}[/]  {knowledge.num_classes} classes, feature dim "
                   f"{knowledge.feature_dim}, {_origin(entry)}")
     console.print(f"labels: {', '.join(knowledge.labels)}")
-    tensors = Table(title="tensors")
-    tensors.add_column("name")
-    tensors.add_column("shape")
-    tensors.add_column("bytes", justify="right")
-    for name, arr in knowledge.tensors().items():
-        tensors.add_row(name, str(tuple(arr.shape)), f"{arr.nbytes:,}")
-    console.print(tensors)
-    meta = Table(title="metadata", show_header=False)
-    meta.add_column("key", no_wrap=True)
-    meta.add_column("value", overflow="fold")
+    print_table("tensors", ["name", "shape", "bytes"],
+                [[name, str(tuple(arr.shape)), f"{arr.nbytes:,}"] for name, arr in knowledge.tensors().items()],
+                right=("bytes",))
     thresholds = ", ".join(f"{k}={v:.4g}" for k, v in sorted(knowledge.thresholds.items())) or "-"
-    for key, value in [("task", entry.task), ("agent", m.agent_id), ("origin", _origin(entry)), ("source", m.source),
-                       ("seq", m.seq), ("created", _when(m.created)),
-                       ("stored", _when(entry.stored)), ("n_train", m.n_train),
-                       ("feature transform", m.feature_transform), ("ROM fingerprint", m.rom_fingerprint or "-"),
-                       ("BB layout", m.bb_layout_hash or "-"), ("thresholds", thresholds),
-                       ("packet bytes", "yes" if entry.has_packet else "no"), ("content hash", entry.content_hash),
-                       ("record", entry.record)]:
-        meta.add_row(key, str(value))
-    console.print(meta)
+    print_record("metadata", {
+        "task": entry.task, "agent": m.agent_id, "origin": _origin(entry), "source": m.source, "seq": m.seq,
+        "created": _when(m.created), "stored": _when(entry.stored), "n_train": m.n_train,
+        "feature transform": m.feature_transform, "ROM fingerprint": m.rom_fingerprint or "-",
+        "BB layout": m.bb_layout_hash or "-", "thresholds": thresholds,
+        "packet bytes": "yes" if entry.has_packet else "no", "content hash": entry.content_hash,
+        "record": entry.record})
     if m.metrics:
-        metrics = Table(title="metrics")
-        metrics.add_column("metric")
-        metrics.add_column("value", justify="right")
-        for key, value in sorted(m.metrics.items()):
-            metrics.add_row(key, f"{value:.4g}")
-        console.print(metrics)
+        print_table("metrics", ["metric", "value"], [[k, f"{v:.4g}"] for k, v in sorted(m.metrics.items())],
+                    right=("value",))
 
 
 @app.command("rm")

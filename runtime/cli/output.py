@@ -89,8 +89,10 @@ def relative_names(names: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
-                shorten: int | None = None) -> None:
-    """Rows on stdout: a rich table on a terminal, plain aligned columns otherwise.
+                shorten: int | None = None, right: Sequence[str] = ()) -> None:
+    """Rows on stdout: a rich table on a terminal, plain aligned columns otherwise (a pipe or a file
+    gets every cell whole, never cut to the width of a terminal it does not have).
+    ``right``: the columns (by name) aligned right, such as counts and sizes.
 
     ``shorten`` is the column whose cells are paths: on a terminal they are shown relative to the
     folder they share (named in the title) and cut at the start to what fits (``shorten_path``);
@@ -100,7 +102,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
         widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
         out.print(title, markup=False, highlight=False, soft_wrap=True)
         for r in [list(columns), *rows]:
-            line = "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+            line = "  ".join(cell.rjust(w) if c in right else cell.ljust(w)
+                             for cell, w, c in zip(r, widths, columns)).rstrip()
             out.print(line, markup=False, highlight=False, soft_wrap=True)
         return
     cells = [list(r) for r in rows]
@@ -116,7 +119,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
             r[shorten] = shorten_path(r[shorten], room)
     t = Table(title=title)
     for i, c in enumerate(columns):
-        t.add_column(c, no_wrap=i == shorten, overflow="fold")
+        t.add_column(c, no_wrap=i == shorten or c in right, overflow="fold", justify="right" if c in right else "left")
     for r in cells:
         t.add_row(*(Text(c) for c in r))
     out.print(t)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from skill_edge.runtime.cli.output import iso_time, print_json
+from skill_edge.runtime.cli.output import iso_time, print_json, print_record, print_table
 from skill_edge.runtime.exchange.codec import format_size
 from skill_edge.runtime.exchange.keys import (
     DEVICE_KEY_FILE,
@@ -116,13 +115,11 @@ def keys_ls(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
         console.print(f"device key: [bold]{device['key_id']}[/] ({device['file']})")
     else:
         console.print(f"device key: none ({device['problem']})")
-    table = Table(title=f"trust store {TrustStore.at_home(home).directory}")
-    table.add_column("name")
-    table.add_column("key id")
-    table.add_column("file")
-    for k in keys:
-        table.add_row(k.name, k.key_id, str(k.path))
-    console.print(table if keys else "trust store is empty: this device accepts no packets")
+    if not keys:
+        console.print("trust store is empty: this device accepts no packets")
+        return
+    print_table(f"trust store {TrustStore.at_home(home).directory}", ["name", "key id", "file"],
+                [[k.name, k.key_id, str(k.path)] for k in keys])
 
 
 @keys_app.command("rm")
@@ -200,10 +197,6 @@ def _packet_json(file: Path, p: Packet) -> dict:
 
 def _show(file: Path, p: Packet) -> None:
     k = p.knowledge
-    head = Table(title=f"{file.name}: skill-edge packet v{p.version}, {p.raw_size} bytes ({format_size(p.raw_size)})",
-                 show_header=False)
-    head.add_column("field", style="bold")
-    head.add_column("value")
     created = dt.datetime.fromtimestamp(p.created, dt.timezone.utc).isoformat(timespec="seconds")
     labels = ", ".join(p.labels[:12]) + (" ..." if len(p.labels) > 12 else "")
     rows = [
@@ -223,13 +216,8 @@ def _show(file: Path, p: Packet) -> None:
                   + (f" (zstd of {p.payload_raw_bytes} B)" if p.compressed else " (not compressed)")),
         ("sha256", p.sha256),
     ]
-    for a, b in rows:
-        head.add_row(a, b)
-    console.print(head)
-    tensors = Table(title="tensors")
-    for col in ("name", "encoding", "wire dtype", "shape", "bytes"):
-        tensors.add_column(col)
-    for t in p.wire_tensors:
-        enc = p.plan.tensors.get(t.name, "(side data)")
-        tensors.add_row(t.name, enc, t.dtype, "x".join(map(str, t.shape)), str(t.nbytes))
-    console.print(tensors)
+    print_record(f"{file.name}: skill-edge packet v{p.version}, {p.raw_size} bytes ({format_size(p.raw_size)})",
+                 dict(rows))
+    print_table("tensors", ["name", "encoding", "wire dtype", "shape", "bytes"],
+                [[t.name, p.plan.tensors.get(t.name, "(side data)"), t.dtype, "x".join(map(str, t.shape)), str(t.nbytes)]
+                 for t in p.wire_tensors], right=("bytes",))
