@@ -103,8 +103,13 @@ def test_a_mistyped_transport_is_refused_and_names_are_printed_as_they_are(tmp_p
     monkeypatch.chdir(tmp_path)
     r = subprocess.run([str(SKILL_EDGE), "sync", *a.cli_args("usb:share", "lab")], capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 1 and "unknown transport 'usb:share'" in r.stderr and "dir:usb:share" in r.stderr
+    assert r.returncode == 2 and "unknown transport 'usb:share'" in r.stderr and "dir:usb:share" in r.stderr
     assert not (tmp_path / "usb:share").exists() and list(a.outbox.glob("*.skp")), "nothing published"
+    for bad, says in ((["--chunk-size", "0"], "size must be positive"), (["--idle", "-1"], "--idle"),
+                      (["--transport", "mqtt://broker:notaport"], "port")):  # bad usage: exit 2, not 1 (retry)
+        r = subprocess.run([str(SKILL_EDGE), "sync", *a.cli_args("dir:share", "lab"), *bad], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
 
     r = subprocess.run([str(SKILL_EDGE), "sync", *a.cli_args("dir:lab:x:", "f:x:"), "--idle", "0.2"],
                        capture_output=True, text=True, timeout=120)

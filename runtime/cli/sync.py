@@ -155,9 +155,11 @@ def sync_command(
                                                     "this agent id"),
     plausibility: bool = typer.Option(True, "--plausibility/--no-plausibility",
                                       help="quarantine anchors that would hijack the bank's tasks"),
-    idle: float = typer.Option(2.0, "--idle", help="one-shot: stop after this many quiet seconds"),
-    timeout: float = typer.Option(300.0, "--timeout", help="one-shot: stop receiving after this many seconds"),
-    connect_timeout: float = typer.Option(15.0, "--connect-timeout", help="MQTT: give up connecting after this"),
+    idle: float = typer.Option(2.0, "--idle", min=0.0, help="one-shot: stop after this many quiet seconds"),
+    timeout: float = typer.Option(300.0, "--timeout", min=0.0,
+                                  help="one-shot: stop receiving after this many seconds"),
+    connect_timeout: float = typer.Option(15.0, "--connect-timeout", min=0.0,
+                                          help="MQTT: give up connecting after this"),
     as_json: bool = typer.Option(False, "--json", help="one-shot: print one JSON object (events, counts, exit "
                                                        "code); with --watch: one JSON object a line per event, "
                                                        "then a summary line"),
@@ -188,8 +190,10 @@ def sync_command(
         mqtt_options = dict(chunk_size=chunk, username=username, password=password, tls_ca=tls_ca,
                             tls_cert=tls_cert, tls_key=tls_key, connect_timeout=connect_timeout)
         tx = open_transport(transport, fleet, state_dir=state_dir, **mqtt_options)
-    except (ValueError, KeyStoreError, BankError, TransportError, OSError, RomError) as exc:
+    except (KeyStoreError, BankError, TransportError, OSError, RomError) as exc:
         _fail(str(exc))
+    except ValueError as exc:  # a malformed option: the transport spec, a broker URL, --chunk-size
+        _fail(str(exc), EXIT_USAGE)
     view = WatchView(fleet, transport) if watch and not as_json else None
     events: list[dict] = []  # one-shot --json: printed with the counts at the end
 
