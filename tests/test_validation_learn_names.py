@@ -60,3 +60,15 @@ def test_learn_with_a_bad_name_fails_before_training_with_exit_2(name, data: Pat
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing extracted
     assert not (home / "outbox").exists() or not any((home / "outbox").iterdir())
     assert not (home / "bank").exists() or KnowledgeBank(home / "bank").entries() == []
+
+
+@pytest.mark.parametrize("option", [["--k", "0"], ["--exemplars", "0"], ["--seed", "-1"], ["--countdown", "-1"],
+                                    ["--frames", "0"]])
+def test_out_of_range_numbers_are_usage_errors_not_tracebacks(tmp_path, option) -> None:
+    """``--k 0`` and ``--seed -1`` used to fail deep inside the anchor fit or numpy with a traceback (exit 1)."""
+    cmd = [str(Path(sys.executable).parent / "skill-edge"), "learn", "--task", "t", "--data", str(tmp_path),
+           "--home", str(tmp_path / "home"), *option]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"Invalid value for '{option[0]}'" in " ".join(r.stderr.split()), r.stderr
+    assert not (tmp_path / "home").exists(), "refused before the device home is touched"

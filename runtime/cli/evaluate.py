@@ -187,7 +187,7 @@ def eval_command(
                                    "has none); all: every image."),
     mapper: str = MapperOption,
     no_open_set: bool = NoOpenSetOption,
-    seed: int = typer.Option(0, "--seed", help="Seed of the hold-out split (as given to learn)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the hold-out split (as given to learn)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results (and the confusion matrices) as JSON."),
     home: Optional[Path] = HomeOption,
     rom: Optional[Path] = RomOption,

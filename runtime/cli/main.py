@@ -140,8 +140,8 @@ def learn_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder: DIR/{train,val,test}/<class>/*."),
     camera: Optional[str] = typer.Option(None, "--camera", "-c", help=CameraHelp),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels to capture (with --camera)."),
-    frames: int = typer.Option(100, "--frames", help="Frames to capture per label (with --camera)."),
-    countdown: float = typer.Option(3.0, "--countdown",
+    frames: int = typer.Option(100, "--frames", min=1, help="Frames to capture per label (with --camera)."),
+    countdown: float = typer.Option(3.0, "--countdown", min=0.0,
                                     help="Seconds of countdown before each label (headless capture from a camera; "
                                          "file:// sources start at once)."),
     headless: bool = typer.Option(False, "--headless",
@@ -159,13 +159,14 @@ def learn_command(
                                       "validation), tail, full (the whole network) or a stage index."),
     mapper: str = typer.Option("both", "--mapper", help="Task anchor(s) to fit: gmmc, mahalanobis or both."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Packet byte budget, e.g. 64KB (default: lossless)."),
-    k: int = typer.Option(25, "--k", help="GMMC components."),
-    exemplars: int = typer.Option(5, "--exemplars", help="Mahalanobis exemplar features per class."),
+    k: int = typer.Option(25, "--k", min=1, help="GMMC components."),
+    exemplars: int = typer.Option(5, "--exemplars", min=1, help="Mahalanobis exemplar features per class."),
     anchor_space: str = typer.Option(DEFAULT_TRANSFORM, "--anchor-space",
                                      help=f"Space the anchors live in: {', '.join(FEATURE_TRANSFORMS)}. A fleet "
                                           "must share one; sqrt_l2 (features alone) matches banks learned before "
                                           "trunk statistics."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0,
+                             help="Seed of the hold-out split (a folder without test/), the head and the anchors."),
     home: Optional[Path] = HomeOption,
     rom: Optional[Path] = RomOption,
     provider: Optional[List[str]] = ProviderOption,
@@ -186,6 +187,7 @@ def learn_command(
     from skill_edge.runtime.device import LearnError
     from skill_edge.runtime.exchange.keys import load_device_key
     from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec
+    from skill_edge.runtime.mapping.anchors import AnchorError
 
     if (data is None) == (camera is None):
         console.print("[red]give exactly one of --data DIR or --camera SRC[/red]")
@@ -229,7 +231,7 @@ def learn_command(
             report = dev.learn(task, data, bb=bb, bb_split=bb_split, mappers=kinds, transform=anchor_space, k=k,
                                m=exemplars, seed=seed, progress=prog.update, key=load_device_key(dev.home),
                                budget=budget_bytes)
-    except (DatasetError, LearnError) as exc:
+    except (DatasetError, LearnError, AnchorError) as exc:
         console.print(f"[red]cannot learn {task!r}:[/red] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     except BudgetError as exc:
@@ -414,7 +416,7 @@ def classify_command(
     images: Optional[List[Path]] = typer.Argument(None, help="Image files or folders."),
     camera: Optional[str] = typer.Option(None, "--camera", "-c", help="Classify frames from a video source. "
                                          + CameraHelp.split(": ", 1)[1]),
-    frames: int = typer.Option(30, "--frames", help="Frames to classify from --camera."),
+    frames: int = typer.Option(30, "--frames", min=1, help="Frames to classify from --camera."),
     mapper: str = MapperOption,
     no_open_set: bool = NoOpenSetOption,
     home: Optional[Path] = HomeOption,
