@@ -22,6 +22,7 @@ import numpy as np
 
 from skill_edge.runtime.mapping.anchors import (
     DEFAULT_TRANSFORM,
+    AnchorError,
     MIN_CALIBRATION_ROWS,
     ThresholdCalibration,
     fit_task_anchors,
@@ -153,6 +154,12 @@ def _require_bb() -> None:
         raise LearnError(str(exc)) from None
 
 
+def _check_fit_options(k: int, m: int, seed: int) -> None:
+    if k < 1 or m < 1 or seed < 0:
+        raise LearnError(f"k (GMMC components) and m (exemplars per class) must be >= 1 and seed >= 0, "
+                         f"got k={k}, m={m}, seed={seed}")
+
+
 def _check_task_name(task: str) -> None:
     """``LearnError`` for a name ``knowledge.validate_name`` refuses: the one rule, before any training."""
     try:
@@ -227,6 +234,7 @@ class Device:
         so a crash can never leave a stored version whose packet is lost: publishing reads the bank.
         The packet is encoded before anything is stored, so a ``BudgetError`` stores nothing."""
         _check_task_name(task)
+        _check_fit_options(k, m, seed)  # before any image is read
         if bb:
             _require_bb()  # before any image is read: this install may lack the [bb] extra
             self.bb_split_points(bb_split)  # a bad --bb-split fails before any work, too
@@ -316,6 +324,7 @@ class Device:
         kept), ``"tail"``, ``"full"`` (the whole network) or a stage index; splits before the tail need
         ``images`` (the training images, one per feature row) to cache their activations."""
         _check_task_name(task)
+        _check_fit_options(k, m, seed)  # before the head trains, not after
         if np.ndim(features) != 2 or np.shape(features)[1] != self.engine.feature_dim:
             raise LearnError(f"features of shape {np.shape(features)} do not fit this device's ROM, whose features "
                              f"are {self.engine.feature_dim} wide")
@@ -352,8 +361,11 @@ class Device:
                 log.info("BB did not beat the plain head on validation for %s; shipping without BB", task)
         if progress:
             progress("fit anchors", 0, 1)
-        anchors = fit_task_anchors(features, labels, trunk_stats=trunk_stats, transform=transform, kinds=kinds, k=k,
-                                   m=m, seed=seed)
+        try:
+            anchors = fit_task_anchors(features, labels, trunk_stats=trunk_stats, transform=transform, kinds=kinds,
+                                       k=k, m=m, seed=seed)
+        except AnchorError as exc:
+            raise LearnError(f"cannot fit the task anchors: {exc}") from exc
         prev = self._previous_seq(task)
         meta = TaskMeta(agent_id=self.agent_id, seq=prev + 1, rom_fingerprint=self.fingerprint,
                         bb_layout_hash=bb_hash, bb_split=bb_at, feature_transform=anchors.feature_transform,

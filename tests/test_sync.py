@@ -226,7 +226,7 @@ def test_store_failure_loses_nothing(tmp_path: Path) -> None:
     assert e2.kind == "accepted" and list(me.tasks()) == ["t1"]
 
 
-def test_cli_one_shot_over_a_folder(tmp_path: Path) -> None:
+def test_cli_one_shot_over_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = make_fleet(tmp_path, ["dev-a", "dev-b"])
     a.learn("birds")
     runner = CliRunner()
@@ -244,8 +244,13 @@ def test_cli_one_shot_over_a_folder(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "cannot publish" in r.output and "errors 1" in r.output
     assert (b.outbox / "broken.skp").exists(), "a file that could not be published stays queued"
 
+    # an empty home and no ROM anywhere (the default folder is only there once a ROM is exported): usage
+    import skill_edge.models
+
+    monkeypatch.setattr(skill_edge.models, "default_rom_dir", lambda: tmp_path / "no-rom")
+    monkeypatch.delenv("SKILL_EDGE_ROM", raising=False)
     r = runner.invoke(sync_app, ["--transport", share, "--home", str(tmp_path / "empty")])
-    assert r.exit_code == 1 and "pass --rom" in r.output
+    assert r.exit_code == 2 and "pass --rom" in r.output
 
 
 # ---------------------------------------------------------------------------- through a real broker

@@ -72,3 +72,13 @@ def test_out_of_range_numbers_are_usage_errors_not_tracebacks(tmp_path, option) 
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"Invalid value for '{option[0]}'" in " ".join(r.stderr.split()), r.stderr
     assert not (tmp_path / "home").exists(), "refused before the device home is touched"
+
+
+@pytest.mark.parametrize("option", [dict(k=0), dict(m=0), dict(seed=-1)])
+def test_the_api_refuses_out_of_range_numbers_before_reading_an_image(tmp_path, rom_dir, option) -> None:
+    from skill_edge.runtime.device import Device, LearnError
+
+    dev = Device(tmp_path / "home", rom_dir)
+    with pytest.raises(LearnError, match="must be >= 1 and seed >= 0"):
+        dev.learn("t", tmp_path / "no-such-folder", **option)  # the folder is never looked at
+    assert dev.bank.entries() == []

@@ -187,7 +187,6 @@ def learn_command(
     from skill_edge.runtime.device import LearnError
     from skill_edge.runtime.exchange.keys import load_device_key
     from skill_edge.runtime.exchange.packet import BudgetError, PacketCodec
-    from skill_edge.runtime.mapping.anchors import AnchorError
 
     if (data is None) == (camera is None):
         console.print("[red]give exactly one of --data DIR or --camera SRC[/red]")
@@ -231,7 +230,7 @@ def learn_command(
             report = dev.learn(task, data, bb=bb, bb_split=bb_split, mappers=kinds, transform=anchor_space, k=k,
                                m=exemplars, seed=seed, progress=prog.update, key=load_device_key(dev.home),
                                budget=budget_bytes)
-    except (DatasetError, LearnError, AnchorError) as exc:
+    except (DatasetError, LearnError) as exc:
         console.print(f"[red]cannot learn {task!r}:[/red] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     except BudgetError as exc:
