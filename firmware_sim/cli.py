@@ -24,9 +24,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-console = Console(emoji=False)
+from skill_edge.runtime.cli.output import print_table
+
+console = Console(emoji=False, soft_wrap=True)  # a long line stays whole in a log
 
 
 def _task_dirs(data: list[Path]) -> dict[str, Path]:
@@ -135,24 +136,20 @@ def _run_with_progress(cfg):
 
 
 def _print_summary(result, s: dict, out: Path) -> None:
-    t = Table(title=f"{s['agents']} devices, {s['tasks']} tasks, no task oracle")
-    t.add_column("task")
-    t.add_column("oracle")
-    for mp in result.mappers:
-        t.add_column(f"{mp} task-ID")
-        t.add_column(f"{mp} no-oracle")
+    columns = ["task", "oracle"] + [f"{mp} {what}" for mp in result.mappers for what in ("task-ID", "no-oracle")]
     ref = result.reference_device
+    rows = []
     for task in result.tasks:
         row = [task, f"{result.per_task_oracle_accuracy[ref].get(task, float('nan')):.3f}"]
         for mp in result.mappers:
             row += [f"{result.per_task_task_id_accuracy[ref].get(mp, {}).get(task, float('nan')):.3f}",
                     f"{result.per_task_accuracy[ref].get(mp, {}).get(task, float('nan')):.3f}"]
-        t.add_row(*row)
+        rows.append(row)
     row = ["mean", f"{s['mean_oracle_acc']:.3f}"]
     for mp in result.mappers:
         row += [f"{s['mean_task_id_acc'].get(mp, float('nan')):.3f}", f"{s['mean_no_oracle_acc'].get(mp, float('nan')):.3f}"]
-    t.add_row(*row, style="bold")
-    console.print(t)
+    rows.append(row)
+    print_table(f"{s['agents']} devices, {s['tasks']} tasks, no task oracle", columns, rows, right=columns[1:])
     console.print(f"banks converged: {s['converged']}, devices agree: {s['devices_agree']}, "
                   f"speedup (MACs): {', '.join(f'{k} {v:.3f}N' for k, v in s['speedup_xN_by_mapper'].items())}, "
                   f"wall-clock speedup: {s['wallclock_speedup']:.2f}x, "

@@ -49,6 +49,12 @@ def test_demo_runs_end_to_end(tmp_path: Path, rom_dir: Path) -> None:
         assert (out / png).stat().st_size > 10_000, png
     md = (out / "report.md").read_text()
     assert "Fig. 9" in md and "DER++" in md and "EWC" in md
+    # off a terminal (a log, CI) the summary is plain columns: every task name whole, one line per task
+    lines = res.stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["task", "oracle"])
+    assert "\u2026" not in res.stdout and "\u2503" not in res.stdout, "no rich table box or ellipsis"
+    assert [ln.split()[0] for ln in lines[header + 1:header + 8]] == [*fleet["task_names"], "mean"]
+    assert next(ln for ln in lines if ln.startswith("banks converged: True, devices agree: True, speedup"))
 
 
 def test_equivalence_map_scoring(tmp_path: Path) -> None:
