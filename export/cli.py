@@ -9,9 +9,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-console = Console(emoji=False)
+from skill_edge.tables import print_record, print_table
+
+console = Console(emoji=False, soft_wrap=True)  # a long line stays whole in a log
 rom_app = typer.Typer(help="Inspect and verify ROM directories.", no_args_is_help=True)
 
 
@@ -56,18 +57,13 @@ def export_command(
 
 
 def _print_summary(m, target: Path) -> None:
-    t = Table(title=f"ROM {target}")
-    t.add_column("field")
-    t.add_column("value")
-    t.add_row("backbone", f"{m.backbone} ({m.timm_arch})")
-    t.add_row("weights", m.weights_source)
-    t.add_row("fingerprint", m.fingerprint)
-    t.add_row("feature dim", str(m.feature_dim))
-    t.add_row("bias slots B", f"{m.bias_total} in {len(m.bias_layout)} layers (tail: {m.tail_bias_total})")
-    t.add_row("MACs/image", ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in m.macs_per_image.items()))
-    t.add_row("input", f"{m.preprocessing['input_size']} {m.preprocessing['interpolation']} "
-                       f"crop {m.preprocessing['crop_pct']}")
-    console.print(t)
+    print_record(console, f"ROM {target}", {
+        "backbone": f"{m.backbone} ({m.timm_arch})", "weights": m.weights_source, "fingerprint": m.fingerprint,
+        "feature dim": m.feature_dim,
+        "bias slots B": f"{m.bias_total} in {len(m.bias_layout)} layers (tail: {m.tail_bias_total})",
+        "MACs/image": ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in m.macs_per_image.items()),
+        "input": f"{m.preprocessing['input_size']} {m.preprocessing['interpolation']} "
+                 f"crop {m.preprocessing['crop_pct']}"})
 
 
 @rom_app.command("info")
@@ -85,12 +81,9 @@ def info(rom_dir: Path = typer.Argument(..., help="ROM directory"),
         typer.echo(m.canonical_bytes().decode(), nl=False)
         return
     _print_summary(m, rom_dir)
-    t = Table(title="graphs")
-    for c in ("graph", "file", "inputs", "outputs", "MACs/image", "sha256"):
-        t.add_column(c)
-    for name, g in m.graphs.items():
-        t.add_row(name, g.file, json.dumps(g.inputs), json.dumps(g.outputs), f"{g.macs_per_image:,}", g.sha256[:16])
-    console.print(t)
+    print_table(console, "graphs", ["graph", "file", "inputs", "outputs", "MACs/image", "sha256"],
+                [[name, g.file, json.dumps(g.inputs), json.dumps(g.outputs), f"{g.macs_per_image:,}", g.sha256[:16]]
+                 for name, g in m.graphs.items()], right=("MACs/image",))
     console.print(f"tool versions: {m.tool_versions}")
     if m.engines:
         console.print(f"TensorRT engines: {list(m.engines)}")
@@ -114,10 +107,7 @@ def list_backbones() -> None:
     """List the backbone catalogue."""
     from skill_edge.models import REGISTRY
 
-    t = Table(title="backbone catalogue")
-    for c in ("name", "timm arch", "input", "dim", "weights"):
-        t.add_column(c)
-    for s in REGISTRY.values():
-        t.add_row(s.name, s.timm_arch, f"{s.input_size}px {s.interpolation} crop {s.crop_pct}", str(s.feature_dim),
-                  "; ".join(f"{w.kind}:{w.ref}" for w in s.weight_sources))
-    console.print(t)
+    print_table(console, "backbone catalogue", ["name", "timm arch", "input", "dim", "weights"],
+                [[s.name, s.timm_arch, f"{s.input_size}px {s.interpolation} crop {s.crop_pct}", str(s.feature_dim),
+                  "; ".join(f"{w.kind}:{w.ref}" for w in s.weight_sources)] for s in REGISTRY.values()],
+                right=("dim",))

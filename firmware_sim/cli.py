@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from skill_edge.runtime.cli.output import print_table
+from skill_edge.tables import print_table
 
 console = Console(emoji=False, soft_wrap=True)  # a long line stays whole in a log
 
@@ -149,7 +149,7 @@ def _print_summary(result, s: dict, out: Path) -> None:
     for mp in result.mappers:
         row += [f"{s['mean_task_id_acc'].get(mp, float('nan')):.3f}", f"{s['mean_no_oracle_acc'].get(mp, float('nan')):.3f}"]
     rows.append(row)
-    print_table(f"{s['agents']} devices, {s['tasks']} tasks, no task oracle", columns, rows, right=columns[1:])
+    print_table(console, f"{s['agents']} devices, {s['tasks']} tasks, no task oracle", columns, rows, right=columns[1:])
     console.print(f"banks converged: {s['converged']}, devices agree: {s['devices_agree']}, "
                   f"speedup (MACs): {', '.join(f'{k} {v:.3f}N' for k, v in s['speedup_xN_by_mapper'].items())}, "
                   f"wall-clock speedup: {s['wallclock_speedup']:.2f}x, "

@@ -322,6 +322,12 @@ def test_cli_rom_info_and_verify(rom_dir: Path) -> None:
     res = runner.invoke(app, ["rom", "info", str(rom_dir), "--json"])
     assert res.exit_code == 0
     assert json.loads(res.output)["fingerprint"] == RomManifest.read(rom_dir).fingerprint
+    # off a terminal (a pipe, a log) the fingerprint and the graph hashes come out whole, not cut at 80 columns
+    res = runner.invoke(app, ["rom", "info", str(rom_dir)])
+    assert res.exit_code == 0 and f"fingerprint: {RomManifest.read(rom_dir).fingerprint}" in res.output, res.output
+    assert "\u2026" not in res.output and "\u2503" not in res.output
+    res = runner.invoke(app, ["rom", "list"])
+    assert res.exit_code == 0 and "hub:timm/legacy_xception.tf_in1k" in res.output, res.output
     res = runner.invoke(app, ["rom", "verify", str(rom_dir.parent / "nowhere")])
     assert res.exit_code == 1 and "manifest.json is missing" in res.output
 

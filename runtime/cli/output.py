@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
+
+from skill_edge import tables
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)  # messages, warnings, progress (long lines are not cut)
 out = Console(soft_wrap=True, emoji=False)  # results; names are text, never emoji codes
@@ -90,24 +91,14 @@ def relative_names(names: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
                 shorten: int | None = None, right: Sequence[str] = ()) -> None:
-    """Rows on stdout: a rich table on a terminal, plain aligned columns otherwise (a pipe or a file
-    gets every cell whole, never cut to the width of a terminal it does not have).
-    ``right``: the columns (by name) aligned right, such as counts and sizes.
+    """Rows on stdout: a rich table on a terminal, plain aligned columns otherwise, with every cell
+    whole (``skill_edge.tables``).  ``right``: the columns (by name) aligned right.
 
     ``shorten`` is the column whose cells are paths: on a terminal they are shown relative to the
     folder they share (named in the title) and cut at the start to what fits (``shorten_path``);
-    plain output keeps them whole.  Cells are shown literally (a
-    ``[tag]`` in a file name is text, not markup)."""
-    if not out.is_terminal:
-        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-        out.print(title, markup=False, highlight=False, soft_wrap=True)
-        for r in [list(columns), *rows]:
-            line = "  ".join(cell.rjust(w) if c in right else cell.ljust(w)
-                             for cell, w, c in zip(r, widths, columns)).rstrip()
-            out.print(line, markup=False, highlight=False, soft_wrap=True)
-        return
+    plain output keeps them whole."""
     cells = [list(r) for r in rows]
-    if shorten is not None and cells:
+    if out.is_terminal and shorten is not None and cells:
         common, rel = relative_names([r[shorten] for r in cells])
         if common is not None:
             title = f"{title}, in {common}"
@@ -117,27 +108,13 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
         room = max(16, out.width - others - 3 * len(columns) - 1)
         for r in cells:
             r[shorten] = shorten_path(r[shorten], room)
-    t = Table(title=title)
-    for i, c in enumerate(columns):
-        t.add_column(c, no_wrap=i == shorten or c in right, overflow="fold", justify="right" if c in right else "left")
-    for r in cells:
-        t.add_row(*(Text(c) for c in r))
-    out.print(t)
+    tables.print_table(out, title, columns, cells, right=right,
+                       no_wrap=[columns[shorten]] if shorten is not None else ())
 
 
 def print_record(title: str, record: Mapping[str, object]) -> None:
-    """One result as a two-column table on a terminal, ``key: value`` lines otherwise."""
-    if not out.is_terminal:
-        out.print(title, markup=False, highlight=False, soft_wrap=True)
-        for k, v in record.items():
-            out.print(f"{k}: {v}", markup=False, highlight=False, soft_wrap=True)
-        return
-    t = Table(title=title, show_header=False)
-    t.add_column("")
-    t.add_column("")
-    for k, v in record.items():
-        t.add_row(Text(str(k)), Text(str(v)))
-    out.print(t)
+    """One result on stdout: a two-column table on a terminal, ``key: value`` lines otherwise."""
+    tables.print_record(out, title, record)
 
 
 @dataclass
