@@ -24,11 +24,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 #: filter): the feature cache mixes it into its keys, so features from the old decoder are not reused.
 #: 2: JPEG draft decoding that takes effect (1 set it after the pixels were read), EXIF orientation,
 #: 16-bit greyscale scaled instead of clipped.  JPEGs under 4x the ROM's resize target decode as before.
-DECODER_VERSION = "pil-draft-2"
+#: 3: any other large image (a PNG, a camera frame) is first box-reduced by a whole factor down to 2x the
+#: target too (Pillow's ``reducing_gap``).  Images under 4x the target are resized exactly as before.
+DECODER_VERSION = "pil-draft-3"
 
-#: A reduced JPEG decode stops at this many times the resize target, so the resample after it still
-#: shrinks by 2x or more (Pillow's own ``thumbnail`` default).  The ROM features then stay within
-#: cosine 0.999 of the full decode's; at 1x they drift to 0.995 (``benchmarks/decode_speed.py``).
+#: A reduced JPEG decode, or the box reduction of any other large image before its resample, stops at
+#: this many times the resize target, so the resample after it still shrinks by 2x or more (Pillow's
+#: own ``thumbnail`` default).  The ROM features then stay within cosine 0.999 (JPEG) and 0.998 (camera
+#: frames) of a full-resolution resample's; at 1x they drift to 0.995 (``benchmarks/decode_speed.py``).
 DRAFT_GAP = 2
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -45,8 +48,9 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    #: Let libjpeg decode large JPEGs at a reduced scale (``_open``).  False decodes every pixel, as
-    #: decoder 1 did; ``benchmarks/decode_speed.py`` measures the two side by side.
+    #: Let libjpeg decode large JPEGs at a reduced scale (``_open``), and box-reduce any other large image
+    #: before its resample.  False reads and resamples every pixel, as decoder 1 did;
+    #: ``benchmarks/decode_speed.py`` measures the two side by side.
     draft: bool = True
 
     def _target_size(self, w: int, h: int) -> tuple[int, int]:
@@ -71,7 +75,8 @@ class Preprocessing:
         if w < 1 or h < 1:
             raise ImageDecodeError(f"{_name(image)}: empty image")
         nw, nh = self._target_size(w, h)
-        im = im.convert("RGB").resize((nw, nh), _INTERP.get(self.interpolation, Image.BICUBIC))
+        im = im.convert("RGB").resize((nw, nh), _INTERP.get(self.interpolation, Image.BICUBIC),
+                                      reducing_gap=float(DRAFT_GAP) if self.draft else None)
         left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
         im = im.crop((left, top, left + self.crop, top + self.crop))
         # planar float copy, then in place: bit-identical to ((x / 255) - mean) / std on HWC,
