@@ -96,3 +96,6 @@ def test_demo_refuses_a_bad_engine_or_an_unreachable_broker_before_any_device_st
         assert res.exit_code == 2, (extra, res.output)
         assert "cannot run the fleet:" in text and want in text and "Traceback" not in text, (extra, text)
         assert not (out / "work" / "devices").exists(), f"{extra}: no device was started"
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "out-0"), "--agents", "0"])  # was "one per task"
+    assert res.exit_code == 2 and "Invalid value for '--agents'" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "out-0" / "work" / "devices").exists()

@@ -198,6 +198,9 @@ def learn_command(
         say_error("--append adds frames to a camera capture; a --data folder is the whole task "
                   "(relearn it with --replace)")
         raise typer.Exit(EXIT_USAGE)
+    if bb_split != "auto" and not bb:
+        say_error(f"--bb-split {bb_split} chooses where beneficial biases start; it needs --bb")
+        raise typer.Exit(EXIT_USAGE)
     kinds = {"gmmc": ("gmmc",), "mahalanobis": ("maha",), "maha": ("maha",), "both": ("gmmc", "maha")}.get(mapper)
     if kinds is None:
         say_error(f"--mapper must be gmmc, mahalanobis or both, not {mapper!r}")
