@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -54,7 +54,7 @@ def _open(bank: Path | None, home: Path | None = None) -> KnowledgeBank:
         _fail(exc)
 
 
-def _fail(exc: BankError) -> None:
+def _fail(exc: BankError) -> NoReturn:
     err.print(f"[red]{escape(str(exc))}[/]")
     raise typer.Exit(1) from exc
 

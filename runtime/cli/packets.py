@@ -8,8 +8,8 @@ Wire into the root command with::
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -47,7 +47,7 @@ HomeOption = typer.Option(None, "--home", envvar=HOME_ENV, show_envvar=True,
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
@@ -197,11 +197,10 @@ def _packet_json(file: Path, p: Packet) -> dict:
 
 def _show(file: Path, p: Packet) -> None:
     k = p.knowledge
-    created = dt.datetime.fromtimestamp(p.created, dt.timezone.utc).isoformat(timespec="seconds")
     labels = ", ".join(p.labels[:12]) + (" ..." if len(p.labels) > 12 else "")
     rows = [
         ("task", p.task), ("labels", f"{len(p.labels)}: {labels}"),
-        ("agent", p.agent_id), ("seq", str(p.seq)), ("created", created),
+        ("agent", p.agent_id), ("seq", str(p.seq)), ("created", iso_time(p.created)),
         ("ROM fingerprint", p.rom_fingerprint), ("BB layout hash", p.bb_layout_hash or "(no BB)"),
         ("feature transform", k.meta.feature_transform), ("n_train", str(k.meta.n_train)),
         ("metrics", ", ".join(f"{a}={b:.4g}" for a, b in k.meta.metrics.items()) or "-"),
