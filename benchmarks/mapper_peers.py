@@ -12,6 +12,9 @@ never on test; then refitted on all of train):
 * ``joint probe`` (ceiling): one softmax classifier over the classes of all tasks, trained on
   the pooled training features of every task; an image goes to the task owning its predicted
   class.  It needs the fleet's pooled data, which SKILL never has, so it is a ceiling only.
+* ``pooled MLP probe`` (ceiling): the same, with one hidden layer (1,024 GELU units, dropout; weight
+  decay and dropout on validation).  Where it routes better than the linear probe, the linear
+  probe is not the ceiling; where it does not, the features are the limit.
 * ``NCM`` (SimpleCIL; Zhou et al., "Revisiting class-incremental learning with pre-trained
   models", IJCV 2024): cosine similarity to class prototypes.
 * ``FeCAM`` (Goswami et al., NeurIPS 2023): a Mahalanobis distance per class with that class's
@@ -395,6 +398,41 @@ def joint_probe(d: Pooled, wd: float, max_iter: int):
     return lambda z: ((z - mu) / sd) @ w.T + b
 
 
+#: The pooled MLP probe's settings: one hidden layer; weight decay and dropout are chosen on validation.
+MLP_HIDDEN, MLP_EPOCHS, MLP_SETTINGS = 1024, 40, ((5e-2, 0.5), (0.5, 0.5))
+
+
+def mlp_probe(d: Pooled, wd: float, dropout: float, epochs: int = MLP_EPOCHS, seed: int = 0):
+    """A nonlinear ceiling: one hidden layer (``MLP_HIDDEN`` GELU units, dropout) over all classes of all
+    tasks, on pooled, standardised features; AdamW with a cosine schedule, batches of 256.  If it routes
+    no better than the linear probe and the Gaussian mappers, the features, not the classifier, set the
+    limit (the same pooled data a SKILL fleet never has)."""
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    mu, sd = d.x.mean(0), d.x.std(0) + 1e-6
+    x = torch.from_numpy(((d.x - mu) / sd).astype(np.float32))
+    y = torch.from_numpy(d.y)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], MLP_HIDDEN), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                              torch.nn.Linear(MLP_HIDDEN, d.num_classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x)).split(256):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+        sched.step()
+    net.eval()
+
+    def scores(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(((z - mu) / sd).astype(np.float32))).numpy()
+    return scores
+
+
 # ----------------------------------------------------------------------------- scoring
 def heads_correct(knowledge, raw_test) -> list[np.ndarray]:
     """Per task: whether its own head names each of its test images right (the oracle)."""
@@ -516,7 +554,7 @@ def ms_per_image(score_fn, *, d: int, n: int = 256, reps: int = 3) -> float:
 
 # ----------------------------------------------------------------------------- main
 #: Every method this benchmark can run (``--methods``).
-METHODS = ("ours", "ours56", "ncm", "fecam", "ranpac", "klda", "relmaha", "joint")
+METHODS = ("ours", "ours56", "ncm", "fecam", "ranpac", "klda", "relmaha", "joint", "mlp")
 
 
 def main() -> None:
@@ -532,7 +570,7 @@ def main() -> None:
                     help="the methods to run (default all; e.g. 'ours joint' for the ceiling at 71 tasks)")
     ap.add_argument("--joint-wd", type=float, nargs="+", default=[1e-3, 1e-4],
                     help="weight decays the joint probe tries on validation")
-    ap.add_argument("--update", nargs="+", choices=["ours", "ours56", "ncm", "fecam", "ranpac", "klda", "relmaha"],
+    ap.add_argument("--update", nargs="+", choices=[m for m in METHODS if m != "joint"],
                     help="recompute only these rows (after a fix) and keep the others of the last full run")
     args = ap.parse_args()
     t_start = time.time()
@@ -833,6 +871,21 @@ def main() -> None:
             ms_1000=float("nan"), in_product=False, val_task_id=best[0],
             extra={"note": "needs every task's training features in one place; bytes = a task's features, fp16"})
 
+    if runs("mlp"):
+        # --- the pooled MLP probe: a nonlinear ceiling
+        best = None
+        for wd, dropout in MLP_SETTINGS:
+            acc = mean_task_id(task_accuracy(mlp_probe(fit, wd, dropout)(val.x), train), val)
+            log(f"MLP probe wd={wd:g} dropout={dropout:g}: val task-id {acc:.4f}")
+            if best is None or acc > best[0]:
+                best = (acc, wd, dropout)
+        probe = mlp_probe(train, best[1], best[2])
+        add(f"pooled MLP probe (ceiling, {MLP_HIDDEN} hidden, wd={best[1]:g}, dropout={best[2]:g})",
+            task_accuracy(probe(test.x), train),
+            bytes_per_task=int(np.mean([len(t.y_train) for t in tasks])) * dim * FP16, student_s=float("nan"),
+            ms_1000=float("nan"), in_product=False, val_task_id=best[0],
+            extra={"note": "needs every task's training features in one place; bytes = a task's features, fp16"})
+
     if redo:  # recompute only some rows (after a fix), keep the others of the last full run
         import json
 
@@ -841,7 +894,8 @@ def main() -> None:
         old = json.loads((RESULTS / f"{args.name}.json").read_text())
         fresh = {r["method"]: r for r in rows}
         merged = [fresh.pop(r["method"], r) for r in old["rows"]] + list(fresh.values())
-        return finish(args, names, counts, merged, old["seconds"] + time.time() - t_start, after=old["command"])
+        return finish(args, names, counts, merged, old["seconds"] + time.time() - t_start,
+                      history=old["command"].split("; then ") + old.get("updated_by", []))
 
     finish(args, names, counts, rows, time.time() - t_start)
 
@@ -851,9 +905,9 @@ DEFAULT_ROW = "Mahalanobis (ours)"
 
 
 def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds: float,
-           after: str | None = None) -> None:
-    """Summary, result file and README section (``after``: the command of the run whose other rows
-    an ``--update`` kept; both are recorded)."""
+           history: list[str] | None = None) -> None:
+    """Summary, result file and README section (``history``: the commands behind the rows an ``--update``
+    kept; see ``run_history``)."""
     rows = sorted(rows, key=lambda r: not r["in_product"])  # ours first, in the order they ran
     oracle = rows[0]["oracle_acc"]
     product = [r for r in rows if r["in_product"]]
@@ -862,6 +916,7 @@ def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds:
     summary = {"oracle_acc": oracle, "tasks": len(names), "classes": int(sum(counts)),
                "methods": sorted(args.methods),
                "joint_probe_ratio": next((r["ratio"] for r in rows if r["method"].startswith("joint")), None),
+               "mlp_probe_ratio": next((r["ratio"] for r in rows if r["method"].startswith("pooled MLP")), None),
                "best_product_ratio": max(r["ratio"] for r in product),
                "best_compact_product_ratio": max((r["ratio"] for r in compact), default=None),
                "open_set_auroc": default["open_set"]["auroc"], "default_mapper": default["method"],
@@ -873,11 +928,20 @@ def finish(args, names: list[str], counts: list[int], rows: list[dict], seconds:
 
     path = write_result(args.name, {"tasks": names, "transform": TRANSFORM, "rom": rom_identity(args.rom),
                                     "summary": summary, "rows": rows, "seconds": seconds,
-                                    **({"command": f"{after}; then {command()}"} if after else {})})
+                                    **run_history((history or []) + [command()])})
     scrub(path, args)
     written = json.loads(path.read_text())
-    write_readme(args.name, rows, summary, written["command"], written["rom"]["backbone"])
+    write_readme(args.name, rows, summary, written["command"], written["rom"]["backbone"],
+                 written.get("updated_by", []))
     log(f"wrote {path}")
+
+
+def run_history(commands: list[str]) -> dict:
+    """``command``: the full run that made the file; ``updated_by``: each distinct ``--update`` run since,
+    in the order it first ran (a row is as its latest ``--update`` left it, and rerunning the full command
+    on today's code gives every row again)."""
+    later = list(dict.fromkeys(c for c in commands[1:] if c != commands[0]))
+    return {"command": commands[0], **({"updated_by": later} if later else {})}
 
 
 def rom_identity(rom: Path) -> dict:
@@ -903,7 +967,8 @@ def scrub(path: Path, args) -> None:
     path.write_text(text)
 
 
-def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone: str = "efficientnet_lite0") -> None:
+def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone: str = "efficientnet_lite0",
+                 updated_by: list[str] = ()) -> None:
     """The README section, from the result rows (``python -c`` can redo it from the JSON)."""
     table = md_table(
         ["method", "task-ID", "no-oracle", "ratio", "val task-ID", "bytes/task", "student s/task",
@@ -923,15 +988,23 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
     best_compact = summary["best_compact_product_ratio"]
     compact_text = ("no mapper of ours fits 56 KB per task at the default (fp32) rung; the budgeted rungs are in "
                     "`packet_budget`" if best_compact is None else f"with every packet under 56 KB, {best_compact:.4f}x (goal 0.92)")
-    probe = summary["joint_probe_ratio"]
+    probe, mlp = summary["joint_probe_ratio"], summary.get("mlp_probe_ratio")
     if probe is None:
         probe_text = "The joint linear probe was not run here."
     else:
-        ceiling_text = ("the ceiling on these features" if probe >= summary["best_product_ratio"] else
+        ceiling_text = ("above the best mapper here" if probe >= summary["best_product_ratio"] else
                         "below the best mapper here, so not a ceiling at this scale (one softmax over every class, "
                         f"{args_probe_note(rows)}, loses to a Gaussian classifier with a tied covariance)")
+        if mlp is None and probe >= summary["best_product_ratio"]:
+            ceiling_text = "the ceiling on these features"
         probe_text = (f"The joint linear probe, which needs the fleet's pooled training data, reaches\n  {probe:.4f}x "
                       f"the oracle: {ceiling_text}.")
+    if mlp is not None:
+        row = next(r for r in rows if r["method"].startswith("pooled MLP"))
+        settings = row["method"].split("(ceiling, ", 1)[1].rstrip(")")
+        probe_text += (f"\n  A probe with one hidden layer on the same pooled data ({settings}) reaches {mlp:.4f}x "
+                       f"(task-ID {row['task_id_acc']:.4f}), {mlp - summary['best_product_ratio']:+.4f} against the "
+                       "best mapper in the product: the highest ceiling measured on these features.")
     at_thr = op.get("at_thresholds")
     thr = ("" if not at_thr else
            f" With the teachers' calibrated thresholds (the product's rule) {at_thr['absent_called_unknown']:.1%} of an "
@@ -983,12 +1056,14 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
                       f"{r['open_set']['at_thresholds']['absent_called_unknown']:.1%} against "
                       f"{r['open_set_maha_threshold_drawn']['known_called_unknown']:.1%} / "
                       f"{r['open_set_maha_threshold_drawn']['absent_called_unknown']:.1%}" for r in drawn_rows) + ".")
-    timing_note = ("" if "; then " not in cmd else """
-- Times are those of the run that made each row (the command lists the runs; an `--update` redoes only its
-  rows), so compare ms and student seconds within one run only.""")
+    timing_note = ("" if not updated_by else """
+- Times are those of the run that made each row (an `--update` redoes only its rows), so compare ms and
+  student seconds within one run only.""")
+    redone = ("" if not updated_by else " (rows redone since by " + ", ".join(
+        f"`--update {u.split(' --update ', 1)[1]}`" if " --update " in u else f"`{u}`" for u in updated_by) + ")")
     update_readme(name, f"""## Task mapper against its peers, {summary['tasks']} tasks, {backbone} ROM (`results/{name}.json`)
 
-`{cmd}` ({summary['tasks']} tasks,
+`{cmd}`{redone} ({summary['tasks']} tasks,
 {summary['classes']} classes, oracle {summary['oracle_acc']:.4f}, the device's heads for every method);
 `results/{name}.json`.  Bytes are what a device must send per task for that method (ours: the real signed
 packet at the default fp32 rung with this anchor only and the head; the 56 KB rows: the mean packet when the

@@ -154,3 +154,23 @@ def test_features_of_another_rom_are_refused(tmp_path):
     common.check_same_rom(common.features_rom([a]), lite0, "the features")
     with pytest.raises(SystemExit, match=r"heads .* came from ROM 222222222222, but --rom is ROM 000000000000"):
         common.check_same_rom({"fingerprint": lite2["fingerprint"]}, lite0, "the heads of 't'")
+
+
+def test_mlp_probe_routes_separable_tasks_and_is_seeded():
+    d = _pooled(seed=3, per_class=30)
+    a = mp.mlp_probe(d, wd=1e-4, dropout=0.3, epochs=30)
+    b = mp.mlp_probe(d, wd=1e-4, dropout=0.3, epochs=30)
+    scores = a(d.x)
+    assert scores.shape == (len(d.x), d.num_classes)
+    np.testing.assert_array_equal(scores, b(d.x))  # same seed, same net
+    assert np.mean(scores.argmax(1) == d.y) > 0.95
+    assert mp.mean_task_id(mp.task_accuracy(scores, d), d) > 0.95
+
+
+def test_run_history_keeps_the_full_run_and_each_distinct_update_once():
+    full = "python benchmarks/mapper_peers.py --features F --cache C"
+    ours, both = full + " --update ours", full + " --update ours ours56"
+    assert mp.run_history([full]) == {"command": full}
+    # an older file's chained command, split, plus three more updates
+    got = mp.run_history([full, both, both, ours, both, ours])
+    assert got == {"command": full, "updated_by": [both, ours]}
