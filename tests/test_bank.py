@@ -285,6 +285,26 @@ def test_flipped_byte_in_a_record_is_reported_by_name(tmp_path: Path, name: str)
     assert len(report.problems) == 1 and name in report.problems[0] and "'birds'" in report.problems[0]
 
 
+def test_rom_fingerprints_read_each_records_checked_metadata_only(tmp_path: Path) -> None:
+    import dataclasses
+
+    root = tmp_path / "bank"
+    bank = KnowledgeBank(root)
+    assert bank.rom_fingerprints() == set()
+    birds = make_knowledge("birds", 1)
+    birds.meta = dataclasses.replace(birds.meta, rom_fingerprint="aa" * 32)
+    entry = bank.put(birds)
+    bank.put(make_knowledge("cars", 2))  # learned before records named their ROM: ""
+    assert bank.rom_fingerprints() == {"aa" * 32, ""}
+    # a bad tensor file is not read here (load_all and verify report it) ...
+    flip_byte(root / "records" / entry.record / "tensors.safetensors", 97)
+    assert bank.rom_fingerprints() == {"aa" * 32, ""}
+    # ... but the metadata it answers from is checked against the record's manifest
+    flip_byte(root / "records" / entry.record / "metadata.json", 5)
+    with pytest.raises(BankCorruptError, match="metadata.json"):
+        bank.rom_fingerprints()
+
+
 def test_corrupt_index_falls_back_and_salvages_into_quarantine(tmp_path: Path) -> None:
     root = tmp_path / "bank"
     bank = KnowledgeBank(root)

@@ -105,7 +105,7 @@ def resolve_rom_identity(rom: Path | None, fingerprint: str | None,
     if fingerprint and rom is None:
         return fingerprint, None
     if rom is None:
-        fps = {k.meta.rom_fingerprint for k in bank.load_all()}
+        fps = bank.rom_fingerprints()
         if len(fps) == 1:
             return fps.pop(), None
         if len(fps) > 1:
