@@ -33,6 +33,7 @@ from skill_edge.runtime.knowledge.identity import TaskKey, display_names
 from skill_edge.runtime.sources.datasets import ImageFolderTask, load_image_folder
 from skill_edge.runtime.rom.feature_cache import FeatureCache
 from skill_edge.runtime.knowledge.records import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
+from skill_edge.runtime.knowledge.seq_ledger import LEDGER_FILE, SeqLedger
 from skill_edge.runtime.learn.head import head_accuracy, train_head
 from skill_edge.runtime.mapping.mapper import TaskMapper, build_mapper
 from skill_edge.runtime.rom.preprocess import ImageInput, iter_batches
@@ -185,6 +186,7 @@ class Device:
         cache_root = Path(cache_dir or os.environ.get("SKILL_EDGE_CACHE") or self.home / "cache")
         self.cache = FeatureCache(cache_root, self.engine.fingerprint)
         self.agent_id = agent_id or self._key_id() or default_agent_id()
+        self.signed_seqs = SeqLedger(self.home / "keys" / LEDGER_FILE, self.agent_id)
         self._mappers: dict[str, tuple[str, TaskMapper, list[TaskKnowledge]]] = {}
         self._held_cache: tuple[str, list[TaskKnowledge]] | None = None
 
@@ -296,14 +298,16 @@ class Device:
         ``key`` defaults to the device key in ``home/keys``; without any key the task is stored
         without a packet (and cannot be published until it is learned again with one).
         ``calibration`` (``learn_features``' ``metrics["threshold_calibration"]``) lets a budget packet
-        set its Mahalanobis threshold on the held-out images (``PacketCodec.encode``).  Returns the
-        packet bytes.  Raises ``BudgetError`` (nothing stored) or ``BankError`` (bank unchanged)."""
+        set its Mahalanobis threshold on the held-out images (``PacketCodec.encode``).  The signed seq
+        goes into the key's ledger (``SeqLedger``) first.  Returns the packet bytes.  Raises
+        ``BudgetError`` (nothing stored), ``OSError`` from the ledger or ``BankError`` (bank unchanged)."""
         key = key if key is not None else self._device_key()
         packet = None
         if key is not None:
             from skill_edge.runtime.exchange.packet import PacketCodec
 
             packet = PacketCodec(budget).encode(knowledge, key, calibration=calibration)
+            self.signed_seqs.record(knowledge.task, knowledge.meta.seq)  # before it can leave the device
         self.bank.put(knowledge, packet_bytes=packet, own=True)
         self._mappers.clear()
         self._held_cache = None
@@ -507,10 +511,11 @@ class Device:
         return max(mine, key=lambda e: int(e.seq), default=None)
 
     def _previous_seq(self, task: str) -> int:
-        """The newest seq this device used for ``task``, stored or removed: a relearn must outdate it
-        at every peer, and peers keep a version the device removed (``KnowledgeBank.removed``)."""
+        """The newest seq this device used for ``task``, stored, removed or signed: a relearn must
+        outdate it at every peer, and peers keep a version the device removed (``KnowledgeBank.removed``)
+        or lost with a wiped bank (``SeqLedger``, beside the key)."""
         entry = self.own_entry(task)
-        seqs = [int(entry.seq)] if entry is not None else []
+        seqs = [self.signed_seqs.get(task)] + ([int(entry.seq)] if entry is not None else [])
         seqs += [r.seq for r in self.bank.removed() if self._is_mine(r, task)]
         return max(seqs, default=0)
 

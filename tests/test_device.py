@@ -125,16 +125,14 @@ def test_relearning_a_task_needs_replace_and_bumps_sequence(learned: Path, rom_d
     assert pkt.exists() and pkt.stat().st_size <= 40_000
 
 
-def test_a_task_removed_and_learned_again_outdates_the_version_peers_kept(
-        learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
-    """``bank rm`` of an own task, then ``learn`` of the same name: before, seq restarted at 1, and every
-    peer that kept seq 1 refused the new packet as equivocation, so the fleet disagreed for good."""
+def _device_and_peer(learned: Path, rom_dir: Path, tmp_path: Path):
+    """A copy of the learned device home, a peer that trusts its key, and ``sync(home)`` over one shared
+    folder (returns the output, whitespace folded)."""
     from skill_edge.runtime.cli.sync import app as sync_app
     from skill_edge.runtime.exchange.keys import DeviceKey, TrustStore
 
     home, peer = tmp_path / "home", tmp_path / "peer"
     shutil.copytree(learned, home)
-    me = Device(home, rom_dir)
     DeviceKey.generate().save(peer / "keys")
     TrustStore(peer / "trust").add("me", DeviceKey.load(home / "keys" / "device.pem").public_key)
     share = f"dir:{tmp_path / 'share'}"
@@ -143,8 +141,16 @@ def test_a_task_removed_and_learned_again_outdates_the_version_peers_kept(
         r = CliRunner().invoke(sync_app, ["--home", str(h), "--transport", share, "--rom", str(rom_dir),
                                           "--idle", "0.2", "--no-plausibility"])
         assert r.exit_code == 0, r.output
-        return r.output
+        return " ".join(r.output.split())
+    return home, peer, sync
 
+
+def test_a_task_removed_and_learned_again_outdates_the_version_peers_kept(
+        learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
+    """``bank rm`` of an own task, then ``learn`` of the same name: before, seq restarted at 1, and every
+    peer that kept seq 1 refused the new packet as equivocation, so the fleet disagreed for good."""
+    home, peer, sync = _device_and_peer(learned, rom_dir, tmp_path)
+    me = Device(home, rom_dir)
     sync(home)
     assert "accepted 2," in sync(peer)
     res = runner.invoke(app, ["bank", "rm", "shapes", "--home", str(home)])
@@ -161,6 +167,27 @@ def test_a_task_removed_and_learned_again_outdates_the_version_peers_kept(
     assert new.meta.seq == 2 and me.bank.removed() == []
     sync(home)
     assert "accepted 1," in sync(peer) and "rejected 0," in sync(peer)
+    got = Device(peer, rom_dir).bank.get("shapes")
+    assert got.meta.seq == 2 and got.content_hash() == new.content_hash()
+
+
+def test_a_wiped_bank_relearns_past_the_seq_its_key_signed(
+        learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
+    """The bank wiped (or restored from an old backup) while the key stays: before, ``learn`` began again
+    at seq 1, the peer refused it as equivocation, and the device's new work never left it."""
+    home, peer, sync = _device_and_peer(learned, rom_dir, tmp_path)
+    sync(home)
+    assert "accepted 2," in sync(peer)
+    shutil.rmtree(home / "bank")
+    shutil.rmtree(home / "outbox")
+    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--mapper", "gmmc", "--seed", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    new = Device(home, rom_dir).bank.get("shapes")
+    assert new.meta.seq == 2
+    sync(home)
+    out = sync(peer)
+    assert "accepted 1," in out and "rejected 0," in out, out
     got = Device(peer, rom_dir).bank.get("shapes")
     assert got.meta.seq == 2 and got.content_hash() == new.content_hash()
 
