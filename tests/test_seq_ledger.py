@@ -64,6 +64,28 @@ def test_a_full_disk_raises_and_keeps_the_old_ledger(tmp_path: Path) -> None:
                 pass
         with pytest.raises(OSError):
             ledger.record("a-task-with-a-long-name-" * 40, 1)
-        assert ledger.get("birds") == 1 and sorted(p.name for p in mnt.iterdir()) == ["filler", "signed_seqs.json"]
+        assert ledger.get("birds") == 1
+        assert sorted(p.name for p in mnt.iterdir()) == ["filler", "signed_seqs.json", "signed_seqs.json.lock"]
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _record_many(path: str, agent: str, prefix: str, n: int) -> None:
+    ledger = SeqLedger(path, agent)
+    for i in range(n):
+        ledger.record(f"{prefix}{i}", i + 1)
+
+
+def test_two_processes_recording_at_once_lose_nothing(tmp_path: Path) -> None:
+    import multiprocessing
+
+    path = str(tmp_path / "signed_seqs.json")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record_many, args=(path, "a", p, 150)) for p in ("x", "y")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ledger = SeqLedger(path, "a")
+    assert all(ledger.get(f"{p}{i}") == i + 1 for p in ("x", "y") for i in range(150))

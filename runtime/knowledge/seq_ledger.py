@@ -11,8 +11,10 @@ back to the bank alone, as before it existed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from pathlib import Path
 
 from skill_edge.runtime.atomic import write_atomically
@@ -45,10 +47,17 @@ class SeqLedger:
         return self._read().get(task, 0)
 
     def record(self, task: str, seq: int) -> None:
-        """Raise ``task``'s seq to ``seq`` (never lower it), atomically; raises ``OSError`` (a full disk)."""
-        seqs = self._read()
-        if seqs.get(task, 0) >= seq:
-            return
-        seqs[task] = int(seq)
-        doc = {"format": FORMAT, "agent": self.agent_id, "seqs": dict(sorted(seqs.items()))}
-        write_atomically(self.path, (json.dumps(doc, indent=1) + "\n").encode())
+        """Raise ``task``'s seq to ``seq`` (never lower it), atomically; raises ``OSError`` (a full disk).
+        Two processes learning in one home take turns on a lock file, so neither loses the other's task."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            seqs = self._read()
+            if seqs.get(task, 0) >= seq:
+                return
+            seqs[task] = int(seq)
+            doc = {"format": FORMAT, "agent": self.agent_id, "seqs": dict(sorted(seqs.items()))}
+            write_atomically(self.path, (json.dumps(doc, indent=1) + "\n").encode())
+        finally:
+            os.close(fd)  # releases the lock
