@@ -46,11 +46,11 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
@@ -59,6 +59,8 @@ from safetensors.numpy import save as save_safetensors
 from skill_edge.runtime.atomic import fsync_dir
 from skill_edge.runtime.knowledge.identity import TaskKey, display_names, match, short_agent
 from skill_edge.runtime.knowledge.records import KnowledgeError, TaskKnowledge
+
+_T = TypeVar("_T")
 
 INDEX_FORMAT = "skill-edge-bank-index/2"
 LEGACY_INDEX_FORMAT = "skill-edge-bank-index/1"  # keyed by task name; read, never written
@@ -319,33 +321,30 @@ class KnowledgeBank:
     def load_all(self) -> list[TaskKnowledge]:
         """Every task, from one consistent index generation, in ``entries()`` order; raises on the first
         corrupt record."""
-        for _ in range(5):
-            index, _ = self._read_index()
-            try:
-                return [self._knowledge_from(e, self._read_record(self.records_dir, e.record, _what(e)))
-                        for _, e in sorted(index.tasks.items())]
-            except FileNotFoundError:
-                if self._read_index()[0].generation == index.generation:
-                    raise BankCorruptError(f"a record listed in {self.root / 'index.json'} is missing")
-        raise BankError(f"the bank at {self.root} kept changing while loading; try again")
+        return self._each_live(lambda e: self._knowledge_from(e, self._read_record(self.records_dir, e.record,
+                                                                                   _what(e))))
 
     def rom_fingerprints(self) -> set[str]:
         """The ROM fingerprints the stored tasks were learned on, from each record's checked
         ``metadata.json`` alone: ``sync`` asks this to know its ROM, and reading every tensor for
         it cost a second per 70 tasks on a small board."""
+        metas = self._each_live(lambda e: self._read_record(self.records_dir, e.record, _what(e),
+                                                            only=METADATA)[METADATA])
+        try:
+            return {str(json.loads(m)["meta"].get("rom_fingerprint", "")) for m in metas}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BankCorruptError(f"a record's metadata in {self.root} has no ROM fingerprint ({exc})") from exc
+
+    def _each_live(self, read: Callable[[BankEntry], _T]) -> list[_T]:
+        """``read`` of every task of one consistent index generation, in ``entries()`` order; a record a
+        concurrent writer collected mid-way makes it start again on the new generation."""
         for _ in range(5):
             index, _ = self._read_index()
             try:
-                metas = [self._read_record(self.records_dir, e.record, _what(e), only=METADATA)[METADATA]
-                         for e in index.tasks.values()]
+                return [read(e) for _, e in sorted(index.tasks.items())]
             except FileNotFoundError:
                 if self._read_index()[0].generation == index.generation:
                     raise BankCorruptError(f"a record listed in {self.root / 'index.json'} is missing")
-                continue
-            try:
-                return {str(json.loads(m)["meta"].get("rom_fingerprint", "")) for m in metas}
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BankCorruptError(f"a record's metadata in {self.root} has no ROM fingerprint ({exc})") from exc
         raise BankError(f"the bank at {self.root} kept changing while loading; try again")
 
     def removed(self) -> list[RemovedTask]:
