@@ -43,9 +43,10 @@ Ours are the real packet sizes at the default codec (fp32 records, zstd), head i
 
 Open set, leave-one-task-out: with task t absent from the mapper, t's test images should be
 "unknown" and the other tasks' should not.  ``open_set_auroc`` is the AUROC of each method's
-known-ness score (ours: the chosen task's open-set score minus its calibrated threshold; for
-the fp32 rows, the product's rule on records with both anchors, the smaller margin of the two,
-with ``open_set_own_anchor`` the test of the row's own anchor alone), pooled over all t; ``operating_point`` is the fraction of absent-task images flagged when the
+known-ness score (ours: the chosen task's open-set score minus its calibrated threshold, plus
+its lead over the runner-up known task; for the fp32 rows, the product's rule on records with
+both anchors, the smaller margin of the two plus the lead, with ``open_set_own_anchor`` the test of
+the row's own anchor alone and ``open_set_anchors_only`` the rule without the lead), pooled over all t; ``operating_point`` is the fraction of absent-task images flagged when the
 threshold marks at most 2 % of known-task images unknown.  A method whose statistics are shared
 by all tasks (RanPAC's Gram matrix, KLDA's pooled covariance, relative Mahalanobis' background)
 is refitted from its sums without t's training rows for each t, as a fleet that never received t
@@ -77,7 +78,7 @@ from skill_scale import learned, load_tasks, log  # noqa: E402
 from skill_edge.runtime.mapping.anchors import fit_task_anchors, transform_features  # noqa: E402
 from skill_edge.runtime.exchange.packet import PacketCodec  # noqa: E402
 from skill_edge.runtime.exchange.keys import DeviceKey  # noqa: E402
-from skill_edge.runtime.mapping.mapper import AnchorTests, build_mapper, exemplar_scatter  # noqa: E402
+from skill_edge.runtime.mapping.mapper import AnchorTests, build_mapper, exemplar_scatter, runner_up_gap  # noqa: E402
 
 TRANSFORM = "sqrt_l2_trunk"
 COMPACT_BYTES = 56_000
@@ -470,7 +471,7 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def leave_one_out(task_scores: np.ndarray, known: np.ndarray | None, test: Pooled,
                   relative_to_threshold: bool = False,
-                  without: Callable[[int], np.ndarray] | None = None) -> dict:
+                  without: Callable[[int], np.ndarray] | None = None, runner_up_weight: float = 0.0) -> dict:
     """Open set from a [N, T] matrix of per-task scores (``known``: [N, T] known-ness of each image
     under each task as its choice; default the selection score).  Leaving task t out = dropping
     its column, which is exact where columns do not depend on each other.
@@ -479,7 +480,8 @@ def leave_one_out(task_scores: np.ndarray, known: np.ndarray | None, test: Poole
     background) must also forget t's training rows in them, or the absent task leaks in: a ridge
     regression fitted on t's images has learnt to score them low on every known class.  For such
     methods ``without(t)`` returns the [N, T] scores of the method refitted from its sums minus
-    t's (column t is ignored)."""
+    t's (column t is ignored).  ``runner_up_weight``: the product's rule (``TaskMapper.open_set_margins``),
+    which adds the chosen task's lead over the next best *known* task, computed without t."""
     pos_all, neg_all = [], []
     per_task = []
     rows = np.arange(len(test.task))
@@ -489,6 +491,8 @@ def leave_one_out(task_scores: np.ndarray, known: np.ndarray | None, test: Poole
         s[:, t] = -np.inf
         best = s.argmax(1)
         k = (scores if known is None else known)[rows, best]
+        if runner_up_weight:
+            k = k + runner_up_weight * runner_up_gap(s, best)
         neg, pos = k[test.task == t], k[test.task != t]
         per_task.append(auroc(pos, neg))
         pos_all.append(pos)
@@ -634,8 +638,9 @@ def main() -> None:
     codec, key = PacketCodec(), DeviceKey.generate()
 
     def margins(mp, xs: np.ndarray, sel: np.ndarray) -> np.ndarray:
-        """[N, T]: each image's open-set margin under each task as its choice (< 0: unknown)."""
-        return np.stack([mp.open_set_margins(xs, np.full(len(xs), j), sel) for j in range(len(tasks))], axis=1)
+        """[N, T]: each image's anchors' margin under each task as its choice; ``leave_one_out`` adds the
+        lead over the runner-up (``runner_up_weight``), which depends on which task is left out."""
+        return np.stack([mp.anchor_margins(xs, np.full(len(xs), j), sel) for j in range(len(tasks))], axis=1)
 
     def own_images_unknown(received: list, controls: dict[str, dict[str, list]]) -> dict:
         """Each task's own test images that its own anchor's test rejects, per anchor kind, with the
@@ -676,17 +681,23 @@ def main() -> None:
         sel = mp.task_scores(xs)
         pred = sel.argmax(axis=1)  # what predict() chooses
         # known-ness under each task as the choice: its open-set score(s) minus threshold(s)
-        own = leave_one_out(sel, margins(mp, xs, sel), test, relative_to_threshold=True)
+        lead = mp.runner_up_weight
+        own = leave_one_out(sel, margins(mp, xs, sel), test, relative_to_threshold=True, runner_up_weight=lead)
         open_set = {"open_set": own}
         if both is not None:
             mb = build_mapper(kind, both)
-            open_set = {"open_set": leave_one_out(sel, margins(mb, xs, sel), test, relative_to_threshold=True),
+            both_margins = margins(mb, xs, sel)
+            open_set = {"open_set": leave_one_out(sel, both_margins, test, relative_to_threshold=True,
+                                                  runner_up_weight=lead),
                         "open_set_rule": "either anchor's threshold rejects (records with both anchors, "
-                                         f"{int(np.mean([len(codec.encode(k, key)) for k in both])):,} B a packet)",
-                        "open_set_own_anchor": own}
+                                         f"{int(np.mean([len(codec.encode(k, key)) for k in both])):,} B a packet), "
+                                         f"after adding {lead:g} x the chosen task's lead over the runner-up",
+                        "open_set_own_anchor": own,
+                        "open_set_anchors_only": leave_one_out(sel, both_margins, test, relative_to_threshold=True)}
         for key_name, control in (controls or {}).items():  # thresholds as sent before a fix, at the same anchors
             open_set[key_name] = leave_one_out(
-                sel, margins(build_mapper(kind, control), xs, sel), test, relative_to_threshold=True)["at_thresholds"]
+                sel, margins(build_mapper(kind, control), xs, sel), test, relative_to_threshold=True,
+                runner_up_weight=lead)["at_thresholds"]
         add(label, pred, bytes_per_task=nbytes, student_s=student, ms_1000=ms, in_product=True,
             extra={"calibration": calibration(sel.astype(np.float64), test.task, mp.temperature),
                    "temperature_in_runtime": mp.temperature, **open_set,
@@ -1027,6 +1038,14 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
                       + (f"; with the teacher's GMMC thresholds uncarried {u['known_called_unknown']:.1%} / "
                          f"{u['absent_called_unknown']:.1%}" if (u := r.get("open_set_gmmc_threshold_uncarried")) else "")
                       for r in fused) + ".")
+    lead_rows = [r for r in rows if "open_set_anchors_only" in r]
+    lead_note = ("" if not lead_rows else "\n- The open-set test adds the chosen task's lead over the runner-up task to its "
+                 "anchors' margin (`TaskMapper.open_set_margins`); the anchors alone give: " + "; ".join(
+                     f"{r['method']} AUROC {r['open_set_anchors_only']['auroc']:.3f} -> {r['open_set']['auroc']:.3f}, "
+                     f"at the thresholds {r['open_set_anchors_only']['at_thresholds']['known_called_unknown']:.1%} / "
+                     f"{r['open_set_anchors_only']['at_thresholds']['absent_called_unknown']:.1%} of known / absent-task "
+                     f"images unknown -> {r['open_set']['at_thresholds']['known_called_unknown']:.1%} / "
+                     f"{r['open_set']['at_thresholds']['absent_called_unknown']:.1%}" for r in lead_rows) + ".")
     own_rows = [r for r in rows if "own_images_called_unknown_by_anchor" in r][:1]
     control_names = {"drawn": "carried over draws of the anchor's own model (before)",
                      "uncarried": "the teacher's, unchanged",
@@ -1079,7 +1098,7 @@ row's mapper, with an open set that rejects when either anchor's test does; peer
 - Calibration of the task posterior ({calib}).
 - Open set, leave one task out ({ours[0]['method']}, classify's default): AUROC {op['auroc']:.3f}; at the operating point that
   calls {op['operating_point']['known_called_unknown']:.1%} of known-task images unknown, it calls
-  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{fused_note}{drawn_note}{own_note}{refit_note}
+  {op['operating_point']['absent_called_unknown']:.1%} of an absent task's images unknown.{thr}{lead_note}{fused_note}{drawn_note}{own_note}{refit_note}
 """)
 
 

@@ -25,6 +25,7 @@ from skill_edge.runtime.mapping.mapper import (
     MapperError,
     ScatterStats,
     build_mapper,
+    runner_up_gap,
     mahalanobis_task_score,
 )
 
@@ -526,26 +527,69 @@ def test_open_set_rejects_when_either_anchor_of_the_chosen_task_does(tasks, kind
     x = both.prepare(xt)
     sel = both.task_scores(x)
     best = sel.argmax(1)
-    per_kind = {k: m.open_set_margins(x, best, m.task_scores(x)) for k, m in alone.items()}
+    per_kind = {k: m.anchor_margins(x, best, m.task_scores(x)) for k, m in alone.items()}
     np.testing.assert_allclose(per_kind[kind], alone[kind].open_set_scores(x, best, sel) - alone[kind].thresholds[best])
-    fused = both.open_set_margins(x, best, sel)
+    fused = both.anchor_margins(x, best, sel)
     np.testing.assert_allclose(fused, np.minimum(per_kind["gmmc"], per_kind["maha"]), rtol=1e-5, atol=1e-3)
+    lead = runner_up_gap(sel, best)  # the chosen task's lead over the next, added to the anchors' margin
+    np.testing.assert_allclose(both.open_set_margins(x, best, sel), fused + lead, rtol=1e-5, atol=1e-3)
     got = both.predict(xt).unknown
-    assert np.array_equal(got, (per_kind["gmmc"] < 0) | (per_kind["maha"] < 0))
+    assert np.array_equal(got, np.minimum(per_kind["gmmc"], per_kind["maha"]) + lead < 0)
     # the two tests disagree on some inputs here, so the rule is not one of them in disguise
     assert np.any((per_kind["gmmc"] < 0) != (per_kind["maha"] < 0))
-    assert np.array_equal(alone[kind].predict(xt).unknown, per_kind[kind] < 0)
+    assert np.array_equal(alone[kind].predict(xt).unknown, per_kind[kind] + lead < 0)
     other = "maha" if kind == "gmmc" else "gmmc"
     one_anchor = [replace(k, **{other: None}, thresholds={kind: k.thresholds[kind]}) for k in knowledge]
     assert build_mapper(kind, one_anchor).other_tests is None
-    assert np.array_equal(build_mapper(kind, one_anchor).predict(xt).unknown, per_kind[kind] < 0)
+    assert np.array_equal(build_mapper(kind, one_anchor).predict(xt).unknown, per_kind[kind] + lead < 0)
     # a task whose record lacks the other anchor passes that test; the others keep it
     mixed = [one_anchor[0]] + knowledge[1:]
     m = build_mapper(kind, mixed)
     idx = np.zeros(len(x), dtype=np.int64)
-    np.testing.assert_allclose(m.open_set_margins(x, idx, sel), per_kind_at(alone[kind], x, idx))
+    np.testing.assert_allclose(m.anchor_margins(x, idx, sel), per_kind_at(alone[kind], x, idx))
     with pytest.raises(MapperError, match="open_set"):
         build_mapper(kind, knowledge, open_set="sometimes")
+
+
+def test_runner_up_gap_is_the_lead_over_the_next_task_and_zero_alone():
+    sel = np.array([[5.0, 2.0, 4.0], [1.0, 3.0, -np.inf], [0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(runner_up_gap(sel, np.array([0, 1, 2])), [1.0, 2.0, 0.0])
+    np.testing.assert_array_equal(runner_up_gap(sel, np.array([2, 0, 0])), [-1.0, -2.0, 0.0])  # not the best: behind
+    np.testing.assert_array_equal(runner_up_gap(sel[:, :1], np.zeros(3, np.int64)), [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(runner_up_gap(np.array([[1.0, -np.inf]]), np.array([0])), [0.0])  # not finite
+
+
+def test_the_lead_over_the_runner_up_finds_a_missing_task_between_two_known_ones():
+    """Three tasks on a line; the middle one is missing from the bank.  Its images sit between the two
+    known tasks, so their lead is small; a known task's own images lead clearly.  The lead only ever
+    clears inputs: nothing the anchors alone accept is rejected."""
+    rng = np.random.default_rng(3)
+    axis = np.zeros(D, np.float32)
+    axis[:2] = 1.0
+
+    def task(centre: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.abs(centre * axis + rng.normal(0, 1.0, (n, D))).astype(np.float32)
+        return x, np.repeat([0, 1], n // 2)
+
+    (xa, ya), (xb, yb), (xmid, _) = task(1.0, 240), task(4.0, 240), task(2.5, 120)
+    bank = [knowledge_for("left", xa, ya, "raw", seed=0), knowledge_for("right", xb, yb, "raw", seed=1)]
+    mp = build_mapper("maha", bank)
+    known_x = np.concatenate([task(1.0, 120)[0], task(4.0, 120)[0]])
+
+    def knownness(m, x):
+        z = m.prepare(x)
+        sel = m.task_scores(z)
+        return m.open_set_margins(z, sel.argmax(1), sel)
+
+    def auroc(pos, neg):
+        return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+
+    plain = build_mapper("maha", bank)
+    plain.runner_up_weight = 0.0
+    with_lead, without = (auroc(knownness(m, known_x), knownness(m, xmid)) for m in (mp, plain))
+    assert with_lead > 0.8 and without < 0.6, (with_lead, without)  # 0.85 and 0.54 here
+    for x in (known_x, xmid):
+        assert not np.any(mp.predict(x).unknown & ~plain.predict(x).unknown)
 
 
 def per_kind_at(mapper, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
