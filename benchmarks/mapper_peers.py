@@ -1079,7 +1079,8 @@ def write_readme(name: str, rows: list[dict], summary: dict, cmd: str, backbone:
 - Times are those of the run that made each row (an `--update` redoes only its rows), so compare ms and
   student seconds within one run only.""")
     redone = ("" if not updated_by else " (rows redone since by " + ", ".join(
-        f"`--update {u.split(' --update ', 1)[1]}`" if " --update " in u else f"`{u}`" for u in updated_by) + ")")
+        f"`--update {u.split(' --update ', 1)[1]}`" if u.split(" --update ", 1)[0] == cmd else f"`{u}`"
+        for u in updated_by) + ")")  # an update that changed other options is shown whole
     update_readme(name, f"""## Task mapper against its peers, {summary['tasks']} tasks, {backbone} ROM (`results/{name}.json`)
 
 `{cmd}`{redone} ({summary['tasks']} tasks,
