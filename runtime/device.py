@@ -33,7 +33,7 @@ from skill_edge.runtime.knowledge.identity import TaskKey, display_names
 from skill_edge.runtime.sources.datasets import ImageFolderTask, load_image_folder
 from skill_edge.runtime.rom.feature_cache import FeatureCache
 from skill_edge.runtime.knowledge.records import KnowledgeError, RomShape, TaskKnowledge, TaskMeta, validate_name
-from skill_edge.runtime.knowledge.seq_ledger import LEDGER_FILE, SeqLedger
+from skill_edge.runtime.exchange.seq_ledger import LEDGER_FILE, SeqLedger
 from skill_edge.runtime.learn.head import head_accuracy, train_head
 from skill_edge.runtime.mapping.mapper import TaskMapper, build_mapper
 from skill_edge.runtime.rom.preprocess import ImageInput, iter_batches

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from skill_edge.runtime.knowledge.seq_ledger import FORMAT, SeqLedger
+from skill_edge.runtime.exchange.seq_ledger import FORMAT, SeqLedger
 
 
 def test_records_only_raise_and_survive_a_reopen(tmp_path: Path) -> None:

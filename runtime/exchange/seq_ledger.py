@@ -7,6 +7,9 @@ removed, but a bank that is wiped (or restored from an old backup) while the key
 ledger lives in ``home/keys/`` with the key whose signatures it counts, is written before a newly
 signed packet is stored, and is only ever a floor: a lost or unreadable ledger makes ``learn`` fall
 back to the bank alone, as before it existed.
+
+It sits beside ``keys`` but imports nothing from it, so a ``Device`` that only classifies never loads
+``cryptography``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from skill_edge.runtime.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "signed_seqs.json"
+LEDGER_FILE = "signed_seqs.json"  # in the folder ``keys.key_dir`` names, beside ``device.pem``
 FORMAT = "skill-edge-signed-seqs/1"
 
 
