@@ -174,3 +174,44 @@ def test_run_history_keeps_the_full_run_and_each_distinct_update_once():
     # an older file's chained command, split, plus three more updates
     got = mp.run_history([full, both, both, ours, both, ours])
     assert got == {"command": full, "updated_by": [both, ours]}
+
+
+def _nearest_mean(d: "mp.Pooled"):
+    """A probe: nearest class mean of the rows it was trained on."""
+    means = np.stack([d.x[d.y == c].mean(0) for c in range(d.num_classes)])
+    return lambda z: -((z[:, None, :] - means[None]) ** 2).sum(-1)
+
+
+def _always_first_class(d: "mp.Pooled"):
+    return lambda z: np.tile(np.arange(d.num_classes, 0, -1, dtype=float), (len(z), 1))
+
+
+def test_family_bound_routes_families_by_oracle_and_look_alikes_by_the_best_probe():
+    rng = np.random.default_rng(5)
+    names = ["cifar10-a", "cifar10-b", "solo"]
+    means = rng.normal(0, 4, (6, 8))  # two classes per task, all apart
+    parts = []
+    for t in range(3):
+        y = np.repeat(np.arange(2), 40)
+        parts.append(((means[2 * t + y] + rng.normal(0, 0.3, (len(y), 8))).astype(np.float32), y))
+    data = mp.pooled(parts, [2, 2, 2])
+    fit_idx, val_idx = mp.val_split(data.y)
+    fit = mp.Pooled(data.x[fit_idx], data.y[fit_idx], data.task[fit_idx], data.owner, [2, 2, 2])
+    val = mp.Pooled(data.x[val_idx], data.y[val_idx], data.task[val_idx], data.owner, [2, 2, 2])
+
+    fam = mp.restrict(data, [0, 1])
+    assert fam.num_classes == 4 and set(fam.task) == {0, 1} and list(fam.owner) == [0, 0, 1, 1]
+    np.testing.assert_array_equal(fam.y, data.y[data.task < 2])  # the family's classes come first here
+
+    pred, val_acc, detail = mp.family_bound(names, fit, val, data, data,
+                                            {"useless": _always_first_class, "means": _nearest_mean})
+    assert list(detail) == ["CIFAR-10 pairs"]  # Omniglot has no tasks here; solo is a family of one
+    assert detail["CIFAR-10 pairs"]["probe"] == "means, trained on family"  # the useless probe loses on validation
+    assert detail["CIFAR-10 pairs"]["test_routing_acc"] == 1.0 and val_acc == 1.0
+    np.testing.assert_array_equal(pred, data.task)
+
+    # with only the useless probe, every family image goes to the family's first task, never to "solo"
+    pred, _, detail = mp.family_bound(names, fit, val, data, data, {"useless": _always_first_class})
+    np.testing.assert_array_equal(pred[data.task < 2], 0)
+    np.testing.assert_array_equal(pred[data.task == 2], 2)  # the oracle between families
+    assert detail["CIFAR-10 pairs"]["test_routing_acc"] == 0.5
