@@ -192,6 +192,58 @@ def test_a_wiped_bank_relearns_past_the_seq_its_key_signed(
     assert got.meta.seq == 2 and got.content_hash() == new.content_hash()
 
 
+def test_a_bank_restored_from_a_backup_learns_of_its_newer_seq_and_can_republish_over_it(
+        learned: Path, rom_dir: Path, tasks: dict[str, Path], tmp_path: Path) -> None:
+    """The whole home restored from a backup (bank and seq ledger at seq 1) after the device had published
+    seq 2: peers keep seq 2 and refuse the restored seq 1 as a rollback.  Before, sync only said "would
+    replace the task this device learned itself", and the next learn signed seq 2 again (equivocation)."""
+    from skill_edge.runtime.cli.sync import app as sync_app
+
+    home, peer, sync = _device_and_peer(learned, rom_dir, tmp_path)
+    sync(home)
+    assert "accepted 2," in sync(peer)
+    backup = tmp_path / "backup"
+    shutil.copytree(home, backup)
+    res = runner.invoke(app, ["learn", "--task", "shapes", "--data", str(tasks["shapes"]), "--home", str(home),
+                              "--rom", str(rom_dir), "--mapper", "gmmc", "--seed", "1", "--replace", "--json"])
+    assert res.exit_code == 0, res.output
+    assert Device(home, rom_dir).bank.get("shapes").meta.seq == 2
+    sync(home)
+    assert "accepted 1," in sync(peer)
+    shutil.rmtree(home)
+    shutil.copytree(backup, home)  # the restore
+    restored = Device(home, rom_dir).bank.get("shapes")
+    assert restored.meta.seq == 1
+
+    def run(*extra: str) -> tuple[int, str]:
+        r = CliRunner().invoke(sync_app, ["--home", str(home), "--transport", f"dir:{tmp_path / 'share'}", "--rom",
+                                          str(rom_dir), "--idle", "0.2", "--no-plausibility", *extra])
+        return r.exit_code, " ".join(r.output.split())
+
+    code, out = run()
+    assert code == 3, out  # refused: the fleet's seq 2 may not replace the bank's own version
+    assert "the fleet holds seq 2 of this device's own task 'shapes', signed by its key" in out
+    assert "--republish-own" in out
+    me = Device(home, rom_dir)
+    assert me.bank.get("shapes").meta.seq == 1  # own work is never replaced
+    assert me._previous_seq("shapes") == 2  # a learn now signs seq 3, past what peers hold
+    peer_dev = Device(peer, rom_dir)
+    assert peer_dev.bank.get("shapes").meta.seq == 2  # the peer refused the restored seq 1
+
+    code, out = run("--republish-own")
+    assert code == 0, out
+    assert "resigned" in out and "seq 1 signed again as seq 3" in out and "signed again 1," in out
+    mine = Device(home, rom_dir).bank.get("shapes")
+    assert mine.meta.seq == 3 and mine.meta.created == restored.meta.created  # the same version, a new seq
+    np.testing.assert_array_equal(mine.head_weight, restored.head_weight)
+    out = sync(peer)
+    assert "accepted 1," in out and "rejected 0," in out, out
+    got = Device(peer, rom_dir).bank.get("shapes")
+    assert got.meta.seq == 3 and got.content_hash() == mine.content_hash()
+    code, out = run("--republish-own")  # nothing outdated any more: nothing signed again
+    assert code == 0 and "resigned" not in out, out
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, rom_dir: Path) -> None:
     task = _digit_task(tmp_path / "t", [3, 4], n_train=10, n_test=4)
     (task / "train" / "d3" / "garbage.png").write_bytes(b"this is not a png")

@@ -620,3 +620,34 @@ def test_parse_size(text, n):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+
+
+def test_resign_changes_only_the_seq_and_keeps_the_payload_bytes(task, key, trust):
+    codec = PacketCodec("56KB")  # a budget rung: signing again must not re-encode (or grow) it
+    data = codec.encode(replace(task, meta=replace(task.meta, seq=4)), key)
+    again = codec.resign(data, key, 9)
+    old, new = parse_frame(data), parse_frame(again)
+    assert new.payload == old.payload and new.flags == old.flags
+    md_old, md_new = json.loads(old.metadata), json.loads(new.metadata)
+    assert md_new["meta"].pop("seq") == 9 and md_old["meta"].pop("seq") == 4
+    assert md_new == md_old
+    a, b = codec.decode(data, trust=trust), codec.decode(again, trust=trust)  # verifies the new signature
+    assert b.seq == 9 and b.knowledge.meta.created == a.knowledge.meta.created
+    np.testing.assert_array_equal(b.knowledge.head_weight, a.knowledge.head_weight)
+
+
+def test_resign_refuses_other_keys_tampering_and_a_lower_seq(task, key):
+    codec = PacketCodec()
+    data = codec.encode(replace(task, meta=replace(task.meta, seq=4)), key)
+    with pytest.raises(PacketError, match="only this device's own packets"):
+        codec.resign(data, DeviceKey.generate(), 5)
+    with pytest.raises(PacketError, match="only this device's own packets"):
+        codec.resign(codec.encode(task, None), key, 5)
+    f = parse_frame(data)
+    tampered = bytearray(data)
+    tampered[len(f.signed_part) - 20] ^= 1  # a payload byte after signing
+    with pytest.raises(PacketError, match="bad signature"):
+        codec.resign(bytes(tampered), key, 5)
+    for seq in (3, 4):
+        with pytest.raises(ValueError, match="higher seq than 4"):
+            codec.resign(data, key, seq)

@@ -41,7 +41,9 @@ from skill_edge.export.manifest import RomError, RomManifest
 from skill_edge.runtime.cli.output import iso_time, print_json
 from skill_edge.runtime.knowledge.bank import BankError, KnowledgeBank
 from skill_edge.runtime.exchange.codec import format_size, parse_size
-from skill_edge.runtime.exchange.keys import HOME_ENV, KeyStoreError, TrustStore, skill_edge_home
+from skill_edge.runtime.exchange.keys import (DEVICE_KEY_FILE, HOME_ENV, KeyStoreError, TrustStore, key_dir,
+                                              load_device_key, skill_edge_home)
+from skill_edge.runtime.exchange.seq_ledger import LEDGER_FILE, SeqLedger
 from skill_edge.runtime.knowledge.records import RomShape
 from skill_edge.runtime.exchange.receive import PacketReceiver
 from skill_edge.runtime.exchange.sync import BankPlausibility, SyncEvent, SyncService, SyncStats
@@ -53,7 +55,7 @@ console = Console(emoji=False)
 err = Console(stderr=True, emoji=False)
 
 STYLE = {"published": "cyan", "accepted": "green", "released": "green", "duplicate": "dim", "rejected": "red",
-         "quarantined": "yellow", "own": "dim", "error": "bold red"}
+         "quarantined": "yellow", "own": "dim", "resigned": "magenta", "error": "bold red"}
 
 
 #: Ctrl-C must stop the device promptly even if the broker connection hangs on the way out.
@@ -153,6 +155,10 @@ def sync_command(
     publish_bank_of: str | None = typer.Option(None, "--publish-bank-of", metavar="AGENT_ID",
                                                help="also publish the stored packets of bank tasks learned by "
                                                     "this agent id"),
+    republish_own: bool = typer.Option(False, "--republish-own",
+                                       help="when peers hold a newer version of an own task signed by this device's "
+                                            "key (a bank restored from a backup), sign the bank's version again past "
+                                            "it and publish it; without: it is reported and the next learn goes past it"),
     plausibility: bool = typer.Option(True, "--plausibility/--no-plausibility",
                                       help="quarantine anchors that would hijack the bank's tasks"),
     idle: float = typer.Option(2.0, "--idle", min=0.0, help="one-shot: stop after this many quiet seconds"),
@@ -189,6 +195,10 @@ def sync_command(
                                   rom_shape=shape)
         mqtt_options = dict(chunk_size=chunk, username=username, password=password, tls_ca=tls_ca,
                             tls_cert=tls_cert, tls_key=tls_key, connect_timeout=connect_timeout)
+        key = load_device_key(home_dir) if (key_dir(home_dir) / DEVICE_KEY_FILE).exists() else None
+        if republish_own and key is None:
+            _fail(f"--republish-own signs with the device key, and {key_dir(home_dir)} holds none", EXIT_USAGE)
+        ledger = SeqLedger(key_dir(home_dir) / LEDGER_FILE, key.key_id) if key is not None else None
         tx = open_transport(transport, fleet, state_dir=state_dir, **mqtt_options)
     except (KeyStoreError, BankError, TransportError, OSError, RomError) as exc:
         _fail(str(exc))
@@ -205,7 +215,8 @@ def sync_command(
         else:
             events.append(_event_json(e))
 
-    service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox, on_event=on_event)
+    service = SyncService(tx, bank, receiver, fleet=fleet, outbox=outbox, on_event=on_event, signed_seqs=ledger,
+                          republish_key=key if republish_own else None)
     stop = threading.Event()
     try:
         if publish_bank_of:
@@ -266,7 +277,7 @@ def _stats_line(s: SyncStats, transport: str, fleet: str) -> str:
     return (f"sync {escape(fleet)} via {escape(transport)}: published {s.published}, arrived {s.arrived}, "
             f"accepted [green]{s.accepted}[/], duplicate {s.duplicate}, rejected [red]{s.rejected}[/], "
             f"quarantined [yellow]{s.quarantined}[/] (released later {s.released}), own {s.own}, "
-            f"errors {s.failed}{corrupt}")
+            + (f"signed again {s.resigned}, " if s.resigned else "") + f"errors {s.failed}{corrupt}")
 
 
 def _verdict(s: SyncStats, code: int) -> str:

@@ -595,6 +595,37 @@ class PacketCodec:
                               f"{MAX_PACKET_BYTES}-byte limit; send a smaller plan", "oversized")
         return body
 
+    def resign(self, data: bytes, key: DeviceKey, seq: int) -> bytes:
+        """``data``, a packet ``key`` signed, as version ``seq`` of the same task: the payload byte for
+        byte (so the same budget rung), the metadata with only ``meta.seq`` changed, signed again.
+
+        For a device whose peers hold a newer version signed by its own key than the one its bank
+        keeps (a bank restored from a backup, or the seq ledger lost with it): its bank's version
+        can only reach them with a higher seq (``SyncService.republish_outdated``).  Raises
+        ``PacketError`` if ``data`` is malformed or was not signed by ``key``, ``ValueError`` if
+        ``seq`` does not exceed the packet's own."""
+        frame = parse_frame(data)
+        if not frame.signed or frame.key_id.hex() != key.key_id:
+            raise PacketError(f"only this device's own packets can be signed again (key {key.key_id}); this one "
+                              f"is {'unsigned' if not frame.signed else 'signed by key ' + frame.key_id.hex()}",
+                              "encode")
+        try:
+            key.public_key.verify(frame.signature, frame.signed_part)
+        except Exception:  # noqa: BLE001 - cryptography's InvalidSignature
+            raise PacketError("bad signature: the packet was changed after this device signed it", "bad-signature") \
+                from None
+        md = _strict_json(frame.metadata, "metadata")
+        check_metadata(md)
+        if int(seq) <= int(md["meta"]["seq"]):
+            raise ValueError(f"a new version needs a higher seq than {md['meta']['seq']}, got {seq}")
+        md["meta"]["seq"] = int(seq)
+        meta_bytes = json.dumps(md, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                                ensure_ascii=False).encode("utf-8")
+        body = HEADER.pack(MAGIC, FORMAT_VERSION, frame.flags, 0, len(meta_bytes), len(frame.payload),
+                           frame.payload_raw_len) + meta_bytes + frame.payload
+        body += bytes.fromhex(key.key_id)
+        return body + key.sign(body)
+
     # -- decode
     def decode(self, data: bytes, trust: TrustStore | None = None) -> Packet:
         """Parse and check a packet.  With ``trust`` the signature must come from a trusted key and

@@ -52,13 +52,15 @@ from skill_edge.runtime.exchange.keys import KeyStoreError
 from skill_edge.runtime.knowledge.records import TaskKnowledge
 from skill_edge.runtime.exchange.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
 from skill_edge.runtime.exchange.receive import PacketReceiver, ReceiveStateError
+from skill_edge.runtime.exchange.seq_ledger import SeqLedger
 from skill_edge.runtime.exchange.transport import ReceivedPacket, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
 #: Rejections that the trust store decided; such packets are offered again once it changes.
 TRUST_CODES = frozenset({"unknown-signer"})
-EventKind = Literal["published", "accepted", "released", "duplicate", "rejected", "quarantined", "own", "error"]
+EventKind = Literal["published", "accepted", "released", "duplicate", "rejected", "quarantined", "own", "resigned",
+                    "error"]
 SENT_DIR = "sent"
 
 
@@ -86,6 +88,7 @@ class SyncStats:
     quarantined: int = 0
     released: int = 0  # quarantined packets accepted on a later look, once the bank had changed
     own: int = 0  # our own packets coming back: skipped
+    resigned: int = 0  # own tasks signed again past a newer seq their key signed before (republish_outdated)
     errors: int = 0  # could not publish or store; the packet is retried later
     corrupt: int = 0  # messages the transport dropped as damaged (corrupt chunk, bad manifest, unreadable file)
 
@@ -116,8 +119,16 @@ class SyncService:
         fleet: str,
         outbox: str | Path | None = None,
         on_event: Callable[[SyncEvent], None] | None = None,
+        signed_seqs: SeqLedger | None = None,
+        republish_key=None,
     ) -> None:
+        """``signed_seqs``: the device key's seq ledger; an own task's version that comes back signed by
+        this device with a newer seq than the bank's raises its floor there, so the next ``learn`` goes
+        past it.  ``republish_key`` (the ``DeviceKey``; ``sync --republish-own``): such an own task is
+        also signed again past that seq, from the bank's packet, and published (``republish_outdated``)."""
         self.transport = transport
+        self.signed_seqs = signed_seqs
+        self.republish_key = republish_key
         self.bank = bank
         self.receiver = receiver
         if receiver.bank is None:  # the bank's records are the receiver's second rollback floor
@@ -333,20 +344,75 @@ class SyncService:
         return tuple((e.task, e.content_hash) for e in self.bank.entries())
 
     def _store(self, packet, raw: bytes) -> None:
-        self.bank.put(packet.knowledge, packet_bytes=raw)
+        try:
+            self.bank.put(packet.knowledge, packet_bytes=raw)
+        except OwnTaskError as exc:
+            raise self._own_version_elsewhere(packet, exc) from None
+
+    def _own_version_elsewhere(self, packet, exc: OwnTaskError) -> OwnTaskError:
+        """``exc`` when ``packet`` is another agent's, or an older own version; when this device's own key
+        signed it with a *newer* seq than the bank's own version (the bank, or the ledger with it, was
+        restored from a backup), the ledger's floor rises past it and the error says what to do: peers
+        keep that version, and refuse the bank's as a rollback, until the device signs a higher seq."""
+        own = next((e for e in self.bank.entries() if e.own and e.task == packet.task), None)
+        if own is None or packet.agent_id != own.agent or packet.seq <= own.seq:
+            return exc
+        if self.signed_seqs is not None and self.signed_seqs.agent_id == packet.agent_id:
+            self.signed_seqs.record(packet.task, packet.seq)  # OSError: not acked, offered again later
+        then = (f"this bank's version is signed again as seq {packet.seq + 1} and published"
+                if self.republish_key is not None and self.signed_seqs is not None else
+                f"publish this bank's version over it with `skill-edge sync --republish-own`, or learn the task "
+                f"again (signed as seq {packet.seq + 1})")
+        return OwnTaskError(f"the fleet holds seq {packet.seq} of this device's own task {packet.task!r}, signed by "
+                            f"its key: newer than the version this bank keeps (seq {own.seq}; was the bank restored "
+                            f"from a backup?). Peers keep seq {packet.seq} and refuse seq {own.seq} as a rollback; "
+                            f"{then}")
+
+    def republish_outdated(self) -> list[SyncEvent]:
+        """With ``republish_key``: every own task whose key signed a newer seq than the bank's version (the
+        ledger says so) is signed again as the next seq, payload unchanged (``PacketCodec.resign``), and
+        stored; ``publish_bank`` then sends it.  The device's own version wins at every peer, as it does
+        in its own bank.  Failures are "error" events, tried again on the next call."""
+        if self.republish_key is None or self.signed_seqs is None:
+            return []
+        out = []
+        for e in self.bank.entries():
+            if not (e.own and e.has_packet and e.agent == self.signed_seqs.agent_id):
+                continue
+            floor = self.signed_seqs.get(e.task)
+            if floor <= e.seq:
+                continue
+            seq, origin = floor + 1, f"bank:{e.key.short}"
+            try:
+                data = self._codec.resign(self.bank.packet_bytes(e.key) or b"", self.republish_key, seq)
+                k = self.bank.get(e.key)
+                self.signed_seqs.record(e.task, seq)  # before it can leave the device, as learn does
+                self.bank.put(replace(k, meta=replace(k.meta, seq=seq)), packet_bytes=data, own=True)
+            except (BankError, PacketError, OSError, ValueError) as exc:
+                out.append(self._emit(SyncEvent("error", e.task, e.agent, e.seq, 0, f"cannot sign again: {exc}",
+                                                origin)))
+                continue
+            out.append(self._emit(SyncEvent("resigned", e.task, e.agent, seq, len(data),
+                                            f"seq {e.seq} signed again as seq {seq}, past seq {floor} that peers "
+                                            "hold from this device's key", origin)))
+        return out
 
     # ------------------------------------------------------------------ modes
     def sync_once(self, idle: float = 1.0, timeout: float = 60.0) -> SyncStats:
         """Publish the outbox and the own tasks' packets, take in everything the fleet has, return the counts."""
         self.publish_outbox()
+        self.republish_outdated()
         self.publish_bank()
         self.drain(idle=idle, timeout=timeout)
+        if self.republish_outdated():  # a newer own version came back while draining
+            self.publish_bank()
         return self.stats
 
     def run(self, stop: threading.Event, poll: float = 1.0) -> SyncStats:
         """Keep syncing until ``stop`` is set: new outbox files are published, arrivals handled."""
         while not stop.is_set():
             self.publish_outbox()
+            self.republish_outdated()
             self.publish_bank()
             self.receive_available(timeout=poll)
         return self.stats
