@@ -210,6 +210,45 @@ def test_every_receive_outcome_is_counted_and_handled(tmp_path: Path) -> None:
     assert q.task == "hijack" and "victim" in q.reason and q.has_packet
 
 
+def test_only_this_device_key_moves_its_seq_ledger_and_republish_signs_past_it(tmp_path: Path) -> None:
+    """A newer version of an own task signed by this device's key (from before a backup restore) raises
+    the key's ledger; a trusted peer that claims this device's agent id with a higher seq moves nothing."""
+    from skill_edge.runtime.exchange.seq_ledger import SeqLedger
+
+    me, peer = make_fleet(tmp_path, ["me", "peer"])
+    mine = me.key.key_id  # a real device's agent id is its key id
+    own = random_knowledge("t", mine, 1, seed=3)
+    me.bank().put(own, packet_bytes=PacketCodec().encode(own, me.key), own=True)
+    ledger = SeqLedger(me.home / "keys" / "signed_seqs.json", mine)
+    share = tmp_path / "share"
+    tx = DirectoryTransport(share, "lab")
+    forged = PacketCodec().encode(random_knowledge("t", mine, 50, seed=4), peer.key)
+    tx.publish(forged, fleet="lab", task="t", agent_id=mine, seq=50)
+
+    s = SyncService(DirectoryTransport(share, "lab"), me.bank(),
+                    PacketReceiver(TrustStore(me.trust), ROM_FP, me.home / "sync" / "receive"), fleet="lab",
+                    signed_seqs=ledger, republish_key=me.key)
+    [e] = s.drain(idle=0.3, timeout=10)
+    assert e.kind == "rejected" and "would replace the task this device learned itself" in e.reason
+    assert ledger.get("t") == 0 and s.republish_outdated() == []
+
+    tx.publish(PacketCodec().encode(random_knowledge("t", mine, 7, seed=5), me.key), fleet="lab", task="t",
+               agent_id=mine, seq=7)
+    [e] = s.drain(idle=0.3, timeout=10)
+    assert e.kind == "rejected" and "the fleet holds seq 7 of this device's own task 't', signed by its key" in e.reason
+    assert "signed again as seq 8 and published" in e.reason
+    assert ledger.get("t") == 7 and me.bank().get("t").content_hash() == own.content_hash()  # own work kept
+
+    [e] = s.republish_outdated()
+    assert (e.kind, e.seq) == ("resigned", 8) and s.stats.resigned == 1
+    held = me.bank().get("t")
+    assert held.meta.seq == 8 and ledger.get("t") == 8
+    np.testing.assert_array_equal(held.head_weight, own.head_weight)
+    sent = PacketCodec().decode(me.bank().packet_bytes("t"), trust=TrustStore(me.trust))
+    assert sent.seq == 8 and sent.signer == mine
+    assert s.republish_outdated() == []
+
+
 def test_store_failure_loses_nothing(tmp_path: Path) -> None:
     """A full bank turns an accept into an error; the packet is retried and stored once there is room."""
     me, peer = make_fleet(tmp_path, ["me", "peer"])

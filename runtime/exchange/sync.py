@@ -357,10 +357,12 @@ class SyncService:
         own = next((e for e in self.bank.entries() if e.own and e.task == packet.task), None)
         if own is None or packet.agent_id != own.agent or packet.seq <= own.seq:
             return exc
-        if self.signed_seqs is not None and self.signed_seqs.agent_id == packet.agent_id:
-            self.signed_seqs.record(packet.task, packet.seq)  # OSError: not acked, offered again later
+        mine = self.signed_seqs is not None and packet.signer == self.signed_seqs.agent_id
+        if not mine:  # the key is not ours (a peer claiming our agent id): it must not move our seqs
+            return exc
+        self.signed_seqs.record(packet.task, packet.seq)  # OSError: not acked, offered again later
         then = (f"this bank's version is signed again as seq {packet.seq + 1} and published"
-                if self.republish_key is not None and self.signed_seqs is not None else
+                if self.republish_key is not None else
                 f"publish this bank's version over it with `skill-edge sync --republish-own`, or learn the task "
                 f"again (signed as seq {packet.seq + 1})")
         return OwnTaskError(f"the fleet holds seq {packet.seq} of this device's own task {packet.task!r}, signed by "
