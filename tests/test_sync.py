@@ -248,6 +248,15 @@ def test_only_this_device_key_moves_its_seq_ledger_and_republish_signs_past_it(t
     assert sent.seq == 8 and sent.signer == mine
     assert s.republish_outdated() == []
 
+    # learned again after a restore, before any sync: the same seq as a version the fleet holds, other bytes
+    tx.publish(PacketCodec().encode(random_knowledge("t", mine, 8, seed=6), me.key), fleet="lab", task="t",
+               agent_id=mine, seq=8)
+    [e] = s.drain(idle=0.3, timeout=10)
+    assert "other bytes under the seq of the version this bank keeps (seq 8" in e.reason and "equivocation" in e.reason
+    assert ledger.get("t") == 9 and me.bank().get("t").meta.seq == 8  # seq 9 counts as taken; nothing replaced
+    [e] = s.republish_outdated()
+    assert (e.kind, e.seq) == ("resigned", 10) and me.bank().get("t").meta.seq == 10
+
 
 def test_store_failure_loses_nothing(tmp_path: Path) -> None:
     """A full bank turns an accept into an error; the packet is retried and stored once there is room."""

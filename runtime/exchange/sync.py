@@ -235,6 +235,14 @@ class SyncService:
             log.exception("receiving a packet from %s failed", incoming.origin)
             self.transport.forget(incoming)
             return self._emit(SyncEvent("error", reason=f"receive failed: {type(exc).__name__}: {exc}", **where))
+        if result.code == "equivocation" and result.packet is not None:  # perhaps our own key's, from before a restore
+            try:
+                why = self._own_version_elsewhere(result.packet)
+            except OSError as exc:
+                self.transport.forget(incoming)
+                return self._emit(SyncEvent("error", reason=f"could not record the seq: {exc}", **where))
+            if why:
+                result = replace(result, reason=why)
         if result.packet is not None:  # the signed header is the truth, not the topic / file name
             p = result.packet
             where.update(task=p.task, agent_id=p.agent_id, seq=p.seq)
@@ -347,28 +355,35 @@ class SyncService:
         try:
             self.bank.put(packet.knowledge, packet_bytes=raw)
         except OwnTaskError as exc:
-            raise self._own_version_elsewhere(packet, exc) from None
+            why = self._own_version_elsewhere(packet)
+            raise (OwnTaskError(why) if why else exc) from None
 
-    def _own_version_elsewhere(self, packet, exc: OwnTaskError) -> OwnTaskError:
-        """``exc`` when ``packet`` is another agent's, or an older own version; when this device's own key
-        signed it with a *newer* seq than the bank's own version (the bank, or the ledger with it, was
-        restored from a backup), the ledger's floor rises past it and the error says what to do: peers
-        keep that version, and refuse the bank's as a rollback, until the device signs a higher seq."""
+    def _own_version_elsewhere(self, packet) -> str | None:
+        """None when ``packet`` is another agent's, or an older own version.  When this device's own key
+        signed it with a newer seq than the bank's own version, or the same seq with other bytes (the
+        bank, or the ledger with it, was restored from a backup), the ledger's floor rises past it and the
+        returned reason says what to do: peers keep that version, and refuse the bank's, until the device
+        signs a higher seq."""
         own = next((e for e in self.bank.entries() if e.own and e.task == packet.task), None)
-        if own is None or packet.agent_id != own.agent or packet.seq <= own.seq:
-            return exc
+        if own is None or packet.agent_id != own.agent or packet.seq < own.seq:
+            return None
         mine = self.signed_seqs is not None and packet.signer == self.signed_seqs.agent_id
         if not mine:  # the key is not ours (a peer claiming our agent id): it must not move our seqs
-            return exc
-        self.signed_seqs.record(packet.task, packet.seq)  # OSError: not acked, offered again later
-        then = (f"this bank's version is signed again as seq {packet.seq + 1} and published"
+            return None
+        # Same seq, other bytes (learned again after the restore, before this sync): that seq is taken too,
+        # so the floor goes one past it.  Seqs need not be consecutive, only rising.
+        floor = packet.seq if packet.seq > own.seq else packet.seq + 1
+        self.signed_seqs.record(packet.task, floor)  # OSError: not acked, offered again later
+        then = (f"this bank's version is signed again as seq {floor + 1} and published"
                 if self.republish_key is not None else
                 f"publish this bank's version over it with `skill-edge sync --republish-own`, or learn the task "
-                f"again (signed as seq {packet.seq + 1})")
-        return OwnTaskError(f"the fleet holds seq {packet.seq} of this device's own task {packet.task!r}, signed by "
-                            f"its key: newer than the version this bank keeps (seq {own.seq}; was the bank restored "
-                            f"from a backup?). Peers keep seq {packet.seq} and refuse seq {own.seq} as a rollback; "
-                            f"{then}")
+                f"again (signed as seq {floor + 1})")
+        held = ("newer than the version this bank keeps" if packet.seq > own.seq else
+                "other bytes under the seq of the version this bank keeps")
+        refused = "a rollback" if packet.seq > own.seq else "equivocation"
+        return (f"the fleet holds seq {packet.seq} of this device's own task {packet.task!r}, signed by its key: "
+                f"{held} (seq {own.seq}; was the bank restored from a backup?). Peers keep seq {packet.seq} and "
+                f"refuse seq {own.seq} as {refused}; {then}")
 
     def republish_outdated(self) -> list[SyncEvent]:
         """With ``republish_key``: every own task whose key signed a newer seq than the bank's version (the
