@@ -465,12 +465,13 @@ def family_bound(names: list[str], fit: Pooled, val: Pooled, train: Pooled, test
     Returns the chosen task per test image, the mean validation task-ID under the same rule, and per
     family the chosen probe and its routing accuracy on test images."""
     pred, pred_val, detail = test.task.copy(), val.task.copy(), {}
-    everything: dict[str, tuple] = {}  # probe -> (trained on fit, trained on train): shared by the families
+    on_fit_all: dict[str, Callable] = {}  # probe -> trained on every task's fit rows, shared by the families
+    on_train_all: dict[str, Callable] = {}  # the same on all of train: only for a probe some family chose
 
-    def over_all(probe_name: str) -> tuple:
-        if probe_name not in everything:
-            everything[probe_name] = (probes[probe_name](fit), probes[probe_name](train))
-        return everything[probe_name]
+    def fitted_on_all(probe_name: str, rows: Pooled, memo: dict) -> Callable:
+        if probe_name not in memo:
+            memo[probe_name] = probes[probe_name](rows)
+        return memo[probe_name]
 
     for label, prefix in FAMILIES.items():
         members = [i for i, n in enumerate(names) if n.startswith(prefix)]
@@ -484,8 +485,10 @@ def family_bound(names: list[str], fit: Pooled, val: Pooled, train: Pooled, test
                 if scope == "family":
                     on_fit, on_train = make(f), (lambda tr=tr, make=make: make(tr))
                 else:
-                    both = over_all(probe_name)
-                    on_fit, on_train = (lambda z, m=both[0]: m(z)[:, cols]), (lambda m=both[1]: lambda z: m(z)[:, cols])
+                    m = fitted_on_all(probe_name, fit, on_fit_all)
+                    on_fit = lambda z, m=m, cols=cols: m(z)[:, cols]  # noqa: E731
+                    on_train = (lambda p=probe_name, cols=cols:  # noqa: E731
+                                lambda z: fitted_on_all(p, train, on_train_all)(z)[:, cols])
                 on_val = task_accuracy(on_fit(v.x), v)
                 acc = float(np.mean(on_val == v.task))
                 log(f"family bound, {label}: {probe_name} trained on {scope} routes {acc:.4f} of validation images")

@@ -258,6 +258,33 @@ def test_only_this_device_key_moves_its_seq_ledger_and_republish_signs_past_it(t
     assert (e.kind, e.seq) == ("resigned", 10) and me.bank().get("t").meta.seq == 10
 
 
+def test_a_seq_ledger_that_cannot_be_written_loses_nothing(tmp_path: Path) -> None:
+    """The floor must be on disk before the newer own version is marked delivered: if the ledger cannot be
+    written, the packet is an error, offered again, and taken the next time."""
+    from skill_edge.runtime.exchange.seq_ledger import SeqLedger
+
+    me, = make_fleet(tmp_path, ["me"])
+    mine = me.key.key_id
+    own = random_knowledge("t", mine, 1, seed=3)
+    me.bank().put(own, packet_bytes=PacketCodec().encode(own, me.key), own=True)
+    ledger_path = me.home / "keys" / "signed_seqs.json"
+    ledger_path.mkdir(parents=True)  # a directory where the file must go: every write fails
+    share = tmp_path / "share"
+    DirectoryTransport(share, "lab").publish(PacketCodec().encode(random_knowledge("t", mine, 5, seed=5), me.key),
+                                             fleet="lab", task="t", agent_id=mine, seq=5)
+    s = SyncService(DirectoryTransport(share, "lab", retry_delay=0.5), me.bank(),
+                    PacketReceiver(TrustStore(me.trust), ROM_FP, me.home / "sync" / "receive"), fleet="lab",
+                    signed_seqs=SeqLedger(ledger_path, mine))
+    [e] = s.drain(idle=0.2, timeout=5)
+    assert e.kind == "error" and "could not store" in e.reason
+    assert me.bank().get("t").meta.seq == 1
+
+    ledger_path.rmdir()  # the fault cleared: the same packet comes again and raises the floor
+    [e] = s.drain(idle=0.8, timeout=5)
+    assert e.kind == "rejected" and "the fleet holds seq 5" in e.reason
+    assert SeqLedger(ledger_path, mine).get("t") == 5 and me.bank().get("t").meta.seq == 1
+
+
 def test_store_failure_loses_nothing(tmp_path: Path) -> None:
     """A full bank turns an accept into an error; the packet is retried and stored once there is room."""
     me, peer = make_fleet(tmp_path, ["me", "peer"])

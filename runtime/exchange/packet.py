@@ -565,8 +565,7 @@ class PacketCodec:
         md["meta"]["encoding"] = plan.to_dict()
         md["meta"]["source"] = ""  # local provenance (e.g. a training folder) is not broadcast; receivers set their own
         try:
-            meta_bytes = json.dumps(md, sort_keys=True, separators=(",", ":"), allow_nan=False,
-                                    ensure_ascii=False).encode("utf-8")
+            meta_bytes = _metadata_bytes(md)
         except (TypeError, ValueError) as exc:
             raise PacketError(f"cannot encode metadata of task {knowledge.task!r} as JSON: {exc} "
                               f"(metrics and thresholds must be finite Python numbers)", "encode") from None
@@ -585,11 +584,7 @@ class PacketCodec:
             raise PacketError(f"task {knowledge.task!r} is too large for a packet: {len(meta_bytes)} bytes of "
                               f"metadata (limit {MAX_META_BYTES}), {len(raw)} bytes of tensors (limit "
                               f"{MAX_PAYLOAD_BYTES}); send a smaller plan", "oversized")
-        body = HEADER.pack(MAGIC, FORMAT_VERSION, flags, 0, len(meta_bytes), len(payload), len(raw)) \
-            + meta_bytes + payload
-        if key is not None:
-            body += bytes.fromhex(key.key_id)
-            body += key.sign(body)
+        body = _sealed(flags, meta_bytes, payload, len(raw), key)
         if len(body) > MAX_PACKET_BYTES:
             raise PacketError(f"packet for task {knowledge.task!r} would be {len(body)} bytes, over the "
                               f"{MAX_PACKET_BYTES}-byte limit; send a smaller plan", "oversized")
@@ -619,12 +614,7 @@ class PacketCodec:
         if int(seq) <= int(md["meta"]["seq"]):
             raise ValueError(f"a new version needs a higher seq than {md['meta']['seq']}, got {seq}")
         md["meta"]["seq"] = int(seq)
-        meta_bytes = json.dumps(md, sort_keys=True, separators=(",", ":"), allow_nan=False,
-                                ensure_ascii=False).encode("utf-8")
-        body = HEADER.pack(MAGIC, FORMAT_VERSION, frame.flags, 0, len(meta_bytes), len(frame.payload),
-                           frame.payload_raw_len) + meta_bytes + frame.payload
-        body += bytes.fromhex(key.key_id)
-        return body + key.sign(body)
+        return _sealed(frame.flags, _metadata_bytes(md), frame.payload, frame.payload_raw_len, key)
 
     # -- decode
     def decode(self, data: bytes, trust: TrustStore | None = None) -> Packet:
@@ -657,6 +647,20 @@ class PacketCodec:
                       signature=frame.signature, verified_by=verified_by, raw_size=len(data), sha256=digest,
                       metadata_bytes=len(frame.metadata), payload_bytes=len(frame.payload),
                       payload_raw_bytes=len(raw), wire_tensors=tuple(wire))
+
+
+def _metadata_bytes(md: dict) -> bytes:
+    """The metadata section as every packet writes it: canonical, compact UTF-8 JSON."""
+    return json.dumps(md, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+def _sealed(flags: int, meta_bytes: bytes, payload: bytes, raw_len: int, key: DeviceKey | None) -> bytes:
+    """Header, metadata and payload, then (with ``key``) the signer's key id and the signature over all of it."""
+    body = HEADER.pack(MAGIC, FORMAT_VERSION, flags, 0, len(meta_bytes), len(payload), raw_len) + meta_bytes + payload
+    if key is None:
+        return body
+    body += bytes.fromhex(key.key_id)
+    return body + key.sign(body)
 
 
 def _check_plan_matches(k: TaskKnowledge, plan: EncodingPlan) -> None:

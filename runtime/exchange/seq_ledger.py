@@ -49,6 +49,10 @@ class SeqLedger:
     def get(self, task: str) -> int:
         return self._read().get(task, 0)
 
+    def seqs(self) -> dict[str, int]:
+        """Every task's newest signed seq, from one read of the file."""
+        return self._read()
+
     def record(self, task: str, seq: int) -> None:
         """Raise ``task``'s seq to ``seq`` (never lower it), atomically; raises ``OSError`` (a full disk).
         Two processes learning in one home take turns on a lock file, so neither loses the other's task."""

@@ -48,7 +48,7 @@ from typing import Literal
 import numpy as np
 
 from skill_edge.runtime.knowledge.bank import BankError, KnowledgeBank, OwnTaskError
-from skill_edge.runtime.exchange.keys import KeyStoreError
+from skill_edge.runtime.exchange.keys import DeviceKey, KeyStoreError
 from skill_edge.runtime.knowledge.records import TaskKnowledge
 from skill_edge.runtime.exchange.packet import MAX_PACKET_BYTES, PacketCodec, PacketError
 from skill_edge.runtime.exchange.receive import PacketReceiver, ReceiveStateError
@@ -120,7 +120,7 @@ class SyncService:
         outbox: str | Path | None = None,
         on_event: Callable[[SyncEvent], None] | None = None,
         signed_seqs: SeqLedger | None = None,
-        republish_key=None,
+        republish_key: DeviceKey | None = None,
     ) -> None:
         """``signed_seqs``: the device key's seq ledger; an own task's version that comes back signed by
         this device with a newer seq than the bank's raises its floor there, so the next ``learn`` goes
@@ -392,11 +392,11 @@ class SyncService:
         in its own bank.  Failures are "error" events, tried again on the next call."""
         if self.republish_key is None or self.signed_seqs is None:
             return []
-        out = []
+        out, floors = [], self.signed_seqs.seqs()  # one read per call: ``run`` calls this every poll
         for e in self.bank.entries():
             if not (e.own and e.has_packet and e.agent == self.signed_seqs.agent_id):
                 continue
-            floor = self.signed_seqs.get(e.task)
+            floor = floors.get(e.task, 0)
             if floor <= e.seq:
                 continue
             seq, origin = floor + 1, f"bank:{e.key.short}"
